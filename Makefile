@@ -1,0 +1,46 @@
+# moneylion — `make help` lists the targets.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-fast lint format bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the project with its pinned dependencies
+
+run: $(STAMP) ## start the daemon on config.toml (inbox/ -> warehouse/, API on 127.0.0.1:8000)
+	$(BIN)/moneylion serve
+
+test: $(STAMP) ## run the whole test suite
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP) ## the test suite without the slow end-to-end and crash tests
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP) ## ruff format check, ruff check and mypy --strict
+	$(BIN)/ruff format --check moneylion tests bench
+	$(BIN)/ruff check moneylion tests bench
+	$(BIN)/mypy
+
+format: $(STAMP) ## apply ruff's formatting and safe fixes
+	$(BIN)/ruff format moneylion tests bench
+	$(BIN)/ruff check --fix moneylion tests bench
+
+bench: $(STAMP) ## run the benchmarks and print their figures (takes minutes)
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/export.py
+	$(BIN)/python bench/latency.py
+	$(BIN)/python bench/api.py
+	$(BIN)/python bench/crash.py
+
+clean: ## remove the venv and caches (never inbox/ or warehouse/)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,176 @@
+"""``moneylion serve / ingest / verify / export / generate / status``: a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from moneylion.config import Config, ConfigError, load_config
+from moneylion.schema import WarehouseLocked
+
+
+def _config(args: argparse.Namespace) -> Config:
+    config = load_config(Path(args.config) if args.config else None)
+    overrides = {}
+    if getattr(args, "warehouse", None):
+        overrides["warehouse"] = args.warehouse
+    if getattr(args, "inbox", None):
+        overrides["inbox"] = args.inbox
+    return config.with_overrides(**overrides) if overrides else config
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Ingest files by hand (the daemon does the same for files dropped in the inbox)."""
+    from moneylion.ingest import ingest_file
+    from moneylion.schema import open_warehouse
+
+    config = _config(args)
+    conn = open_warehouse(config)
+    failed = 0
+    try:
+        for name in args.files:
+            path = Path(name)
+            progress = _progress_printer(path) if not args.quiet else None
+            outcome = ingest_file(conn, path, config, progress=progress)
+            print(outcome.summary())
+            failed += outcome.status == "failed"
+    finally:
+        conn.close()
+    return 1 if failed else 0
+
+
+def _progress_printer(path: Path) -> object:
+    def report(stage: str) -> None:
+        print(f"  {path.name}: {stage}", file=sys.stderr, flush=True)
+
+    return report
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Recompute every aggregate from the base tables and diff against the maintained ones."""
+    from moneylion.aggregates import verify
+    from moneylion.schema import open_warehouse
+
+    config = _config(args)
+    conn = open_warehouse(config)
+    try:
+        differences = verify(conn, top_users_kept=config.top_users_kept)
+    finally:
+        conn.close()
+    for line in differences:
+        print(line)
+    if differences:
+        print(f"verify: {len(differences)} difference(s)", file=sys.stderr)
+        return 1
+    print("verify: aggregates equal a full recompute")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Counts and the last files, as text or JSON."""
+    from moneylion.ingest import warehouse_status
+    from moneylion.schema import open_warehouse
+
+    config = _config(args)
+    conn = open_warehouse(config)
+    try:
+        status = warehouse_status(conn, last=args.last)
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+        return 0
+    counts = status["counts"]
+    print(
+        f"users {counts['users']}  transactions {counts['transactions']}  "
+        f"files {counts['files']} (failed {counts['files_failed']})  rejects {counts['rejects']}"
+    )
+    for row in status["last_files"]:
+        print(
+            f"  #{row['file_id']:<6} {row['status']:<7} {row['kind'] or '-':<12} "
+            f"loaded {row['rows_loaded']:<9} duplicate {row['rows_duplicate']:<7} "
+            f"rejected {row['rows_rejected']:<7} {row['name']}"
+        )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Write deterministic synthetic users.csv and transactions.csv shaped like the seed's."""
+    from moneylion.generate import generate
+
+    written = generate(
+        Path(args.out),
+        users=args.users,
+        transactions=args.transactions,
+        bad_rate=args.bad_rate,
+        seed=args.seed,
+    )
+    for path in written:
+        print(path)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Bring warehouse/moneylion.sqlite up to date (or rebuild it with --full)."""
+    from moneylion.export import run_export
+
+    return run_export(_config(args), full=args.full)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the daemon: watcher, ingest worker, exporter and API in one process."""
+    from moneylion.daemon import serve
+
+    return serve(_config(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moneylion", description=__doc__)
+    parser.add_argument("--config", help="config file (default: config.toml of the project)")
+    parser.add_argument("--warehouse", help="warehouse directory (overrides the config)")
+    parser.add_argument("--inbox", help="inbox directory (overrides the config)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help=cmd_serve.__doc__)
+    serve.set_defaults(func=cmd_serve)
+
+    ingest = commands.add_parser("ingest", help=cmd_ingest.__doc__)
+    ingest.add_argument("files", nargs="+", help="CSV files of users or transactions")
+    ingest.add_argument("--quiet", action="store_true", help="no progress lines")
+    ingest.set_defaults(func=cmd_ingest)
+
+    verify = commands.add_parser("verify", help=cmd_verify.__doc__)
+    verify.set_defaults(func=cmd_verify)
+
+    status = commands.add_parser("status", help=cmd_status.__doc__)
+    status.add_argument("--last", type=int, default=10, help="how many recent files to list")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_status)
+
+    export = commands.add_parser("export", help=cmd_export.__doc__)
+    export.add_argument("--full", action="store_true", help="rebuild the SQLite file atomically")
+    export.set_defaults(func=cmd_export)
+
+    generate = commands.add_parser("generate", help=cmd_generate.__doc__)
+    generate.add_argument("out", help="output directory")
+    generate.add_argument("--users", type=int, default=10_000)
+    generate.add_argument("--transactions", type=int, default=100_000)
+    generate.add_argument("--bad-rate", type=float, default=0.0, help="share of bad rows, 0..1")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"moneylion: {exc}", file=sys.stderr)
+        return 2
+    except WarehouseLocked as exc:
+        print(f"moneylion: {exc}", file=sys.stderr)
+        return 3

@@ -1,0 +1,121 @@
+"""config.toml -> one frozen dataclass, with MONEYLION_* environment overrides.
+
+This is the only module that reads the environment; everything else receives a ``Config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "MONEYLION_"
+DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / "config.toml"
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or has a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Resolved settings; paths are absolute."""
+
+    inbox: Path
+    warehouse: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    duckdb_memory_limit: str = "1GB"
+    duckdb_threads: int = 2
+    log_level: str = "INFO"
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 5
+    settle_seconds: float = 0.5
+    top_users_kept: int = 1000
+    sqlite_export: bool = True
+
+    @property
+    def duckdb_path(self) -> Path:
+        return self.warehouse / "moneylion.duckdb"
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.warehouse / "moneylion.sqlite"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.warehouse / "logs"
+
+    @property
+    def done_dir(self) -> Path:
+        return self.inbox / "done"
+
+    @property
+    def failed_dir(self) -> Path:
+        return self.inbox / "failed"
+
+    def with_overrides(self, **changes: Any) -> Config:
+        """A copy with some fields replaced (paths made absolute)."""
+        for key in ("inbox", "warehouse"):
+            if key in changes:
+                changes[key] = Path(changes[key]).resolve()
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, raw: Any, target: Any) -> Any:
+    """Turn a TOML or environment value into the field's type, or raise ConfigError."""
+    try:
+        if target in (Path, "Path"):
+            return Path(raw)
+        if target in (bool, "bool"):
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if target in (int, "int"):
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            return int(raw)
+        if target in (float, "float"):
+            return float(raw)
+        return str(raw)
+    except ValueError as exc:
+        raise ConfigError(f"config key {name!r}: cannot use {raw!r} as {target}") from exc
+
+
+def load_config(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Read ``config.toml`` (or ``path``), apply ``MONEYLION_*`` overrides, resolve paths."""
+    config_file = Path(path) if path is not None else DEFAULT_CONFIG_FILE
+    environ = os.environ if environ is None else environ
+    if path is None and f"{ENV_PREFIX}CONFIG" in environ:
+        config_file = Path(environ[f"{ENV_PREFIX}CONFIG"])
+    values: dict[str, Any] = {}
+    if config_file.exists():
+        with config_file.open("rb") as handle:
+            values = tomllib.load(handle)
+    base = config_file.resolve().parent
+    fields = {f.name: f.type for f in dataclasses.fields(Config)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ConfigError(f"unknown config keys in {config_file}: {sorted(unknown)}")
+    for name in fields:
+        env_value = environ.get(ENV_PREFIX + name.upper())
+        if env_value is not None:
+            values[name] = env_value
+    values.setdefault("inbox", "inbox")
+    values.setdefault("warehouse", "warehouse")
+    typed = {name: _coerce(name, raw, fields[name]) for name, raw in values.items()}
+    for key in ("inbox", "warehouse"):
+        typed[key] = (base / typed[key]).resolve()
+    return Config(**typed)
