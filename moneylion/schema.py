@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
@@ -31,6 +32,18 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+def one_row(conn: duckdb.DuckDBPyConnection, sql: str, params: object = None) -> tuple[Any, ...]:
+    """The single row a query returns, read to the end.
+
+    DuckDB 2 keeps a result read with ``fetchone()`` open, and then refuses ``register()`` and
+    similar calls on that connection; ``fetchall()`` finishes it.
+    """
+    rows = conn.execute(sql, params).fetchall()
+    if len(rows) != 1:
+        raise LookupError(f"expected one row, got {len(rows)}: {sql[:80]}")
+    return tuple(rows[0])
+
+
 def schema_version(conn: duckdb.DuckDBPyConnection) -> int:
     """The highest migration applied to this database, 0 for a new one."""
     conn.execute(
@@ -38,8 +51,7 @@ def schema_version(conn: duckdb.DuckDBPyConnection) -> int:
         " version INTEGER PRIMARY KEY, name VARCHAR NOT NULL,"
         " applied_at TIMESTAMP NOT NULL DEFAULT current_timestamp)"
     )
-    row = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
-    return int(row[0]) if row else 0
+    return int(one_row(conn, "SELECT coalesce(max(version), 0) FROM schema_version")[0])
 
 
 def migrate(conn: duckdb.DuckDBPyConnection) -> int:
@@ -51,7 +63,9 @@ def migrate(conn: duckdb.DuckDBPyConnection) -> int:
         conn.execute("BEGIN TRANSACTION")
         try:
             conn.execute(sql)
-            conn.execute("INSERT INTO schema_version (version, name) VALUES (?, ?)", [version, name])
+            conn.execute(
+                "INSERT INTO schema_version (version, name) VALUES (?, ?)", [version, name]
+            )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

@@ -69,7 +69,7 @@ CREATE TABLE daily_totals (
 -- Config.top_users_kept rows. Counts only grow, so each file re-ranks the old list plus the
 -- users it touched, never the whole user_totals table.
 CREATE TABLE top_users (
-    rank     INTEGER PRIMARY KEY,
+    rank     INTEGER NOT NULL,  -- no key: the list is replaced whole in one transaction
     user_id  BIGINT NOT NULL,
     tx_count BIGINT NOT NULL
 );

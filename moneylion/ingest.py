@@ -1,0 +1,589 @@
+"""One file -> one DuckDB transaction: ledger check, validate, dedupe, append, deltas, ledger row.
+
+Exactly once: a file is its sha256. Bytes already in the ledger change nothing. Everything a
+file writes (rows, rejects, aggregate deltas, its ledger row) commits together or not at all.
+This module never moves the file: the caller does, after the commit (see daemon.py).
+
+Two ways to stage a file, one way to apply it:
+* fast: DuckDB's CSV reader with string checks (validate.typed_select_sql), then a plain append
+  whose PRIMARY KEY catches any repeated id. Taken when the file is clean and new.
+* reference: validate.validate_rows (Python, line numbers), then SQL that sorts out copies within
+  the file and rows already stored. Taken whenever the fast way finds anything to reject or to skip.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from moneylion import aggregates
+from moneylion.config import Config
+from moneylion.schema import one_row
+from moneylion.validate import (
+    COLUMNS,
+    FileFailure,
+    FileKind,
+    FileRefused,
+    Header,
+    Reject,
+    RejectReason,
+    ValidatedRows,
+    read_header,
+    typed_select_sql,
+    validate_rows,
+)
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+HASH_CHUNK = 4 * 1024 * 1024
+DEFAULT_TOP_USERS_KEPT = 1000
+
+ARROW_TYPES: dict[str, pa.DataType] = {
+    "transaction_id": pa.int64(),
+    "user_id": pa.int64(),
+    "transaction_date": pa.date32(),
+    "amount": pa.decimal128(18, 2),
+    "transaction_type": pa.string(),
+    "signup_date": pa.date32(),
+    "country": pa.string(),
+}
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    """What happened to one file; the daemon moves the file and logs from this."""
+
+    name: str
+    path: Path
+    sha256: str
+    status: str  # "loaded" | "duplicate_file" | "failed"
+    file_id: int | None
+    kind: str | None = None
+    rows_total: int = 0
+    rows_loaded: int = 0
+    rows_duplicate: int = 0
+    rows_rejected: int = 0
+    rejected_by_reason: Mapping[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    error_reason: str | None = None
+    error: str | None = None
+    size_bytes: int = 0
+    finished_at: dt.datetime | None = None
+
+    def summary(self) -> str:
+        """One line for the CLI."""
+        if self.status == "failed":
+            return f"{self.name}: failed ({self.error_reason}): {self.error}"
+        if self.status == "duplicate_file":
+            return f"{self.name}: duplicate of file #{self.file_id}, nothing loaded"
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected_by_reason.items()))
+        return (
+            f"{self.name}: {self.kind} file #{self.file_id}: loaded {self.rows_loaded}, "
+            f"duplicate {self.rows_duplicate}, rejected {self.rows_rejected}"
+            + (f" ({reasons})" if reasons else "")
+            + f", {self.seconds:.3f} s"
+        )
+
+    def reason_document(self) -> dict[str, object]:
+        """The content of ``<name>.reason.json`` for a file moved to ``failed/``."""
+        return {
+            "file": self.name,
+            "reason": self.error_reason,
+            "message": self.error,
+            "sha256": self.sha256,
+            "file_id": self.file_id,
+            "time": (self.finished_at or dt.datetime.now(dt.UTC)).isoformat(),
+        }
+
+
+def file_sha256(path: Path) -> tuple[str, int]:
+    """(hex digest, size) of the file's bytes. Raises OSError if it cannot be read."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def ingest_file(
+    conn: duckdb.DuckDBPyConnection,
+    path: Path,
+    config: Config | None = None,
+    *,
+    progress: Progress | None = None,
+) -> FileOutcome:
+    """Ingest one CSV file in one DuckDB transaction; return what happened.
+
+    Bad input is never an exception: a refused file comes back with status ``failed`` and its
+    reason. OSError (file vanished, unreadable) and DuckDB errors propagate, after rollback.
+    """
+    started = time.perf_counter()
+    received_at = _now()
+    path = Path(path)
+    report = progress or (lambda stage: None)
+    kept = config.top_users_kept if config else DEFAULT_TOP_USERS_KEPT
+
+    sha256, size = file_sha256(path)
+    known = conn.execute(
+        "SELECT file_id, status, error_reason, error FROM files WHERE sha256 = ?", [sha256]
+    ).fetchall()
+    if known:
+        file_id, status, error_reason, error = known[0]
+        outcome = FileOutcome(
+            name=path.name,
+            path=path,
+            sha256=sha256,
+            status="duplicate_file" if status == "loaded" else "failed",
+            file_id=file_id,
+            error_reason=error_reason,
+            error=None if error is None else f"same bytes as file #{file_id}: {error}",
+            size_bytes=size,
+            seconds=time.perf_counter() - started,
+            finished_at=_now(),
+        )
+        log.info(
+            "file_seen_before",
+            extra={"fields": {"file": path.name, "file_id": file_id, "status": status}},
+        )
+        return outcome
+
+    try:
+        header = read_header(path)
+    except FileRefused as refused:
+        return _record_failure(conn, path, sha256, size, received_at, started, None, refused)
+
+    report(f"{header.kind} file, {size} bytes")
+    try:
+        outcome = _load(conn, path, header, sha256, size, started, kept, report)
+    except FileRefused as refused:
+        return _record_failure(conn, path, sha256, size, received_at, started, header, refused)
+    _insert_ledger_committed(conn, outcome, received_at)
+    if header.extra_columns:
+        log.warning(
+            "extra_columns_ignored",
+            extra={"fields": {"file": path.name, "columns": list(header.extra_columns)}},
+        )
+    log.info(
+        "file_loaded",
+        extra={
+            "fields": {
+                "file": path.name,
+                "file_id": outcome.file_id,
+                "kind": outcome.kind,
+                "loaded": outcome.rows_loaded,
+                "duplicate": outcome.rows_duplicate,
+                "rejected": outcome.rows_rejected,
+                "seconds": round(outcome.seconds, 4),
+            }
+        },
+    )
+    return outcome
+
+
+def _load(
+    conn: duckdb.DuckDBPyConnection,
+    path: Path,
+    header: Header,
+    sha256: str,
+    size: int,
+    started: float,
+    kept: int,
+    report: Progress,
+) -> FileOutcome:
+    """Stage and apply the file inside an open transaction; the caller writes the ledger row
+    and commits. Rolls back and re-raises on any error."""
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        file_id = _next_file_id(conn)
+        applied = _apply_fast(conn, path, header, file_id)
+        if applied is None:
+            conn.execute("ROLLBACK")
+            report("has rows to reject or skip: validating row by row")
+            rows = validate_rows(path, header)  # outside any transaction: may raise FileRefused
+            conn.execute("BEGIN TRANSACTION")
+            file_id = _next_file_id(conn)
+            applied = _apply_reference(conn, rows, file_id)
+        if header.kind is FileKind.TRANSACTIONS and applied.loaded:
+            report(f"appended {applied.loaded} rows: updating aggregates")
+            aggregates.apply_transaction_deltas(conn, file_id, kept)
+        _insert_rejects(conn, file_id, applied.rejects)
+    except BaseException:
+        _rollback(conn)
+        raise
+    return FileOutcome(
+        name=path.name,
+        path=path,
+        sha256=sha256,
+        status="loaded",
+        file_id=file_id,
+        kind=str(header.kind),
+        rows_total=applied.loaded + applied.duplicate + len(applied.rejects),
+        rows_loaded=applied.loaded,
+        rows_duplicate=applied.duplicate,
+        rows_rejected=len(applied.rejects),
+        rejected_by_reason=dict(Counter(str(r.reason) for r in applied.rejects)),
+        seconds=time.perf_counter() - started,
+        size_bytes=size,
+        finished_at=_now(),
+    )
+
+
+def _rollback(conn: duckdb.DuckDBPyConnection) -> None:
+    """Roll back if a transaction is open (it may already be, after a failed statement)."""
+    try:
+        conn.execute("ROLLBACK")
+    except duckdb.TransactionException:
+        pass
+
+
+def _insert_ledger_committed(
+    conn: duckdb.DuckDBPyConnection, outcome: FileOutcome, received_at: dt.datetime
+) -> None:
+    """Write the ledger row into the open transaction and commit it."""
+    try:
+        _insert_ledger(conn, outcome, received_at)
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+
+
+@dataclass
+class _Applied:
+    loaded: int = 0
+    duplicate: int = 0
+    rejects: list[Reject] = field(default_factory=list)
+
+
+def _next_file_id(conn: duckdb.DuckDBPyConnection) -> int:
+    return int(one_row(conn, "SELECT nextval('file_id_seq')")[0])
+
+
+# --- fast path --------------------------------------------------------------------------------
+
+
+def _apply_fast(
+    conn: duckdb.DuckDBPyConnection, path: Path, header: Header, file_id: int
+) -> _Applied | None:
+    """Append a clean file straight from DuckDB's reader; None when it is not clean."""
+    select = typed_select_sql(header)
+    params = {"path": str(path), "skip": header.line_number}
+    conn.execute("CREATE OR REPLACE TEMP TABLE staged AS " + select, params)
+    total, bad = one_row(conn, "SELECT count(*), count(*) FILTER (WHERE NOT ok) FROM staged")
+    structural, not_utf8 = one_row(
+        conn,
+        "SELECT count(*), count(*) FILTER (WHERE error_type = 'INVALID UNICODE') "
+        "FROM ingest_csv_errors",
+    )
+    if not_utf8:
+        raise FileRefused(FileFailure.NOT_UTF8, f"{path.name} is not UTF-8")
+    if bad or structural:
+        return None
+    columns = ", ".join(COLUMNS[header.kind])
+    try:
+        if header.kind is FileKind.TRANSACTIONS:
+            conn.execute(
+                f"INSERT INTO transactions SELECT {columns}, $file_id FROM staged",
+                {"file_id": file_id},
+            )
+            return _Applied(loaded=int(total))
+        unchanged = _users_unchanged(conn)
+        if unchanged:
+            return None  # counting duplicates per row needs the reference path's care
+        conn.execute(
+            f"INSERT INTO users SELECT {columns}, $file_id, $now FROM staged",
+            {"file_id": file_id, "now": _now()},
+        )
+        return _Applied(loaded=int(total))
+    except duckdb.ConstraintException:
+        # An id repeated within the file or already stored: sort it out row by row.
+        return None
+
+
+def _users_unchanged(conn: duckdb.DuckDBPyConnection) -> int:
+    row = one_row(conn, "SELECT count(*) FROM staged s JOIN users u USING (user_id)")
+    return int(row[0])
+
+
+# --- reference path ---------------------------------------------------------------------------
+
+
+def _arrow_rows(rows: ValidatedRows) -> pa.Table:
+    arrays = {
+        name: pa.array(values, type=ARROW_TYPES[name]) for name, values in rows.columns.items()
+    }
+    arrays["line"] = pa.array(rows.lines, type=pa.int64())
+    return pa.table(arrays)
+
+
+# Copies of one id within the file: identical copies load once (the first), differing copies
+# are all rejected.
+IN_FILE_COPIES = """
+CREATE OR REPLACE TEMP TABLE staged_copies AS
+SELECT {key} AS id, count(*) AS copies,
+       count(DISTINCT ({content})) AS variants, min(line) AS first_line
+FROM staged GROUP BY {key} HAVING count(*) > 1
+"""
+
+STORED_TRANSACTION_CONFLICTS = """
+SELECT s.line, s.transaction_id, t.file_id
+FROM candidates s JOIN transactions t USING (transaction_id)
+WHERE (s.user_id, s.transaction_date, s.amount, s.transaction_type)
+      IS DISTINCT FROM (t.user_id, t.transaction_date, t.amount, t.transaction_type)
+ORDER BY s.line
+"""
+
+
+def _apply_reference(
+    conn: duckdb.DuckDBPyConnection, rows: ValidatedRows, file_id: int
+) -> _Applied:
+    applied = _Applied(rejects=list(rows.rejects))
+    kind = rows.kind
+    key = COLUMNS[kind][0]
+    content = ", ".join(COLUMNS[kind][1:])
+    staged_rows = _arrow_rows(rows)
+    conn.register("validated_rows", staged_rows)
+    try:
+        conn.execute("CREATE OR REPLACE TEMP TABLE staged AS SELECT * FROM validated_rows")
+    finally:
+        conn.unregister("validated_rows")
+    conn.execute(IN_FILE_COPIES.format(key=key, content=content))
+    for line, ident in conn.execute(
+        f"SELECT s.line, s.{key} FROM staged s JOIN staged_copies c ON s.{key} = c.id "
+        "WHERE c.variants > 1 ORDER BY s.line"
+    ).fetchall():
+        applied.rejects.append(
+            Reject(
+                line,
+                RejectReason.DUPLICATE_IN_FILE,
+                f"{key} {ident} appears in this file with different content",
+                "",
+            )
+        )
+    # One row per id that survives: no differing copies, first line among identical copies.
+    conn.execute(
+        f"""CREATE OR REPLACE TEMP TABLE candidates AS
+        SELECT s.* FROM staged s LEFT JOIN staged_copies c ON s.{key} = c.id
+        WHERE c.id IS NULL OR (c.variants = 1 AND s.line = c.first_line)"""
+    )
+    in_file_copies = one_row(
+        conn, "SELECT coalesce(sum(copies - 1), 0) FROM staged_copies WHERE variants = 1"
+    )
+    applied.duplicate += int(in_file_copies[0])
+
+    if kind is FileKind.TRANSACTIONS:
+        _apply_reference_transactions(conn, file_id, applied)
+    else:
+        _apply_reference_users(conn, file_id, applied)
+    conn.execute("DROP TABLE staged_copies")
+    conn.execute("DROP TABLE candidates")
+    applied.rejects.sort(key=lambda r: r.line_number)
+    _fill_raw_lines(applied.rejects, rows)
+    return applied
+
+
+def _apply_reference_transactions(
+    conn: duckdb.DuckDBPyConnection, file_id: int, applied: _Applied
+) -> None:
+    conflicts = conn.execute(STORED_TRANSACTION_CONFLICTS).fetchall()
+    for line, ident, stored_file in conflicts:
+        applied.rejects.append(
+            Reject(
+                line,
+                RejectReason.CONFLICTS_WITH_STORED,
+                f"transaction_id {ident} is stored (file #{stored_file}) with different content",
+                "",
+            )
+        )
+    counts = one_row(
+        conn, "SELECT count(*) FROM candidates s SEMI JOIN transactions t USING (transaction_id)"
+    )
+    applied.duplicate += int(counts[0]) - len(conflicts)
+    inserted = conn.execute(
+        """INSERT INTO transactions
+        SELECT transaction_id, user_id, transaction_date, amount, transaction_type, $file_id
+        FROM candidates s ANTI JOIN transactions t USING (transaction_id)""",
+        {"file_id": file_id},
+    ).fetchall()
+    applied.loaded = int(inserted[0][0])
+
+
+def _apply_reference_users(
+    conn: duckdb.DuckDBPyConnection, file_id: int, applied: _Applied
+) -> None:
+    # Latest file wins; a profile identical to the stored one is a duplicate, not an update.
+    identical = conn.execute(
+        """CREATE OR REPLACE TEMP TABLE users_identical AS
+        SELECT s.user_id FROM candidates s JOIN users u USING (user_id)
+        WHERE s.signup_date = u.signup_date AND s.country = u.country"""
+    )
+    del identical
+    row = one_row(conn, "SELECT count(*) FROM users_identical")
+    applied.duplicate += int(row[0])
+    inserted = conn.execute(
+        """INSERT INTO users
+        SELECT user_id, signup_date, country, $file_id, $now
+        FROM candidates s ANTI JOIN users_identical i USING (user_id)
+        ON CONFLICT (user_id) DO UPDATE SET
+            signup_date = excluded.signup_date,
+            country = excluded.country,
+            file_id = excluded.file_id,
+            updated_at = excluded.updated_at""",
+        {"file_id": file_id, "now": _now()},
+    ).fetchall()
+    applied.loaded = int(inserted[0][0])
+    conn.execute("DROP TABLE users_identical")
+
+
+def _fill_raw_lines(rejects: list[Reject], rows: ValidatedRows) -> None:
+    """Rejects found in SQL carry no raw text yet: rebuild it from the typed row."""
+    if not any(not r.raw_line for r in rejects):
+        return
+    index = {line: i for i, line in enumerate(rows.lines)}
+    names = list(rows.columns)
+    for position, reject in enumerate(rejects):
+        if reject.raw_line or reject.line_number not in index:
+            continue
+        i = index[reject.line_number]
+        raw = ",".join(str(rows.columns[name][i]) for name in names)
+        rejects[position] = Reject(reject.line_number, reject.reason, reject.message, raw)
+
+
+# --- ledger -----------------------------------------------------------------------------------
+
+
+def _insert_rejects(conn: duckdb.DuckDBPyConnection, file_id: int, rejects: list[Reject]) -> None:
+    if not rejects:
+        return
+    table = pa.table(
+        {
+            "file_id": pa.array([file_id] * len(rejects), type=pa.int64()),
+            "line_number": pa.array([r.line_number for r in rejects], type=pa.int64()),
+            "reason": pa.array([str(r.reason) for r in rejects], type=pa.string()),
+            "message": pa.array([r.message for r in rejects], type=pa.string()),
+            "raw_line": pa.array([r.raw_line for r in rejects], type=pa.string()),
+        }
+    )
+    conn.register("file_rejects", table)
+    try:
+        conn.execute("INSERT INTO rejects SELECT * FROM file_rejects")
+    finally:
+        conn.unregister("file_rejects")
+
+
+def _insert_ledger(
+    conn: duckdb.DuckDBPyConnection, outcome: FileOutcome, received_at: dt.datetime
+) -> None:
+    conn.execute(
+        """INSERT INTO files (file_id, name, sha256, kind, status, rows_total, rows_loaded,
+            rows_duplicate, rows_rejected, size_bytes, received_at, finished_at, seconds,
+            error_reason, error)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+        [
+            outcome.file_id,
+            outcome.name,
+            outcome.sha256,
+            outcome.kind,
+            outcome.status,
+            outcome.rows_total,
+            outcome.rows_loaded,
+            outcome.rows_duplicate,
+            outcome.rows_rejected,
+            outcome.size_bytes,
+            received_at,
+            outcome.finished_at,
+            outcome.seconds,
+            outcome.error_reason,
+            outcome.error,
+        ],
+    )
+
+
+def _record_failure(
+    conn: duckdb.DuckDBPyConnection,
+    path: Path,
+    sha256: str,
+    size: int,
+    received_at: dt.datetime,
+    started: float,
+    header: Header | None,
+    refused: FileRefused,
+) -> FileOutcome:
+    """A file-level failure: only its ledger row is written."""
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        file_id = _next_file_id(conn)
+        outcome = FileOutcome(
+            name=path.name,
+            path=path,
+            sha256=sha256,
+            status="failed",
+            file_id=file_id,
+            kind=str(header.kind) if header else None,
+            seconds=time.perf_counter() - started,
+            error_reason=str(refused.reason),
+            error=refused.message,
+            size_bytes=size,
+            finished_at=_now(),
+        )
+        _insert_ledger(conn, outcome, received_at)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    log.warning(
+        "file_failed",
+        extra={
+            "fields": {
+                "file": path.name,
+                "file_id": file_id,
+                "reason": outcome.error_reason,
+                "message": outcome.error,
+            }
+        },
+    )
+    return outcome
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+def warehouse_status(conn: duckdb.DuckDBPyConnection, last: int = 10) -> dict[str, Any]:
+    """Counts of every table and the most recent files of the ledger."""
+    cursor = conn.cursor()
+    try:
+        row = cursor.execute(
+            """SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM transactions),
+                      (SELECT count(*) FROM files),
+                      (SELECT count(*) FROM files WHERE status = 'failed'),
+                      (SELECT count(*) FROM rejects)"""
+        ).fetchall()[0]
+        names = ["users", "transactions", "files", "files_failed", "rejects"]
+        result = cursor.execute(
+            """SELECT file_id, name, kind, status, rows_loaded, rows_duplicate, rows_rejected,
+                      finished_at, error_reason
+               FROM files ORDER BY file_id DESC LIMIT ?""",
+            [last],
+        )
+        columns = [d[0] for d in result.description]
+        files = [dict(zip(columns, r, strict=True)) for r in result.fetchall()]
+    finally:
+        cursor.close()
+    return {"counts": dict(zip(names, row, strict=True)), "last_files": files}
