@@ -9,29 +9,62 @@ from __future__ import annotations
 
 import duckdb
 
-# Per-user totals of the rows one file appended, added onto what is stored.
-USER_TOTALS_DELTA = """
-INSERT INTO user_totals
+from moneylion.schema import one_row
+
+# Per-user totals of the rows one file appended.
+USER_TOTALS_OF_FILE = """
+CREATE OR REPLACE TEMP TABLE user_totals_delta AS
 SELECT user_id,
-       count(*),
-       sum(amount),
-       coalesce(sum(amount) FILTER (WHERE transaction_type = 'deposit'), 0),
-       coalesce(sum(amount) FILTER (WHERE transaction_type = 'withdrawal'), 0),
-       coalesce(sum(amount) FILTER (WHERE transaction_type = 'purchase'), 0),
-       min(transaction_date),
-       max(transaction_date)
+       count(*) AS tx_count,
+       sum(amount) AS total_amount,
+       coalesce(sum(amount) FILTER (WHERE transaction_type = 'deposit'), 0) AS total_deposit,
+       coalesce(sum(amount) FILTER (WHERE transaction_type = 'withdrawal'), 0) AS total_withdrawal,
+       coalesce(sum(amount) FILTER (WHERE transaction_type = 'purchase'), 0) AS total_purchase,
+       min(transaction_date) AS first_date,
+       max(transaction_date) AS last_date
 FROM transactions
 WHERE file_id = $file_id
 GROUP BY user_id
-ON CONFLICT (user_id) DO UPDATE SET
-    tx_count = tx_count + excluded.tx_count,
-    total_amount = total_amount + excluded.total_amount,
-    total_deposit = total_deposit + excluded.total_deposit,
-    total_withdrawal = total_withdrawal + excluded.total_withdrawal,
-    total_purchase = total_purchase + excluded.total_purchase,
-    first_date = least(first_date, excluded.first_date),
-    last_date = greatest(last_date, excluded.last_date)
 """
+
+# A small delta: the touched users' new totals, then delete-and-append them. DuckDB's UPDATE
+# costs ~35 ms for 1,000 rows plus a slow commit; this costs ~20 ms.
+USER_TOTALS_TOUCHED = """
+CREATE OR REPLACE TEMP TABLE user_totals_touched AS
+SELECT user_id,
+       coalesce(u.tx_count, 0) + d.tx_count AS tx_count,
+       coalesce(u.total_amount, 0) + d.total_amount AS total_amount,
+       coalesce(u.total_deposit, 0) + d.total_deposit AS total_deposit,
+       coalesce(u.total_withdrawal, 0) + d.total_withdrawal AS total_withdrawal,
+       coalesce(u.total_purchase, 0) + d.total_purchase AS total_purchase,
+       coalesce(least(u.first_date, d.first_date), d.first_date) AS first_date,
+       coalesce(greatest(u.last_date, d.last_date), d.last_date) AS last_date
+FROM user_totals_delta d
+LEFT JOIN (SELECT * FROM user_totals u SEMI JOIN user_totals_delta USING (user_id)) u
+    USING (user_id)
+"""
+USER_TOTALS_REPLACE_TOUCHED = (
+    "DELETE FROM user_totals WHERE user_id IN (SELECT user_id FROM user_totals_touched)",
+    "INSERT INTO user_totals SELECT * FROM user_totals_touched",
+)
+
+# A large delta: DuckDB updates row by row (24 s for 630k users), so rebuild the table instead
+# (0.3 s for 1M users). Sorted by user_id so zone maps serve point lookups.
+USER_TOTALS_REBUILD = """
+CREATE OR REPLACE TABLE user_totals AS
+SELECT user_id,
+       coalesce(u.tx_count, 0) + coalesce(d.tx_count, 0) AS tx_count,
+       coalesce(u.total_amount, 0) + coalesce(d.total_amount, 0) AS total_amount,
+       coalesce(u.total_deposit, 0) + coalesce(d.total_deposit, 0) AS total_deposit,
+       coalesce(u.total_withdrawal, 0) + coalesce(d.total_withdrawal, 0) AS total_withdrawal,
+       coalesce(u.total_purchase, 0) + coalesce(d.total_purchase, 0) AS total_purchase,
+       coalesce(least(u.first_date, d.first_date), u.first_date, d.first_date) AS first_date,
+       coalesce(greatest(u.last_date, d.last_date), u.last_date, d.last_date) AS last_date
+FROM user_totals u FULL JOIN user_totals_delta d USING (user_id)
+ORDER BY user_id
+"""
+# Above this many touched users, rebuilding beats updating in place.
+REBUILD_THRESHOLD = 20_000
 
 DAILY_TOTALS_DELTA = """
 INSERT INTO daily_totals
@@ -46,20 +79,24 @@ ON CONFLICT (transaction_date, transaction_type) DO UPDATE SET
 
 # Counts only grow: a user neither in the old top list nor touched by this file still ranks
 # below every user of the old list, so the new list is drawn from those two sets alone.
-TOP_USERS_CANDIDATES = """
+TOP_USERS_FROM_TOUCHED = """
 CREATE OR REPLACE TEMP TABLE top_users_next AS
 SELECT CAST(row_number() OVER (ORDER BY tx_count DESC, user_id) AS INTEGER) AS rank,
        user_id, tx_count
 FROM (
-    SELECT user_id, tx_count FROM user_totals
-    WHERE user_id IN (
-        SELECT user_id FROM top_users
-        UNION
-        SELECT user_id FROM transactions WHERE file_id = $file_id
-    )
+    SELECT user_id, tx_count FROM user_totals_touched
+    UNION ALL
+    SELECT user_id, tx_count FROM top_users t ANTI JOIN user_totals_touched USING (user_id)
     ORDER BY tx_count DESC, user_id
     LIMIT $kept
 )
+"""
+# After a rebuild every user may have moved: rank the whole table (a top-N, ~10 ms per 1M).
+TOP_USERS_FROM_ALL = """
+CREATE OR REPLACE TEMP TABLE top_users_next AS
+SELECT CAST(row_number() OVER (ORDER BY tx_count DESC, user_id) AS INTEGER) AS rank,
+       user_id, tx_count
+FROM (SELECT user_id, tx_count FROM user_totals ORDER BY tx_count DESC, user_id LIMIT $kept)
 """
 
 RECOMPUTED = {
@@ -97,9 +134,19 @@ def apply_transaction_deltas(
     """Fold the transactions appended by ``file_id`` into every aggregate (inside the caller's
     transaction)."""
     params = {"file_id": file_id}
-    conn.execute(USER_TOTALS_DELTA, params)
+    conn.execute(USER_TOTALS_OF_FILE, params)
+    touched = int(one_row(conn, "SELECT count(*) FROM user_totals_delta")[0])
+    if touched > REBUILD_THRESHOLD:
+        conn.execute(USER_TOTALS_REBUILD)
+        conn.execute(TOP_USERS_FROM_ALL, {"kept": top_users_kept})
+    else:
+        conn.execute(USER_TOTALS_TOUCHED)
+        for statement in USER_TOTALS_REPLACE_TOUCHED:
+            conn.execute(statement)
+        conn.execute(TOP_USERS_FROM_TOUCHED, {"kept": top_users_kept})
+        conn.execute("DROP TABLE user_totals_touched")
+    conn.execute("DROP TABLE user_totals_delta")
     conn.execute(DAILY_TOTALS_DELTA, params)
-    conn.execute(TOP_USERS_CANDIDATES, {"file_id": file_id, "kept": top_users_kept})
     conn.execute("DELETE FROM top_users")
     conn.execute("INSERT INTO top_users SELECT rank, user_id, tx_count FROM top_users_next")
     conn.execute("DROP TABLE top_users_next")

@@ -279,14 +279,38 @@ def _next_file_id(conn: duckdb.DuckDBPyConnection) -> int:
 # --- fast path --------------------------------------------------------------------------------
 
 
+NOT_CLEAN = "moneylion: row needs the reference path"
+
+
 def _apply_fast(
     conn: duckdb.DuckDBPyConnection, path: Path, header: Header, file_id: int
 ) -> _Applied | None:
-    """Append a clean file straight from DuckDB's reader; None when it is not clean."""
-    select = typed_select_sql(header)
-    params = {"path": str(path), "skip": header.line_number}
-    conn.execute("CREATE OR REPLACE TEMP TABLE staged AS " + select, params)
-    total, bad = one_row(conn, "SELECT count(*), count(*) FILTER (WHERE NOT ok) FROM staged")
+    """Append a clean, new file straight from DuckDB's reader in one statement.
+
+    None when the file has anything to reject or skip (the caller rolls back): a field failing
+    its check aborts the statement through error(), a wrong field count lands in the reader's
+    reject table, a repeated id shows in the count check (transactions) or the PRIMARY KEY
+    (users). Only then is the file read again, row by row.
+    """
+    columns = ", ".join(COLUMNS[header.kind])
+    key = COLUMNS[header.kind][0]
+    guarded = columns.replace(key, f"CASE WHEN ok THEN {key} ELSE error('{NOT_CLEAN}') END", 1)
+    table = "transactions" if header.kind is FileKind.TRANSACTIONS else "users"
+    extra = "$file_id" if header.kind is FileKind.TRANSACTIONS else "$file_id, $now"
+    params: dict[str, object] = {"path": str(path), "skip": header.line_number, "file_id": file_id}
+    if header.kind is FileKind.USERS:
+        params["now"] = _now()
+    try:
+        inserted = conn.execute(
+            f"INSERT INTO {table} SELECT {guarded}, {extra} FROM ({typed_select_sql(header)})",
+            params,
+        ).fetchall()[0][0]
+    except duckdb.ConstraintException:
+        return None  # a user id repeated in the file or already stored
+    except duckdb.InvalidInputException as exc:
+        if NOT_CLEAN in str(exc):
+            return None
+        raise
     structural, not_utf8 = one_row(
         conn,
         "SELECT count(*), count(*) FILTER (WHERE error_type = 'INVALID UNICODE') "
@@ -294,32 +318,36 @@ def _apply_fast(
     )
     if not_utf8:
         raise FileRefused(FileFailure.NOT_UTF8, f"{path.name} is not UTF-8")
-    if bad or structural:
+    if structural:
         return None
-    columns = ", ".join(COLUMNS[header.kind])
-    try:
-        if header.kind is FileKind.TRANSACTIONS:
-            conn.execute(
-                f"INSERT INTO transactions SELECT {columns}, $file_id FROM staged",
-                {"file_id": file_id},
-            )
-            return _Applied(loaded=int(total))
-        unchanged = _users_unchanged(conn)
-        if unchanged:
-            return None  # counting duplicates per row needs the reference path's care
-        conn.execute(
-            f"INSERT INTO users SELECT {columns}, $file_id, $now FROM staged",
-            {"file_id": file_id, "now": _now()},
+    if header.kind is FileKind.TRANSACTIONS:
+        # Ids must be new and unique: no copies within the file, none stored by earlier files.
+        # The id range bounds the second scan: zone maps skip row groups outside it.
+        copies, low, high = one_row(
+            conn,
+            "SELECT count(*) - count(DISTINCT transaction_id), min(transaction_id), "
+            "max(transaction_id) FROM transactions WHERE file_id = $file_id",
+            {"file_id": file_id},
         )
-        return _Applied(loaded=int(total))
-    except duckdb.ConstraintException:
-        # An id repeated within the file or already stored: sort it out row by row.
-        return None
+        if copies:
+            return None
+        if inserted and _stored_ids_among(conn, file_id, low, high):
+            return None
+    return _Applied(loaded=int(inserted))
 
 
-def _users_unchanged(conn: duckdb.DuckDBPyConnection) -> int:
-    row = one_row(conn, "SELECT count(*) FROM staged s JOIN users u USING (user_id)")
-    return int(row[0])
+def _stored_ids_among(conn: duckdb.DuckDBPyConnection, file_id: int, low: int, high: int) -> int:
+    """How many of this file's transaction ids earlier files already stored."""
+    return int(
+        one_row(
+            conn,
+            """SELECT count(*) FROM transactions t
+               WHERE t.transaction_id BETWEEN $low AND $high AND t.file_id <> $file_id
+                 AND t.transaction_id IN
+                     (SELECT transaction_id FROM transactions WHERE file_id = $file_id)""",
+            {"file_id": file_id, "low": low, "high": high},
+        )[0]
+    )
 
 
 # --- reference path ---------------------------------------------------------------------------

@@ -329,38 +329,47 @@ def read_csv_sql(header: Header) -> str:
     )
 
 
-def _field(header: Header, name: str) -> str:
-    return f"coalesce(trim(c{header.positions[name]}, ' \t'), '')"
+# Strict patterns for the fast path. They accept a subset of what validate_rows accepts (no
+# surrounding spaces, no leading zeros past the width): anything else takes the reference path.
+# DuckDB's compiled regexes cost ~0.07 us a field; trim() with a character list cost more.
+FAST_PATTERNS = {
+    "id": "[0-9]{1,19}",
+    "date": "[0-9]{4}-[0-9]{2}-[0-9]{2}",
+    "amount": "[0-9]{1,16}(\\.[0-9]{1,2})?",
+    "text": "(?s)[^ \t](.*[^ \t])?",
+}
 
 
-def _check(name: str, field_sql: str) -> str:
-    """SQL that is true when the trimmed field passes the same rule as ``parse_field``."""
-    f = field_sql
-    digits = "ltrim({x}, '0123456789') = ''"
+def _typed(name: str, raw: str) -> str:
+    """SQL for the typed value of a raw field (meaningful only where ``_check`` holds)."""
     if name in ID_COLUMNS:
-        return (
-            f"({f} <> '' AND {digits.format(x=f)} AND length(ltrim({f}, '0')) BETWEEN 1 AND 19 "
-            f"AND TRY_CAST({f} AS HUGEINT) <= {BIGINT_MAX})"
-        )
+        return f"TRY_CAST({raw} AS BIGINT)"
     if name in DATE_COLUMNS:
-        return (
-            f"(length({f}) = 10 AND substr({f}, 5, 1) = '-' AND substr({f}, 8, 1) = '-' "
-            f"AND {digits.format(x=f'replace({f}, {chr(39)}-{chr(39)}, {chr(39)}{chr(39)})')} "
-            f"AND substr({f}, 1, 4) <> '0000' AND TRY_CAST({f} AS DATE) IS NOT NULL)"
-        )
+        return f"TRY_CAST({raw} AS DATE)"
     if name == "amount":
-        whole = f"split_part({f}, '.', 1)"
-        fraction = f"split_part({f}, '.', 2)"
-        return (
-            f"({whole} <> '' AND {digits.format(x=whole)} "
-            f"AND (strpos({f}, '.') = 0 OR ({fraction} <> '' AND {digits.format(x=fraction)} "
-            f"AND length({fraction}) <= 2 AND length({f}) - length(replace({f}, '.', '')) = 1)) "
-            f"AND length(ltrim({whole}, '0')) <= {AMOUNT_MAX_INTEGER_DIGITS} "
-            f"AND TRY_CAST({f} AS DECIMAL(18, 2)) > 0)"
-        )
+        return f"TRY_CAST({raw} AS DECIMAL(18, 2))"
     if name == "transaction_type":
-        return f"(lower({f}) IN {TRANSACTION_TYPES!r})"
-    return f"({f} <> '')"
+        return f"lower({raw})"
+    return raw
+
+
+def _check(name: str, raw: str) -> str:
+    """SQL that is true only when the raw field passes the same rule as ``parse_field``."""
+    typed = _typed(name, raw)
+    if name in ID_COLUMNS:
+        test = f"regexp_full_match({raw}, '{FAST_PATTERNS['id']}') AND {typed} > 0"
+    elif name in DATE_COLUMNS:
+        test = (
+            f"regexp_full_match({raw}, '{FAST_PATTERNS['date']}') AND {raw} >= '0001' "
+            f"AND {typed} IS NOT NULL"
+        )
+    elif name == "amount":
+        test = f"regexp_full_match({raw}, '{FAST_PATTERNS['amount']}') AND {typed} > 0"
+    elif name == "transaction_type":
+        test = f"{typed} IN {TRANSACTION_TYPES!r}"
+    else:
+        test = f"regexp_full_match({raw}, '{FAST_PATTERNS['text']}')"
+    return f"coalesce({test}, false)"
 
 
 def typed_select_sql(header: Header) -> str:
@@ -368,21 +377,12 @@ def typed_select_sql(header: Header) -> str:
     parts = []
     checks = []
     for name in COLUMNS[header.kind]:
-        f = _field(header, name)
-        checks.append(_check(name, f))
-        if name in ID_COLUMNS:
-            parts.append(f"TRY_CAST({f} AS BIGINT) AS {name}")
-        elif name in DATE_COLUMNS:
-            parts.append(f"TRY_CAST({f} AS DATE) AS {name}")
-        elif name == "amount":
-            parts.append(f"TRY_CAST({f} AS DECIMAL(18, 2)) AS amount")
-        elif name == "transaction_type":
-            parts.append(f"lower({f}) AS transaction_type")
-        else:
-            parts.append(f"{f} AS {name}")
+        raw = f"c{header.positions[name]}"
+        checks.append(_check(name, raw))
+        parts.append(f"{_typed(name, raw)} AS {name}")
     return f"SELECT {', '.join(parts)}, ({' AND '.join(checks)}) AS ok FROM {read_csv_sql(header)}"
 
 
 def field_check_sql(column: str) -> str:
-    """For tests: a query returning the fast path's verdict on one bound field ``$v``."""
-    return f"SELECT {_check(column, chr(36) + 'v')}"
+    """For tests: the fast path's verdict and typed value for one bound raw field ``$v``."""
+    return f"SELECT {_check(column, '$v')}, {_typed(column, '$v')}"
