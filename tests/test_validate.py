@@ -1,0 +1,260 @@
+"""Row and file policies, through real ingests into a DuckDB file in tmp_path.
+
+Case files live in tests/cases/: ``row_<reason>.csv`` holds a good row on line 2, the bad row on
+line 3 and a good row on line 4.
+"""
+
+from __future__ import annotations
+
+import shutil
+from decimal import Decimal
+from pathlib import Path
+
+import duckdb
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moneylion.aggregates import verify
+from moneylion.config import Config
+from moneylion.ingest import ingest_file
+from moneylion.validate import (
+    COLUMNS,
+    FileKind,
+    RejectReason,
+    field_check_sql,
+    parse_field,
+)
+
+from .conftest import CASES_DIR
+
+ROW_REASONS = [
+    "missing_field",
+    "bad_integer",
+    "non_positive_id",
+    "bad_date",
+    "bad_amount",
+    "non_positive_amount",
+    "too_many_decimals",
+    "unknown_type",
+    "wrong_field_count",
+]
+
+
+def rejects_of(conn: duckdb.DuckDBPyConnection, file_id: int) -> list[tuple[int, str]]:
+    return conn.execute(
+        "SELECT line_number, reason FROM rejects WHERE file_id = ? ORDER BY line_number",
+        [file_id],
+    ).fetchall()
+
+
+@pytest.mark.parametrize("reason", ROW_REASONS)
+def test_bad_row_is_rejected_with_its_reason_and_line(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, reason: str
+) -> None:
+    outcome = ingest_file(warehouse, CASES_DIR / f"row_{reason}.csv", config)
+
+    assert outcome.status == "loaded"
+    assert (outcome.rows_loaded, outcome.rows_rejected) == (2, 1)
+    assert outcome.rejected_by_reason == {reason: 1}
+    assert outcome.file_id is not None
+    assert rejects_of(warehouse, outcome.file_id) == [(3, reason)]
+    assert warehouse.execute("SELECT sum(amount) FROM transactions").fetchall() == [
+        (Decimal("30.50"),)
+    ]
+    assert verify(warehouse) == []
+
+
+def test_conflicting_copies_in_one_file_are_all_rejected_identical_load_once(
+    warehouse: duckdb.DuckDBPyConnection, config: Config
+) -> None:
+    outcome = ingest_file(warehouse, CASES_DIR / "row_duplicate_in_file.csv", config)
+
+    assert outcome.file_id is not None
+    assert rejects_of(warehouse, outcome.file_id) == [
+        (3, "duplicate_in_file"),
+        (4, "duplicate_in_file"),
+    ]
+    assert outcome.rows_loaded == 2
+    users = ingest_file(warehouse, CASES_DIR / "users_copies.csv", config)
+    assert users.file_id is not None
+    assert (users.rows_loaded, users.rows_duplicate, users.rows_rejected) == (2, 1, 2)
+    assert rejects_of(warehouse, users.file_id) == [
+        (5, "duplicate_in_file"),
+        (6, "duplicate_in_file"),
+    ]
+    assert warehouse.execute("SELECT user_id FROM users ORDER BY 1").fetchall() == [(1,), (2,)]
+    assert verify(warehouse) == []
+
+
+def test_bom_crlf_any_column_order_extra_columns_quotes_and_blank_lines(
+    warehouse: duckdb.DuckDBPyConnection, config: Config
+) -> None:
+    outcome = ingest_file(warehouse, CASES_DIR / "bom_crlf_reordered_extra.csv", config)
+
+    assert (outcome.kind, outcome.rows_loaded, outcome.rows_rejected) == ("transactions", 2, 0)
+    rows = warehouse.execute(
+        "SELECT transaction_id, user_id, amount, CAST(transaction_type AS VARCHAR) "
+        "FROM transactions ORDER BY 1"
+    ).fetchall()
+    assert rows == [(100, 7, Decimal("10.50"), "deposit"), (101, 7, Decimal("20.00"), "withdrawal")]
+    assert verify(warehouse) == []
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("file_empty.csv", "empty"),
+        ("file_binary.csv", "binary"),
+        ("file_not_utf8.csv", "not_utf8"),
+        ("file_unknown_header.csv", "unknown_header"),
+        ("file_missing_column.csv", "missing_column"),
+    ],
+)
+def test_file_level_failure_records_reason_and_loads_nothing(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, case: str, reason: str
+) -> None:
+    outcome = ingest_file(warehouse, CASES_DIR / case, config)
+
+    assert (outcome.status, outcome.error_reason) == ("failed", reason)
+    assert outcome.error
+    document = outcome.reason_document()
+    assert document["reason"] == reason and document["sha256"] == outcome.sha256
+    ledger = warehouse.execute("SELECT status, error_reason FROM files").fetchall()
+    assert ledger == [("failed", reason)]
+    counts = warehouse.execute(
+        "SELECT (SELECT count(*) FROM transactions) + (SELECT count(*) FROM users)"
+    ).fetchall()
+    assert counts == [(0,)]
+    again = ingest_file(warehouse, CASES_DIR / case, config)
+    assert (again.status, again.file_id) == ("failed", outcome.file_id)
+    assert warehouse.execute("SELECT count(*) FROM files").fetchall() == [(1,)]
+    assert verify(warehouse) == []
+
+
+def test_invalid_utf8_far_into_a_file_fails_the_whole_file(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    path = tmp_path / "late_bad_byte.csv"
+    rows = [f"{i},1,2022-01-01,1.00,deposit" for i in range(1, 20_001)]
+    rows[15_000] = "15001,1,2022-01-01,1.00,d\xe9posit"
+    path.write_bytes(
+        ("transaction_id,user_id,transaction_date,amount,transaction_type\n").encode()
+        + "\n".join(rows).encode("latin-1")
+        + b"\n"
+    )
+
+    outcome = ingest_file(warehouse, path, config)
+
+    assert (outcome.status, outcome.error_reason) == ("failed", "not_utf8")
+    assert warehouse.execute("SELECT count(*) FROM transactions").fetchall() == [(0,)]
+    assert verify(warehouse) == []
+
+
+def test_a_row_with_several_faults_reports_the_first_in_column_order(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    path = tmp_path / "faults.csv"
+    path.write_text(
+        "amount,transaction_type,transaction_date,user_id,transaction_id\n"
+        "1.234,refund,2022-13-01,0,abc\n"
+        "1.234,refund,2022-13-01,0,5\n"
+        "1.234,refund,2022-13-01,6,5\n"
+        "1.234,refund,2022-12-01,6,5\n"
+        "-1,refund,2022-12-01,6,5\n"
+    )
+
+    outcome = ingest_file(warehouse, path, config)
+
+    assert outcome.file_id is not None
+    assert rejects_of(warehouse, outcome.file_id) == [
+        (2, "bad_integer"),
+        (3, "non_positive_id"),
+        (4, "bad_date"),
+        (5, "too_many_decimals"),
+        (6, "non_positive_amount"),
+    ]
+    assert verify(warehouse) == []
+
+
+def test_reject_rows_keep_a_message_and_the_raw_line(
+    warehouse: duckdb.DuckDBPyConnection, config: Config
+) -> None:
+    outcome = ingest_file(warehouse, CASES_DIR / "row_bad_amount.csv", config)
+
+    message, raw = warehouse.execute(
+        "SELECT message, raw_line FROM rejects WHERE file_id = ?", [outcome.file_id]
+    ).fetchall()[0]
+    assert "1,000" in message
+    assert raw == '6,11,2022-01-02,"1,000",deposit'
+    assert verify(warehouse) == []
+
+
+@pytest.mark.parametrize(
+    ("column", "text", "expected"),
+    [
+        ("transaction_id", "0", RejectReason.NON_POSITIVE_ID),
+        ("transaction_id", "-3", RejectReason.NON_POSITIVE_ID),
+        ("transaction_id", "12.0", RejectReason.BAD_INTEGER),
+        ("transaction_id", "abc", RejectReason.BAD_INTEGER),
+        ("transaction_id", "1e3", RejectReason.BAD_INTEGER),
+        ("transaction_id", "9223372036854775808", RejectReason.BAD_INTEGER),
+        ("transaction_id", "9223372036854775807", None),
+        ("transaction_date", "2022-02-30", RejectReason.BAD_DATE),
+        ("transaction_date", "2022-2-3", RejectReason.BAD_DATE),
+        ("transaction_date", "2024-02-29", None),
+        ("amount", "12", None),
+        ("amount", "12.5", None),
+        ("amount", "0", RejectReason.NON_POSITIVE_AMOUNT),
+        ("amount", "-1", RejectReason.NON_POSITIVE_AMOUNT),
+        ("amount", "1.234", RejectReason.TOO_MANY_DECIMALS),
+        ("amount", "1e3", RejectReason.BAD_AMOUNT),
+        ("amount", "$5", RejectReason.BAD_AMOUNT),
+        ("amount", "1,000", RejectReason.BAD_AMOUNT),
+        ("amount", "12345678901234567.00", RejectReason.BAD_AMOUNT),
+        ("amount", "9999999999999999.99", None),
+        ("transaction_type", "Deposit", None),
+        ("transaction_type", "refund", RejectReason.UNKNOWN_TYPE),
+        ("country", "", RejectReason.MISSING_FIELD),
+    ],
+)
+def test_field_rules(column: str, text: str, expected: RejectReason | None) -> None:
+    _, reason, _ = parse_field(column, text)
+    assert reason == expected
+
+
+FIELD_TEXT = st.one_of(
+    st.text(alphabet="0123456789.-+e ,$\t", max_size=22),
+    st.from_regex(r"\A[0-9]{4}-[0-9]{2}-[0-9]{2}\Z"),
+    st.sampled_from(["deposit", "Withdrawal", "PURCHASE", "refund", " deposit", "Japan", " "]),
+    st.text(max_size=6),
+)
+ALL_COLUMNS = sorted({c for kind in FileKind for c in COLUMNS[kind]})
+
+
+@settings(max_examples=400, deadline=None)
+@given(column=st.sampled_from(ALL_COLUMNS), raw=FIELD_TEXT)
+def test_fast_path_accepts_only_what_the_reference_accepts_with_the_same_value(
+    column: str, raw: str
+) -> None:
+    """The DuckDB checks may send a good field to the reference path, never a bad one past it."""
+    conn = duckdb.connect()
+    fast_ok, fast_value = conn.execute(field_check_sql(column), {"v": raw}).fetchall()[0]
+    value, reason, _ = parse_field(column, raw.strip(" \t"))
+    if fast_ok:
+        assert reason is None
+        assert fast_value == value
+
+
+def test_copy_of_cases_under_a_new_name_is_the_same_file(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    first = ingest_file(warehouse, CASES_DIR / "row_bad_date.csv", config)
+    renamed = tmp_path / "renamed.csv"
+    shutil.copy(CASES_DIR / "row_bad_date.csv", renamed)
+
+    again = ingest_file(warehouse, renamed, config)
+
+    assert (again.status, again.file_id) == ("duplicate_file", first.file_id)
+    assert warehouse.execute("SELECT count(*) FROM rejects").fetchall() == [(1,)]
+    assert verify(warehouse) == []
