@@ -1,0 +1,269 @@
+"""Ingest: exactly once, immutable transactions, latest-wins users, orphans, the seed's answers.
+
+Every test ends with ``verify``: the maintained aggregates equal a full recompute, to the cent.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from collections import Counter, defaultdict
+from decimal import Decimal
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from moneylion.aggregates import verify
+from moneylion.config import Config
+from moneylion.ingest import ingest_file, warehouse_status
+
+TX_HEADER = "transaction_id,user_id,transaction_date,amount,transaction_type\n"
+USERS_HEADER = "user_id,signup_date,country\n"
+
+
+def write(path: Path, header: str, rows: list[str]) -> Path:
+    path.write_text(header + "".join(row + "\n" for row in rows))
+    return path
+
+
+def totals(conn: duckdb.DuckDBPyConnection) -> list[tuple[object, ...]]:
+    return (
+        conn.execute("SELECT * FROM user_totals ORDER BY user_id").fetchall()
+        + conn.execute("SELECT * FROM daily_totals ORDER BY 1, 2").fetchall()
+    )
+
+
+def test_seed_files_give_the_same_answers_as_an_independent_computation(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, seed_files: tuple[Path, Path]
+) -> None:
+    users_csv, transactions_csv = seed_files
+    loaded = [ingest_file(warehouse, path, config) for path in (transactions_csv, users_csv)]
+    assert [(o.status, o.rows_rejected) for o in loaded] == [("loaded", 0), ("loaded", 0)]
+
+    per_user: dict[int, dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
+    counts: Counter[int] = Counter()
+    daily: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    with transactions_csv.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            user, amount, kind = (
+                int(row["user_id"]),
+                Decimal(row["amount"]),
+                row["transaction_type"],
+            )
+            per_user[user]["total"] += amount
+            per_user[user][kind] += amount
+            counts[user] += 1
+            daily[(row["transaction_date"], kind)] += amount
+
+    stored = {
+        row[0]: row[1:]
+        for row in warehouse.execute(
+            "SELECT user_id, total_amount, total_deposit, total_withdrawal, total_purchase, "
+            "tx_count FROM user_totals"
+        ).fetchall()
+    }
+    expected = {
+        user: (
+            sums["total"],
+            sums["deposit"],
+            sums["withdrawal"],
+            sums["purchase"],
+            counts[user],
+        )
+        for user, sums in per_user.items()
+    }
+    assert stored == expected
+
+    top10 = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:10]
+    assert (
+        warehouse.execute(
+            "SELECT user_id, tx_count FROM top_users ORDER BY rank LIMIT 10"
+        ).fetchall()
+        == top10
+    )
+
+    stored_daily = {
+        (str(day), kind): total
+        for day, kind, total in warehouse.execute(
+            "SELECT transaction_date, CAST(transaction_type AS VARCHAR), total_amount "
+            "FROM daily_totals"
+        ).fetchall()
+    }
+    assert stored_daily == dict(daily)
+    with users_csv.open(newline="") as handle:
+        countries = {int(r["user_id"]): r["country"] for r in csv.DictReader(handle)}
+    assert dict(warehouse.execute("SELECT user_id, country FROM users").fetchall()) == countries
+    assert verify(warehouse) == []
+
+
+def test_reingesting_a_file_under_any_name_changes_nothing(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    first = write(
+        tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,10.00,deposit", "2,2,2022-01-02,5,purchase"]
+    )
+    loaded = ingest_file(warehouse, first, config)
+    before = totals(warehouse)
+
+    same = ingest_file(warehouse, first, config)
+    renamed = tmp_path / "b.csv"
+    shutil.copy(first, renamed)
+    copy = ingest_file(warehouse, renamed, config)
+
+    assert loaded.status == "loaded"
+    assert (same.status, copy.status) == ("duplicate_file", "duplicate_file")
+    assert same.file_id == copy.file_id == loaded.file_id
+    assert totals(warehouse) == before
+    assert warehouse.execute("SELECT count(*) FROM files").fetchall() == [(1,)]
+    assert verify(warehouse) == []
+
+
+def test_conflicting_resend_is_rejected_and_totals_unchanged(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    ingest_file(
+        warehouse,
+        write(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,10.00,deposit"]),
+        config,
+    )
+    before = totals(warehouse)
+
+    resend = ingest_file(
+        warehouse,
+        write(
+            tmp_path / "b.csv",
+            TX_HEADER,
+            ["1,1,2022-01-01,10.00,deposit", "1,1,2022-01-01,99.00,deposit"],
+        ),
+        config,
+    )
+
+    assert resend.rejected_by_reason == {"duplicate_in_file": 2}
+    conflict = ingest_file(
+        warehouse, write(tmp_path / "c.csv", TX_HEADER, ["1,1,2022-01-01,99.00,deposit"]), config
+    )
+    assert conflict.rejected_by_reason == {"conflicts_with_stored": 1}
+    assert warehouse.execute(
+        "SELECT line_number, message FROM rejects WHERE file_id = ?", [conflict.file_id]
+    ).fetchall() == [(2, "transaction_id 1 is stored (file #1) with different content")]
+    assert totals(warehouse) == before
+    assert verify(warehouse) == []
+
+
+def test_identical_rows_already_stored_are_duplicates_and_new_rows_load(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    ingest_file(
+        warehouse,
+        write(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,10.00,deposit"]),
+        config,
+    )
+
+    overlap = ingest_file(
+        warehouse,
+        write(
+            tmp_path / "b.csv",
+            TX_HEADER,
+            ["1,1,2022-01-01,10.0,Deposit", "2,1,2022-01-01,1.00,withdrawal"],
+        ),
+        config,
+    )
+
+    assert (overlap.rows_loaded, overlap.rows_duplicate, overlap.rows_rejected) == (1, 1, 0)
+    assert warehouse.execute(
+        "SELECT tx_count, total_amount, total_withdrawal FROM user_totals"
+    ).fetchall() == [(2, Decimal("11.00"), Decimal("1.00"))]
+    assert verify(warehouse) == []
+
+
+def test_orphan_transactions_count_and_users_arriving_later_get_attached(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    ingest_file(
+        warehouse,
+        write(tmp_path / "t.csv", TX_HEADER, ["1,42,2022-01-01,3.00,purchase"]),
+        config,
+    )
+    assert warehouse.execute(
+        "SELECT t.user_id, u.country FROM user_totals t LEFT JOIN users u USING (user_id)"
+    ).fetchall() == [(42, None)]
+
+    ingest_file(warehouse, write(tmp_path / "u.csv", USERS_HEADER, ["42,2021-05-01,Chile"]), config)
+
+    assert warehouse.execute(
+        "SELECT t.user_id, u.country FROM user_totals t JOIN users u USING (user_id)"
+    ).fetchall() == [(42, "Chile")]
+    assert verify(warehouse) == []
+
+
+def test_users_are_upserted_latest_file_wins(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    ingest_file(
+        warehouse,
+        write(tmp_path / "u1.csv", USERS_HEADER, ["1,2021-01-01,Japan", "2,2021-01-02,Peru"]),
+        config,
+    )
+
+    second = ingest_file(
+        warehouse,
+        write(tmp_path / "u2.csv", USERS_HEADER, ["1,2021-01-01,France", "2,2021-01-02,Peru"]),
+        config,
+    )
+
+    assert (second.rows_loaded, second.rows_duplicate) == (1, 1)
+    assert warehouse.execute(
+        "SELECT user_id, country, file_id FROM users ORDER BY 1"
+    ).fetchall() == [
+        (1, "France", second.file_id),
+        (2, "Peru", 1),
+    ]
+    assert verify(warehouse) == []
+
+
+def test_status_lists_counts_and_last_files(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    ingest_file(
+        warehouse, write(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,1,deposit"]), config
+    )
+    ingest_file(warehouse, write(tmp_path / "b.csv", "nonsense\n", ["x"]), config)
+
+    status = warehouse_status(warehouse, last=5)
+
+    assert status["counts"] == {
+        "users": 0,
+        "transactions": 1,
+        "files": 2,
+        "files_failed": 1,
+        "rejects": 0,
+    }
+    assert [(f["name"], f["status"]) for f in status["last_files"]] == [
+        ("b.csv", "failed"),
+        ("a.csv", "loaded"),
+    ]
+    assert verify(warehouse) == []
+
+
+@pytest.mark.parametrize("threshold", [0, 1_000_000])
+def test_large_and_small_deltas_give_the_same_totals(
+    monkeypatch: pytest.MonkeyPatch, config: Config, tmp_path: Path, threshold: int
+) -> None:
+    """Both ways of folding a delta into user_totals (rebuild, delete-and-append) are exact."""
+    from moneylion import aggregates
+    from moneylion.schema import open_warehouse
+
+    monkeypatch.setattr(aggregates, "REBUILD_THRESHOLD", threshold)
+    conn = open_warehouse(config)
+    rows = [
+        f"{i},{i % 7 + 1},2022-01-{i % 28 + 1:02d},{i}.{i % 100:02d},deposit" for i in range(1, 60)
+    ]
+    ingest_file(conn, write(tmp_path / "a.csv", TX_HEADER, rows[:30]), config)
+    ingest_file(conn, write(tmp_path / "b.csv", TX_HEADER, rows[30:]), config)
+    expected = sum(Decimal(r.split(",")[3]) for r in rows)
+    assert conn.execute("SELECT sum(total_amount), sum(tx_count) FROM user_totals").fetchall() == [
+        (expected, 59)
+    ]
+    assert verify(conn) == []
+    conn.close()
