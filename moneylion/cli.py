@@ -1,11 +1,11 @@
-"""``moneylion serve / ingest / verify / export / generate / status``: a thin layer over the library."""
+"""``moneylion serve / ingest / verify / export / generate / status``: thin, over the library."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from moneylion.config import Config, ConfigError, load_config
@@ -42,7 +42,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _progress_printer(path: Path) -> object:
+def _progress_printer(path: Path) -> Callable[[str], None]:
     def report(stage: str) -> None:
         print(f"  {path.name}: {stage}", file=sys.stderr, flush=True)
 

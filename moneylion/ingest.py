@@ -13,6 +13,7 @@ Two ways to stage a file, one way to apply it:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import logging
@@ -247,10 +248,8 @@ def _load(
 
 def _rollback(conn: duckdb.DuckDBPyConnection) -> None:
     """Roll back if a transaction is open (it may already be, after a failed statement)."""
-    try:
+    with contextlib.suppress(duckdb.TransactionException):
         conn.execute("ROLLBACK")
-    except duckdb.TransactionException:
-        pass
 
 
 def _insert_ledger_committed(

@@ -35,7 +35,7 @@ def warehouse(config: Config) -> Iterator[duckdb.DuckDBPyConnection]:
 
 @pytest.fixture
 def seed_files() -> tuple[Path, Path]:
-    """The take-home's real users.csv and transactions.csv, or a skip saying where they should be."""
+    """The take-home's real users.csv and transactions.csv, or a skip saying where to put them."""
     users, transactions = SEED_DIR / "users.csv", SEED_DIR / "transactions.csv"
     if not (users.exists() and transactions.exists()):
         pytest.skip(f"seed data not found in {SEED_DIR} (expected ../shared/data beside the repo)")

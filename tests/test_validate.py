@@ -119,7 +119,8 @@ def test_file_level_failure_records_reason_and_loads_nothing(
     assert (outcome.status, outcome.error_reason) == ("failed", reason)
     assert outcome.error
     document = outcome.reason_document()
-    assert document["reason"] == reason and document["sha256"] == outcome.sha256
+    assert document["reason"] == reason
+    assert document["sha256"] == outcome.sha256
     ledger = warehouse.execute("SELECT status, error_reason FROM files").fetchall()
     assert ledger == [("failed", reason)]
     counts = warehouse.execute(
@@ -139,7 +140,7 @@ def test_invalid_utf8_far_into_a_file_fails_the_whole_file(
     rows = [f"{i},1,2022-01-01,1.00,deposit" for i in range(1, 20_001)]
     rows[15_000] = "15001,1,2022-01-01,1.00,d\xe9posit"
     path.write_bytes(
-        ("transaction_id,user_id,transaction_date,amount,transaction_type\n").encode()
+        b"transaction_id,user_id,transaction_date,amount,transaction_type\n"
         + "\n".join(rows).encode("latin-1")
         + b"\n"
     )
