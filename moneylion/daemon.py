@@ -1,0 +1,365 @@
+"""``moneylion serve``: the watcher, the ingest worker, the exporter and the API in one process.
+
+The worker thread is the only DuckDB writer. Each file is committed by ``ingest_file`` first and
+moved out of the inbox after: a crash in between leaves a committed file in the inbox, which the
+ledger recognises on restart (duplicate_file) and which is then simply moved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import errno
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from moneylion.config import Config
+from moneylion.ingest import FileOutcome, file_sha256, ingest_file
+from moneylion.schema import WarehouseLocked, open_warehouse
+from moneylion.watcher import InboxQueue, InboxWatcher, TakenFile
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 5  # tries per file for errors of the environment before it goes to failed/
+BACKOFF_SECONDS = (0.5, 1.0, 2.0, 4.0)
+STOP_GRACE_SECONDS = (
+    2.5  # let the current file finish; after that it is interrupted and rolled back
+)
+EXPORT_EVERY_SECONDS = 1.0  # while a backlog drains, export at most this often
+
+
+def move_without_overwrite(path: Path, folder: Path, *, companion_suffix: str = "") -> Path:
+    """Move ``path`` into ``folder`` under its own name, or ``<stem>.<n><suffix>`` on a clash.
+
+    With ``companion_suffix`` (".reason.json") the companion's name must be free as well. Only
+    the worker writes into done/ and failed/, so check-then-rename cannot race.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    stem, suffix = path.stem, path.suffix
+    target = folder / path.name
+    n = 0
+    while target.exists() or (
+        companion_suffix and target.with_name(target.name + companion_suffix).exists()
+    ):
+        n += 1
+        target = folder / f"{stem}.{n}{suffix}"
+    os.rename(path, target)
+    return target
+
+
+def write_reason(target: Path, document: dict[str, object]) -> Path:
+    """Write ``<target>.reason.json`` atomically (temp file, then rename)."""
+    reason = target.with_name(target.name + ".reason.json")
+    temp = reason.with_name("." + reason.name + ".tmp")
+    temp.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(temp, reason)
+    return reason
+
+
+def environment_failure(path: Path, reason: str, exc: BaseException) -> dict[str, object]:
+    """A reason document for a file that kept failing for reasons of the environment."""
+    try:
+        sha256: str | None = file_sha256(path)[0]
+    except OSError:
+        sha256 = None
+    return {
+        "file": path.name,
+        "reason": reason,
+        "message": f"{type(exc).__name__}: {exc}",
+        "sha256": sha256,
+        "file_id": None,
+        "time": dt.datetime.now(dt.UTC).isoformat(),
+    }
+
+
+def _load_exporter(config: Config) -> Callable[[duckdb.DuckDBPyConnection, Path], object] | None:
+    if not config.sqlite_export:
+        return None
+    try:
+        from moneylion.export import export_new
+    except ImportError:
+        log.warning("export_unavailable", extra={"fields": {"module": "moneylion.export"}})
+        return None
+    return export_new  # type: ignore[no-any-return]
+
+
+class IngestWorker(threading.Thread):
+    """Takes files from the queue in arrival order, ingests, moves them out, exports."""
+
+    def __init__(
+        self,
+        conn: duckdb.DuckDBPyConnection,
+        config: Config,
+        queue: InboxQueue,
+        exporter: Callable[[duckdb.DuckDBPyConnection, Path], object] | None = None,
+    ) -> None:
+        super().__init__(name="ingest-worker", daemon=True)
+        self.conn = conn
+        self.config = config
+        self.queue = queue
+        self.exporter = exporter
+        self.stopping = threading.Event()
+        self.files_done = 0
+        self.last_file_at: float | None = None
+        self._export_pending = False
+        self._last_export = 0.0
+
+    def run(self) -> None:
+        log.info("worker_started", extra={"fields": {"inbox": str(self.config.inbox)}})
+        while True:
+            taken = self.queue.take(timeout=0.5)
+            if taken is None:
+                if self.queue.closed:
+                    break
+                self._export(force=True)
+                continue
+            try:
+                self._handle(taken)
+            except Exception:  # a bug: log it with context, keep the daemon up
+                log.exception("worker_error", extra={"fields": {"file": taken.path.name}})
+                self.queue.finish(taken.path)
+            self._export(force=not self.queue.has_ready())
+        self._export(force=True)
+        log.info("worker_stopped", extra={"fields": {"files": self.files_done}})
+
+    def _handle(self, taken: TakenFile) -> None:
+        path = taken.path
+        try:
+            outcome = ingest_file(self.conn, path, self.config)
+        except FileNotFoundError:
+            log.info("file_vanished", extra={"fields": {"file": path.name, "stage": "ingest"}})
+            self.queue.finish(path)
+            return
+        except Exception as exc:
+            if self.stopping.is_set():
+                log.info("file_rolled_back", extra={"fields": {"file": path.name}})
+                self.queue.finish(path)
+                return
+            reason = "unreadable" if isinstance(exc, OSError) else "ingest_error"
+            self._retry_or_fail(taken, reason, exc)
+            return
+        try:
+            moved = self.queue.finish(path, then=lambda: self._move(outcome))
+        except OSError as exc:
+            if not path.exists():
+                log.info("file_vanished", extra={"fields": {"file": path.name, "stage": "move"}})
+                return
+            # Committed but still in the inbox: the next try finds it in the ledger and moves it.
+            self._retry_or_fail(taken, "cannot_move", exc, finished=True)
+            return
+        if not moved:
+            log.info("file_changed_while_ingesting", extra={"fields": {"file": path.name}})
+        self.files_done += 1
+        self.last_file_at = time.time()
+        self._export_pending = self._export_pending or outcome.status == "loaded"
+
+    def _move(self, outcome: FileOutcome) -> None:
+        """Loaded and duplicate files go to done/, failed ones to failed/ with their reason."""
+        if outcome.status == "failed":
+            target = move_without_overwrite(
+                outcome.path, self.config.failed_dir, companion_suffix=".reason.json"
+            )
+            write_reason(target, outcome.reason_document())
+        else:
+            target = move_without_overwrite(outcome.path, self.config.done_dir)
+        log.info(
+            "file_moved",
+            extra={
+                "fields": {
+                    "file": outcome.name,
+                    "status": outcome.status,
+                    "file_id": outcome.file_id,
+                    "to": str(target.relative_to(self.config.inbox)),
+                }
+            },
+        )
+
+    def _retry_or_fail(
+        self, taken: TakenFile, reason: str, exc: BaseException, *, finished: bool = False
+    ) -> None:
+        """Retry with backoff a bounded number of times, then give the file up to failed/."""
+        attempts = taken.attempts + 1
+        fields: dict[str, Any] = {
+            "file": taken.path.name,
+            "reason": reason,
+            "error": f"{type(exc).__name__}: {exc}",
+            "attempt": attempts,
+        }
+        if isinstance(exc, OSError) and exc.errno is not None:
+            fields["errno"] = errno.errorcode.get(exc.errno, exc.errno)
+        if attempts < MAX_ATTEMPTS:
+            delay = BACKOFF_SECONDS[min(attempts - 1, len(BACKOFF_SECONDS) - 1)]
+            log.warning("file_retry", extra={"fields": {**fields, "delay": delay}})
+            self.queue.retry(taken.path, attempts, delay)
+            return
+        log.error("file_given_up", extra={"fields": fields})
+        if not finished:
+            self.queue.finish(taken.path)
+        try:
+            target = move_without_overwrite(
+                taken.path, self.config.failed_dir, companion_suffix=".reason.json"
+            )
+            write_reason(target, environment_failure(target, reason, exc))
+        except OSError as move_exc:
+            log.error(
+                "file_stuck",
+                extra={"fields": {"file": taken.path.name, "error": str(move_exc)}},
+            )
+
+    def _export(self, *, force: bool) -> None:
+        """Bring the SQLite copy up to date; coalesced while a backlog drains."""
+        if self.exporter is None or not self._export_pending:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_export < EXPORT_EVERY_SECONDS:
+            return
+        self._last_export = now
+        try:
+            self.exporter(self.conn, self.config.sqlite_path)
+            self._export_pending = False
+        except Exception:  # never stops ingest: the next export catches up
+            log.exception(
+                "export_failed", extra={"fields": {"sqlite": str(self.config.sqlite_path)}}
+            )
+
+    def stop(self, grace: float = STOP_GRACE_SECONDS) -> bool:
+        """Stop taking files, let the current one finish within ``grace`` seconds, otherwise
+        interrupt it (its transaction rolls back, the file stays in the inbox). True if stopped."""
+        self.stopping.set()
+        self.queue.close()
+        self.join(grace)
+        if self.is_alive():
+            log.warning("worker_interrupting", extra={"fields": {"grace": grace}})
+            self.conn.interrupt()
+            self.join(1.5)
+        return not self.is_alive()
+
+
+class Daemon:
+    """The watcher and the worker around one warehouse connection; started and stopped with the
+    API through its lifespan."""
+
+    def __init__(self, conn: duckdb.DuckDBPyConnection, config: Config) -> None:
+        self.config = config
+        self.conn = conn
+        # The worker writes through its own cursor; the API reads through others of ``conn``.
+        self.worker_conn = conn.cursor()
+        self.queue = InboxQueue(config.settle_seconds)
+        self.watcher = InboxWatcher(config.inbox, self.queue)
+        self.worker = IngestWorker(self.worker_conn, config, self.queue, _load_exporter(config))
+        self._started = False
+        self._stopped = False
+        self.stopped_cleanly = True
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.config.done_dir.mkdir(parents=True, exist_ok=True)
+        self.config.failed_dir.mkdir(parents=True, exist_ok=True)
+        self.watcher.start()
+        self.worker.start()
+
+    def stop(self) -> None:
+        if self._stopped or not self._started:
+            self._stopped = True
+            return
+        self._stopped = True
+        started = time.monotonic()
+        self.stopped_cleanly = self.worker.stop()
+        self.watcher.stop()
+        log.info(
+            "daemon_stopped",
+            extra={
+                "fields": {
+                    "seconds": round(time.monotonic() - started, 3),
+                    "backlog": len(self.queue.queued()),
+                    "clean": self.stopped_cleanly,
+                }
+            },
+        )
+
+    def ready(self) -> bool:
+        """Ready = the watcher is running and the worker is alive."""
+        return self.watcher.running and self.worker.is_alive() and not self._stopped
+
+    def backlog(self) -> int:
+        """Files queued or being ingested."""
+        return len(self.queue)
+
+    @asynccontextmanager
+    async def lifespan(self, app: object) -> AsyncIterator[None]:
+        """Start with the API, stop with it (uvicorn runs this on SIGTERM/SIGINT)."""
+        await asyncio.to_thread(self.start)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(self.stop)
+
+    def close(self) -> None:
+        self.stop()
+        try:
+            self.worker_conn.close()
+        except duckdb.Error:
+            log.exception("close_failed", extra={"fields": {"what": "worker cursor"}})
+
+
+def _stop_signal_seen(signum: int, frame: object) -> None:
+    log.info("stop_signal", extra={"fields": {"signal": signal.Signals(signum).name}})
+
+
+def serve(config: Config) -> int:
+    """Run until SIGTERM/SIGINT; 0 on a clean stop, 3 if another daemon holds the warehouse."""
+    import uvicorn
+
+    from moneylion.api.app import create_app
+    from moneylion.logs import setup_logging
+
+    setup_logging(config)
+    try:
+        conn = open_warehouse(config)
+    except WarehouseLocked as exc:
+        print(f"moneylion: {exc}", file=sys.stderr)
+        return 3
+    daemon = Daemon(conn, config)
+    try:
+        app = create_app(config, db=conn, readiness=daemon.ready, lifespan=[daemon.lifespan])
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=config.host,
+                port=config.port,
+                log_config=None,
+                access_log=False,
+                lifespan="on",
+                timeout_graceful_shutdown=1,
+            )
+        )
+        log.info(
+            "daemon_starting",
+            extra={"fields": {"pid": os.getpid(), "host": config.host, "port": config.port}},
+        )
+        # uvicorn re-raises the stop signal after its shutdown, under the handler it found when
+        # it started: make that one a no-op so a SIGTERM/SIGINT stop ends with exit code 0.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _stop_signal_seen)
+        server.run()
+    finally:
+        daemon.close()
+        conn.close()
+        log.info("warehouse_closed", extra={"fields": {"path": str(config.duckdb_path)}})
+    if not server.started:
+        print(f"moneylion: the API could not start on {config.host}:{config.port}", file=sys.stderr)
+        return 1
+    return 0 if daemon.stopped_cleanly else 1
