@@ -1,0 +1,179 @@
+"""``/metrics``: Litestar's Prometheus plugin for HTTP metrics, plus warehouse metrics.
+
+The warehouse metrics are not counted in the process: a prometheus_client Collector reads the
+ledger and the rejects table at scrape time, so they survive restarts and always agree with
+``/v1/files``. Each app gets its own registry holding that collector and forwarding the
+process-wide default registry (where the plugin's middleware keeps its HTTP metrics), so several
+apps in one process (as in the tests) never collide.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+
+from litestar import MediaType, get
+from litestar.datastructures import State
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.response import Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from moneylion import health
+from moneylion.api.warehouse import ApiContext
+
+log = logging.getLogger(__name__)
+
+INGEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+_FILES_BY_STATUS = "SELECT status, count(*) FROM files GROUP BY status ORDER BY status"
+_FAILED_BY_REASON = """
+SELECT coalesce(error_reason, 'unknown'), count(*) FROM files
+WHERE status = 'failed' GROUP BY ALL ORDER BY 1
+"""
+_ROWS_BY_OUTCOME = """
+SELECT coalesce(sum(rows_loaded), 0), coalesce(sum(rows_duplicate), 0),
+       coalesce(sum(rows_rejected), 0)
+FROM files
+"""
+_REJECTS_BY_REASON = "SELECT reason, count(*) FROM rejects GROUP BY reason ORDER BY reason"
+_INGEST_SECONDS = (
+    "SELECT "
+    + ", ".join(f"count(*) FILTER (WHERE seconds <= {bound})" for bound in INGEST_BUCKETS)
+    + ", count(*), coalesce(sum(seconds), 0) FROM files WHERE status = 'loaded'"
+)
+
+
+def prometheus_config() -> PrometheusConfig:
+    """HTTP request metrics by route template (not raw path, to bound label cardinality)."""
+    return PrometheusConfig(
+        app_name="moneylion",
+        prefix="moneylion_http",
+        group_path=True,
+        exclude=["^/metrics$"],
+    )
+
+
+class WarehouseCollector:
+    """Ledger, rows, rejects and ingest-time metrics, read from the warehouse at each scrape."""
+
+    def __init__(self, ctx: ApiContext) -> None:
+        self.ctx = ctx
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # metrics depend on the data; nothing to pre-register
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "moneylion_inbox_backlog",
+            "CSV files waiting in the inbox",
+            value=health.inbox_backlog(self.ctx.config.inbox),
+        )
+        up = GaugeMetricFamily("moneylion_warehouse_up", "1 when the warehouse is open")
+        if self.ctx.db is None:
+            up.add_metric([], 0)
+            yield up
+            return
+        try:
+            yield from self._warehouse_metrics()
+        except Exception:
+            log.exception("metrics_scrape_failed")
+            up.add_metric([], 0)
+        else:
+            up.add_metric([], 1)
+        yield up
+
+    def _warehouse_metrics(self) -> Iterator[Metric]:
+        with self.ctx.cursor() as cursor:
+            cursor.execute("BEGIN TRANSACTION")
+            try:
+                files = cursor.execute(_FILES_BY_STATUS).fetchall()
+                failed = cursor.execute(_FAILED_BY_REASON).fetchall()
+                rows = cursor.execute(_ROWS_BY_OUTCOME).fetchone()
+                rejects = cursor.execute(_REJECTS_BY_REASON).fetchall()
+                seconds = cursor.execute(_INGEST_SECONDS).fetchone()
+                age = health.seconds_since_last_file(cursor)
+            finally:
+                cursor.execute("ROLLBACK")
+
+        by_status = CounterMetricFamily(
+            "moneylion_files", "Files in the ledger by status", labels=["status"]
+        )
+        for status, count in files:
+            by_status.add_metric([status], count)
+        yield by_status
+
+        by_reason = CounterMetricFamily(
+            "moneylion_failed_files", "Failed files by file-level reason", labels=["reason"]
+        )
+        for reason, count in failed:
+            by_reason.add_metric([reason], count)
+        yield by_reason
+
+        outcome = CounterMetricFamily("moneylion_rows", "CSV rows by outcome", labels=["outcome"])
+        loaded, duplicate, rejected = rows if rows is not None else (0, 0, 0)
+        outcome.add_metric(["loaded"], loaded)
+        outcome.add_metric(["duplicate"], duplicate)
+        outcome.add_metric(["rejected"], rejected)
+        yield outcome
+
+        reject_reasons = CounterMetricFamily(
+            "moneylion_rejects", "Rejected rows by reason code", labels=["reason"]
+        )
+        for reason, count in rejects:
+            reject_reasons.add_metric([reason], count)
+        yield reject_reasons
+
+        if seconds is not None:
+            cumulative = [str(b) for b in INGEST_BUCKETS]
+            buckets = [(bound, float(n)) for bound, n in zip(cumulative, seconds, strict=False)]
+            buckets.append(("+Inf", float(seconds[len(INGEST_BUCKETS)])))
+            yield HistogramMetricFamily(
+                "moneylion_ingest_seconds",
+                "Seconds to ingest a loaded file",
+                buckets=buckets,
+                sum_value=float(seconds[-1]),
+            )
+
+        last = GaugeMetricFamily(
+            "moneylion_seconds_since_last_file", "Seconds since the newest file finished"
+        )
+        if age is not None:
+            last.add_metric([], age)
+            yield last
+
+
+class _DefaultRegistry:
+    """Forwards the process-wide registry (HTTP metrics from the plugin's middleware)."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield from REGISTRY.collect()
+
+
+def metrics_registry(ctx: ApiContext) -> CollectorRegistry:
+    """This app's registry: warehouse metrics plus the process-wide default registry."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(WarehouseCollector(ctx))
+    registry.register(_DefaultRegistry())
+    return registry
+
+
+class MetricsController(PrometheusController):
+    """Litestar's Prometheus controller, exposing this app's registry."""
+
+    path = "/metrics"
+
+    @get(sync_to_thread=True, media_type=MediaType.TEXT)
+    def get(self, state: State) -> Response[bytes]:
+        """Prometheus text exposition."""
+        registry: CollectorRegistry = state.metrics_registry
+        return Response(
+            generate_latest(registry),
+            status_code=200,
+            headers={"Content-Type": CONTENT_TYPE_LATEST},
+        )

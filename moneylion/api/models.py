@@ -1,0 +1,194 @@
+"""Response bodies (msgspec Structs), which also give the OpenAPI schema its shapes.
+
+Money: the seed's ``/api/*`` returns JSON numbers rounded to cents (its clients expect numbers);
+``/v1`` returns exact decimal strings such as ``"1234.50"``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Annotated, Any
+
+import msgspec
+
+Money = Annotated[str, msgspec.Meta(pattern=r"^-?[0-9]+\.[0-9]{2}$", examples=["1234.50"])]
+_CENT = Decimal("0.01")
+
+
+def money(value: Decimal) -> str:
+    """An exact decimal string with two places: Decimal('12.5') -> '12.50'."""
+    return format(value.quantize(_CENT), "f")
+
+
+def seed_number(value: Decimal) -> float:
+    """A JSON number rounded to cents, as the seed returned."""
+    return float(value.quantize(_CENT))
+
+
+# --- seed-compatible /api/* -------------------------------------------------------------------
+
+
+class SeedError(msgspec.Struct):
+    """The seed's error body: ``{"error": "User not found"}``."""
+
+    error: str
+
+
+class SeedUserSummary(msgspec.Struct):
+    user_id: int
+    country: str | None
+    total_transaction_amount: float
+    total_deposit: float
+    total_withdrawal: float
+    total_purchase: float
+
+
+class SeedTopUser(msgspec.Struct):
+    user_id: int
+    country: str | None
+    transaction_count: int
+
+
+class SeedDailyTotal(msgspec.Struct):
+    transaction_date: str
+    transaction_type: str
+    daily_total: float
+
+
+class SeedHealth(msgspec.Struct):
+    """Host readings under the seed's names, plus process and inbox readings."""
+
+    cpu_usage: float = msgspec.field(name="cpu_usage_%")
+    num_cores: int
+    memory_usage: float = msgspec.field(name="memory_usage_%")
+    disk_usage: float = msgspec.field(name="disk_usage_%")
+    process_rss_bytes: int
+    uptime_seconds: float
+    inbox_backlog: int
+    seconds_since_last_file: float | None
+
+
+class SeedLogCounts(msgspec.Struct):
+    info_count: int
+    warning_count: int
+    error_count: int
+    critical_count: int
+
+
+# --- versioned /v1 ------------------------------------------------------------------------------
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """RFC 9457 problem details (``application/problem+json``)."""
+
+    status: int
+    title: str
+    type: str = "about:blank"
+    detail: str | None = None
+    errors: list[Any] | None = None
+
+
+class UserSummary(msgspec.Struct):
+    """A user's totals; ``known_user`` is false for an orphan (transactions, no profile yet)."""
+
+    user_id: int
+    known_user: bool
+    country: str | None
+    signup_date: dt.date | None
+    transaction_count: int
+    total_amount: Money
+    total_deposit: Money
+    total_withdrawal: Money
+    total_purchase: Money
+    first_transaction_date: dt.date | None
+    last_transaction_date: dt.date | None
+
+
+class TopUser(msgspec.Struct):
+    rank: int
+    user_id: int
+    country: str | None
+    transaction_count: int
+
+
+class TopUsers(msgspec.Struct):
+    limit: int
+    users: list[TopUser]
+
+
+class DailyTotal(msgspec.Struct):
+    date: dt.date
+    type: str
+    transaction_count: int
+    total_amount: Money
+
+
+class DailyTotals(msgspec.Struct):
+    date_from: dt.date = msgspec.field(name="from")
+    date_to: dt.date = msgspec.field(name="to")
+    type: str | None
+    days: list[DailyTotal]
+
+
+class FileEntry(msgspec.Struct):
+    """One row of the files ledger."""
+
+    file_id: int
+    name: str
+    sha256: str
+    kind: str | None
+    status: str
+    rows_total: int
+    rows_loaded: int
+    rows_duplicate: int
+    rows_rejected: int
+    size_bytes: int
+    received_at: dt.datetime
+    finished_at: dt.datetime
+    seconds: float
+    error_reason: str | None
+    error: str | None
+
+
+class FileDetail(FileEntry):
+    rejected_by_reason: dict[str, int]
+
+
+class FilesPage(msgspec.Struct):
+    total: int
+    limit: int
+    offset: int
+    items: list[FileEntry]
+
+
+class RejectEntry(msgspec.Struct):
+    line: int
+    reason: str
+    message: str
+    raw_line: str | None
+
+
+class RejectsPage(msgspec.Struct):
+    file_id: int
+    total: int
+    limit: int
+    offset: int
+    items: list[RejectEntry]
+
+
+class Liveness(msgspec.Struct):
+    status: str
+
+
+class Readiness(msgspec.Struct):
+    status: str
+    warehouse_open: bool
+
+
+class LogStats(msgspec.Struct):
+    debug: int
+    info: int
+    warning: int
+    error: int
+    critical: int

@@ -1,0 +1,227 @@
+"""The versioned API: exact decimal strings for money, problem details for every error.
+
+* ``/v1/users/{id}/summary`` serves any user with a profile or with transactions: an orphan
+  (transactions, no profile yet) has ``known_user: false`` and ``country: null``; a profile
+  without transactions has zero totals. Neither -> 404.
+* ``/v1/users/top`` ranks everyone with transactions, orphans included (country null).
+* ``/v1/daily`` lists per-day, per-type totals in an inclusive date range.
+* ``/v1/files`` pages the ledger; ``/v1/files/{id}/rejects`` pages a file's rejected rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Literal
+
+from litestar import Router, get
+from litestar.datastructures import State
+from litestar.params import Parameter
+
+from moneylion import logs
+from moneylion.api.errors import problem, problem_spec
+from moneylion.api.models import (
+    DailyTotal,
+    DailyTotals,
+    FileDetail,
+    FileEntry,
+    FilesPage,
+    Liveness,
+    LogStats,
+    Readiness,
+    RejectEntry,
+    RejectsPage,
+    TopUser,
+    TopUsers,
+    UserSummary,
+    money,
+)
+from moneylion.api.queries import daily_totals, file_detail, files_page, rejects_page, user_summary
+from moneylion.api.warehouse import ApiContext
+
+MAX_ID = 2**63 - 1
+MAX_PAGE = 1000
+# The widest range /v1/daily accepts when a bound is left out.
+EARLIEST = dt.date(1, 1, 1)
+LATEST = dt.date(9999, 12, 31)
+
+Id = Annotated[int, Parameter(ge=1, le=MAX_ID)]
+Limit = Annotated[int, Parameter(ge=1, le=MAX_PAGE, description="page size (1-1000)")]
+Offset = Annotated[int, Parameter(ge=0, le=MAX_ID, description="rows to skip")]
+TransactionType = Literal["deposit", "withdrawal", "purchase"]
+
+_BAD_REQUEST = problem_spec("A parameter is missing or malformed")
+_NOT_FOUND = problem_spec("Not found")
+
+
+def context(state: State) -> ApiContext:
+    ctx: ApiContext = state.moneylion
+    return ctx
+
+
+@get(
+    "/users/{user_id:int}/summary",
+    sync_to_thread=True,
+    responses={400: _BAD_REQUEST, 404: _NOT_FOUND},
+)
+def user_summary_v1(
+    state: State, user_id: Annotated[int, Parameter(ge=1, le=MAX_ID)]
+) -> UserSummary:
+    """A user's transaction totals (zeros for a profile without transactions)."""
+    with context(state).cursor() as cursor:
+        found = user_summary(cursor, user_id)
+    if found is None:
+        raise problem(404, f"no user {user_id} (no profile and no transactions)")
+    return UserSummary(
+        user_id=found.user_id,
+        known_user=found.known,
+        country=found.country,
+        signup_date=found.signup_date,
+        transaction_count=found.tx_count,
+        total_amount=money(found.total_amount),
+        total_deposit=money(found.total_deposit),
+        total_withdrawal=money(found.total_withdrawal),
+        total_purchase=money(found.total_purchase),
+        first_transaction_date=found.first_date,
+        last_transaction_date=found.last_date,
+    )
+
+
+@get("/users/top", sync_to_thread=True, responses={400: _BAD_REQUEST})
+def top_users_v1(
+    state: State,
+    limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE, description="how many (1-1000)")] = 10,
+) -> TopUsers:
+    """Users by transaction count, most first (ties: smaller user_id), orphans included.
+
+    At most ``Config.top_users_kept`` users are ranked.
+    """
+    ctx = context(state)
+    with ctx.cursor() as cursor:
+        ranked = ctx.top_users.top(cursor, limit)
+    return TopUsers(
+        limit=limit,
+        users=[TopUser(u.rank, u.user_id, u.country, u.tx_count) for u in ranked],
+    )
+
+
+@get("/daily", sync_to_thread=True, responses={400: _BAD_REQUEST})
+def daily_v1(
+    state: State,
+    date_from: Annotated[
+        dt.date | None, Parameter(query="from", description="first day (inclusive)")
+    ] = None,
+    date_to: Annotated[
+        dt.date | None, Parameter(query="to", description="last day (inclusive)")
+    ] = None,
+    transaction_type: Annotated[TransactionType | None, Parameter(query="type")] = None,
+) -> DailyTotals:
+    """Per-day, per-type totals in [from, to], ordered by date then type."""
+    first = date_from or EARLIEST
+    last = date_to or LATEST
+    if first > last:
+        raise problem(400, f"'from' ({first}) is after 'to' ({last})")
+    with context(state).cursor() as cursor:
+        rows = daily_totals(cursor, first, last, transaction_type)
+    return DailyTotals(
+        date_from=first,
+        date_to=last,
+        type=transaction_type,
+        days=[
+            DailyTotal(r.transaction_date, r.transaction_type, r.tx_count, money(r.total_amount))
+            for r in rows
+        ],
+    )
+
+
+@get("/files", sync_to_thread=True, responses={400: _BAD_REQUEST})
+def files_v1(state: State, limit: Limit = 100, offset: Offset = 0) -> FilesPage:
+    """The files ledger in arrival order (file_id), one page."""
+    with context(state).cursor() as cursor:
+        total, rows = files_page(cursor, limit, offset)
+    return FilesPage(
+        total=total, limit=limit, offset=offset, items=[FileEntry(**row) for row in rows]
+    )
+
+
+@get("/files/{file_id:int}", sync_to_thread=True, responses={400: _BAD_REQUEST, 404: _NOT_FOUND})
+def file_v1(state: State, file_id: Id) -> FileDetail:
+    """One ledger row, with its rejected rows counted per reason."""
+    with context(state).cursor() as cursor:
+        found = file_detail(cursor, file_id)
+    if found is None:
+        raise problem(404, f"no file {file_id} in the ledger")
+    row, reasons = found
+    return FileDetail(**row, rejected_by_reason=reasons)
+
+
+@get(
+    "/files/{file_id:int}/rejects",
+    sync_to_thread=True,
+    responses={400: _BAD_REQUEST, 404: _NOT_FOUND},
+)
+def rejects_v1(state: State, file_id: Id, limit: Limit = 100, offset: Offset = 0) -> RejectsPage:
+    """A file's rejected rows in line order, one page: line, reason code, message, raw line."""
+    with context(state).cursor() as cursor:
+        found = rejects_page(cursor, file_id, limit, offset)
+    if found is None:
+        raise problem(404, f"no file {file_id} in the ledger")
+    total, rows = found
+    return RejectsPage(
+        file_id=file_id,
+        total=total,
+        limit=limit,
+        offset=offset,
+        items=[RejectEntry(r.line_number, r.reason, r.message, r.raw_line) for r in rows],
+    )
+
+
+@get("/health/live")
+async def live() -> Liveness:
+    """The process answers."""
+    return Liveness(status="alive")
+
+
+@get(
+    "/health/ready",
+    responses={503: problem_spec("The warehouse is not open or the watcher is not running")},
+)
+async def ready(state: State) -> Readiness:
+    """200 once the warehouse is open and the daemon's workers run, else 503."""
+    ctx = context(state)
+    if not ctx.ready():
+        raise problem(
+            503,
+            "not ready: "
+            + ("the warehouse is not open" if ctx.db is None else "the watcher is not running"),
+        )
+    return Readiness(status="ready", warehouse_open=True)
+
+
+@get("/logs/stats", sync_to_thread=True)
+def log_stats(state: State) -> LogStats:
+    """Records per level in the retained JSON log files."""
+    counts = logs.level_counts(context(state).config)
+    return LogStats(
+        debug=counts["DEBUG"],
+        info=counts["INFO"],
+        warning=counts["WARNING"],
+        error=counts["ERROR"],
+        critical=counts["CRITICAL"],
+    )
+
+
+v1_router = Router(
+    path="/v1",
+    route_handlers=[
+        user_summary_v1,
+        top_users_v1,
+        daily_v1,
+        files_v1,
+        file_v1,
+        rejects_v1,
+        live,
+        ready,
+        log_stats,
+    ],
+    tags=["v1"],
+)

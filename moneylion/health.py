@@ -1,0 +1,99 @@
+"""Host and process readings for the health endpoints; every call returns at once.
+
+``psutil.cpu_percent(interval=None)`` reports usage since the previous call and never sleeps, so
+``prime()`` makes one throw-away call at start-up (the first call always says 0.0). Nothing here
+lists OS users or processes other than our own.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import psutil
+
+from moneylion.config import Config
+
+_IGNORED_SUFFIXES = (".tmp", ".part")
+
+# The ledger stores finished_at as a naive UTC timestamp (ingest._now), so its epoch is UTC.
+_LAST_FILE_EPOCH_MS = "SELECT epoch_ms(max(finished_at)) FROM files"
+
+
+@dataclass(frozen=True)
+class HealthReading:
+    """One snapshot of host, process and inbox health."""
+
+    cpu_usage_percent: float
+    num_cores: int
+    memory_usage_percent: float
+    disk_usage_percent: float
+    process_rss_bytes: int
+    uptime_seconds: float
+    inbox_backlog: int
+    seconds_since_last_file: float | None
+
+
+_process: psutil.Process | None = None
+
+
+def _self() -> psutil.Process:
+    global _process
+    if _process is None:
+        _process = psutil.Process(os.getpid())
+    return _process
+
+
+def prime() -> None:
+    """Start the CPU-usage interval so later non-blocking readings are meaningful."""
+    psutil.cpu_percent(interval=None)
+    _self()
+
+
+def inbox_backlog(inbox: Path) -> int:
+    """CSV files waiting directly in the inbox (not hidden, not .tmp/.part, not in done/failed/)."""
+    count = 0
+    try:
+        with os.scandir(inbox) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith(".") or name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                if name.lower().endswith(".csv") and entry.is_file(follow_symlinks=False):
+                    count += 1
+    except FileNotFoundError:
+        return 0
+    return count
+
+
+def seconds_since_last_file(cursor: duckdb.DuckDBPyConnection) -> float | None:
+    """Age of the newest finished file in the ledger, None when the ledger is empty."""
+    row = cursor.execute(_LAST_FILE_EPOCH_MS).fetchone()
+    if row is None or row[0] is None:
+        return None
+    return max(0.0, time.time() - float(row[0]) / 1000.0)
+
+
+def _disk_percent(path: Path) -> float:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return float(psutil.disk_usage(str(probe)).percent)
+
+
+def read_health(config: Config, cursor: duckdb.DuckDBPyConnection | None) -> HealthReading:
+    """All readings; ``cursor`` (a fresh read cursor) is only used for the ledger's last file."""
+    process = _self()
+    return HealthReading(
+        cpu_usage_percent=float(psutil.cpu_percent(interval=None)),
+        num_cores=psutil.cpu_count() or 1,
+        memory_usage_percent=float(psutil.virtual_memory().percent),
+        disk_usage_percent=_disk_percent(config.warehouse),
+        process_rss_bytes=int(process.memory_info().rss),
+        uptime_seconds=max(0.0, time.time() - float(process.create_time())),
+        inbox_backlog=inbox_backlog(config.inbox),
+        seconds_since_last_file=seconds_since_last_file(cursor) if cursor is not None else None,
+    )

@@ -1,0 +1,197 @@
+"""JSON-lines logging with size rotation, readable console lines, and per-level counts.
+
+Modules log events, not prose::
+
+    log.info("file_loaded", extra={"fields": {"file": name, "rows": n, "seconds": s}})
+
+``setup_logging(config)`` writes each record as one JSON object (``ts, level, event, logger,
+**fields``) to ``config.log_dir / "moneylion.log"`` (rotated at ``log_max_bytes``, keeping
+``log_backups`` old files) and a human-readable line to the console. Per-level counts are parsed
+from the JSON lines of the retained log files (the ``level`` field, never a substring search), read
+incrementally so a call only parses what was appended since the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import os
+import sys
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from moneylion.config import Config
+
+LOG_FILE_NAME = "moneylion.log"
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# Marks the handlers this module installs, so a second setup_logging replaces them.
+_OWNED = "_moneylion_handler"
+
+
+def _fields(record: logging.LogRecord) -> Mapping[str, Any]:
+    fields = getattr(record, "fields", None)
+    return fields if isinstance(fields, Mapping) else {}
+
+
+class JsonLineFormatter(logging.Formatter):
+    """One JSON object per record: ts (UTC, ISO 8601), level, event, logger, then the fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "event": record.getMessage(),
+            "logger": record.name,
+        }
+        for key, value in _fields(record).items():
+            if key not in line:
+                line[key] = value
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+class ConsoleFormatter(logging.Formatter):
+    """``2026-01-01 12:00:00 INFO  moneylion.ingest file_loaded file=a.csv rows=3``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.fromtimestamp(record.created).strftime("%Y-%m-%d %H:%M:%S")
+        parts = [f"{ts} {record.levelname:<8} {record.name} {record.getMessage()}"]
+        parts.extend(f"{key}={value}" for key, value in _fields(record).items())
+        text = " ".join(parts)
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def log_file(config: Config) -> Path:
+    """Where setup_logging writes the JSON lines."""
+    return config.log_dir / LOG_FILE_NAME
+
+
+def setup_logging(config: Config, console: TextIO | None = None) -> Path:
+    """Install the JSON file handler and the console handler on the root logger.
+
+    Idempotent: calling it again (even with another config) replaces the handlers it installed
+    before instead of adding more. Returns the path of the JSON log file.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, _OWNED, False):
+            root.removeHandler(handler)
+            handler.close()
+    path = log_file(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.handlers.RotatingFileHandler(
+        path,
+        maxBytes=config.log_max_bytes,
+        backupCount=config.log_backups,
+        encoding="utf-8",
+    )
+    file_handler.setFormatter(JsonLineFormatter())
+    console_handler = logging.StreamHandler(console if console is not None else sys.stderr)
+    console_handler.setFormatter(ConsoleFormatter())
+    for handler in (file_handler, console_handler):
+        setattr(handler, _OWNED, True)
+        root.addHandler(handler)
+    root.setLevel(config.log_level.upper())
+    return path
+
+
+@dataclass
+class _FileCount:
+    """What has been parsed of one log file (identified by inode): byte offset and counts."""
+
+    offset: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class LevelCounter:
+    """Per-level record counts over the retained JSON log files, parsed incrementally.
+
+    Rotation renames files, so progress is keyed by inode: a renamed file keeps its counts and
+    only the active file is read further. A line is counted once it is complete (ends in a
+    newline) and is a JSON object with a ``level`` field; anything else is skipped.
+    """
+
+    def __init__(self, path: Path, backups: int) -> None:
+        self.path = path
+        self.backups = backups
+        self._seen: dict[tuple[int, int], _FileCount] = {}
+        self._lock = threading.Lock()
+
+    def _paths(self) -> list[Path]:
+        return [self.path] + [
+            self.path.with_name(f"{self.path.name}.{n}") for n in range(1, self.backups + 1)
+        ]
+
+    def counts(self) -> dict[str, int]:
+        """{"DEBUG": n, "INFO": n, "WARNING": n, "ERROR": n, "CRITICAL": n}."""
+        with self._lock:
+            total = dict.fromkeys(LEVELS, 0)
+            alive: dict[tuple[int, int], _FileCount] = {}
+            for path in self._paths():
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue
+                key = (stat.st_dev, stat.st_ino)
+                entry = self._seen.get(key) or _FileCount()
+                if stat.st_size < entry.offset:  # truncated or a reused inode: start over
+                    entry = _FileCount()
+                if stat.st_size > entry.offset:
+                    self._read_more(path, entry)
+                alive[key] = entry
+                for level, n in entry.counts.items():
+                    total[level] = total.get(level, 0) + n
+            self._seen = alive
+            return total
+
+    @staticmethod
+    def _read_more(path: Path, entry: _FileCount) -> None:
+        try:
+            with path.open("rb") as handle:
+                handle.seek(entry.offset)
+                chunk = handle.read()
+        except FileNotFoundError:  # rotated away between stat and open; next call sees it
+            return
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return
+        for raw in chunk[: end + 1].splitlines():
+            level = _parse_level(raw)
+            if level is not None:
+                entry.counts[level] = entry.counts.get(level, 0) + 1
+        entry.offset += end + 1
+
+
+def _parse_level(raw: bytes) -> str | None:
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    level = record.get("level")
+    return level if isinstance(level, str) and level in LEVELS else None
+
+
+_counters: dict[tuple[str, int], LevelCounter] = {}
+_counters_lock = threading.Lock()
+
+
+def level_counts(config: Config) -> dict[str, int]:
+    """Per-level counts parsed from ``config``'s log files (one shared incremental counter)."""
+    path = log_file(config)
+    key = (os.fspath(path), config.log_backups)
+    with _counters_lock:
+        counter = _counters.get(key)
+        if counter is None:
+            counter = _counters[key] = LevelCounter(path, config.log_backups)
+    return counter.counts()
