@@ -329,15 +329,12 @@ def read_csv_sql(header: Header) -> str:
     )
 
 
-# Strict patterns for the fast path. They accept a subset of what validate_rows accepts (no
-# surrounding spaces, no leading zeros past the width): anything else takes the reference path.
-# DuckDB's compiled regexes cost ~0.07 us a field; trim() with a character list cost more.
-FAST_PATTERNS = {
-    "id": "[0-9]{1,19}",
-    "date": "[0-9]{4}-[0-9]{2}-[0-9]{2}",
-    "amount": "[0-9]{1,16}(\\.[0-9]{1,2})?",
-    "text": "(?s)[^ \t](.*[^ \t])?",
-}
+# The fast path accepts a subset of what validate_rows accepts; anything else takes the reference
+# path. Ids and dates must be the canonical text of their typed value (no sign, leading zero or
+# space): a round trip is cheaper than a regular expression there (10M ids: 0.28 s against
+# 0.35 s plus the cast). Amounts may drop trailing zeros ("12", "12.5"), so they get a regex.
+AMOUNT_PATTERN = "[0-9]{1,16}(\\.[0-9]{1,2})?"
+TEXT_PATTERN = "(?s)[^ \t](.*[^ \t])?"
 
 
 def _typed(name: str, raw: str) -> str:
@@ -357,18 +354,16 @@ def _check(name: str, raw: str) -> str:
     """SQL that is true only when the raw field passes the same rule as ``parse_field``."""
     typed = _typed(name, raw)
     if name in ID_COLUMNS:
-        test = f"regexp_full_match({raw}, '{FAST_PATTERNS['id']}') AND {typed} > 0"
+        test = f"CAST({typed} AS VARCHAR) = {raw} AND {typed} > 0"
     elif name in DATE_COLUMNS:
-        test = (
-            f"regexp_full_match({raw}, '{FAST_PATTERNS['date']}') AND {raw} >= '0001' "
-            f"AND {typed} IS NOT NULL"
-        )
+        test = f"CAST({typed} AS VARCHAR) = {raw}"
     elif name == "amount":
-        test = f"regexp_full_match({raw}, '{FAST_PATTERNS['amount']}') AND {typed} > 0"
+        test = f"regexp_full_match({raw}, '{AMOUNT_PATTERN}') AND {typed} > 0"
     elif name == "transaction_type":
-        test = f"{typed} IN {TRANSACTION_TYPES!r}"
+        # Most files write the types in lower case already: skip lower() for those rows.
+        test = f"({raw} IN {TRANSACTION_TYPES!r} OR {typed} IN {TRANSACTION_TYPES!r})"
     else:
-        test = f"regexp_full_match({raw}, '{FAST_PATTERNS['text']}')"
+        test = f"regexp_full_match({raw}, '{TEXT_PATTERN}')"
     return f"coalesce({test}, false)"
 
 

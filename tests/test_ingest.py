@@ -267,3 +267,18 @@ def test_large_and_small_deltas_give_the_same_totals(
     ]
     assert verify(conn) == []
     conn.close()
+
+
+@pytest.mark.parametrize("far_id", [41, 2**40])
+def test_copies_are_found_whether_ids_are_dense_or_sparse(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path, far_id: int
+) -> None:
+    """Dense id ranges are checked with a bitmap, sparse ones with count(DISTINCT)."""
+    rows = ["1,1,2022-01-01,1.00,deposit", f"{far_id},1,2022-01-01,2.00,deposit"]
+    outcome = ingest_file(warehouse, write(tmp_path / "a.csv", TX_HEADER, [*rows, rows[1]]), config)
+
+    assert (outcome.rows_loaded, outcome.rows_duplicate) == (2, 1)
+    assert warehouse.execute("SELECT tx_count, total_amount FROM user_totals").fetchall() == [
+        (2, Decimal("3.00"))
+    ]
+    assert verify(warehouse) == []
