@@ -165,16 +165,19 @@ def ingest_file(
         )
         return outcome
 
+    # One id per new file, taken outside the transaction: DuckDB sequences do not roll back, and
+    # a file that falls back from the fast path must keep the number it started with.
+    arrival = _Arrival(path, sha256, size, received_at, started, _next_file_id(conn))
     try:
         header = read_header(path)
     except FileRefused as refused:
-        return _record_failure(conn, path, sha256, size, received_at, started, None, refused)
+        return _record_failure(conn, arrival, None, refused)
 
     report(f"{header.kind} file, {size} bytes")
     try:
-        outcome = _load(conn, path, header, sha256, size, started, kept, report)
+        outcome = _load(conn, arrival, header, kept, report)
     except FileRefused as refused:
-        return _record_failure(conn, path, sha256, size, received_at, started, header, refused)
+        return _record_failure(conn, arrival, header, refused)
     _insert_ledger_committed(conn, outcome, received_at)
     if header.extra_columns:
         log.warning(
@@ -198,28 +201,36 @@ def ingest_file(
     return outcome
 
 
+@dataclass(frozen=True)
+class _Arrival:
+    """A new file being ingested: what is known before its rows are read."""
+
+    path: Path
+    sha256: str
+    size: int
+    received_at: dt.datetime
+    started: float
+    file_id: int
+
+
 def _load(
     conn: duckdb.DuckDBPyConnection,
-    path: Path,
+    arrival: _Arrival,
     header: Header,
-    sha256: str,
-    size: int,
-    started: float,
     kept: int,
     report: Progress,
 ) -> FileOutcome:
     """Stage and apply the file inside an open transaction; the caller writes the ledger row
     and commits. Rolls back and re-raises on any error."""
+    path, file_id = arrival.path, arrival.file_id
     conn.execute("BEGIN TRANSACTION")
     try:
-        file_id = _next_file_id(conn)
         applied = _apply_fast(conn, path, header, file_id)
         if applied is None:
             conn.execute("ROLLBACK")
             report("has rows to reject or skip: validating row by row")
             rows = validate_rows(path, header)  # outside any transaction: may raise FileRefused
             conn.execute("BEGIN TRANSACTION")
-            file_id = _next_file_id(conn)
             applied = _apply_reference(conn, rows, file_id)
         if header.kind is FileKind.TRANSACTIONS and applied.loaded:
             report(f"appended {applied.loaded} rows: updating aggregates")
@@ -231,7 +242,7 @@ def _load(
     return FileOutcome(
         name=path.name,
         path=path,
-        sha256=sha256,
+        sha256=arrival.sha256,
         status="loaded",
         file_id=file_id,
         kind=str(header.kind),
@@ -240,8 +251,8 @@ def _load(
         rows_duplicate=applied.duplicate,
         rows_rejected=len(applied.rejects),
         rejected_by_reason=dict(Counter(str(r.reason) for r in applied.rejects)),
-        seconds=time.perf_counter() - started,
-        size_bytes=size,
+        seconds=time.perf_counter() - arrival.started,
+        size_bytes=arrival.size,
         finished_at=_now(),
     )
 
@@ -576,35 +587,31 @@ def _insert_ledger(
 
 def _record_failure(
     conn: duckdb.DuckDBPyConnection,
-    path: Path,
-    sha256: str,
-    size: int,
-    received_at: dt.datetime,
-    started: float,
+    arrival: _Arrival,
     header: Header | None,
     refused: FileRefused,
 ) -> FileOutcome:
     """A file-level failure: only its ledger row is written."""
+    path, file_id = arrival.path, arrival.file_id
     conn.execute("BEGIN TRANSACTION")
     try:
-        file_id = _next_file_id(conn)
         outcome = FileOutcome(
             name=path.name,
             path=path,
-            sha256=sha256,
+            sha256=arrival.sha256,
             status="failed",
             file_id=file_id,
             kind=str(header.kind) if header else None,
-            seconds=time.perf_counter() - started,
+            seconds=time.perf_counter() - arrival.started,
             error_reason=str(refused.reason),
             error=refused.message,
-            size_bytes=size,
+            size_bytes=arrival.size,
             finished_at=_now(),
         )
-        _insert_ledger(conn, outcome, received_at)
+        _insert_ledger(conn, outcome, arrival.received_at)
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
     log.warning(
         "file_failed",
