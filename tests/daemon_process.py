@@ -1,0 +1,353 @@
+"""A real ``python -m moneylion serve`` child on tmp dirs and a free port, for the end-to-end and
+crash tests and the daemon benchmarks; plus small generated CSV streams with their exact totals
+computed independently (csv + Decimal), and one crash trial."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as dt
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from moneylion.watcher import scan_inbox
+
+REPO = Path(__file__).resolve().parent.parent
+TYPES = ("deposit", "withdrawal", "purchase")
+TX_HEADER = ["transaction_id", "user_id", "transaction_date", "amount", "transaction_type"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> None:
+    """Poll ``predicate`` until true; raise AssertionError naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(step)
+
+
+class DaemonProcess:
+    """One ``moneylion serve`` child process with its inbox, warehouse and port."""
+
+    def __init__(
+        self,
+        inbox: Path,
+        warehouse: Path,
+        *,
+        port: int | None = None,
+        settle_seconds: float = 0.2,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.inbox = inbox
+        self.warehouse = warehouse
+        self.port = port or free_port()
+        self.settle_seconds = settle_seconds
+        self.extra_env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10.0)
+
+    def environ(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "MONEYLION_INBOX": str(self.inbox),
+                "MONEYLION_WAREHOUSE": str(self.warehouse),
+                "MONEYLION_PORT": str(self.port),
+                "MONEYLION_SETTLE_SECONDS": str(self.settle_seconds),
+                "MONEYLION_LOG_LEVEL": "WARNING",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.extra_env)
+        return env
+
+    def start(self, *, wait_ready: bool = True, timeout: float = 30.0) -> None:
+        self.warehouse.mkdir(parents=True, exist_ok=True)
+        self.starts += 1
+        log = (self.warehouse / f"child-{self.starts}.err").open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moneylion", "serve"],
+            cwd=REPO,
+            env=self.environ(),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        log.close()
+        if wait_ready:
+            self.wait_ready(timeout)
+
+    def stderr_text(self) -> str:
+        path = self.warehouse / f"child-{self.starts}.err"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def ready(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise AssertionError(f"moneylion serve exited early:\n{self.stderr_text()}")
+        try:
+            return self.client.get("/v1/health/ready").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        wait_for(self.ready, timeout, "the daemon to be ready")
+
+    def get(self, path: str, **params: Any) -> Any:
+        response = self.client.get(path, params=params or None)
+        response.raise_for_status()
+        return response.json()
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait; the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def close(self) -> None:
+        self.kill()
+        self.client.close()
+
+    def inbox_waiting(self) -> list[str]:
+        """Files in the inbox the daemon should take (ignored names left out)."""
+        return [p.name for p in scan_inbox(self.inbox)]
+
+    def folder(self, name: str) -> list[str]:
+        path = self.inbox / name
+        return sorted(p.name for p in path.iterdir()) if path.exists() else []
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``python -m moneylion <args>`` to completion, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "moneylion", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+# -- independent totals ------------------------------------------------------------------------
+
+
+@dataclass
+class Expected:
+    """Totals computed from CSV files with csv + Decimal, with the design's dedupe rules for
+    clean inputs (the same transaction id with the same content counts once)."""
+
+    seen: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    user_total: dict[int, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
+    user_by_type: dict[tuple[int, str], Decimal] = field(
+        default_factory=lambda: defaultdict(Decimal)
+    )
+    user_count: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    daily: dict[tuple[str, str], Decimal] = field(default_factory=lambda: defaultdict(Decimal))
+    daily_count: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+
+    def add_csv(self, path: Path) -> None:
+        with path.open(newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                key = tuple(row[c].strip() for c in TX_HEADER)
+                tx_id = int(key[0])
+                if tx_id in self.seen:
+                    assert self.seen[tx_id] == key, f"conflicting copies of {tx_id} in the stream"
+                    continue
+                self.seen[tx_id] = key
+                user, day, amount, kind = int(key[1]), key[2], Decimal(key[3]), key[4].lower()
+                self.user_total[user] += amount
+                self.user_by_type[(user, kind)] += amount
+                self.user_count[user] += 1
+                self.daily[(day, kind)] += amount
+                self.daily_count[(day, kind)] += 1
+
+    @property
+    def transactions(self) -> int:
+        return len(self.seen)
+
+    @property
+    def grand_total(self) -> Decimal:
+        return sum(self.user_total.values(), Decimal(0))
+
+
+def write_transactions(path: Path, rows: Iterable[Sequence[object]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(TX_HEADER)
+        writer.writerows(rows)
+    return path
+
+
+def random_transactions(
+    rng: random.Random, first_id: int, count: int, users: int = 200
+) -> list[tuple[int, int, str, str, str]]:
+    start = dt.date(2022, 1, 1)
+    return [
+        (
+            first_id + i,
+            rng.randint(1, users),
+            (start + dt.timedelta(days=rng.randrange(365))).isoformat(),
+            f"{rng.randint(1, 500_000) / 100:.2f}",
+            rng.choice(TYPES),
+        )
+        for i in range(count)
+    ]
+
+
+def transaction_stream(
+    folder: Path, rng: random.Random, files: int, rows: int, resend_every: int = 5
+) -> list[Path]:
+    """``files`` small transaction files; every ``resend_every``-th is an exact re-send of an
+    earlier file under a new name, or a file overlapping an earlier one (identical rows)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    history: list[list[tuple[int, int, str, str, str]]] = []
+    next_id = 1
+    for n in range(files):
+        name = folder / f"tx-{n:04d}.csv"
+        if history and n % resend_every == resend_every - 1:
+            earlier = rng.choice(history)
+            if n % 2:
+                batch = earlier  # the same bytes again: a duplicate file
+            else:
+                fresh = random_transactions(rng, next_id, rows // 2)
+                next_id += len(fresh)
+                batch = earlier[: rows // 2] + fresh  # half duplicates, half new rows
+        else:
+            batch = random_transactions(rng, next_id, rows)
+            next_id += len(batch)
+        history.append(batch)
+        written.append(write_transactions(name, batch))
+    return written
+
+
+# -- crash trial ----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrialResult:
+    kills: int
+    exact: bool
+    problems: list[str]
+
+
+def warehouse_totals(warehouse: Path) -> tuple[int, dict[int, tuple[int, Decimal]], list[str]]:
+    """(transactions, {user: (count, total)}, verify differences) read straight from DuckDB."""
+    from moneylion.aggregates import verify
+    from moneylion.config import load_config
+    from moneylion.schema import open_warehouse
+
+    config = load_config(environ={}).with_overrides(inbox=warehouse / "unused", warehouse=warehouse)
+    conn = open_warehouse(config)
+    try:
+        count = conn.execute("SELECT count(*) FROM transactions").fetchone()
+        users = conn.execute("SELECT user_id, tx_count, total_amount FROM user_totals").fetchall()
+        differences = verify(conn, top_users_kept=config.top_users_kept)
+    finally:
+        conn.close()
+    return (
+        int(count[0]) if count else 0,
+        {int(u): (int(c), Decimal(t)) for u, c, t in users},
+        differences,
+    )
+
+
+def crash_trial(base: Path, seed: int, *, files: int = 30, rows: int = 40) -> TrialResult:
+    """Feed a stream of files to a daemon that is SIGKILLed at random moments and restarted,
+    until every file is in done/; then compare with the independent totals."""
+    rng = random.Random(seed)
+    staging = base / "staging"
+    stream = transaction_stream(staging, rng, files, rows)
+    expected = Expected()
+    for path in stream:
+        expected.add_csv(path)
+    inbox = base / "inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    daemon = DaemonProcess(inbox, base / "warehouse", settle_seconds=0.05)
+    pending = list(stream)
+    kills_planned = rng.randint(2, 4)
+    kills = 0
+    problems: list[str] = []
+
+    def feed(until: float) -> None:
+        while pending and time.monotonic() < until:
+            for _ in range(rng.randint(0, 3)):
+                if pending:  # move-in (a bare Created) and in-place writes, mixed
+                    path = pending.pop(0)
+                    if rng.random() < 0.5:
+                        os.rename(path, inbox / path.name)
+                    else:
+                        (inbox / path.name).write_bytes(path.read_bytes())
+                        path.unlink()
+            time.sleep(rng.uniform(0.0, 0.08))
+
+    try:
+        while kills < kills_planned:
+            daemon.start(wait_ready=False)
+            feed(time.monotonic() + rng.uniform(0.8, 2.5))  # starting takes about 1 s
+            daemon.kill()
+            kills += 1
+        daemon.start(wait_ready=True)
+        feed(float("inf") if pending else 0.0)
+        wait_for(
+            lambda: len(daemon.folder("done")) + len(daemon.folder("failed")) >= len(stream),
+            60,
+            "every file in done/",
+        )
+        code = daemon.stop()
+        if code != 0:
+            problems.append(f"exit code {code} after SIGTERM")
+    finally:
+        daemon.close()
+    done = daemon.folder("done")
+    if done != sorted(p.name for p in stream):
+        problems.append(f"done/ holds {len(done)} files, not each of the {len(stream)} once")
+    if daemon.folder("failed"):
+        problems.append(f"failed/ holds {daemon.folder('failed')}")
+    count, users, differences = warehouse_totals(base / "warehouse")
+    problems.extend(f"verify: {line}" for line in differences)
+    if count != expected.transactions:
+        problems.append(f"{count} transactions stored, {expected.transactions} expected")
+    want = {u: (expected.user_count[u], expected.user_total[u]) for u in expected.user_count}
+    if users != want:
+        wrong = [u for u in set(users) | set(want) if users.get(u) != want.get(u)]
+        problems.append(f"{len(wrong)} users with wrong totals, e.g. {sorted(wrong)[:5]}")
+    return TrialResult(kills, not problems, problems)
+
+
+@contextlib.contextmanager
+def running_daemon(
+    inbox: Path, warehouse: Path, **kwargs: Any
+) -> Any:  # Iterator[DaemonProcess]; Any keeps the import light for bench scripts
+    daemon = DaemonProcess(inbox, warehouse, **kwargs)
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.close()
