@@ -18,7 +18,6 @@ import datetime as dt
 import hashlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,6 @@ from moneylion.validate import (
     FileRefused,
     Header,
     Reject,
-    RejectReason,
     ValidatedRows,
     read_header,
     typed_select_sql,
@@ -229,13 +227,11 @@ def _load(
         if applied is None:
             conn.execute("ROLLBACK")
             report("has rows to reject or skip: validating row by row")
-            rows = validate_rows(path, header)  # outside any transaction: may raise FileRefused
             conn.execute("BEGIN TRANSACTION")
-            applied = _apply_reference(conn, rows, file_id)
+            applied = _apply_reference(conn, path, header, file_id)
         if header.kind is FileKind.TRANSACTIONS and applied.loaded:
             report(f"appended {applied.loaded} rows: updating aggregates")
             aggregates.apply_transaction_deltas(conn, file_id, kept)
-        _insert_rejects(conn, file_id, applied.rejects)
     except BaseException:
         _rollback(conn)
         raise
@@ -246,11 +242,11 @@ def _load(
         status="loaded",
         file_id=file_id,
         kind=str(header.kind),
-        rows_total=applied.loaded + applied.duplicate + len(applied.rejects),
+        rows_total=applied.loaded + applied.duplicate + applied.rejected,
         rows_loaded=applied.loaded,
         rows_duplicate=applied.duplicate,
-        rows_rejected=len(applied.rejects),
-        rejected_by_reason=dict(Counter(str(r.reason) for r in applied.rejects)),
+        rows_rejected=applied.rejected,
+        rejected_by_reason=applied.rejected_by_reason,
         seconds=time.perf_counter() - arrival.started,
         size_bytes=arrival.size,
         finished_at=_now(),
@@ -279,7 +275,11 @@ def _insert_ledger_committed(
 class _Applied:
     loaded: int = 0
     duplicate: int = 0
-    rejects: list[Reject] = field(default_factory=list)
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.rejected_by_reason.values())
 
 
 def _next_file_id(conn: duckdb.DuckDBPyConnection) -> int:
@@ -399,8 +399,34 @@ def _arrow_rows(rows: ValidatedRows) -> pa.Table:
         name: pa.array(values, type=ARROW_TYPES[name]) for name, values in rows.columns.items()
     }
     arrays["line"] = pa.array(rows.lines, type=pa.int64())
+    arrays["raw_line"] = pa.array(rows.raw_lines, type=pa.string())
     return pa.table(arrays)
 
+
+def _arrow_rejects(rejects: list[Reject]) -> pa.Table:
+    return pa.table(
+        {
+            "line_number": pa.array([r.line_number for r in rejects], type=pa.int64()),
+            "reason": pa.array([str(r.reason) for r in rejects], type=pa.string()),
+            "message": pa.array([r.message for r in rejects], type=pa.string()),
+            "raw_line": pa.array([r.raw_line for r in rejects], type=pa.string()),
+        }
+    )
+
+
+def _append_arrow(conn: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None:
+    conn.register("arrow_batch", rows)
+    try:
+        conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM arrow_batch")
+    finally:
+        conn.unregister("arrow_batch")
+
+
+STAGED_COLUMNS = {
+    FileKind.TRANSACTIONS: "transaction_id BIGINT, user_id BIGINT, transaction_date DATE, "
+    "amount DECIMAL(18, 2), transaction_type VARCHAR",
+    FileKind.USERS: "user_id BIGINT, signup_date DATE, country VARCHAR",
+}
 
 # Copies of one id within the file: identical copies load once (the first), differing copies
 # are all rejected.
@@ -412,40 +438,47 @@ FROM staged GROUP BY {key} HAVING count(*) > 1
 """
 
 STORED_TRANSACTION_CONFLICTS = """
-SELECT s.line, s.transaction_id, t.file_id
+INSERT INTO staged_rejects
+SELECT s.line, 'conflicts_with_stored',
+       'transaction_id ' || s.transaction_id || ' is stored (file #' || t.file_id
+           || ') with different content',
+       s.raw_line
 FROM candidates s JOIN transactions t USING (transaction_id)
 WHERE (s.user_id, s.transaction_date, s.amount, s.transaction_type)
       IS DISTINCT FROM (t.user_id, t.transaction_date, t.amount, t.transaction_type)
-ORDER BY s.line
 """
 
 
 def _apply_reference(
-    conn: duckdb.DuckDBPyConnection, rows: ValidatedRows, file_id: int
+    conn: duckdb.DuckDBPyConnection, path: Path, header: Header, file_id: int
 ) -> _Applied:
-    applied = _Applied(rejects=list(rows.rejects))
-    kind = rows.kind
+    """Stage the file batch by batch through validate_rows, then sort out copies and rows
+    already stored in SQL. Every reject lands in ``rejects`` with its line."""
+    kind = header.kind
     key = COLUMNS[kind][0]
     content = ", ".join(COLUMNS[kind][1:])
-    staged_rows = _arrow_rows(rows)
-    conn.register("validated_rows", staged_rows)
-    try:
-        conn.execute("CREATE OR REPLACE TEMP TABLE staged AS SELECT * FROM validated_rows")
-    finally:
-        conn.unregister("validated_rows")
+    conn.execute(
+        f"CREATE OR REPLACE TEMP TABLE staged ({STAGED_COLUMNS[kind]}, line BIGINT, "
+        "raw_line VARCHAR)"
+    )
+    conn.execute(
+        "CREATE OR REPLACE TEMP TABLE staged_rejects (line_number BIGINT, reason VARCHAR, "
+        "message VARCHAR, raw_line VARCHAR)"
+    )
+    for batch in validate_rows(path, header):
+        if batch.lines:
+            _append_arrow(conn, "staged", _arrow_rows(batch))
+        if batch.rejects:
+            _append_arrow(conn, "staged_rejects", _arrow_rejects(batch.rejects))
+
     conn.execute(IN_FILE_COPIES.format(key=key, content=content))
-    for line, ident in conn.execute(
-        f"SELECT s.line, s.{key} FROM staged s JOIN staged_copies c ON s.{key} = c.id "
-        "WHERE c.variants > 1 ORDER BY s.line"
-    ).fetchall():
-        applied.rejects.append(
-            Reject(
-                line,
-                RejectReason.DUPLICATE_IN_FILE,
-                f"{key} {ident} appears in this file with different content",
-                "",
-            )
-        )
+    conn.execute(
+        f"""INSERT INTO staged_rejects
+        SELECT s.line, 'duplicate_in_file',
+               '{key} ' || s.{key} || ' appears in this file with different content',
+               s.raw_line
+        FROM staged s JOIN staged_copies c ON s.{key} = c.id WHERE c.variants > 1"""
+    )
     # One row per id that survives: no differing copies, first line among identical copies.
     conn.execute(
         f"""CREATE OR REPLACE TEMP TABLE candidates AS
@@ -455,36 +488,33 @@ def _apply_reference(
     in_file_copies = one_row(
         conn, "SELECT coalesce(sum(copies - 1), 0) FROM staged_copies WHERE variants = 1"
     )
-    applied.duplicate += int(in_file_copies[0])
-
+    applied = _Applied(duplicate=int(in_file_copies[0]))
     if kind is FileKind.TRANSACTIONS:
         _apply_reference_transactions(conn, file_id, applied)
     else:
         _apply_reference_users(conn, file_id, applied)
-    conn.execute("DROP TABLE staged_copies")
-    conn.execute("DROP TABLE candidates")
-    applied.rejects.sort(key=lambda r: r.line_number)
-    _fill_raw_lines(applied.rejects, rows)
+
+    conn.execute(
+        "INSERT INTO rejects SELECT $file_id, line_number, reason, message, raw_line "
+        "FROM staged_rejects ORDER BY line_number",
+        {"file_id": file_id},
+    )
+    applied.rejected_by_reason = dict(
+        conn.execute("SELECT reason, count(*) FROM staged_rejects GROUP BY reason").fetchall()
+    )
+    for table in ("staged", "staged_rejects", "staged_copies", "candidates"):
+        conn.execute(f"DROP TABLE {table}")
     return applied
 
 
 def _apply_reference_transactions(
     conn: duckdb.DuckDBPyConnection, file_id: int, applied: _Applied
 ) -> None:
-    conflicts = conn.execute(STORED_TRANSACTION_CONFLICTS).fetchall()
-    for line, ident, stored_file in conflicts:
-        applied.rejects.append(
-            Reject(
-                line,
-                RejectReason.CONFLICTS_WITH_STORED,
-                f"transaction_id {ident} is stored (file #{stored_file}) with different content",
-                "",
-            )
-        )
-    counts = one_row(
+    conflicts = conn.execute(STORED_TRANSACTION_CONFLICTS).fetchall()[0][0]
+    stored = one_row(
         conn, "SELECT count(*) FROM candidates s SEMI JOIN transactions t USING (transaction_id)"
     )
-    applied.duplicate += int(counts[0]) - len(conflicts)
+    applied.duplicate += int(stored[0]) - int(conflicts)
     inserted = conn.execute(
         """INSERT INTO transactions
         SELECT transaction_id, user_id, transaction_date, amount, transaction_type, $file_id
@@ -498,14 +528,12 @@ def _apply_reference_users(
     conn: duckdb.DuckDBPyConnection, file_id: int, applied: _Applied
 ) -> None:
     # Latest file wins; a profile identical to the stored one is a duplicate, not an update.
-    identical = conn.execute(
+    conn.execute(
         """CREATE OR REPLACE TEMP TABLE users_identical AS
         SELECT s.user_id FROM candidates s JOIN users u USING (user_id)
         WHERE s.signup_date = u.signup_date AND s.country = u.country"""
     )
-    del identical
-    row = one_row(conn, "SELECT count(*) FROM users_identical")
-    applied.duplicate += int(row[0])
+    applied.duplicate += int(one_row(conn, "SELECT count(*) FROM users_identical")[0])
     inserted = conn.execute(
         """INSERT INTO users
         SELECT user_id, signup_date, country, $file_id, $now
@@ -521,40 +549,7 @@ def _apply_reference_users(
     conn.execute("DROP TABLE users_identical")
 
 
-def _fill_raw_lines(rejects: list[Reject], rows: ValidatedRows) -> None:
-    """Rejects found in SQL carry no raw text yet: rebuild it from the typed row."""
-    if not any(not r.raw_line for r in rejects):
-        return
-    index = {line: i for i, line in enumerate(rows.lines)}
-    names = list(rows.columns)
-    for position, reject in enumerate(rejects):
-        if reject.raw_line or reject.line_number not in index:
-            continue
-        i = index[reject.line_number]
-        raw = ",".join(str(rows.columns[name][i]) for name in names)
-        rejects[position] = Reject(reject.line_number, reject.reason, reject.message, raw)
-
-
 # --- ledger -----------------------------------------------------------------------------------
-
-
-def _insert_rejects(conn: duckdb.DuckDBPyConnection, file_id: int, rejects: list[Reject]) -> None:
-    if not rejects:
-        return
-    table = pa.table(
-        {
-            "file_id": pa.array([file_id] * len(rejects), type=pa.int64()),
-            "line_number": pa.array([r.line_number for r in rejects], type=pa.int64()),
-            "reason": pa.array([str(r.reason) for r in rejects], type=pa.string()),
-            "message": pa.array([r.message for r in rejects], type=pa.string()),
-            "raw_line": pa.array([r.raw_line for r in rejects], type=pa.string()),
-        }
-    )
-    conn.register("file_rejects", table)
-    try:
-        conn.execute("INSERT INTO rejects SELECT * FROM file_rejects")
-    finally:
-        conn.unregister("file_rejects")
 
 
 def _insert_ledger(

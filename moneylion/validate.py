@@ -102,11 +102,13 @@ class Reject:
 
 @dataclass
 class ValidatedRows:
-    """Good rows as typed columns (canonical order) plus their line numbers, and the rejects."""
+    """A batch of a file: good rows as typed columns (canonical order) with their line numbers
+    and raw text, and the rejects."""
 
     kind: FileKind
     columns: dict[str, list[object]] = field(default_factory=dict)
     lines: list[int] = field(default_factory=list)
+    raw_lines: list[str] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
 
     @property
@@ -266,27 +268,43 @@ def _records(handle: io.TextIOBase) -> Iterator[tuple[int, list[str]]]:
 
 
 def _raw(fields: Sequence[str]) -> str:
+    """The record as CSV text again (quoted only where a field needs it)."""
+    if not any(("," in f or '"' in f or "\n" in f or "\r" in f) for f in fields):
+        return ",".join(fields)
     out = io.StringIO()
     csv.writer(out, lineterminator="").writerow(fields)
     return out.getvalue()
 
 
-def validate_rows(path: Path, header: Header) -> ValidatedRows:
-    """Every record after the header -> typed good rows or a Reject, in file order.
+BATCH_ROWS = 100_000
+
+
+def validate_rows(
+    path: Path, header: Header, batch_rows: int | None = None
+) -> Iterator[ValidatedRows]:
+    """Every record after the header -> typed good rows or a Reject, in file order, in batches
+    of at most ``batch_rows`` records (memory stays flat whatever the file's size).
 
     Raises FileRefused(NOT_UTF8) when a byte sequence is not UTF-8.
     """
     wanted = COLUMNS[header.kind]
     positions = [header.positions[name] for name in wanted]
-    result = ValidatedRows(header.kind, {name: [] for name in wanted})
-    columns = [result.columns[name] for name in wanted]
+    batch_rows = batch_rows or BATCH_ROWS
+
+    def new_batch() -> ValidatedRows:
+        return ValidatedRows(header.kind, {name: [] for name in wanted})
+
+    batch = new_batch()
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
             for line_number, fields in _records(handle):
                 if line_number <= header.line_number:
                     continue
+                if batch.rows_total >= batch_rows:
+                    yield batch
+                    batch = new_batch()
                 if len(fields) != header.field_count:
-                    result.rejects.append(
+                    batch.rejects.append(
                         Reject(
                             line_number,
                             RejectReason.WRONG_FIELD_COUNT,
@@ -299,16 +317,17 @@ def validate_rows(path: Path, header: Header) -> ValidatedRows:
                 for name, position in zip(wanted, positions, strict=True):
                     value, reason, message = parse_field(name, fields[position].strip(TRIM_CHARS))
                     if reason is not None:
-                        result.rejects.append(Reject(line_number, reason, message, _raw(fields)))
+                        batch.rejects.append(Reject(line_number, reason, message, _raw(fields)))
                         break
                     values.append(value)
                 else:
-                    for column, value in zip(columns, values, strict=True):
-                        column.append(value)
-                    result.lines.append(line_number)
+                    for name, value in zip(wanted, values, strict=True):
+                        batch.columns[name].append(value)
+                    batch.lines.append(line_number)
+                    batch.raw_lines.append(_raw(fields))
     except UnicodeDecodeError as exc:
         raise FileRefused(FileFailure.NOT_UTF8, f"{path.name} is not UTF-8: {exc.reason}") from exc
-    return result
+    yield batch
 
 
 # --- the DuckDB fast path ---------------------------------------------------------------------

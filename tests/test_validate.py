@@ -259,3 +259,24 @@ def test_copy_of_cases_under_a_new_name_is_the_same_file(
     assert (again.status, again.file_id) == ("duplicate_file", first.file_id)
     assert warehouse.execute("SELECT count(*) FROM rejects").fetchall() == [(1,)]
     assert verify(warehouse) == []
+
+
+def test_small_batches_give_the_same_rejects_and_rows(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """validate_rows streams a file in batches; copies and lines must not depend on the cut."""
+    from moneylion import validate
+
+    monkeypatch.setattr(validate, "BATCH_ROWS", 2)
+    outcome = ingest_file(warehouse, CASES_DIR / "row_duplicate_in_file.csv", config)
+    bad = ingest_file(warehouse, CASES_DIR / "row_unknown_type.csv", config)
+
+    assert outcome.file_id is not None
+    assert bad.file_id is not None
+    assert rejects_of(warehouse, outcome.file_id) == [
+        (3, "duplicate_in_file"),
+        (4, "duplicate_in_file"),
+    ]
+    assert rejects_of(warehouse, bad.file_id) == [(3, "unknown_type")]
+    assert warehouse.execute("SELECT count(*) FROM transactions").fetchall() == [(3,)]
+    assert verify(warehouse) == []
