@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as dt
+import json
 import os
 import random
 import signal
@@ -255,6 +256,7 @@ class TrialResult:
     kills: int
     exact: bool
     problems: list[str]
+    recovered: int = 0  # files committed by a killed run and only moved by the next one
 
 
 def warehouse_totals(warehouse: Path) -> tuple[int, dict[int, tuple[int, Decimal]], list[str]]:
@@ -278,26 +280,29 @@ def warehouse_totals(warehouse: Path) -> tuple[int, dict[int, tuple[int, Decimal
     )
 
 
-def crash_trial(base: Path, seed: int, *, files: int = 30, rows: int = 40) -> TrialResult:
-    """Feed a stream of files to a daemon that is SIGKILLed at random moments and restarted,
-    until every file is in done/; then compare with the independent totals."""
+def crash_trial(base: Path, seed: int, *, files: int = 30, rows: int = 200) -> TrialResult:
+    """Feed a stream of files to a daemon that is SIGKILLed at random moments while it ingests
+    and is restarted, until every file is in done/; then compare with the independent totals."""
     rng = random.Random(seed)
     staging = base / "staging"
     stream = transaction_stream(staging, rng, files, rows)
+    resent = len(stream) - len({p.read_bytes() for p in stream})
     expected = Expected()
     for path in stream:
         expected.add_csv(path)
     inbox = base / "inbox"
     inbox.mkdir(parents=True, exist_ok=True)
-    daemon = DaemonProcess(inbox, base / "warehouse", settle_seconds=0.05)
+    daemon = DaemonProcess(
+        inbox, base / "warehouse", settle_seconds=0.05, env={"MONEYLION_LOG_LEVEL": "INFO"}
+    )
     pending = list(stream)
-    kills_planned = rng.randint(2, 4)
+    kills_planned = rng.randint(3, 5)
     kills = 0
     problems: list[str] = []
 
     def feed(until: float) -> None:
-        while pending and time.monotonic() < until:
-            for _ in range(rng.randint(0, 3)):
+        while time.monotonic() < until and (pending or until != float("inf")):
+            for _ in range(rng.randint(0, 2)):
                 if pending:  # move-in (a bare Created) and in-place writes, mixed
                     path = pending.pop(0)
                     if rng.random() < 0.5:
@@ -305,16 +310,20 @@ def crash_trial(base: Path, seed: int, *, files: int = 30, rows: int = 40) -> Tr
                     else:
                         (inbox / path.name).write_bytes(path.read_bytes())
                         path.unlink()
-            time.sleep(rng.uniform(0.0, 0.08))
+            time.sleep(rng.uniform(0.01, 0.06))
 
     try:
         while kills < kills_planned:
-            daemon.start(wait_ready=False)
-            feed(time.monotonic() + rng.uniform(0.8, 2.5))  # starting takes about 1 s
+            if rng.random() < 0.25:  # now and then while it starts up (backlog scan, first files)
+                daemon.start(wait_ready=False)
+                feed(time.monotonic() + rng.uniform(0.3, 1.2))
+            else:  # mostly while it ingests what is being fed
+                daemon.start(wait_ready=True)
+                feed(time.monotonic() + rng.uniform(0.0, 0.6))
             daemon.kill()
             kills += 1
         daemon.start(wait_ready=True)
-        feed(float("inf") if pending else 0.0)
+        feed(float("inf"))
         wait_for(
             lambda: len(daemon.folder("done")) + len(daemon.folder("failed")) >= len(stream),
             60,
@@ -338,7 +347,22 @@ def crash_trial(base: Path, seed: int, *, files: int = 30, rows: int = 40) -> Tr
     if users != want:
         wrong = [u for u in set(users) | set(want) if users.get(u) != want.get(u)]
         problems.append(f"{len(wrong)} users with wrong totals, e.g. {sorted(wrong)[:5]}")
-    return TrialResult(kills, not problems, problems)
+    duplicate_moves = sum(
+        1
+        for event in logged_events(base / "warehouse")
+        if event.get("event") == "file_moved" and event.get("status") == "duplicate_file"
+    )
+    return TrialResult(kills, not problems, problems, max(duplicate_moves - resent, 0))
+
+
+def logged_events(warehouse: Path) -> list[dict[str, Any]]:
+    """The JSON-lines log of every run on ``warehouse`` (rotated files included)."""
+    events = []
+    for path in sorted((warehouse / "logs").glob("moneylion.log*")):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                events.append(json.loads(line))
+    return events
 
 
 @contextlib.contextmanager
