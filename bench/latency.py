@@ -1,0 +1,162 @@
+"""Time from a 1,000-row file appearing in the inbox to its rows being visible over HTTP.
+
+A ``moneylion serve`` child runs on a warehouse already holding 10M transactions (built once and
+cached in bench/out/). Each drop is written under a temp name and renamed into the inbox (the
+producer protocol the README recommends); the clock runs from the rename to the first HTTP
+answer that shows the file's rows. Prints p50/p99 over 50 drops; no asserts.
+
+    .venv/bin/python bench/latency.py [--drops 50] [--transactions 10000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from moneylion.config import load_config  # noqa: E402
+from moneylion.ingest import ingest_file  # noqa: E402
+from moneylion.schema import open_warehouse  # noqa: E402
+from tests.daemon_process import (  # noqa: E402
+    DaemonProcess,
+    random_transactions,
+    write_transactions,
+)
+
+OUT = REPO / "bench" / "out"
+USERS = 1_000_000
+
+
+def base_csv(transactions: int) -> Path:
+    """A transactions CSV with ids 1..transactions (moneylion.generate when it exists)."""
+    folder = OUT / f"latency-{transactions}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "transactions.csv"
+    if path.exists():
+        return path
+    try:
+        from moneylion.generate import generate
+    except ImportError:
+        generate = None
+    if generate is not None:
+        written = generate(folder, users=USERS, transactions=transactions, bad_rate=0.0, seed=1)
+        found = [p for p in written if "transaction" in p.name]
+        if found:
+            return found[0] if found[0] == path else Path(shutil.move(found[0], path))
+    import duckdb
+
+    # Fallback: DuckDB writes it in seconds (deterministic hashes, amounts with two decimals).
+    duckdb.connect().execute(
+        f"""
+        COPY (
+            SELECT i AS transaction_id,
+                   1 + hash(i) % {USERS} AS user_id,
+                   DATE '2022-01-01' + CAST(hash(i * 7) % 365 AS INTEGER) AS transaction_date,
+                   CAST((1 + hash(i * 13) % 500000) / 100 AS DECIMAL(18, 2)) AS amount,
+                   ['deposit', 'withdrawal', 'purchase'][1 + CAST(hash(i * 17) % 3 AS INTEGER)]
+                       AS transaction_type
+            FROM range(1, {transactions + 1}) t(i)
+        ) TO '{path}' (HEADER)
+        """
+    )
+    return path
+
+
+def base_warehouse(transactions: int) -> Path:
+    """The DuckDB file holding ``transactions`` rows, ingested once and cached."""
+    cached = OUT / f"latency-{transactions}" / "warehouse"
+    if (cached / "moneylion.duckdb").exists():
+        return cached
+    csv_path = base_csv(transactions)
+    building = cached.with_name("warehouse.building")
+    shutil.rmtree(building, ignore_errors=True)
+    config = load_config(environ={}).with_overrides(
+        inbox=building / "unused", warehouse=building, sqlite_export=False
+    )
+    conn = open_warehouse(config)
+    started = time.perf_counter()
+    outcome = ingest_file(conn, csv_path, config)
+    print(f"built the base warehouse: {outcome.summary()} ({time.perf_counter() - started:.1f} s)")
+    conn.close()
+    os.rename(building, cached)
+    return cached
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--drops", type=int, default=50)
+    parser.add_argument("--rows", type=int, default=1000)
+    parser.add_argument("--transactions", type=int, default=10_000_000)
+    parser.add_argument("--export", action="store_true", help="keep the SQLite export on")
+    parser.add_argument("--poll-ms", type=float, default=2.0, help="pause between HTTP probes")
+    args = parser.parse_args()
+
+    cached = base_warehouse(args.transactions)
+    run = OUT / "latency-run"
+    shutil.rmtree(run, ignore_errors=True)
+    (run / "inbox").mkdir(parents=True)
+    (run / "warehouse").mkdir()
+    shutil.copyfile(cached / "moneylion.duckdb", run / "warehouse" / "moneylion.duckdb")
+
+    rng = random.Random(42)
+    staging = run / "staging"
+    staging.mkdir()
+    probes: list[tuple[Path, int]] = []
+    for n in range(args.drops):
+        rows = random_transactions(rng, args.transactions + 1 + n * args.rows, args.rows, USERS)
+        probe_user = 2 * USERS + n  # a user only this file mentions: visible iff the file is
+        rows[-1] = (rows[-1][0], probe_user, *rows[-1][2:])
+        probes.append((write_transactions(staging / f"drop-{n:03d}.csv", rows), probe_user))
+
+    env = {"MONEYLION_SQLITE_EXPORT": "true" if args.export else "false"}
+    daemon = DaemonProcess(run / "inbox", run / "warehouse", settle_seconds=0.5, env=env)
+    latencies: list[float] = []
+    try:
+        daemon.start(timeout=120)
+        for path, probe_user in probes:
+            temp = daemon.inbox / (path.name + ".tmp")
+            shutil.copyfile(path, temp)
+            started = time.perf_counter()
+            os.rename(temp, daemon.inbox / path.name)
+            while daemon.client.get(f"/v1/users/{probe_user}/summary").status_code != 200:
+                time.sleep(args.poll_ms / 1000)
+            latencies.append(time.perf_counter() - started)
+            time.sleep(0.2)
+        files = daemon.get("/v1/files", limit=args.drops, offset=1)["items"]
+        code = daemon.stop()
+    finally:
+        daemon.close()
+    ingest = [float(f["seconds"]) for f in files]
+    ms = [v * 1000 for v in latencies]
+    print(
+        f"latency over {len(ms)} drops of {args.rows} rows into {args.transactions:,} transactions"
+        f" (export {'on' if args.export else 'off'}):"
+    )
+    print(
+        f"  file appears -> rows visible over HTTP: p50 {percentile(ms, 0.5):.1f} ms, "
+        f"p99 {percentile(ms, 0.99):.1f} ms, max {max(ms):.1f} ms, "
+        f"mean {statistics.mean(ms):.1f} ms"
+    )
+    ingest_ms = [v * 1000 for v in ingest]
+    print(
+        f"  of which ingest_file (ledger seconds): p50 {percentile(ingest_ms, 0.5):.1f} ms, "
+        f"p99 {percentile(ingest_ms, 0.99):.1f} ms"
+    )
+    print("  target: p50 <= 100 ms, p99 <= 300 ms; daemon exit code", code)
+
+
+if __name__ == "__main__":
+    main()
