@@ -30,14 +30,19 @@ from moneylion import aggregates
 from moneylion.config import Config
 from moneylion.schema import one_row
 from moneylion.validate import (
+    BATCH_ROWS,
     COLUMNS,
+    Batcher,
     FileFailure,
     FileKind,
     FileRefused,
     Header,
     Reject,
     ValidatedRows,
+    located_select_sql,
+    raw_text,
     read_header,
+    record_lines,
     typed_select_sql,
     validate_rows,
 )
@@ -226,7 +231,12 @@ def _load(
         applied = _apply_fast(conn, path, header, file_id)
         if applied is None:
             conn.execute("ROLLBACK")
-            report("has rows to reject or skip: validating row by row")
+            report("has rows to reject or skip: checking them one by one")
+            conn.execute("BEGIN TRANSACTION")
+            applied = _apply_located(conn, path, header, file_id)
+        if applied is None:
+            conn.execute("ROLLBACK")
+            report("has rows with a wrong field count: validating every row")
             conn.execute("BEGIN TRANSACTION")
             applied = _apply_reference(conn, path, header, file_id)
         if header.kind is FileKind.TRANSACTIONS and applied.loaded:
@@ -321,14 +331,7 @@ def _apply_fast(
         if NOT_CLEAN in str(exc):
             return None
         raise
-    structural, not_utf8 = one_row(
-        conn,
-        "SELECT count(*), count(*) FILTER (WHERE error_type = 'INVALID UNICODE') "
-        "FROM ingest_csv_errors",
-    )
-    if not_utf8:
-        raise FileRefused(FileFailure.NOT_UTF8, f"{path.name} is not UTF-8")
-    if structural:
+    if _reader_errors(conn, path):
         return None
     # Transaction ids must be new and unique: no copies within the file, none stored before.
     if (
@@ -449,14 +452,7 @@ WHERE (s.user_id, s.transaction_date, s.amount, s.transaction_type)
 """
 
 
-def _apply_reference(
-    conn: duckdb.DuckDBPyConnection, path: Path, header: Header, file_id: int
-) -> _Applied:
-    """Stage the file batch by batch through validate_rows, then sort out copies and rows
-    already stored in SQL. Every reject lands in ``rejects`` with its line."""
-    kind = header.kind
-    key = COLUMNS[kind][0]
-    content = ", ".join(COLUMNS[kind][1:])
+def _create_staging(conn: duckdb.DuckDBPyConnection, kind: FileKind) -> None:
     conn.execute(
         f"CREATE OR REPLACE TEMP TABLE staged ({STAGED_COLUMNS[kind]}, line BIGINT, "
         "raw_line VARCHAR)"
@@ -465,12 +461,103 @@ def _apply_reference(
         "CREATE OR REPLACE TEMP TABLE staged_rejects (line_number BIGINT, reason VARCHAR, "
         "message VARCHAR, raw_line VARCHAR)"
     )
-    for batch in validate_rows(path, header):
-        if batch.lines:
-            _append_arrow(conn, "staged", _arrow_rows(batch))
-        if batch.rejects:
-            _append_arrow(conn, "staged_rejects", _arrow_rejects(batch.rejects))
 
+
+def _stage_batch(conn: duckdb.DuckDBPyConnection, batch: ValidatedRows) -> None:
+    if batch.lines:
+        _append_arrow(conn, "staged", _arrow_rows(batch))
+    if batch.rejects:
+        _append_arrow(conn, "staged_rejects", _arrow_rejects(batch.rejects))
+
+
+def _apply_reference(
+    conn: duckdb.DuckDBPyConnection, path: Path, header: Header, file_id: int
+) -> _Applied:
+    """Stage the whole file through validate_rows (Python, line numbers), then resolve it."""
+    _create_staging(conn, header.kind)
+    for batch in validate_rows(path, header):
+        _stage_batch(conn, batch)
+    applied = _resolve_staged(conn, header.kind, file_id)
+    return _store_rejects(conn, file_id, applied)
+
+
+def _apply_located(
+    conn: duckdb.DuckDBPyConnection, path: Path, header: Header, file_id: int
+) -> _Applied | None:
+    """Stage with DuckDB's reader, send only the rows failing a fast check through the
+    reference rules, and find line numbers for the rejects alone.
+
+    The ordinal of a record stands in for its line until the end. None when the reader found
+    records with a wrong field count or blank-looking lines (the reference path handles those).
+    """
+    conn.execute(
+        "CREATE OR REPLACE TEMP TABLE staged_raw AS " + located_select_sql(header),
+        {"path": str(path), "skip": header.line_number},
+    )
+    if _reader_errors(conn, path):
+        conn.execute("DROP TABLE staged_raw")
+        return None
+    kind = header.kind
+    columns = ", ".join(COLUMNS[kind])
+    _create_staging(conn, kind)
+    conn.execute(f"INSERT INTO staged SELECT {columns}, ordinal, NULL FROM staged_raw WHERE ok")
+    # Rows failing a fast check go through the reference rules, a page at a time (a cursor
+    # would not see this transaction's temp tables).
+    batcher = Batcher(header)
+    after = 0
+    while rows := conn.execute(
+        "SELECT ordinal, raw_fields FROM staged_raw WHERE NOT ok AND ordinal > $after "
+        "ORDER BY ordinal LIMIT $page",
+        {"after": after, "page": BATCH_ROWS},
+    ).fetchall():
+        for ordinal, fields in rows:
+            batcher.add(ordinal, [f or "" for f in fields])
+        after = rows[-1][0]
+        _stage_batch(conn, batcher.take())
+    applied = _resolve_staged(conn, kind, file_id)
+    # Ordinals -> lines, for the rejects only; raw text for those found in SQL.
+    found = conn.execute(
+        """SELECT s.line_number, r.raw_fields FROM staged_rejects s
+           JOIN staged_raw r ON r.ordinal = s.line_number"""
+    ).fetchall()
+    lines = record_lines(path, header, {ordinal for ordinal, _ in found})
+    mapping = pa.table(
+        {
+            "ordinal": pa.array([o for o, _ in found], type=pa.int64()),
+            "line": pa.array([lines[o] for o, _ in found], type=pa.int64()),
+            "raw": pa.array([raw_text([f or "" for f in fields]) for _, fields in found]),
+        }
+    )
+    conn.register("reject_lines", mapping)
+    try:
+        conn.execute(
+            """UPDATE staged_rejects SET
+                   raw_line = coalesce(staged_rejects.raw_line, m.raw), line_number = m.line
+               FROM reject_lines m WHERE m.ordinal = staged_rejects.line_number"""
+        )
+    finally:
+        conn.unregister("reject_lines")
+    conn.execute("DROP TABLE staged_raw")
+    return _store_rejects(conn, file_id, applied)
+
+
+def _reader_errors(conn: duckdb.DuckDBPyConnection, path: Path) -> int:
+    """Rows DuckDB's reader set aside (wrong field count); invalid UTF-8 fails the file."""
+    structural, not_utf8 = one_row(
+        conn,
+        "SELECT count(*), count(*) FILTER (WHERE error_type = 'INVALID UNICODE') "
+        "FROM ingest_csv_errors",
+    )
+    if not_utf8:
+        raise FileRefused(FileFailure.NOT_UTF8, f"{path.name} is not UTF-8")
+    return int(structural)
+
+
+def _resolve_staged(conn: duckdb.DuckDBPyConnection, kind: FileKind, file_id: int) -> _Applied:
+    """From ``staged`` (good rows, with their line) to the base tables: copies within the file,
+    rows already stored, the append. Rejects go to ``staged_rejects``."""
+    key = COLUMNS[kind][0]
+    content = ", ".join(COLUMNS[kind][1:])
     conn.execute(IN_FILE_COPIES.format(key=key, content=content))
     conn.execute(
         f"""INSERT INTO staged_rejects
@@ -493,7 +580,12 @@ def _apply_reference(
         _apply_reference_transactions(conn, file_id, applied)
     else:
         _apply_reference_users(conn, file_id, applied)
+    for table in ("staged", "staged_copies", "candidates"):
+        conn.execute(f"DROP TABLE {table}")
+    return applied
 
+
+def _store_rejects(conn: duckdb.DuckDBPyConnection, file_id: int, applied: _Applied) -> _Applied:
     conn.execute(
         "INSERT INTO rejects SELECT $file_id, line_number, reason, message, raw_line "
         "FROM staged_rejects ORDER BY line_number",
@@ -502,8 +594,7 @@ def _apply_reference(
     applied.rejected_by_reason = dict(
         conn.execute("SELECT reason, count(*) FROM staged_rejects GROUP BY reason").fetchall()
     )
-    for table in ("staged", "staged_rejects", "staged_copies", "candidates"):
-        conn.execute(f"DROP TABLE {table}")
+    conn.execute("DROP TABLE staged_rejects")
     return applied
 
 

@@ -15,7 +15,8 @@ import csv
 import datetime as dt
 import enum
 import io
-from collections.abc import Iterator, Sequence
+import mmap
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -237,19 +238,30 @@ def parse_type(text: str) -> tuple[str | None, RejectReason | None, str]:
     )
 
 
-def parse_field(column: str, text: str) -> tuple[object, RejectReason | None, str]:
+FieldResult = tuple[object, RejectReason | None, str]
+
+
+def _field_parser(column: str) -> Callable[[str], FieldResult]:
+    """The rule of one canonical column, for a non-empty trimmed field."""
+    if column in ID_COLUMNS:
+        return lambda text: parse_id(text, column)
+    if column in DATE_COLUMNS:
+        return lambda text: parse_date(text, column)
+    if column == "amount":
+        return parse_amount
+    if column == "transaction_type":
+        return parse_type
+    return lambda text: (text, None, "")  # country: any non-empty text
+
+
+FIELD_PARSERS = {column: _field_parser(column) for kind in FileKind for column in COLUMNS[kind]}
+
+
+def parse_field(column: str, text: str) -> FieldResult:
     """One trimmed field of a canonical column -> (value, None, "") or (None, reason, message)."""
     if not text:
         return None, RejectReason.MISSING_FIELD, f"{column} is empty"
-    if column in ID_COLUMNS:
-        return parse_id(text, column)
-    if column in DATE_COLUMNS:
-        return parse_date(text, column)
-    if column == "amount":
-        return parse_amount(text)
-    if column == "transaction_type":
-        return parse_type(text)
-    return text, None, ""  # country: any non-empty text
+    return FIELD_PARSERS[column](text)
 
 
 # --- rows -------------------------------------------------------------------------------------
@@ -267,16 +279,66 @@ def _records(handle: io.TextIOBase) -> Iterator[tuple[int, list[str]]]:
         yield start, fields
 
 
-def _raw(fields: Sequence[str]) -> str:
+def raw_text(fields: Sequence[str]) -> str:
     """The record as CSV text again (quoted only where a field needs it)."""
-    if not any(("," in f or '"' in f or "\n" in f or "\r" in f) for f in fields):
-        return ",".join(fields)
+    line = ",".join(fields)
+    if line.count(",") == len(fields) - 1 and not any(c in line for c in '"\r\n'):
+        return line
     out = io.StringIO()
-    csv.writer(out, lineterminator="").writerow(fields)
-    return out.getvalue()
+    csv.writer(out, lineterminator="\r\n").writerow(fields)
+    return out.getvalue()[:-2]
 
 
 BATCH_ROWS = 100_000
+
+
+class Batcher:
+    """Checks records one by one into batches of typed good rows and rejects."""
+
+    def __init__(self, header: Header) -> None:
+        self.header = header
+        self.rules = [
+            (name, header.positions[name], FIELD_PARSERS[name]) for name in COLUMNS[header.kind]
+        ]
+        self.batch = self._new_batch()
+
+    def _new_batch(self) -> ValidatedRows:
+        batch = ValidatedRows(self.header.kind, {name: [] for name, _, _ in self.rules})
+        self._columns = list(batch.columns.values())
+        return batch
+
+    def take(self) -> ValidatedRows:
+        """The batch so far; a new one starts."""
+        batch, self.batch = self.batch, self._new_batch()
+        return batch
+
+    def add(self, line_number: int, fields: Sequence[str]) -> None:
+        """Check one record (its fields untrimmed) and file it as a good row or a reject."""
+        batch = self.batch
+        if len(fields) != self.header.field_count:
+            batch.rejects.append(
+                Reject(
+                    line_number,
+                    RejectReason.WRONG_FIELD_COUNT,
+                    f"expected {self.header.field_count} fields, found {len(fields)}",
+                    raw_text(fields),
+                )
+            )
+            return
+        values = []
+        for name, position, parse in self.rules:
+            text = fields[position].strip(TRIM_CHARS)
+            value, reason, message = (
+                parse(text) if text else (None, RejectReason.MISSING_FIELD, f"{name} is empty")
+            )
+            if reason is not None:
+                batch.rejects.append(Reject(line_number, reason, message, raw_text(fields)))
+                return
+            values.append(value)
+        for column, value in zip(self._columns, values, strict=True):
+            column.append(value)
+        batch.lines.append(line_number)
+        batch.raw_lines.append(raw_text(fields))
 
 
 def validate_rows(
@@ -287,47 +349,45 @@ def validate_rows(
 
     Raises FileRefused(NOT_UTF8) when a byte sequence is not UTF-8.
     """
-    wanted = COLUMNS[header.kind]
-    positions = [header.positions[name] for name in wanted]
     batch_rows = batch_rows or BATCH_ROWS
-
-    def new_batch() -> ValidatedRows:
-        return ValidatedRows(header.kind, {name: [] for name in wanted})
-
-    batch = new_batch()
+    batcher = Batcher(header)
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
             for line_number, fields in _records(handle):
                 if line_number <= header.line_number:
                     continue
-                if batch.rows_total >= batch_rows:
-                    yield batch
-                    batch = new_batch()
-                if len(fields) != header.field_count:
-                    batch.rejects.append(
-                        Reject(
-                            line_number,
-                            RejectReason.WRONG_FIELD_COUNT,
-                            f"expected {header.field_count} fields, found {len(fields)}",
-                            _raw(fields),
-                        )
-                    )
-                    continue
-                values = []
-                for name, position in zip(wanted, positions, strict=True):
-                    value, reason, message = parse_field(name, fields[position].strip(TRIM_CHARS))
-                    if reason is not None:
-                        batch.rejects.append(Reject(line_number, reason, message, _raw(fields)))
-                        break
-                    values.append(value)
-                else:
-                    for name, value in zip(wanted, values, strict=True):
-                        batch.columns[name].append(value)
-                    batch.lines.append(line_number)
-                    batch.raw_lines.append(_raw(fields))
+                if batcher.batch.rows_total >= batch_rows:
+                    yield batcher.take()
+                batcher.add(line_number, fields)
     except UnicodeDecodeError as exc:
         raise FileRefused(FileFailure.NOT_UTF8, f"{path.name} is not UTF-8: {exc.reason}") from exc
-    yield batch
+    yield batcher.take()
+
+
+def record_lines(path: Path, header: Header, ordinals: set[int]) -> dict[int, int]:
+    """The line where each given record starts (record 1 is the first after the header).
+
+    Without quotes, carriage returns or blank lines in the file, record k is simply on line
+    ``header line + k``; otherwise the records are counted as validate_rows reads them.
+    """
+    if not ordinals:
+        return {}
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        simple = all(mm.find(needle) == -1 for needle in (b'"', b"\r", b"\n\n"))
+    if simple:
+        return {k: header.line_number + k for k in ordinals}
+    found: dict[int, int] = {}
+    ordinal = 0
+    with path.open(encoding="utf-8-sig", newline="") as text:
+        for line_number, _fields in _records(text):
+            if line_number <= header.line_number:
+                continue
+            ordinal += 1
+            if ordinal in ordinals:
+                found[ordinal] = line_number
+                if len(found) == len(ordinals):
+                    break
+    return found
 
 
 # --- the DuckDB fast path ---------------------------------------------------------------------
@@ -395,6 +455,20 @@ def typed_select_sql(header: Header) -> str:
         checks.append(_check(name, raw))
         parts.append(f"{_typed(name, raw)} AS {name}")
     return f"SELECT {', '.join(parts)}, ({' AND '.join(checks)}) AS ok FROM {read_csv_sql(header)}"
+
+
+def located_select_sql(header: Header) -> str:
+    """Like typed_select_sql, plus each record's ordinal in the file and its raw fields.
+
+    DuckDB keeps a file's order through the scan (preserve_insertion_order), so
+    ``row_number() OVER ()`` numbers the records as they stand in the file.
+    """
+    typed = typed_select_sql(header).split(" FROM read_csv(", 1)[0].removeprefix("SELECT ")
+    raw = ", ".join(f"c{i}" for i in range(header.field_count))
+    return (
+        f"SELECT row_number() OVER () AS ordinal, {typed}, [{raw}] AS raw_fields "
+        f"FROM {read_csv_sql(header)}"
+    )
 
 
 def field_check_sql(column: str) -> str:

@@ -280,3 +280,32 @@ def test_small_batches_give_the_same_rejects_and_rows(
     assert rejects_of(warehouse, bad.file_id) == [(3, "unknown_type")]
     assert warehouse.execute("SELECT count(*) FROM transactions").fetchall() == [(3,)]
     assert verify(warehouse) == []
+
+
+@pytest.mark.parametrize(
+    "case", ["mixed_quoted_crlf.csv", "mixed_plain_blank.csv", "mixed_plain.csv"]
+)
+def test_located_and_reference_paths_agree_line_for_line(
+    config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """Rows failing a fast check are located by ordinal, then mapped to lines; the reference
+    path reads every line itself. Both must store the same rows and the same rejects."""
+    from moneylion import ingest, schema
+
+    def load(folder: str) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+        conn = schema.connect(tmp_path / folder / "w.duckdb")
+        ingest.ingest_file(conn, CASES_DIR / case, config)
+        assert verify(conn) == []
+        stored = conn.execute("SELECT * EXCLUDE (file_id) FROM transactions ORDER BY 1").fetchall()
+        rejects = conn.execute(
+            "SELECT line_number, reason, message, raw_line FROM rejects ORDER BY 1, 2"
+        ).fetchall()
+        conn.close()
+        return stored, rejects
+
+    located = load("located")
+    monkeypatch.setattr(ingest, "_apply_located", lambda *args: None)
+    reference = load("reference")
+
+    assert located == reference
+    assert located[1], "the case must hold rows to reject"
