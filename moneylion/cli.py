@@ -29,6 +29,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     config = _config(args)
     conn = open_warehouse(config)
+    if not args.quiet and sys.stdout.isatty():
+        # DuckDB's own progress bar shows how far a long file's read has got.
+        conn.execute("SET enable_progress_bar = true")
     failed = 0
     try:
         for name in args.files:
