@@ -1,0 +1,419 @@
+"""SQLite export: the seed's queries give the warehouse's answers; increments equal a full rebuild.
+
+Every warehouse test ends with ``verify``: the maintained aggregates equal a full recompute.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import sqlite3
+from collections import Counter, defaultdict
+from decimal import Decimal
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from moneylion import export
+from moneylion.aggregates import verify
+from moneylion.config import Config
+from moneylion.export import export_full, export_new, run_export
+from moneylion.ingest import ingest_file
+from moneylion.schema import open_warehouse
+
+TX_HEADER = "transaction_id,user_id,transaction_date,amount,transaction_type\n"
+USERS_HEADER = "user_id,signup_date,country\n"
+CENT = Decimal("0.01")
+TABLES = ("users", "transactions", "files", "user_totals", "daily_totals", "top_users")
+
+# The seed's own aggregate queries, run as an older tool would run them on the SQLite file.
+SEED_USER_TOTALS = """
+SELECT u.user_id, u.country, COUNT(t.transaction_id), SUM(t.amount),
+       SUM(CASE WHEN t.transaction_type = 'deposit' THEN t.amount ELSE 0 END),
+       SUM(CASE WHEN t.transaction_type = 'withdrawal' THEN t.amount ELSE 0 END),
+       SUM(CASE WHEN t.transaction_type = 'purchase' THEN t.amount ELSE 0 END)
+FROM users u LEFT JOIN transactions t ON u.user_id = t.user_id
+GROUP BY u.user_id"""
+SEED_TOP_USERS = """
+SELECT user_id, COUNT(*) AS n FROM transactions GROUP BY user_id
+ORDER BY n DESC, user_id LIMIT 10"""
+SEED_DAILY = """
+SELECT transaction_type, COUNT(*), SUM(amount) FROM transactions
+WHERE transaction_date = ? GROUP BY transaction_type"""
+
+
+def write(path: Path, header: str, rows: list[str]) -> Path:
+    path.write_text(header + "".join(row + "\n" for row in rows))
+    return path
+
+
+def cents(value: float | None) -> Decimal:
+    """A REAL sum rounded to cents (the seed summed REAL)."""
+    return Decimal(repr(value or 0.0)).quantize(CENT)
+
+
+def dump_sqlite(path: Path) -> dict[str, list[tuple[object, ...]]]:
+    """Every exported table in key order, plus the watermark (not the export time)."""
+    lite = sqlite3.connect(path)
+    try:
+        tables = {
+            table: lite.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
+            for table in TABLES
+        }
+        tables["export_state"] = lite.execute(
+            "SELECT key, value FROM export_state WHERE key != 'exported_at' ORDER BY key"
+        ).fetchall()
+        return tables
+    finally:
+        lite.close()
+
+
+def assert_equals_full_export(conn: duckdb.DuckDBPyConnection, sqlite_path: Path) -> None:
+    reference = sqlite_path.with_name("reference.sqlite")
+    export_full(conn, reference)
+    assert dump_sqlite(sqlite_path) == dump_sqlite(reference)
+    lite = sqlite3.connect(sqlite_path)
+    try:
+        assert lite.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    finally:
+        lite.close()
+
+
+def random_files(directory: Path, count: int, seed: int) -> list[Path]:
+    """Small users and transactions files with updates, duplicates, bad rows, orphans."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    next_tx = 1
+    countries = ["Japan", "France", "Brazil", "Kenya"]
+    types = ["deposit", "withdrawal", "purchase"]
+    for number in range(count):
+        if number % 3 == 0:
+            rows = [
+                f"{rng.randint(1, 60)},2022-0{rng.randint(1, 9)}-1{rng.randint(0, 9)},"
+                f"{rng.choice(countries)}"
+                for _ in range(rng.randint(1, 25))
+            ]
+            files.append(write(directory / f"users_{number:03}.csv", USERS_HEADER, rows))
+            continue
+        rows = []
+        for _ in range(rng.randint(1, 80)):
+            rows.append(
+                f"{next_tx},{rng.randint(1, 70)},2022-0{rng.randint(1, 3)}-0{rng.randint(1, 9)},"
+                f"{rng.randint(1, 99999) / 100},{rng.choice(types)}"
+            )
+            next_tx += 1
+        if number > 2 and rng.random() < 0.5:
+            rows.append(f"{rng.randint(1, next_tx - 1)},1,2022-01-01,1.00,deposit")  # old id
+        if rng.random() < 0.3:
+            rows.append(f"{next_tx},0,2022-01-01,1.00,deposit")  # non_positive_id
+        files.append(write(directory / f"tx_{number:03}.csv", TX_HEADER, rows))
+    return files
+
+
+def test_seed_queries_on_the_export_give_the_maintained_aggregates_and_the_csv_sums(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, seed_files: tuple[Path, Path]
+) -> None:
+    users_csv, transactions_csv = seed_files
+    for path in (users_csv, transactions_csv):  # as the daemon does: export after each commit
+        assert ingest_file(warehouse, path, config).status == "loaded"
+        export_new(warehouse, config.sqlite_path)
+
+    per_user: dict[int, dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
+    counts: Counter[int] = Counter()
+    daily: dict[tuple[str, str], list[Decimal]] = defaultdict(lambda: [Decimal(0), Decimal(0)])
+    with transactions_csv.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            user, amount, kind = (
+                int(row["user_id"]),
+                Decimal(row["amount"]),
+                row["transaction_type"],
+            )
+            per_user[user]["total"] += amount
+            per_user[user][kind] += amount
+            counts[user] += 1
+            daily[(row["transaction_date"], kind)][0] += 1
+            daily[(row["transaction_date"], kind)][1] += amount
+    with users_csv.open(newline="") as handle:
+        countries = {int(row["user_id"]): row["country"] for row in csv.DictReader(handle)}
+
+    maintained = {
+        row[0]: row[1:]
+        for row in warehouse.execute(
+            "SELECT user_id, tx_count, total_amount, total_deposit, total_withdrawal,"
+            " total_purchase FROM user_totals"
+        ).fetchall()
+    }
+    lite = sqlite3.connect(config.sqlite_path)
+    try:
+        seed_rows = lite.execute(SEED_USER_TOTALS).fetchall()
+        assert len(seed_rows) == len(countries)
+        for user_id, country, count, total, deposit, withdrawal, purchase in seed_rows:
+            assert country == countries[user_id]
+            got = (count, cents(total), cents(deposit), cents(withdrawal), cents(purchase))
+            sums = per_user[user_id]
+            expected = (
+                counts[user_id],
+                *(
+                    sums[key].quantize(CENT)
+                    for key in ("total", "deposit", "withdrawal", "purchase")
+                ),
+            )
+            assert got == expected, user_id
+            if count:
+                assert got == maintained[user_id], user_id
+
+        # The exact aggregate tables hold decimal strings equal to the CSV sums.
+        for user_id, count, total, deposit, withdrawal, purchase in lite.execute(
+            "SELECT user_id, tx_count, total_amount, total_deposit, total_withdrawal,"
+            " total_purchase FROM user_totals"
+        ):
+            sums = per_user[user_id]
+            assert (count, Decimal(total), Decimal(deposit)) == (
+                counts[user_id],
+                sums["total"],
+                sums["deposit"],
+            )
+            assert (Decimal(withdrawal), Decimal(purchase)) == (
+                sums["withdrawal"],
+                sums["purchase"],
+            )
+
+        top = lite.execute(SEED_TOP_USERS).fetchall()
+        assert top == sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:10]
+        assert (
+            top
+            == warehouse.execute(
+                "SELECT user_id, tx_count FROM top_users ORDER BY rank LIMIT 10"
+            ).fetchall()
+        )
+        assert (
+            top
+            == lite.execute(
+                "SELECT user_id, tx_count FROM top_users ORDER BY rank LIMIT 10"
+            ).fetchall()
+        )
+
+        dates = sorted({date for date, _ in daily})
+        for date in dates:
+            got_daily = {
+                kind: (count, cents(total))
+                for kind, count, total in lite.execute(SEED_DAILY, (date,)).fetchall()
+            }
+            want = {kind: (c, s) for (day, kind), (c, s) in daily.items() if day == date}
+            assert got_daily == want, date
+        stored_daily = {
+            (str(day), str(kind)): (count, total)
+            for day, kind, count, total in warehouse.execute(
+                "SELECT * FROM daily_totals"
+            ).fetchall()
+        }
+        assert stored_daily == {key: (c, s) for key, (c, s) in daily.items()}
+        exported_daily = {
+            (day, kind): (count, Decimal(total))
+            for day, kind, count, total in lite.execute("SELECT * FROM daily_totals")
+        }
+        assert exported_daily == stored_daily
+    finally:
+        lite.close()
+    assert verify(warehouse) == []
+
+
+def test_export_keeps_the_seed_column_names_and_types(
+    warehouse: duckdb.DuckDBPyConnection, config: Config
+) -> None:
+    write(config.inbox / "u.csv", USERS_HEADER, ["1,2022-01-02,Japan"])
+    write(config.inbox / "t.csv", TX_HEADER, ["7,1,2022-03-04,12.50,Deposit"])
+    for name in ("u.csv", "t.csv"):
+        ingest_file(warehouse, config.inbox / name, config)
+    export_new(warehouse, config.sqlite_path)
+    lite = sqlite3.connect(config.sqlite_path)
+    try:
+        columns = {
+            table: [(row[1], row[2]) for row in lite.execute(f"PRAGMA table_info({table})")]
+            for table in ("users", "transactions")
+        }
+        assert columns == {
+            "users": [("user_id", "INTEGER"), ("signup_date", "TEXT"), ("country", "TEXT")],
+            "transactions": [
+                ("transaction_id", "INTEGER"),
+                ("user_id", "INTEGER"),
+                ("transaction_date", "TEXT"),
+                ("amount", "REAL"),
+                ("transaction_type", "TEXT"),
+            ],
+        }
+        assert lite.execute(
+            "SELECT t.*, typeof(t.amount), typeof(t.transaction_date), u.country "
+            "FROM transactions t JOIN users u USING (user_id)"
+        ).fetchall() == [(7, 1, "2022-03-04", 12.5, "deposit", "real", "text", "Japan")]
+        assert lite.execute("SELECT * FROM user_totals").fetchall() == [
+            (1, 1, "12.50", "12.50", "0.00", "0.00", "2022-03-04", "2022-03-04")
+        ]
+        assert lite.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        lite.close()
+    assert verify(warehouse) == []
+
+
+def test_exports_after_each_file_equal_a_full_export(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    files = random_files(tmp_path / "files", 24, seed=6)
+    files.insert(5, write(tmp_path / "broken.csv", "no,header,here\n", ["1,2,3"]))
+    files.append(files[1])  # the same bytes again: a duplicate file, nothing new
+    exported = []
+    for path in files:
+        ingest_file(warehouse, path, config)
+        exported.append(export_new(warehouse, config.sqlite_path))
+        assert_equals_full_export(warehouse, config.sqlite_path)
+    assert exported[0].full  # the first export creates the file
+    for result in exported[1:]:
+        (appended,) = warehouse.execute(
+            "SELECT count(*) FROM transactions WHERE file_id > ? AND file_id <= ?",
+            [result.first_file_id, result.last_file_id],
+        ).fetchall()[0]
+        assert result.transactions == appended
+    assert sum(r.transactions for r in exported) == len(
+        dump_sqlite(config.sqlite_path)["transactions"]
+    )
+    assert not exported[-1].exported_anything  # the duplicate file added nothing
+    assert verify(warehouse) == []
+
+
+def test_a_later_users_file_updates_the_exported_profile(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    first = write(tmp_path / "u1.csv", USERS_HEADER, ["1,2022-01-02,Japan", "2,2022-01-03,Peru"])
+    second = write(tmp_path / "u2.csv", USERS_HEADER, ["1,2022-01-02,France"])
+    ingest_file(warehouse, first, config)
+    export_new(warehouse, config.sqlite_path)
+    ingest_file(warehouse, second, config)
+    result = export_new(warehouse, config.sqlite_path)
+    assert (result.files, result.users, result.transactions) == (1, 1, 0)
+    assert dump_sqlite(config.sqlite_path)["users"] == [
+        (1, "2022-01-02", "France"),
+        (2, "2022-01-03", "Peru"),
+    ]
+    assert_equals_full_export(warehouse, config.sqlite_path)
+    assert verify(warehouse) == []
+
+
+def test_nothing_new_leaves_the_sqlite_file_untouched(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    ingest_file(warehouse, write(tmp_path / "t.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
+    export_new(warehouse, config.sqlite_path)
+    before = config.sqlite_path.read_bytes(), dump_sqlite(config.sqlite_path)
+    result = export_new(warehouse, config.sqlite_path)
+    assert not result.exported_anything
+    assert (result.files, result.transactions, result.last_file_id) == (0, 0, 1)
+    assert (config.sqlite_path.read_bytes(), dump_sqlite(config.sqlite_path)) == before
+    assert verify(warehouse) == []
+
+
+def test_a_reader_sees_the_old_state_until_the_commit_and_is_not_blocked(
+    warehouse: duckdb.DuckDBPyConnection,
+    config: Config,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ingest_file(warehouse, write(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
+    export_new(warehouse, config.sqlite_path)
+    ingest_file(warehouse, write(tmp_path / "b.csv", TX_HEADER, ["2,1,2022-01-02,7.25,purchase"]))
+    seen: list[tuple[object, ...]] = []
+
+    def read_now(point: str) -> None:
+        if point != "before_commit":
+            return
+        reader = sqlite3.connect(config.sqlite_path, timeout=0.0)  # would fail if blocked
+        try:
+            seen.append(
+                reader.execute(
+                    "SELECT (SELECT count(*) FROM transactions), (SELECT total_amount FROM"
+                    " user_totals), (SELECT value FROM export_state WHERE key = 'last_file_id')"
+                ).fetchone()
+            )
+        finally:
+            reader.close()
+
+    monkeypatch.setattr(export, "fault_hook", read_now)
+    export_new(warehouse, config.sqlite_path)
+    assert seen == [(1, "5.00", "1")]
+    assert dump_sqlite(config.sqlite_path)["user_totals"] == [
+        (1, 2, "12.25", "5.00", "0.00", "7.25", "2022-01-01", "2022-01-02")
+    ]
+    assert verify(warehouse) == []
+
+
+def test_an_export_of_another_warehouse_is_rebuilt_not_extended(
+    config: Config, tmp_path: Path
+) -> None:
+    other = config.with_overrides(warehouse=tmp_path / "other")
+    for cfg, rows in (
+        (other, ["1,1,2022-01-01,5,deposit"]),
+        (config, ["9,2,2022-02-02,3,purchase"]),
+    ):
+        conn = open_warehouse(cfg)
+        try:
+            ingest_file(conn, write(tmp_path / f"{cfg.warehouse.name}.csv", TX_HEADER, rows), cfg)
+            export_new(conn, cfg.sqlite_path)
+        finally:
+            conn.close()
+    config.sqlite_path.write_bytes(other.sqlite_path.read_bytes())  # file #1 there is not ours
+    conn = open_warehouse(config)
+    try:
+        result = export_new(conn, config.sqlite_path)
+        assert result.full
+        assert dump_sqlite(config.sqlite_path)["transactions"] == [
+            (9, 2, "2022-02-02", 3.0, "purchase")
+        ]
+        assert_equals_full_export(conn, config.sqlite_path)
+        assert verify(conn) == []
+    finally:
+        conn.close()
+
+
+def test_full_export_replaces_the_file_and_leaves_nothing_aside(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    for number in range(3):
+        rows = [f"{number * 10 + k},{k},2022-01-0{k},1.0{k},withdrawal" for k in range(1, 4)]
+        ingest_file(warehouse, write(tmp_path / f"t{number}.csv", TX_HEADER, rows), config)
+        export_new(warehouse, config.sqlite_path)
+    incremental = dump_sqlite(config.sqlite_path)
+    reader = sqlite3.connect(config.sqlite_path)
+    reader.execute("SELECT count(*) FROM transactions").fetchall()
+    reader.close()
+    result = export_full(warehouse, config.sqlite_path)
+    assert (result.full, result.files, result.transactions, result.last_file_id) == (True, 3, 9, 3)
+    assert dump_sqlite(config.sqlite_path) == incremental
+    assert sorted(p.name for p in config.warehouse.glob("moneylion.sqlite*")) == [
+        "moneylion.sqlite"
+    ]
+    assert verify(warehouse) == []
+
+
+def test_cli_export_catches_up_and_full_rebuilds(
+    config: Config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conn = open_warehouse(config)
+    try:
+        ingest_file(
+            conn, write(tmp_path / "t.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]), config
+        )
+    finally:
+        conn.close()
+    assert run_export(config, full=False) == 0
+    assert "1 files, 0 users, 1 transactions" in capsys.readouterr().out
+    assert run_export(config, full=False) == 0
+    assert "up to date (file #1)" in capsys.readouterr().out
+    assert run_export(config, full=True) == 0
+    assert "full export" in capsys.readouterr().out
+    assert dump_sqlite(config.sqlite_path)["transactions"] == [(1, 1, "2022-01-01", 5.0, "deposit")]
+    conn = open_warehouse(config)
+    try:
+        assert verify(conn) == []
+    finally:
+        conn.close()
