@@ -304,7 +304,7 @@ def test_located_and_reference_paths_agree_line_for_line(
         return stored, rejects
 
     located = load("located")
-    monkeypatch.setattr(ingest, "_apply_located", lambda *args: None)
+    monkeypatch.setattr(ingest, "append_located", lambda *args: None)
     reference = load("reference")
 
     assert located == reference
