@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.daemon_process import crash_trial  # noqa: E402
+from tests.daemon_process import TrialResult, crash_trial  # noqa: E402
 
 OUT = REPO / "bench" / "out" / "crash"
 
@@ -35,7 +35,10 @@ def main() -> None:
         seed = args.first_seed + n
         base = OUT / f"trial-{seed}"
         shutil.rmtree(base, ignore_errors=True)
-        result = crash_trial(base, seed, files=args.files, rows=args.rows)
+        try:
+            result = crash_trial(base, seed, files=args.files, rows=args.rows)
+        except Exception as exc:  # a trial that cannot finish is not exact; say why, go on
+            result = TrialResult(0, False, [f"{type(exc).__name__}: {exc}"])
         exact += result.exact
         kills += result.kills
         recovered += result.recovered

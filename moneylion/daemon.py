@@ -25,6 +25,7 @@ from typing import Any
 import duckdb
 
 from moneylion.config import Config
+from moneylion.export import export_new
 from moneylion.ingest import FileOutcome, file_sha256, ingest_file
 from moneylion.schema import WarehouseLocked, open_warehouse
 from moneylion.watcher import InboxQueue, InboxWatcher, TakenFile
@@ -33,9 +34,8 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5  # tries per file for errors of the environment before it goes to failed/
 BACKOFF_SECONDS = (0.5, 1.0, 2.0, 4.0)
-STOP_GRACE_SECONDS = (
-    2.5  # let the current file finish; after that it is interrupted and rolled back
-)
+# Let the current file finish this long; after that it is interrupted and rolled back.
+STOP_GRACE_SECONDS = 2.0
 EXPORT_EVERY_SECONDS = 1.0  # while a backlog drains, export at most this often
 
 
@@ -83,17 +83,6 @@ def environment_failure(path: Path, reason: str, exc: BaseException) -> dict[str
     }
 
 
-def _load_exporter(config: Config) -> Callable[[duckdb.DuckDBPyConnection, Path], object] | None:
-    if not config.sqlite_export:
-        return None
-    try:
-        from moneylion.export import export_new
-    except ImportError:
-        log.warning("export_unavailable", extra={"fields": {"module": "moneylion.export"}})
-        return None
-    return export_new  # type: ignore[no-any-return]
-
-
 class IngestWorker(threading.Thread):
     """Takes files from the queue in arrival order, ingests, moves them out, exports."""
 
@@ -103,8 +92,13 @@ class IngestWorker(threading.Thread):
         config: Config,
         queue: InboxQueue,
         exporter: Callable[[duckdb.DuckDBPyConnection, Path], object] | None = None,
+        *,
+        ingest: Callable[[duckdb.DuckDBPyConnection, Path, Config], FileOutcome] = ingest_file,
+        backoff: tuple[float, ...] = BACKOFF_SECONDS,
     ) -> None:
         super().__init__(name="ingest-worker", daemon=True)
+        self.ingest = ingest
+        self.backoff = backoff
         self.conn = conn
         self.config = config
         self.queue = queue
@@ -112,8 +106,12 @@ class IngestWorker(threading.Thread):
         self.stopping = threading.Event()
         self.files_done = 0
         self.last_file_at: float | None = None
-        self._export_pending = False
+        self._export_pending = (
+            True  # catch up at the first idle moment (a crash may have skipped one)
+        )
         self._last_export = 0.0
+        self._export_failures = 0
+        self._export_retry_at = 0.0
 
     def run(self) -> None:
         log.info("worker_started", extra={"fields": {"inbox": str(self.config.inbox)}})
@@ -129,14 +127,17 @@ class IngestWorker(threading.Thread):
             except Exception:  # a bug: log it with context, keep the daemon up
                 log.exception("worker_error", extra={"fields": {"file": taken.path.name}})
                 self.queue.finish(taken.path)
-            self._export(force=not self.queue.has_ready())
-        self._export(force=True)
+            self._export(force=self.queue.waiting() == 0)
+        # No export on the way out: stopping stays fast, the next start catches up.
         log.info("worker_stopped", extra={"fields": {"files": self.files_done}})
 
     def _handle(self, taken: TakenFile) -> None:
         path = taken.path
+        log.info(
+            "file_started", extra={"fields": {"file": path.name, "attempt": taken.attempts + 1}}
+        )
         try:
-            outcome = ingest_file(self.conn, path, self.config)
+            outcome = self.ingest(self.conn, path, self.config)
         except FileNotFoundError:
             log.info("file_vanished", extra={"fields": {"file": path.name, "stage": "ingest"}})
             self.queue.finish(path)
@@ -199,7 +200,7 @@ class IngestWorker(threading.Thread):
         if isinstance(exc, OSError) and exc.errno is not None:
             fields["errno"] = errno.errorcode.get(exc.errno, exc.errno)
         if attempts < MAX_ATTEMPTS:
-            delay = BACKOFF_SECONDS[min(attempts - 1, len(BACKOFF_SECONDS) - 1)]
+            delay = self.backoff[min(attempts - 1, len(self.backoff) - 1)]
             log.warning("file_retry", extra={"fields": {**fields, "delay": delay}})
             self.queue.retry(taken.path, attempts, delay)
             return
@@ -218,20 +219,30 @@ class IngestWorker(threading.Thread):
             )
 
     def _export(self, *, force: bool) -> None:
-        """Bring the SQLite copy up to date; coalesced while a backlog drains."""
+        """Bring the SQLite copy up to date; coalesced while a backlog drains, backing off
+        after failures (each export copies everything new, so a skipped one loses nothing)."""
         if self.exporter is None or not self._export_pending:
             return
         now = time.monotonic()
+        if now < self._export_retry_at:
+            return
         if not force and now - self._last_export < EXPORT_EVERY_SECONDS:
             return
         self._last_export = now
         try:
             self.exporter(self.conn, self.config.sqlite_path)
-            self._export_pending = False
-        except Exception:  # never stops ingest: the next export catches up
+        except Exception:  # never stops ingest
+            self._export_failures += 1
+            delay = min(60.0, 2.0**self._export_failures)
+            self._export_retry_at = now + delay
             log.exception(
-                "export_failed", extra={"fields": {"sqlite": str(self.config.sqlite_path)}}
+                "export_failed",
+                extra={"fields": {"sqlite": str(self.config.sqlite_path), "retry_in": delay}},
             )
+            return
+        self._export_pending = False
+        self._export_failures = 0
+        self._export_retry_at = 0.0
 
     def stop(self, grace: float = STOP_GRACE_SECONDS) -> bool:
         """Stop taking files, let the current one finish within ``grace`` seconds, otherwise
@@ -257,7 +268,8 @@ class Daemon:
         self.worker_conn = conn.cursor()
         self.queue = InboxQueue(config.settle_seconds)
         self.watcher = InboxWatcher(config.inbox, self.queue)
-        self.worker = IngestWorker(self.worker_conn, config, self.queue, _load_exporter(config))
+        exporter = export_new if config.sqlite_export else None
+        self.worker = IngestWorker(self.worker_conn, config, self.queue, exporter)
         self._started = False
         self._stopped = False
         self.stopped_cleanly = True

@@ -285,14 +285,10 @@ class InboxQueue:
         with self._cond:
             return list(self._entries)
 
-    def has_ready(self) -> bool:
-        """Whether a file is ready right now (lets the worker batch follow-up work)."""
+    def waiting(self) -> int:
+        """How many files are queued (not counting the one in progress)."""
         with self._cond:
-            now = self._clock()
-            return any(
-                e.arrival is Arrival.COMPLETE and e.not_before <= now
-                for e in self._entries.values()
-            )
+            return len(self._entries)
 
 
 class InboxEventHandler(FileSystemEventHandler):

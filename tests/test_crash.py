@@ -1,15 +1,24 @@
 """Crash safety: a ``moneylion serve`` child SIGKILLed at random moments while it ingests a
 stream of files (fresh files, exact re-sends, overlapping files), restarted until every file is
-in; each file ends in done/ once and the totals equal an independent computation."""
+in; each file ends in done/ once and the totals equal an independent computation. And errors
+of the environment (disk full, permission denied, a vanishing file, a failing move): retried
+with backoff, then set aside with a reason, the worker staying up."""
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 from pathlib import Path
 
+import duckdb
 import pytest
 
+from moneylion.aggregates import verify
+from moneylion.config import Config
+from moneylion.daemon import MAX_ATTEMPTS, IngestWorker, move_without_overwrite, write_reason
+from moneylion.ingest import FileOutcome, ingest_file
+from moneylion.watcher import InboxQueue
 from tests.daemon_process import (
     DaemonProcess,
     Expected,
@@ -83,3 +92,138 @@ def test_files_committed_but_not_moved_before_a_crash_are_moved_on_restart_not_c
     assert users == {
         u: (expected.user_count[u], expected.user_total[u]) for u in expected.user_count
     }
+
+
+# -- errors of the environment: retried with backoff, then failed with a reason; the worker lives
+
+
+class FlakyIngest:
+    """ingest_file, but the first ``failures`` calls per file raise ``error`` instead."""
+
+    def __init__(self, error: Exception, failures: int) -> None:
+        self.error = error
+        self.failures = failures
+        self.calls: dict[str, int] = {}
+
+    def __call__(self, conn: duckdb.DuckDBPyConnection, path: Path, config: Config) -> FileOutcome:
+        self.calls[path.name] = self.calls.get(path.name, 0) + 1
+        if self.calls[path.name] <= self.failures:
+            raise self.error
+        return ingest_file(conn, path, config)
+
+
+def run_worker(
+    config: Config, conn: duckdb.DuckDBPyConnection, ingest: FlakyIngest, names: list[str]
+) -> IngestWorker:
+    """Queue ``names`` (already in the inbox), run a worker until they left the inbox."""
+    queue = InboxQueue(config.settle_seconds)
+    worker = IngestWorker(conn, config, queue, ingest=ingest, backoff=(0.01, 0.02))
+    worker.start()
+    for name in names:
+        queue.file_complete(config.inbox / name)
+    wait_for(lambda: not any((config.inbox / n).exists() for n in names), 30, "the inbox to empty")
+    wait_for(lambda: len(queue) == 0, 5, "the queue to drain")
+    return worker
+
+
+def small_file(config: Config, name: str, first_id: int) -> Path:
+    rows = random_transactions(random.Random(first_id), first_id, 20)
+    return write_transactions(config.inbox / name, rows)
+
+
+def test_a_transient_environment_error_is_retried_and_the_file_then_loads(
+    config: Config, warehouse: duckdb.DuckDBPyConnection
+) -> None:
+    small_file(config, "a.csv", 1)
+    ingest = FlakyIngest(OSError(errno.ENOSPC, "No space left on device"), failures=2)
+    worker = run_worker(config, warehouse, ingest, ["a.csv"])
+    assert ingest.calls == {"a.csv": 3}
+    assert [p.name for p in config.done_dir.iterdir()] == ["a.csv"]
+    assert worker.is_alive()
+    worker.stop()
+    assert verify(warehouse) == []
+
+
+def test_a_persistent_environment_error_fails_the_file_with_a_reason_and_the_worker_goes_on(
+    config: Config, warehouse: duckdb.DuckDBPyConnection
+) -> None:
+    small_file(config, "locked.csv", 1)
+    ingest = FlakyIngest(PermissionError(errno.EACCES, "Permission denied"), failures=99)
+    worker = run_worker(config, warehouse, ingest, ["locked.csv"])
+    assert ingest.calls == {"locked.csv": MAX_ATTEMPTS}
+    reason = json.loads((config.failed_dir / "locked.csv.reason.json").read_text())
+    assert reason["reason"] == "unreadable"
+    assert "Permission denied" in str(reason["message"])
+    assert reason["sha256"]
+    assert worker.is_alive()
+    ingest.failures = 0
+    small_file(config, "next.csv", 100)
+    worker.queue.file_complete(config.inbox / "next.csv")
+    wait_for(lambda: (config.done_dir / "next.csv").exists(), 30, "next.csv in done/")
+    worker.stop()
+
+
+def test_a_database_error_is_retried_then_failed_as_an_ingest_error(
+    config: Config, warehouse: duckdb.DuckDBPyConnection
+) -> None:
+    small_file(config, "b.csv", 1)
+    ingest = FlakyIngest(duckdb.IOException("could not write WAL: disk full"), failures=99)
+    worker = run_worker(config, warehouse, ingest, ["b.csv"])
+    reason = json.loads((config.failed_dir / "b.csv.reason.json").read_text())
+    assert reason["reason"] == "ingest_error"
+    assert worker.is_alive()
+    worker.stop()
+
+
+def test_a_file_vanishing_mid_read_is_dropped_without_a_trace(
+    config: Config, warehouse: duckdb.DuckDBPyConnection
+) -> None:
+    path = small_file(config, "gone.csv", 1)
+
+    class Vanishing(FlakyIngest):
+        def __call__(self, conn: duckdb.DuckDBPyConnection, p: Path, cfg: Config) -> FileOutcome:
+            p.unlink()
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(p))
+
+    worker = run_worker(config, warehouse, Vanishing(OSError(), 0), [path.name])
+    assert list(config.failed_dir.glob("*")) == []
+    assert not config.done_dir.exists() or list(config.done_dir.iterdir()) == []
+    assert worker.is_alive()
+    worker.stop()
+
+
+def test_a_committed_file_that_cannot_be_moved_is_retried_then_set_aside_counted_once(
+    config: Config, warehouse: duckdb.DuckDBPyConnection
+) -> None:
+    config.done_dir.write_text("done/ is a file here, so nothing can be moved into it")
+    path = small_file(config, "c.csv", 1)
+    expected = Expected()
+    expected.add_csv(path)
+    ingest = FlakyIngest(OSError(), failures=0)
+    worker = run_worker(config, warehouse, ingest, ["c.csv"])
+    assert ingest.calls == {"c.csv": MAX_ATTEMPTS}  # first loaded, then found in the ledger
+    reason = json.loads((config.failed_dir / "c.csv.reason.json").read_text())
+    assert reason["reason"] == "cannot_move"
+    worker.stop()
+    count = warehouse.execute("SELECT count(*) FROM transactions").fetchone()
+    assert count == (expected.transactions,)
+    assert verify(warehouse) == []
+
+
+def test_failed_names_never_overwrite_and_reason_files_pair_with_their_file(tmp_path: Path) -> None:
+    folder = tmp_path / "failed"
+    for n in range(3):
+        source = tmp_path / "x.csv"
+        source.write_text(f"copy {n}")
+        target = move_without_overwrite(source, folder, companion_suffix=".reason.json")
+        write_reason(target, {"reason": "empty", "n": n})
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "x.1.csv",
+        "x.1.csv.reason.json",
+        "x.2.csv",
+        "x.2.csv.reason.json",
+        "x.csv",
+        "x.csv.reason.json",
+    ]
+    assert json.loads((folder / "x.2.csv.reason.json").read_text())["n"] == 2
+    assert (folder / "x.2.csv").read_text() == "copy 2"
