@@ -218,6 +218,7 @@ def export_new(conn: duckdb.DuckDBPyConnection, sqlite_path: Path) -> ExportResu
     sqlite_path = Path(sqlite_path)
     if not sqlite_path.exists():
         return export_full(conn, sqlite_path)
+    _remove_database(_aside(sqlite_path))  # left by a full export that was killed
     try:
         return _export_increment(conn, sqlite_path, started)
     except _RebuildNeeded as reason:
@@ -271,7 +272,7 @@ def export_full(conn: duckdb.DuckDBPyConnection, sqlite_path: Path) -> ExportRes
     started = time.perf_counter()
     sqlite_path = Path(sqlite_path)
     sqlite_path.parent.mkdir(parents=True, exist_ok=True)
-    aside = sqlite_path.with_name(sqlite_path.name + ".rebuild")
+    aside = _aside(sqlite_path)
     _remove_database(aside)
     lite = sqlite3.connect(aside, isolation_level=None)
     try:
@@ -478,6 +479,10 @@ def _retire_wal(sqlite_path: Path) -> None:
         raise sqlite3.OperationalError(
             f"cannot replace {sqlite_path}: a reader holds its WAL (busy checkpoint)"
         )
+
+
+def _aside(sqlite_path: Path) -> Path:
+    return sqlite_path.with_name(sqlite_path.name + ".rebuild")
 
 
 def _remove_database(path: Path) -> None:
