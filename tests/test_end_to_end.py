@@ -14,12 +14,14 @@ from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from tests.daemon_process import (
     TX_HEADER,
     DaemonProcess,
     Expected,
+    logged_events,
     random_transactions,
     run_cli,
     wait_for,
@@ -234,3 +236,48 @@ def test_a_thousand_small_files_dropped_at_once_are_each_ingested_once(
     assert sorted(str(r["name"]) for r in files) == sorted(p.name for p in paths)
     assert sum(int(str(r["rows_loaded"])) for r in files) == expected.transactions
     assert_api_totals(daemon, expected, sample=100)
+
+
+def test_sigterm_during_a_large_file_rolls_it_back_or_finishes_it_and_the_next_start_loads_it(
+    tmp_path: Path,
+) -> None:
+    rows = 4_000_000
+    big = tmp_path / "big.csv"
+    duckdb.connect().execute(
+        f"""COPY (SELECT i AS transaction_id, 1 + i % 5000 AS user_id,
+                         DATE '2022-01-01' + CAST(i % 365 AS INTEGER) AS transaction_date,
+                         CAST(1 + i % 1000 AS DECIMAL(18, 2)) AS amount,
+                         ['deposit', 'withdrawal', 'purchase'][1 + i % 3] AS transaction_type
+                  FROM range(1, {rows + 1}) t(i)) TO '{big}' (HEADER)"""
+    )
+    daemon = DaemonProcess(
+        tmp_path / "inbox",
+        tmp_path / "warehouse",
+        settle_seconds=SETTLE,
+        env={"MONEYLION_LOG_LEVEL": "INFO", "MONEYLION_SQLITE_EXPORT": "false"},
+    )
+    daemon.inbox.mkdir()
+    try:
+        daemon.start()
+        os.rename(big, daemon.inbox / "big.csv")
+        wait_for(
+            lambda: any(e.get("event") == "file_started" for e in logged_events(daemon.warehouse)),
+            30,
+            "the worker to start on big.csv",
+        )
+        assert daemon.stop(timeout=15) == 0
+        finished = daemon.folder("done") == ["big.csv"]
+        if not finished:  # rolled back: still waiting, nothing of it stored
+            assert daemon.inbox_waiting() == ["big.csv"]
+            status = run_cli("status", "--json", env=daemon.environ())
+            assert '"transactions": 0' in status.stdout, status.stdout + status.stderr
+            daemon.start()
+            wait_for(lambda: daemon.folder("done") == ["big.csv"], 120, "big.csv in done/")
+            assert daemon.stop(timeout=15) == 0
+    finally:
+        daemon.close()
+    events = [e.get("event") for e in logged_events(daemon.warehouse)]
+    assert ("file_rolled_back" in events) is not finished
+    status = run_cli("status", "--json", env=daemon.environ())
+    assert f'"transactions": {rows}' in status.stdout, status.stdout + status.stderr
+    assert run_cli("verify", env=daemon.environ()).returncode == 0
