@@ -81,11 +81,8 @@ def setup_logging(config: Config, console: TextIO | None = None) -> Path:
     Idempotent: calling it again (even with another config) replaces the handlers it installed
     before instead of adding more. Returns the path of the JSON log file.
     """
+    teardown_logging()
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, _OWNED, False):
-            root.removeHandler(handler)
-            handler.close()
     path = log_file(config)
     path.parent.mkdir(parents=True, exist_ok=True)
     file_handler = logging.handlers.RotatingFileHandler(
@@ -102,6 +99,15 @@ def setup_logging(config: Config, console: TextIO | None = None) -> Path:
         root.addHandler(handler)
     root.setLevel(config.log_level.upper())
     return path
+
+
+def teardown_logging() -> None:
+    """Remove (and close) the handlers setup_logging installed."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, _OWNED, False):
+            root.removeHandler(handler)
+            handler.close()
 
 
 @dataclass

@@ -19,6 +19,7 @@ import re
 
 from litestar import Router, get
 from litestar.datastructures import State
+from litestar.params import FromQuery
 
 from moneylion import health, logs
 from moneylion.api.errors import SEED_EXCEPTION_HANDLERS, SeedApiError, seed_spec
@@ -75,7 +76,9 @@ def parse_date(raw: str | None) -> dt.date:
         404: seed_spec("User not found"),
     },
 )
-def user_transaction_summary(state: State, user_id: str | None = None) -> list[SeedUserSummary]:
+def user_transaction_summary(
+    state: State, user_id: FromQuery[str | None] = None
+) -> list[SeedUserSummary]:
     """Totals of one user's transactions (zeros if the user has none)."""
     uid = parse_user_id(user_id)
     with context(state).cursor() as cursor:
@@ -111,7 +114,7 @@ def top_users(state: State) -> list[SeedTopUser]:
         404: seed_spec("No transactions on that date"),
     },
 )
-def daily_transactions(state: State, date: str | None = None) -> list[SeedDailyTotal]:
+def daily_transactions(state: State, date: FromQuery[str | None] = None) -> list[SeedDailyTotal]:
     """Per-type totals of one day, ordered by type."""
     day = parse_date(date)
     with context(state).cursor() as cursor:

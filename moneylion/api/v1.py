@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from litestar import Router, get
 from litestar.datastructures import State
-from litestar.params import Parameter
+from litestar.params import PathParameter, QueryParameter
 
 from moneylion import logs
 from moneylion.api.errors import problem, problem_spec
@@ -44,9 +44,9 @@ MAX_PAGE = 1000
 EARLIEST = dt.date(1, 1, 1)
 LATEST = dt.date(9999, 12, 31)
 
-Id = Annotated[int, Parameter(ge=1, le=MAX_ID)]
-Limit = Annotated[int, Parameter(ge=1, le=MAX_PAGE, description="page size (1-1000)")]
-Offset = Annotated[int, Parameter(ge=0, le=MAX_ID, description="rows to skip")]
+Id = Annotated[int, PathParameter(ge=1, le=MAX_ID)]
+Limit = Annotated[int, QueryParameter(ge=1, le=MAX_PAGE, description="page size (1-1000)")]
+Offset = Annotated[int, QueryParameter(ge=0, le=MAX_ID, description="rows to skip")]
 TransactionType = Literal["deposit", "withdrawal", "purchase"]
 
 _BAD_REQUEST = problem_spec("A parameter is missing or malformed")
@@ -64,7 +64,7 @@ def context(state: State) -> ApiContext:
     responses={400: _BAD_REQUEST, 404: _NOT_FOUND},
 )
 def user_summary_v1(
-    state: State, user_id: Annotated[int, Parameter(ge=1, le=MAX_ID)]
+    state: State, user_id: Annotated[int, PathParameter(ge=1, le=MAX_ID)]
 ) -> UserSummary:
     """A user's transaction totals (zeros for a profile without transactions)."""
     with context(state).cursor() as cursor:
@@ -89,7 +89,7 @@ def user_summary_v1(
 @get("/users/top", sync_to_thread=True, responses={400: _BAD_REQUEST})
 def top_users_v1(
     state: State,
-    limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE, description="how many (1-1000)")] = 10,
+    limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE, description="how many (1-1000)")] = 10,
 ) -> TopUsers:
     """Users by transaction count, most first (ties: smaller user_id), orphans included.
 
@@ -108,12 +108,12 @@ def top_users_v1(
 def daily_v1(
     state: State,
     date_from: Annotated[
-        dt.date | None, Parameter(query="from", description="first day (inclusive)")
+        dt.date | None, QueryParameter(name="from", description="first day (inclusive)")
     ] = None,
     date_to: Annotated[
-        dt.date | None, Parameter(query="to", description="last day (inclusive)")
+        dt.date | None, QueryParameter(name="to", description="last day (inclusive)")
     ] = None,
-    transaction_type: Annotated[TransactionType | None, Parameter(query="type")] = None,
+    transaction_type: Annotated[TransactionType | None, QueryParameter(name="type")] = None,
 ) -> DailyTotals:
     """Per-day, per-type totals in [from, to], ordered by date then type."""
     first = date_from or EARLIEST

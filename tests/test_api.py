@@ -1,0 +1,702 @@
+"""The API through Litestar's TestClient, on the seed data ingested with ingest_file.
+
+Expected values come from an independent computation in this file (csv module + Decimal) over
+the same CSV files, never from the warehouse.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+import duckdb
+import pytest
+from litestar import Litestar
+from litestar.testing import TestClient
+
+from moneylion import logs
+from moneylion.aggregates import verify
+from moneylion.api import create_app
+from moneylion.config import Config, load_config
+from moneylion.ingest import ingest_file
+from moneylion.schema import open_warehouse
+
+# Extra files beside the seed: a profile without transactions, orphan transactions, rejected
+# rows (at known lines) and a file that fails as a whole.
+USER_WITHOUT_TRANSACTIONS = 20001
+ORPHAN = 30001
+EXTRA_USERS = "user_id,signup_date,country\n20001,2023-01-01,Norway\n"
+EXTRA_TRANSACTIONS = (
+    "transaction_id,user_id,transaction_date,amount,transaction_type\n"
+    "900001,30001,2023-05-05,10.10,deposit\n"
+    "900002,30001,2023-05-05,5.05,purchase\n"
+    "900003,1,2023-05-05,1.234,deposit\n"  # line 4: too_many_decimals
+    "900004,2,2023-05-05,12.00,bonus\n"  # line 5: unknown_type
+    "900005,3,2023-05-06,7.00,Withdrawal\n"
+)
+EXTRA_REJECTS = [(4, "too_many_decimals"), (5, "unknown_type")]
+BROKEN_FILE = "colour,size\nred,3\n"
+
+
+@dataclass
+class Expected:
+    """Aggregates computed here from the CSV files, with Decimal."""
+
+    countries: dict[int, str] = field(default_factory=dict)
+    count: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    by_type: dict[tuple[int, str], Decimal] = field(
+        default_factory=lambda: defaultdict(lambda: Decimal("0"))
+    )
+    total: dict[int, Decimal] = field(default_factory=lambda: defaultdict(lambda: Decimal("0")))
+    daily: dict[tuple[str, str], Decimal] = field(
+        default_factory=lambda: defaultdict(lambda: Decimal("0"))
+    )
+    daily_count: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+
+    def add_users(self, text: str) -> None:
+        for row in csv.DictReader(io.StringIO(text)):
+            self.countries[int(row["user_id"])] = row["country"]
+
+    def add_transaction(self, user_id: int, day: str, amount: Decimal, kind: str) -> None:
+        self.count[user_id] += 1
+        self.total[user_id] += amount
+        self.by_type[user_id, kind] += amount
+        self.daily[day, kind] += amount
+        self.daily_count[day, kind] += 1
+
+    def add_transactions(self, text: str) -> None:
+        for row in csv.DictReader(io.StringIO(text)):
+            self.add_transaction(
+                int(row["user_id"]),
+                row["transaction_date"],
+                Decimal(row["amount"]),
+                row["transaction_type"].strip().lower(),
+            )
+
+    def top(self, n: int, *, known_only: bool) -> list[tuple[int, int]]:
+        users = [u for u in self.count if not known_only or u in self.countries]
+        ranked = sorted(users, key=lambda u: (-self.count[u], u))[:n]
+        return [(u, self.count[u]) for u in ranked]
+
+
+@dataclass
+class Loaded:
+    config: Config
+    conn: duckdb.DuckDBPyConnection
+    expected: Expected
+    file_ids: dict[str, int]
+
+
+def build_loaded(base: Path, seed_files: tuple[Path, Path]) -> Loaded:
+    """Seed + extra files ingested with ingest_file into a warehouse under ``base``."""
+    config = load_config(environ={}).with_overrides(
+        inbox=base / "inbox", warehouse=base / "warehouse"
+    )
+    config.inbox.mkdir(parents=True)
+    extra_dir = base / "extra"
+    extra_dir.mkdir()
+    (extra_dir / "users_extra.csv").write_text(EXTRA_USERS)
+    (extra_dir / "transactions_extra.csv").write_text(EXTRA_TRANSACTIONS)
+    (extra_dir / "broken.csv").write_text(BROKEN_FILE)
+    conn = open_warehouse(config)
+    users, transactions = seed_files
+    file_ids: dict[str, int] = {}
+    for path in (
+        users,
+        transactions,
+        extra_dir / "users_extra.csv",
+        extra_dir / "transactions_extra.csv",
+        extra_dir / "broken.csv",
+    ):
+        outcome = ingest_file(conn, path, config)
+        assert outcome.file_id is not None
+        file_ids[path.name] = outcome.file_id
+        assert outcome.status == ("failed" if path.name == "broken.csv" else "loaded")
+    assert verify(conn, top_users_kept=config.top_users_kept) == []
+
+    expected = Expected()
+    expected.add_users(users.read_text(encoding="utf-8-sig"))
+    expected.add_users(EXTRA_USERS)
+    expected.add_transactions(transactions.read_text(encoding="utf-8-sig"))
+    good = [line for i, line in enumerate(EXTRA_TRANSACTIONS.splitlines(), 1) if i not in (4, 5)]
+    expected.add_transactions("\n".join(good) + "\n")
+    return Loaded(config, conn, expected, file_ids)
+
+
+@pytest.fixture(scope="module")
+def loaded(
+    tmp_path_factory: pytest.TempPathFactory, seed_files: tuple[Path, Path]
+) -> Iterator[Loaded]:
+    state = build_loaded(tmp_path_factory.mktemp("api"), seed_files)
+    yield state
+    state.conn.close()
+
+
+@pytest.fixture(scope="module")
+def seed_files() -> tuple[Path, Path]:
+    """Module-scoped twin of conftest's seed_files (same files, same skip)."""
+    seed_dir = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    users, transactions = seed_dir / "users.csv", seed_dir / "transactions.csv"
+    if not (users.exists() and transactions.exists()):
+        pytest.skip(f"seed data not found in {seed_dir}")
+    return users, transactions
+
+
+@pytest.fixture(scope="module")
+def client(loaded: Loaded) -> Iterator[TestClient[Litestar]]:
+    with TestClient(app=create_app(loaded.config, loaded.conn)) as test_client:
+        yield test_client
+
+
+def cents(value: Decimal) -> float:
+    return float(value.quantize(Decimal("0.01")))
+
+
+def money(value: Decimal) -> str:
+    return str(value.quantize(Decimal("0.01")))
+
+
+def sample_users(expected: Expected) -> list[int]:
+    """Users worth checking: extremes, every 97th user and the special cases."""
+    ids = sorted(expected.count)
+    return sorted({ids[0], ids[-1], *ids[::97], *[u for u, _ in expected.top(3, known_only=True)]})
+
+
+# --- /api/user_transaction_summary ------------------------------------------------------------
+
+
+def test_seed_user_summary_equals_an_independent_sum_to_the_cent(
+    client: TestClient[Litestar], loaded: Loaded
+) -> None:
+    exp = loaded.expected
+    for user_id in sample_users(exp):
+        if user_id not in exp.countries:
+            continue
+        response = client.get("/api/user_transaction_summary", params={"user_id": user_id})
+        assert response.status_code == 200, response.text
+        assert response.json() == [
+            {
+                "user_id": user_id,
+                "country": exp.countries[user_id],
+                "total_transaction_amount": cents(exp.total[user_id]),
+                "total_deposit": cents(exp.by_type[user_id, "deposit"]),
+                "total_withdrawal": cents(exp.by_type[user_id, "withdrawal"]),
+                "total_purchase": cents(exp.by_type[user_id, "purchase"]),
+            }
+        ]
+
+
+def test_seed_user_summary_of_a_profile_without_transactions_is_zeros(
+    client: TestClient[Litestar],
+) -> None:
+    response = client.get(f"/api/user_transaction_summary?user_id={USER_WITHOUT_TRANSACTIONS}")
+    assert response.status_code == 200
+    assert response.json() == [
+        {
+            "user_id": USER_WITHOUT_TRANSACTIONS,
+            "country": "Norway",
+            "total_transaction_amount": 0,
+            "total_deposit": 0,
+            "total_withdrawal": 0,
+            "total_purchase": 0,
+        }
+    ]
+
+
+@pytest.mark.parametrize("user_id", [ORPHAN, 987654321, 0])
+def test_seed_user_summary_of_an_orphan_or_unknown_user_is_404(
+    client: TestClient[Litestar], user_id: int
+) -> None:
+    response = client.get(f"/api/user_transaction_summary?user_id={user_id}")
+    assert response.status_code == 404
+    assert response.json() == {"error": "User not found"}
+
+
+@pytest.mark.parametrize("query", ["", "?user_id=", "?user_id=%20", "?other=3"])
+def test_seed_user_summary_without_user_id_is_400(client: TestClient[Litestar], query: str) -> None:
+    response = client.get(f"/api/user_transaction_summary{query}")
+    assert response.status_code == 400
+    assert response.json() == {"error": "user_id is required"}
+
+
+@pytest.mark.parametrize("raw", ["abc", "-1", "1.5", "1e3", "99999999999999999999", "0x10"])
+def test_seed_user_summary_with_malformed_user_id_is_400_not_500(
+    client: TestClient[Litestar], raw: str
+) -> None:
+    response = client.get("/api/user_transaction_summary", params={"user_id": raw})
+    assert response.status_code == 400
+    assert response.json() == {"error": "user_id must be a positive integer"}
+
+
+# --- /api/top_users -----------------------------------------------------------------------------
+
+
+def test_seed_top_users_are_ten_by_count_then_user_id(
+    client: TestClient[Litestar], loaded: Loaded
+) -> None:
+    exp = loaded.expected
+    response = client.get("/api/top_users")
+    assert response.status_code == 200
+    assert response.json() == [
+        {"user_id": u, "country": exp.countries[u], "transaction_count": n}
+        for u, n in exp.top(10, known_only=True)
+    ]
+
+
+# --- /api/daily_transactions --------------------------------------------------------------------
+
+
+def test_seed_daily_transactions_equal_an_independent_sum_ordered_by_type(
+    client: TestClient[Litestar], loaded: Loaded
+) -> None:
+    exp = loaded.expected
+    days = sorted({day for day, _ in exp.daily})
+    for day in [*days[::17], days[-1], "2023-05-05"]:
+        response = client.get("/api/daily_transactions", params={"date": day})
+        assert response.status_code == 200
+        kinds = sorted(kind for d, kind in exp.daily if d == day)
+        assert response.json() == [
+            {
+                "transaction_date": day,
+                "transaction_type": kind,
+                "daily_total": cents(exp.daily[day, kind]),
+            }
+            for kind in kinds
+        ]
+
+
+def test_seed_daily_transactions_for_a_day_without_any_is_404(
+    client: TestClient[Litestar],
+) -> None:
+    response = client.get("/api/daily_transactions?date=1999-01-01")
+    assert response.status_code == 404
+    assert response.json() == {"error": "No transactions found for date: 1999-01-01"}
+
+
+@pytest.mark.parametrize("query", ["", "?date=", "?day=2022-01-01"])
+def test_seed_daily_transactions_without_date_is_400(
+    client: TestClient[Litestar], query: str
+) -> None:
+    response = client.get(f"/api/daily_transactions{query}")
+    assert response.status_code == 400
+    assert response.json() == {"error": "Missing required query parameter: date"}
+
+
+@pytest.mark.parametrize("raw", ["2022-02-30", "2022-13-01", "2022-1-5", "yesterday", "20220105"])
+def test_seed_daily_transactions_with_malformed_date_is_400_not_500(
+    client: TestClient[Litestar], raw: str
+) -> None:
+    response = client.get("/api/daily_transactions", params={"date": raw})
+    assert response.status_code == 400
+    assert set(response.json()) == {"error"}
+    assert raw in response.json()["error"]
+
+
+# --- /api/health and /api/log_monitor -----------------------------------------------------------
+
+
+def test_seed_health_has_the_seed_fields_and_our_readings(
+    client: TestClient[Litestar], loaded: Loaded
+) -> None:
+    body = client.get("/api/health").json()
+    assert set(body) == {
+        "cpu_usage_%",
+        "num_cores",
+        "memory_usage_%",
+        "disk_usage_%",
+        "process_rss_bytes",
+        "uptime_seconds",
+        "inbox_backlog",
+        "seconds_since_last_file",
+    }
+    assert 0 <= body["cpu_usage_%"] <= 100 * body["num_cores"]
+    assert body["num_cores"] >= 1
+    assert 0 < body["memory_usage_%"] <= 100
+    assert 0 < body["disk_usage_%"] <= 100
+    assert body["process_rss_bytes"] > 10_000_000
+    assert body["uptime_seconds"] > 0
+    assert body["inbox_backlog"] == 0
+    assert 0 <= body["seconds_since_last_file"] < 3600
+    (loaded.config.inbox / "waiting.csv").write_text("user_id,signup_date,country\n")
+    (loaded.config.inbox / "partial.csv.part").write_text("")
+    try:
+        assert client.get("/api/health").json()["inbox_backlog"] == 1
+    finally:
+        (loaded.config.inbox / "waiting.csv").unlink()
+        (loaded.config.inbox / "partial.csv.part").unlink()
+
+
+def test_seed_log_monitor_counts_parsed_levels_including_api_errors(
+    client: TestClient[Litestar], loaded: Loaded
+) -> None:
+    console = io.StringIO()
+    logs.setup_logging(loaded.config, console=console)
+    try:
+        before = client.get("/api/log_monitor").json()
+        assert set(before) == {"info_count", "warning_count", "error_count", "critical_count"}
+        logger = logging.getLogger("tests.api")
+        logger.warning("disk_nearly_full", extra={"fields": {"note": "ERROR CRITICAL in text"}})
+        logger.error("something_broke")
+        client.get("/api/user_transaction_summary?user_id=987654321")  # a 404 is a log event
+        after = client.get("/api/log_monitor").json()
+        assert after["warning_count"] == before["warning_count"] + 1
+        assert after["error_count"] == before["error_count"] + 1
+        assert after["critical_count"] == before["critical_count"]
+        assert after["info_count"] >= before["info_count"] + 1
+        assert "api_client_error" in console.getvalue()
+        stats = client.get("/v1/logs/stats").json()
+        assert set(stats) == {"debug", "info", "warning", "error", "critical"}
+        assert (stats["warning"], stats["error"], stats["critical"]) == (
+            after["warning_count"],
+            after["error_count"],
+            after["critical_count"],
+        )
+        assert stats["info"] >= after["info_count"]  # the client's own request lines count too
+    finally:
+        logs.teardown_logging()
+
+
+# --- /v1 users ------------------------------------------------------------------------------------
+
+
+def test_v1_user_summary_gives_exact_decimal_strings(
+    client: TestClient[Litestar], loaded: Loaded
+) -> None:
+    exp = loaded.expected
+    for user_id in sample_users(exp)[:40]:
+        body = client.get(f"/v1/users/{user_id}/summary").json()
+        assert body["user_id"] == user_id
+        assert body["transaction_count"] == exp.count[user_id]
+        assert body["total_amount"] == money(exp.total[user_id])
+        for kind in ("deposit", "withdrawal", "purchase"):
+            assert body[f"total_{kind}"] == money(exp.by_type[user_id, kind])
+        assert body["country"] == exp.countries.get(user_id)
+
+
+def test_v1_user_summary_serves_orphans_with_null_country(client: TestClient[Litestar]) -> None:
+    body = client.get(f"/v1/users/{ORPHAN}/summary").json()
+    assert body["known_user"] is False
+    assert body["country"] is None
+    assert body["total_amount"] == "15.15"
+    assert body["total_deposit"] == "10.10"
+    assert body["total_purchase"] == "5.05"
+    assert body["total_withdrawal"] == "0.00"
+    assert body["first_transaction_date"] == body["last_transaction_date"] == "2023-05-05"
+
+
+def test_v1_user_summary_of_a_profile_without_transactions_is_zeros(
+    client: TestClient[Litestar],
+) -> None:
+    body = client.get(f"/v1/users/{USER_WITHOUT_TRANSACTIONS}/summary").json()
+    assert body["known_user"] is True
+    assert body["country"] == "Norway"
+    assert body["transaction_count"] == 0
+    assert body["total_amount"] == "0.00"
+    assert body["last_transaction_date"] is None
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/v1/users/987654321/summary", 404),
+        ("/v1/users/0/summary", 400),
+        ("/v1/users/99999999999999999999/summary", 400),
+        ("/v1/users/abc/summary", 404),
+    ],
+)
+def test_v1_user_summary_errors_are_problem_details(
+    client: TestClient[Litestar], path: str, status: int
+) -> None:
+    response = client.get(path)
+    assert response.status_code == status
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == status
+    assert body["title"]
+    assert "Traceback" not in response.text
+
+
+def test_v1_top_users_rank_everyone_including_orphans(
+    client: TestClient[Litestar], loaded: Loaded
+) -> None:
+    exp = loaded.expected
+    body = client.get("/v1/users/top?limit=25").json()
+    assert body["limit"] == 25
+    assert [(u["user_id"], u["transaction_count"]) for u in body["users"]] == exp.top(
+        25, known_only=False
+    )
+    assert [u["rank"] for u in body["users"]] == list(range(1, 26))
+    assert client.get("/v1/users/top").json()["users"] == body["users"][:10]
+
+
+@pytest.mark.parametrize("limit", ["0", "1001", "-1", "ten"])
+def test_v1_top_users_limit_out_of_range_is_400(client: TestClient[Litestar], limit: str) -> None:
+    response = client.get("/v1/users/top", params={"limit": limit})
+    assert response.status_code == 400
+    assert response.json()["status"] == 400
+
+
+# --- /v1/daily -----------------------------------------------------------------------------------
+
+
+def test_v1_daily_over_everything_equals_an_independent_sum(
+    client: TestClient[Litestar], loaded: Loaded
+) -> None:
+    exp = loaded.expected
+    body = client.get("/v1/daily").json()
+    got = {
+        (d["date"], d["type"]): (d["transaction_count"], d["total_amount"]) for d in body["days"]
+    }
+    assert got == {key: (exp.daily_count[key], money(total)) for key, total in exp.daily.items()}
+    order = [(d["date"], d["type"]) for d in body["days"]]
+    assert order == sorted(order)
+
+
+def test_v1_daily_filters_by_range_and_type(client: TestClient[Litestar], loaded: Loaded) -> None:
+    exp = loaded.expected
+    body = client.get("/v1/daily?from=2022-03-01&to=2022-03-31&type=withdrawal").json()
+    expected = {
+        day: money(total)
+        for (day, kind), total in exp.daily.items()
+        if kind == "withdrawal" and "2022-03-01" <= day <= "2022-03-31"
+    }
+    assert {d["date"]: d["total_amount"] for d in body["days"]} == expected
+    assert body["from"] == "2022-03-01"
+    assert body["type"] == "withdrawal"
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["from=2022-03-05&to=2022-03-01", "from=2022-02-30", "to=yesterday", "type=bonus"],
+)
+def test_v1_daily_bad_parameters_are_400_problems(client: TestClient[Litestar], query: str) -> None:
+    response = client.get(f"/v1/daily?{query}")
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("application/problem+json")
+
+
+# --- /v1/files ----------------------------------------------------------------------------------
+
+
+def test_v1_files_pages_the_ledger(client: TestClient[Litestar], loaded: Loaded) -> None:
+    body = client.get("/v1/files").json()
+    assert body["total"] == 5
+    assert [f["file_id"] for f in body["items"]] == sorted(loaded.file_ids.values())
+    statuses = {f["name"]: f["status"] for f in body["items"]}
+    assert statuses["broken.csv"] == "failed"
+    assert statuses["transactions.csv"] == "loaded"
+    page = client.get("/v1/files?limit=2&offset=2").json()
+    assert page["items"] == body["items"][2:4]
+    assert (page["total"], page["limit"], page["offset"]) == (5, 2, 2)
+
+
+def test_v1_file_detail_counts_rejects_by_reason(
+    client: TestClient[Litestar], loaded: Loaded
+) -> None:
+    file_id = loaded.file_ids["transactions_extra.csv"]
+    body = client.get(f"/v1/files/{file_id}").json()
+    assert body["rows_total"] == 5
+    assert body["rows_loaded"] == 3
+    assert body["rows_rejected"] == 2
+    assert body["rejected_by_reason"] == {"too_many_decimals": 1, "unknown_type": 1}
+    broken = client.get(f"/v1/files/{loaded.file_ids['broken.csv']}").json()
+    assert broken["status"] == "failed"
+    assert broken["error_reason"]
+
+
+def test_v1_file_rejects_give_line_reason_and_message(
+    client: TestClient[Litestar], loaded: Loaded
+) -> None:
+    file_id = loaded.file_ids["transactions_extra.csv"]
+    body = client.get(f"/v1/files/{file_id}/rejects").json()
+    assert body["total"] == 2
+    assert [(r["line"], r["reason"]) for r in body["items"]] == EXTRA_REJECTS
+    assert all(r["message"] for r in body["items"])
+    assert "900004" in body["items"][1]["raw_line"]
+    second = client.get(f"/v1/files/{file_id}/rejects?limit=1&offset=1").json()
+    assert second["items"] == body["items"][1:]
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/v1/files/999", 404),
+        ("/v1/files/999/rejects", 404),
+        ("/v1/files/0", 400),
+        ("/v1/files?limit=0", 400),
+        ("/v1/files?offset=-1", 400),
+        ("/v1/files/1/rejects?limit=5000", 400),
+    ],
+)
+def test_v1_files_errors_are_problem_details(
+    client: TestClient[Litestar], path: str, status: int
+) -> None:
+    response = client.get(path)
+    assert response.status_code == status
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["status"] == status
+
+
+# --- health, metrics, schema ----------------------------------------------------------------------
+
+
+def test_v1_liveness_and_readiness(client: TestClient[Litestar]) -> None:
+    assert client.get("/v1/health/live").json() == {"status": "alive"}
+    response = client.get("/v1/health/ready")
+    assert response.status_code == 200
+    assert response.json()["status"] == "ready"
+
+
+def test_metrics_expose_the_ledger_rows_rejects_and_ingest_times(
+    client: TestClient[Litestar], loaded: Loaded
+) -> None:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = parse_metrics(response.text)
+    assert samples['moneylion_files_total{status="loaded"}'] == 4
+    assert samples['moneylion_files_total{status="failed"}'] == 1
+    loaded_rows = 10000 + 1 + sum(loaded.expected.count.values())
+    assert samples['moneylion_rows_total{outcome="loaded"}'] == loaded_rows
+    assert samples['moneylion_rows_total{outcome="rejected"}'] == 2
+    assert samples['moneylion_rejects_total{reason="too_many_decimals"}'] == 1
+    assert samples['moneylion_rejects_total{reason="unknown_type"}'] == 1
+    assert samples['moneylion_ingest_seconds_bucket{le="+Inf"}'] == 4
+    assert samples["moneylion_ingest_seconds_count"] == 4
+    assert samples["moneylion_inbox_backlog"] == 0
+    assert samples["moneylion_seconds_since_last_file"] >= 0
+    assert samples["moneylion_warehouse_up"] == 1
+    client.get("/v1/health/live")
+    http = parse_metrics(client.get("/metrics").text)
+    assert any(key.startswith("moneylion_http_requests_total") for key in http)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def test_openapi_schema_lists_every_endpoint(client: TestClient[Litestar]) -> None:
+    schema = client.get("/schema/openapi.json").json()
+    assert set(schema["paths"]) >= {
+        "/api/user_transaction_summary",
+        "/api/top_users",
+        "/api/daily_transactions",
+        "/api/health",
+        "/api/log_monitor",
+        "/v1/users/{user_id}/summary",
+        "/v1/users/top",
+        "/v1/daily",
+        "/v1/files",
+        "/v1/files/{file_id}",
+        "/v1/files/{file_id}/rejects",
+        "/v1/health/live",
+        "/v1/health/ready",
+        "/v1/logs/stats",
+        "/metrics",
+    }
+
+
+def test_unknown_path_is_a_problem_detail(client: TestClient[Litestar]) -> None:
+    response = client.get("/v2/anything")
+    assert response.status_code == 404
+    assert response.headers["content-type"].startswith("application/problem+json")
+
+
+# --- lifecycle, readiness, failures ---------------------------------------------------------------
+
+
+def test_app_opens_and_closes_the_warehouse_itself_when_given_none(config: Config) -> None:
+    entered: list[bool] = []
+
+    @asynccontextmanager
+    async def extra(app: Litestar) -> AsyncIterator[None]:
+        entered.append(app.state.moneylion.db is not None)  # the warehouse is already open
+        yield
+
+    app = create_app(config, lifespan=[extra])
+    with TestClient(app=app) as test_client:
+        assert test_client.get("/v1/health/ready").status_code == 200
+        assert test_client.get("/api/top_users").json() == []
+        assert test_client.get("/v1/files").json()["total"] == 0
+    assert entered == [True]
+    assert app.state.moneylion.db is None
+    reopened = open_warehouse(config)  # the app closed its connection
+    reopened.close()
+
+
+def test_readiness_is_503_until_the_daemon_says_ready(
+    loaded: Loaded,
+) -> None:
+    watcher_running = threading.Event()
+    app = create_app(loaded.config, loaded.conn, readiness=watcher_running.is_set)
+    with TestClient(app=app) as test_client:
+        response = test_client.get("/v1/health/ready")
+        assert response.status_code == 503
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert response.json()["status"] == 503
+        watcher_running.set()
+        assert test_client.get("/v1/health/ready").status_code == 200
+    assert loaded.conn.execute("SELECT count(*) FROM files").fetchone() != (0,)  # still open
+
+
+def test_a_failing_warehouse_gives_500_without_a_stack_trace(config: Config) -> None:
+    conn = open_warehouse(config)
+    conn.close()
+    console = io.StringIO()
+    logs.setup_logging(config, console=console)
+    try:
+        with TestClient(app=create_app(config, conn)) as test_client:
+            v1 = test_client.get("/v1/users/1/summary")
+            seed = test_client.get("/api/user_transaction_summary?user_id=1")
+        assert v1.status_code == 500
+        assert v1.headers["content-type"].startswith("application/problem+json")
+        assert "Traceback" not in v1.text
+        assert seed.status_code == 500
+        assert seed.json() == {"error": "Internal Server Error"}
+        assert logs.level_counts(config)["ERROR"] == 2
+        assert "Traceback" in console.getvalue()  # the trace goes to the log, not the client
+    finally:
+        logs.teardown_logging()
+
+
+def test_reads_see_a_file_entirely_or_not_at_all(
+    tmp_path: Path, seed_files: tuple[Path, Path]
+) -> None:
+    """Poll while a 300,000-row file commits: counts jump from before to after, never between."""
+    config = load_config(environ={}).with_overrides(
+        inbox=tmp_path / "inbox", warehouse=tmp_path / "warehouse"
+    )
+    conn = open_warehouse(config)
+    ingest_file(conn, seed_files[0], config)
+    big = tmp_path / "big.csv"
+    with big.open("w") as handle:
+        handle.write("transaction_id,user_id,transaction_date,amount,transaction_type\n")
+        for i in range(300_000):
+            handle.write(f"{2_000_000 + i},{1 + i % 5000},2022-06-{1 + i % 28:02d},1.25,deposit\n")
+    seen: set[int] = set()
+    with TestClient(app=create_app(config, conn)) as test_client:
+        worker = threading.Thread(target=ingest_file, args=(conn, big, config))
+        worker.start()
+        while worker.is_alive() or not seen:
+            days = test_client.get("/v1/daily?from=2022-06-01&to=2022-06-28").json()["days"]
+            seen.add(sum(d["transaction_count"] for d in days))
+        worker.join()
+        days = test_client.get("/v1/daily?from=2022-06-01&to=2022-06-28").json()["days"]
+        seen.add(sum(d["transaction_count"] for d in days))
+    assert seen <= {0, 300_000}
+    assert 300_000 in seen
+    assert verify(conn, top_users_kept=config.top_users_kept) == []
+    conn.close()
