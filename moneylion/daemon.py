@@ -36,7 +36,6 @@ MAX_ATTEMPTS = 5  # tries per file for errors of the environment before it goes 
 BACKOFF_SECONDS = (0.5, 1.0, 2.0, 4.0)
 # Let the current file finish this long; after that it is interrupted and rolled back.
 STOP_GRACE_SECONDS = 2.0
-EXPORT_EVERY_SECONDS = 1.0  # while a backlog drains, export at most this often
 
 
 def move_without_overwrite(path: Path, folder: Path, *, companion_suffix: str = "") -> Path:
@@ -91,7 +90,7 @@ class IngestWorker(threading.Thread):
         conn: duckdb.DuckDBPyConnection,
         config: Config,
         queue: InboxQueue,
-        exporter: Callable[[duckdb.DuckDBPyConnection, Path], object] | None = None,
+        on_commit: Callable[[], None] | None = None,
         *,
         ingest: Callable[[duckdb.DuckDBPyConnection, Path, Config], FileOutcome] = ingest_file,
         backoff: tuple[float, ...] = BACKOFF_SECONDS,
@@ -102,33 +101,22 @@ class IngestWorker(threading.Thread):
         self.conn = conn
         self.config = config
         self.queue = queue
-        self.exporter = exporter
+        self.on_commit = on_commit
         self.stopping = threading.Event()
         self.files_done = 0
         self.last_file_at: float | None = None
-        self._export_pending = (
-            True  # catch up at the first idle moment (a crash may have skipped one)
-        )
-        self._last_export = 0.0
-        self._export_failures = 0
-        self._export_retry_at = 0.0
 
     def run(self) -> None:
         log.info("worker_started", extra={"fields": {"inbox": str(self.config.inbox)}})
         while True:
-            taken = self.queue.take(timeout=0.5)
-            if taken is None:
-                if self.queue.closed:
-                    break
-                self._export(force=True)
-                continue
+            taken = self.queue.take()
+            if taken is None:  # closed
+                break
             try:
                 self._handle(taken)
             except Exception:  # a bug: log it with context, keep the daemon up
                 log.exception("worker_error", extra={"fields": {"file": taken.path.name}})
                 self.queue.finish(taken.path)
-            self._export(force=self.queue.waiting() == 0)
-        # No export on the way out: stopping stays fast, the next start catches up.
         log.info("worker_stopped", extra={"fields": {"files": self.files_done}})
 
     def _handle(self, taken: TakenFile) -> None:
@@ -163,7 +151,8 @@ class IngestWorker(threading.Thread):
             log.info("file_changed_while_ingesting", extra={"fields": {"file": path.name}})
         self.files_done += 1
         self.last_file_at = time.time()
-        self._export_pending = self._export_pending or outcome.status == "loaded"
+        if outcome.status == "loaded" and self.on_commit is not None:
+            self.on_commit()
 
     def _move(self, outcome: FileOutcome) -> None:
         """Loaded and duplicate files go to done/, failed ones to failed/ with their reason."""
@@ -218,32 +207,6 @@ class IngestWorker(threading.Thread):
                 extra={"fields": {"file": taken.path.name, "error": str(move_exc)}},
             )
 
-    def _export(self, *, force: bool) -> None:
-        """Bring the SQLite copy up to date; coalesced while a backlog drains, backing off
-        after failures (each export copies everything new, so a skipped one loses nothing)."""
-        if self.exporter is None or not self._export_pending:
-            return
-        now = time.monotonic()
-        if now < self._export_retry_at:
-            return
-        if not force and now - self._last_export < EXPORT_EVERY_SECONDS:
-            return
-        self._last_export = now
-        try:
-            self.exporter(self.conn, self.config.sqlite_path)
-        except Exception:  # never stops ingest
-            self._export_failures += 1
-            delay = min(60.0, 2.0**self._export_failures)
-            self._export_retry_at = now + delay
-            log.exception(
-                "export_failed",
-                extra={"fields": {"sqlite": str(self.config.sqlite_path), "retry_in": delay}},
-            )
-            return
-        self._export_pending = False
-        self._export_failures = 0
-        self._export_retry_at = 0.0
-
     def stop(self, grace: float = STOP_GRACE_SECONDS) -> bool:
         """Stop taking files, let the current one finish within ``grace`` seconds, otherwise
         interrupt it (its transaction rolls back, the file stays in the inbox). True if stopped."""
@@ -253,7 +216,75 @@ class IngestWorker(threading.Thread):
         if self.is_alive():
             log.warning("worker_interrupting", extra={"fields": {"grace": grace}})
             self.conn.interrupt()
-            self.join(1.5)
+            self.join(1.0)
+        return not self.is_alive()
+
+
+class SqliteExporter(threading.Thread):
+    """Keeps the SQLite copy up to date in its own thread, so that exporting never delays the
+    next file. Each export copies everything committed since the last one: pokes coalesce, and
+    a failed export loses nothing (it is retried with backoff)."""
+
+    def __init__(
+        self,
+        conn: duckdb.DuckDBPyConnection,
+        sqlite_path: Path,
+        export: Callable[[duckdb.DuckDBPyConnection, Path], object] = export_new,
+    ) -> None:
+        super().__init__(name="sqlite-exporter", daemon=True)
+        self.conn = conn
+        self.sqlite_path = sqlite_path
+        self.export = export
+        self.exports = 0
+        self._wanted = threading.Event()
+        self._stopping = threading.Event()
+
+    def poke(self) -> None:
+        """Something new was committed."""
+        self._wanted.set()
+
+    def run(self) -> None:
+        failures = 0
+        self._wanted.set()  # catch up first: a crash may have come between commit and export
+        while not self._stopping.is_set():
+            if not self._wanted.wait(timeout=0.5):
+                continue
+            if self._stopping.is_set():
+                break
+            self._wanted.clear()
+            try:
+                self.export(self.conn, self.sqlite_path)
+            except Exception:  # never stops ingest; the next export catches up
+                failures += 1
+                delay = min(60.0, 2.0**failures)
+                log.exception(
+                    "export_failed",
+                    extra={"fields": {"sqlite": str(self.sqlite_path), "retry_in": delay}},
+                )
+                self._wanted.set()
+                self._stopping.wait(delay)
+                continue
+            failures = 0
+            self.exports += 1
+
+    def request_stop(self) -> None:
+        """Take no new export; the one running may finish."""
+        self._stopping.set()
+        self._wanted.set()
+
+    def stop(self, grace: float = 1.0) -> bool:
+        """Let a running export finish within ``grace``, else interrupt it (SQLite rolls it
+        back; the next start exports it again). True if stopped."""
+        self.request_stop()
+        if not self.is_alive():
+            return True
+        self.join(grace)
+        if self.is_alive():
+            log.warning("export_interrupting", extra={"fields": {"grace": grace}})
+            self.conn.interrupt()
+            self.join(0.5)
+        if self.is_alive():
+            log.error("export_still_running", extra={"fields": {"sqlite": str(self.sqlite_path)}})
         return not self.is_alive()
 
 
@@ -268,11 +299,19 @@ class Daemon:
         self.worker_conn = conn.cursor()
         self.queue = InboxQueue(config.settle_seconds)
         self.watcher = InboxWatcher(config.inbox, self.queue)
-        exporter = export_new if config.sqlite_export else None
-        self.worker = IngestWorker(self.worker_conn, config, self.queue, exporter)
+        self.exporter = (
+            SqliteExporter(conn.cursor(), config.sqlite_path) if config.sqlite_export else None
+        )
+        self.worker = IngestWorker(
+            self.worker_conn,
+            config,
+            self.queue,
+            on_commit=self.exporter.poke if self.exporter is not None else None,
+        )
         self._started = False
         self._stopped = False
         self.stopped_cleanly = True
+        self.exporter_stopped = True
 
     def start(self) -> None:
         if self._started:
@@ -282,6 +321,8 @@ class Daemon:
         self.config.failed_dir.mkdir(parents=True, exist_ok=True)
         self.watcher.start()
         self.worker.start()
+        if self.exporter is not None:
+            self.exporter.start()
 
     def stop(self) -> None:
         if self._stopped or not self._started:
@@ -289,7 +330,10 @@ class Daemon:
             return
         self._stopped = True
         started = time.monotonic()
+        if self.exporter is not None:
+            self.exporter.request_stop()  # it winds down while the worker finishes its file
         self.stopped_cleanly = self.worker.stop()
+        self.exporter_stopped = self.exporter is None or self.exporter.stop(grace=0.5)
         self.watcher.stop()
         log.info(
             "daemon_stopped",
@@ -319,12 +363,19 @@ class Daemon:
         finally:
             await asyncio.to_thread(self.stop)
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Stop, close our cursors; False if a thread still uses the connection (then the
+        caller must not close it: the process exits and DuckDB replays its WAL next time)."""
         self.stop()
-        try:
-            self.worker_conn.close()
-        except duckdb.Error:
-            log.exception("close_failed", extra={"fields": {"what": "worker cursor"}})
+        cursors = [] if self.worker.is_alive() else [self.worker_conn]
+        if self.exporter is not None and self.exporter_stopped:
+            cursors.append(self.exporter.conn)
+        for cursor in cursors:
+            try:
+                cursor.close()
+            except duckdb.Error:
+                log.exception("close_failed", extra={"fields": {"what": "cursor"}})
+        return not self.worker.is_alive() and self.exporter_stopped
 
 
 def _stop_signal_seen(signum: int, frame: object) -> None:
@@ -368,9 +419,11 @@ def serve(config: Config) -> int:
             signal.signal(signum, _stop_signal_seen)
         server.run()
     finally:
-        daemon.close()
-        conn.close()
-        log.info("warehouse_closed", extra={"fields": {"path": str(config.duckdb_path)}})
+        if daemon.close():
+            conn.close()  # last: every commit is in the file, the WAL checkpointed
+            log.info("warehouse_closed", extra={"fields": {"path": str(config.duckdb_path)}})
+        else:
+            log.error("warehouse_left_open", extra={"fields": {"path": str(config.duckdb_path)}})
     if not server.started:
         print(f"moneylion: the API could not start on {config.host}:{config.port}", file=sys.stderr)
         return 1

@@ -6,9 +6,11 @@ with backoff, then set aside with a reason, the worker staying up."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import random
+import sqlite3
 from pathlib import Path
 
 import duckdb
@@ -16,7 +18,14 @@ import pytest
 
 from moneylion.aggregates import verify
 from moneylion.config import Config
-from moneylion.daemon import MAX_ATTEMPTS, IngestWorker, move_without_overwrite, write_reason
+from moneylion.daemon import (
+    MAX_ATTEMPTS,
+    IngestWorker,
+    SqliteExporter,
+    move_without_overwrite,
+    write_reason,
+)
+from moneylion.export import export_new
 from moneylion.ingest import FileOutcome, ingest_file
 from moneylion.watcher import InboxQueue
 from tests.daemon_process import (
@@ -227,3 +236,37 @@ def test_failed_names_never_overwrite_and_reason_files_pair_with_their_file(tmp_
     ]
     assert json.loads((folder / "x.2.csv.reason.json").read_text())["n"] == 2
     assert (folder / "x.2.csv").read_text() == "copy 2"
+
+
+def test_a_failing_sqlite_export_is_retried_in_the_background_while_ingest_goes_on(
+    config: Config, warehouse: duckdb.DuckDBPyConnection
+) -> None:
+    calls: list[int] = []
+
+    def flaky_export(conn: duckdb.DuckDBPyConnection, path: Path) -> object:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("disk I/O error")
+        return export_new(conn, path)
+
+    exporter = SqliteExporter(warehouse.cursor(), config.sqlite_path, export=flaky_export)
+    exporter.start()
+    try:
+        small_file(config, "a.csv", 1)
+        small_file(config, "b.csv", 100)
+        worker = run_worker(config, warehouse, FlakyIngest(OSError(), 0), ["a.csv", "b.csv"])
+        worker.on_commit = exporter.poke
+        assert sorted(p.name for p in config.done_dir.iterdir()) == ["a.csv", "b.csv"]
+        worker.stop()
+
+        def exported() -> int:
+            if not config.sqlite_path.exists():
+                return 0
+            with contextlib.closing(sqlite3.connect(config.sqlite_path)) as lite:
+                row = lite.execute("SELECT count(*) FROM transactions").fetchone()
+            return int(row[0])
+
+        wait_for(lambda: exported() == 40, 30, "the export to succeed after its failure")
+        assert len(calls) >= 2
+    finally:
+        assert exporter.stop()

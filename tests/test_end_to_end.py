@@ -4,11 +4,13 @@ showing totals equal to an independent computation (csv + Decimal)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
 import shutil
 import signal
+import sqlite3
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -53,6 +55,18 @@ def split_csv(source: Path, parts: int, out_dir: Path) -> list[Path]:
         path.write_bytes(header + b"".join(lines[n * size : (n + 1) * size]))
         written.append(path)
     return written
+
+
+def sqlite_rows(path: Path) -> int:
+    """Transactions in the SQLite export (0 while it does not exist yet)."""
+    if not path.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(path)) as lite:
+        try:
+            row = lite.execute("SELECT count(*) FROM transactions").fetchone()
+        except sqlite3.OperationalError:
+            return 0
+    return int(row[0])
 
 
 def ledger(daemon: DaemonProcess) -> list[dict[str, object]]:
@@ -148,6 +162,13 @@ def test_seed_files_dropped_every_way_each_end_in_done_once_with_exact_api_total
     assert (again["rows_loaded"], again["rows_duplicate"]) == (0, 100_000)
     assert len(rows) == 7  # the duplicate file added no ledger row
     assert_api_totals(daemon, expected)
+
+    # The SQLite copy catches up in the background, with the seed's tables.
+    sqlite_path = daemon.warehouse / "moneylion.sqlite"
+    wait_for(lambda: sqlite_rows(sqlite_path) == 100_000, 30, "the SQLite export to catch up")
+    with contextlib.closing(sqlite3.connect(sqlite_path)) as lite:
+        totals = lite.execute("SELECT total_amount FROM user_totals").fetchall()
+    assert sum((Decimal(t) for (t,) in totals), Decimal(0)) == expected.grand_total
 
     assert daemon.stop() == 0
     env = daemon.environ()
