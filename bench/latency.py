@@ -11,6 +11,7 @@ answer that shows the file's rows. Prints p50/p99 over 50 drops; no asserts.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import random
 import shutil
@@ -28,6 +29,7 @@ from moneylion.ingest import ingest_file  # noqa: E402
 from moneylion.schema import open_warehouse  # noqa: E402
 from tests.daemon_process import (  # noqa: E402
     DaemonProcess,
+    logged_events,
     random_transactions,
     write_transactions,
 )
@@ -135,15 +137,20 @@ def main() -> None:
         rows[-1] = (rows[-1][0], probe_user, *rows[-1][2:])
         probes.append((write_transactions(staging / f"drop-{n:03d}.csv", rows), probe_user))
 
-    env = {"MONEYLION_SQLITE_EXPORT": "true" if args.export else "false"}
+    env = {
+        "MONEYLION_SQLITE_EXPORT": "true" if args.export else "false",
+        "MONEYLION_LOG_LEVEL": "INFO",  # the breakdown below reads the JSON log
+    }
     daemon = DaemonProcess(run / "inbox", run / "warehouse", settle_seconds=0.5, env=env)
     latencies: list[float] = []
+    dropped_at: dict[str, float] = {}
     try:
         daemon.start(timeout=120)
         for path, probe_user in probes:
             temp = daemon.inbox / (path.name + ".tmp")
             shutil.copyfile(path, temp)
             started = time.perf_counter()
+            dropped_at[path.name] = time.time()
             os.rename(temp, daemon.inbox / path.name)
             while daemon.client.get(f"/v1/users/{probe_user}/summary").status_code != 200:
                 time.sleep(args.poll_ms / 1000)
@@ -169,6 +176,30 @@ def main() -> None:
         f"  of which ingest_file (ledger seconds): p50 {percentile(ingest_ms, 0.5):.1f} ms, "
         f"p99 {percentile(ingest_ms, 0.99):.1f} ms"
     )
+    # From the JSON log (millisecond timestamps): rename -> worker starts -> file committed+moved.
+    seen: dict[tuple[str, str], float] = {}
+    for event in logged_events(run / "warehouse"):
+        name = str(event.get("file"))
+        if name in dropped_at and event.get("event") in ("file_started", "file_moved"):
+            seen[(name, str(event["event"]))] = dt.datetime.fromisoformat(
+                str(event["ts"])
+            ).timestamp()
+    waits = [
+        (seen[(n, "file_started")] - t) * 1000
+        for n, t in dropped_at.items()
+        if (n, "file_started") in seen
+    ]
+    works = [
+        (seen[(n, "file_moved")] - seen[(n, "file_started")]) * 1000
+        for n in dropped_at
+        if (n, "file_started") in seen and (n, "file_moved") in seen
+    ]
+    if waits and works:
+        print(
+            f"  rename -> worker starts: p50 {percentile(waits, 0.5):.1f} ms, "
+            f"p99 {percentile(waits, 0.99):.1f} ms; worker starts -> committed and moved: "
+            f"p50 {percentile(works, 0.5):.1f} ms, p99 {percentile(works, 0.99):.1f} ms"
+        )
     slowest = sorted(zip(ms, ingest_ms, strict=True), reverse=True)[:5]
     print(
         "  slowest drops (visible ms / ingest ms):",
