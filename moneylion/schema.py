@@ -86,6 +86,8 @@ def connect(path: Path, memory_limit: str = "1GB", threads: int = 2) -> duckdb.D
                 # Nothing may download at run time (the machine may be offline).
                 "autoinstall_known_extensions": False,
                 "autoload_known_extensions": False,
+                # A daemon's console is for its log lines; the CLI turns the bar on itself.
+                "enable_progress_bar": False,
             },
         )
     except duckdb.IOException as exc:
