@@ -12,7 +12,7 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
-from litestar import MediaType, Request, Response
+from litestar import MediaType
 from litestar.exceptions import HTTPException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.plugins.problem_details import (
@@ -90,25 +90,6 @@ class SeedApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def _seed_error_response(_: Request[Any, Any, Any], exc: Exception) -> Response[SeedError]:
-    if isinstance(exc, SeedApiError):
-        return Response(SeedError(exc.message), status_code=exc.status)
-    if isinstance(exc, WarehouseUnavailable):
-        return Response(SeedError(str(exc)), status_code=503)
-    if isinstance(exc, HTTPException):
-        return Response(SeedError(exc.detail), status_code=exc.status_code)
-    return Response(SeedError("Internal Server Error"), status_code=500)
-
-
-# Router-level handlers win over the app's problem-details ones for the /api routes.
-SEED_EXCEPTION_HANDLERS: dict[int | type[Exception], Any] = {
-    SeedApiError: _seed_error_response,
-    WarehouseUnavailable: _seed_error_response,
-    HTTPException: _seed_error_response,
-    Exception: _seed_error_response,
-}
 
 
 def status_of(exc: Exception) -> int:

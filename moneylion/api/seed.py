@@ -15,16 +15,18 @@ numbers rounded to cents.
 from __future__ import annotations
 
 import datetime as dt
-import re
+from typing import Annotated, Any
 
-from litestar import Router, get
+from litestar import Request, Response, Router, get
 from litestar.datastructures import State
-from litestar.params import FromQuery
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.params import QueryParameter
 
 from moneylion import health, logs
-from moneylion.api.errors import SEED_EXCEPTION_HANDLERS, SeedApiError, seed_spec
+from moneylion.api.errors import SeedApiError, seed_spec
 from moneylion.api.models import (
     SeedDailyTotal,
+    SeedError,
     SeedHealth,
     SeedLogCounts,
     SeedTopUser,
@@ -32,12 +34,18 @@ from moneylion.api.models import (
     seed_number,
 )
 from moneylion.api.queries import daily_totals, user_summary
-from moneylion.api.warehouse import ApiContext
+from moneylion.api.warehouse import ApiContext, WarehouseUnavailable
 
 SEED_TOP_USERS = 10
-MAX_BIGINT = 2**63 - 1
-_DIGITS = re.compile(r"[0-9]{1,19}")
-_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+# Digits only: a lenient int parse would take "1e3" or " 12" (DuckDB and msgspec both do).
+# 18 digits always fit a BIGINT.
+USER_ID_PATTERN = r"^[0-9]{1,18}$"
+
+# (message when missing or empty, message when malformed) per query parameter, in the seed's words.
+PARAMETER_ERRORS = {
+    "user_id": ("user_id is required", "user_id must be a positive integer"),
+    "date": ("Missing required query parameter: date", "Invalid date (expected YYYY-MM-DD): {raw}"),
+}
 
 
 def context(state: State) -> ApiContext:
@@ -45,27 +53,27 @@ def context(state: State) -> ApiContext:
     return ctx
 
 
-def parse_user_id(raw: str | None) -> int:
-    """The seed's user_id check, made strict: required, digits only, within BIGINT."""
-    if raw is None or not raw.strip():
-        raise SeedApiError(400, "user_id is required")
-    text = raw.strip()
-    if not _DIGITS.fullmatch(text) or int(text) > MAX_BIGINT:
-        raise SeedApiError(400, "user_id must be a positive integer")
-    return int(text)
+def seed_error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[SeedError]:
+    """Any error on an /api route as the seed's ``{"error": message}``."""
+    if isinstance(exc, ValidationException):
+        return Response(SeedError(_parameter_error(request, exc)), status_code=400)
+    if isinstance(exc, SeedApiError):
+        return Response(SeedError(exc.message), status_code=exc.status)
+    if isinstance(exc, WarehouseUnavailable):
+        return Response(SeedError(str(exc)), status_code=503)
+    if isinstance(exc, HTTPException):
+        return Response(SeedError(exc.detail), status_code=exc.status_code)
+    return Response(SeedError("Internal Server Error"), status_code=500)
 
 
-def parse_date(raw: str | None) -> dt.date:
-    """A real calendar date written YYYY-MM-DD."""
-    if raw is None or not raw.strip():
-        raise SeedApiError(400, "Missing required query parameter: date")
-    text = raw.strip()
-    try:
-        if not _ISO_DATE.fullmatch(text):
-            raise ValueError(text)
-        return dt.date.fromisoformat(text)
-    except ValueError:
-        raise SeedApiError(400, f"Invalid date: {text!r} (expected YYYY-MM-DD)") from None
+def _parameter_error(request: Request[Any, Any, Any], exc: ValidationException) -> str:
+    # Each seed route takes one query parameter, so the route says which one was wrong.
+    parameters = request.route_handler.parsed_fn_signature.parameters
+    for key, (missing, malformed) in PARAMETER_ERRORS.items():
+        if key in parameters:
+            raw = request.query_params.get(key)
+            return missing if raw is None or not raw.strip() else malformed.format(raw=raw)
+    return exc.detail
 
 
 @get(
@@ -77,12 +85,14 @@ def parse_date(raw: str | None) -> dt.date:
     },
 )
 def user_transaction_summary(
-    state: State, user_id: FromQuery[str | None] = None
+    state: State,
+    user_id: Annotated[
+        str, QueryParameter(pattern=USER_ID_PATTERN, description="digits only (up to 18)")
+    ],
 ) -> list[SeedUserSummary]:
     """Totals of one user's transactions (zeros if the user has none)."""
-    uid = parse_user_id(user_id)
     with context(state).cursor() as cursor:
-        found = user_summary(cursor, uid)
+        found = user_summary(cursor, int(user_id))
     if found is None or not found.known:
         raise SeedApiError(404, "User not found")
     return [
@@ -114,13 +124,14 @@ def top_users(state: State) -> list[SeedTopUser]:
         404: seed_spec("No transactions on that date"),
     },
 )
-def daily_transactions(state: State, date: FromQuery[str | None] = None) -> list[SeedDailyTotal]:
+def daily_transactions(
+    state: State, date: Annotated[dt.date, QueryParameter(description="YYYY-MM-DD")]
+) -> list[SeedDailyTotal]:
     """Per-type totals of one day, ordered by type."""
-    day = parse_date(date)
     with context(state).cursor() as cursor:
-        rows = daily_totals(cursor, day, day)
+        rows = daily_totals(cursor, date, date)
     if not rows:
-        raise SeedApiError(404, f"No transactions found for date: {date.strip() if date else day}")
+        raise SeedApiError(404, f"No transactions found for date: {date.isoformat()}")
     return [
         SeedDailyTotal(
             r.transaction_date.isoformat(), r.transaction_type, seed_number(r.total_amount)
@@ -175,6 +186,10 @@ seed_router = Router(
         api_health,
         log_monitor,
     ],
-    exception_handlers=SEED_EXCEPTION_HANDLERS,
+    # Handlers are looked up by the exception's MRO over all layers merged, so every class the
+    # app maps to problem details (HTTPException, ...) is mapped again here to the seed's shape.
+    exception_handlers=dict.fromkeys(
+        (HTTPException, WarehouseUnavailable, SeedApiError, Exception), seed_error_response
+    ),
     tags=["seed-compatible"],
 )

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from litestar import Router, get
 from litestar.datastructures import State
@@ -38,19 +38,30 @@ from moneylion.api.models import (
 from moneylion.api.queries import daily_totals, file_detail, files_page, rejects_page, user_summary
 from moneylion.api.warehouse import ApiContext
 
-MAX_ID = 2**63 - 1
+# Ids travel as digit strings (1 to 18 digits, so they always fit a BIGINT): an integer bound
+# near 2**63 is rounded through a float by JSON-schema tools (9223372036854776000) and broken.
+ID_PATTERN = r"^[1-9][0-9]{0,17}$"
+MAX_OFFSET = 2**53 - 1  # the largest integer a float (so every JSON tool) keeps exact
 MAX_PAGE = 1000
 # The widest range /v1/daily accepts when a bound is left out.
 EARLIEST = dt.date(1, 1, 1)
 LATEST = dt.date(9999, 12, 31)
 
-Id = Annotated[int, PathParameter(ge=1, le=MAX_ID)]
+Id = Annotated[str, PathParameter(pattern=ID_PATTERN, description="a positive integer")]
 Limit = Annotated[int, QueryParameter(ge=1, le=MAX_PAGE, description="page size (1-1000)")]
-Offset = Annotated[int, QueryParameter(ge=0, le=MAX_ID, description="rows to skip")]
+Offset = Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET, description="rows to skip")]
 TransactionType = Literal["deposit", "withdrawal", "purchase"]
 
 _BAD_REQUEST = problem_spec("A parameter is missing or malformed")
 _NOT_FOUND = problem_spec("Not found")
+
+
+def utc(row: dict[str, Any]) -> dict[str, Any]:
+    """The ledger stores naive UTC timestamps; say so in the JSON (``...Z``)."""
+    for key in ("received_at", "finished_at"):
+        if isinstance(row[key], dt.datetime) and row[key].tzinfo is None:
+            row[key] = row[key].replace(tzinfo=dt.UTC)
+    return row
 
 
 def context(state: State) -> ApiContext:
@@ -59,16 +70,14 @@ def context(state: State) -> ApiContext:
 
 
 @get(
-    "/users/{user_id:int}/summary",
+    "/users/{user_id:str}/summary",
     sync_to_thread=True,
     responses={400: _BAD_REQUEST, 404: _NOT_FOUND},
 )
-def user_summary_v1(
-    state: State, user_id: Annotated[int, PathParameter(ge=1, le=MAX_ID)]
-) -> UserSummary:
+def user_summary_v1(state: State, user_id: Id) -> UserSummary:
     """A user's transaction totals (zeros for a profile without transactions)."""
     with context(state).cursor() as cursor:
-        found = user_summary(cursor, user_id)
+        found = user_summary(cursor, int(user_id))
     if found is None:
         raise problem(404, f"no user {user_id} (no profile and no transactions)")
     return UserSummary(
@@ -118,8 +127,7 @@ def daily_v1(
     """Per-day, per-type totals in [from, to], ordered by date then type."""
     first = date_from or EARLIEST
     last = date_to or LATEST
-    if first > last:
-        raise problem(400, f"'from' ({first}) is after 'to' ({last})")
+    # from > to is an empty range, hence no days (not an error).
     with context(state).cursor() as cursor:
         rows = daily_totals(cursor, first, last, transaction_type)
     return DailyTotals(
@@ -139,35 +147,35 @@ def files_v1(state: State, limit: Limit = 100, offset: Offset = 0) -> FilesPage:
     with context(state).cursor() as cursor:
         total, rows = files_page(cursor, limit, offset)
     return FilesPage(
-        total=total, limit=limit, offset=offset, items=[FileEntry(**row) for row in rows]
+        total=total, limit=limit, offset=offset, items=[FileEntry(**utc(row)) for row in rows]
     )
 
 
-@get("/files/{file_id:int}", sync_to_thread=True, responses={400: _BAD_REQUEST, 404: _NOT_FOUND})
+@get("/files/{file_id:str}", sync_to_thread=True, responses={400: _BAD_REQUEST, 404: _NOT_FOUND})
 def file_v1(state: State, file_id: Id) -> FileDetail:
     """One ledger row, with its rejected rows counted per reason."""
     with context(state).cursor() as cursor:
-        found = file_detail(cursor, file_id)
+        found = file_detail(cursor, int(file_id))
     if found is None:
         raise problem(404, f"no file {file_id} in the ledger")
     row, reasons = found
-    return FileDetail(**row, rejected_by_reason=reasons)
+    return FileDetail(**utc(row), rejected_by_reason=reasons)
 
 
 @get(
-    "/files/{file_id:int}/rejects",
+    "/files/{file_id:str}/rejects",
     sync_to_thread=True,
     responses={400: _BAD_REQUEST, 404: _NOT_FOUND},
 )
 def rejects_v1(state: State, file_id: Id, limit: Limit = 100, offset: Offset = 0) -> RejectsPage:
     """A file's rejected rows in line order, one page: line, reason code, message, raw line."""
     with context(state).cursor() as cursor:
-        found = rejects_page(cursor, file_id, limit, offset)
+        found = rejects_page(cursor, int(file_id), limit, offset)
     if found is None:
         raise problem(404, f"no file {file_id} in the ledger")
     total, rows = found
     return RejectsPage(
-        file_id=file_id,
+        file_id=int(file_id),
         total=total,
         limit=limit,
         offset=offset,
