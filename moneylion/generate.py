@@ -54,9 +54,9 @@ BAD_VARIANTS = (
 
 def _connect() -> duckdb.DuckDBPyConnection:
     # One thread keeps the output order identical from run to run.
-    return duckdb.connect(
-        config={"threads": 1, "preserve_insertion_order": True, "enable_progress_bar": False}
-    )
+    conn = duckdb.connect(config={"threads": 1, "preserve_insertion_order": True})
+    conn.execute("SET enable_progress_bar = false")
+    return conn
 
 
 def write_users(path: Path, users: int, *, seed: int = 0, first_id: int = 1) -> Path:

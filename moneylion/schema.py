@@ -86,8 +86,6 @@ def connect(path: Path, memory_limit: str = "1GB", threads: int = 2) -> duckdb.D
                 # Nothing may download at run time (the machine may be offline).
                 "autoinstall_known_extensions": False,
                 "autoload_known_extensions": False,
-                # A daemon's console is for its log lines; the CLI turns the bar on itself.
-                "enable_progress_bar": False,
             },
         )
     except duckdb.IOException as exc:
@@ -97,6 +95,8 @@ def connect(path: Path, memory_limit: str = "1GB", threads: int = 2) -> duckdb.D
                 "(is a moneylion daemon already running on it?)"
             ) from exc
         raise
+    # A daemon's console is for its log lines; the CLI turns the bar on itself.
+    conn.execute("SET enable_progress_bar = false")
     migrate(conn)
     return conn
 
