@@ -83,7 +83,8 @@ def environment_failure(path: Path, reason: str, exc: BaseException) -> dict[str
 
 
 class IngestWorker(threading.Thread):
-    """Takes files from the queue in arrival order, ingests, moves them out, exports."""
+    """Takes files from the queue in arrival order, ingests each, moves it out, and pokes the
+    exporter after every commit."""
 
     def __init__(
         self,
@@ -138,6 +139,8 @@ class IngestWorker(threading.Thread):
             reason = "unreadable" if isinstance(exc, OSError) else "ingest_error"
             self._retry_or_fail(taken, reason, exc)
             return
+        if outcome.status != "duplicate_file" and self.on_commit is not None:
+            self.on_commit()  # a new ledger row (loaded or failed) is there to export
         try:
             moved = self.queue.finish(path, then=lambda: self._move(outcome))
         except OSError as exc:
@@ -151,8 +154,6 @@ class IngestWorker(threading.Thread):
             log.info("file_changed_while_ingesting", extra={"fields": {"file": path.name}})
         self.files_done += 1
         self.last_file_at = time.time()
-        if outcome.status == "loaded" and self.on_commit is not None:
-            self.on_commit()
 
     def _move(self, outcome: FileOutcome) -> None:
         """Loaded and duplicate files go to done/, failed ones to failed/ with their reason."""
@@ -160,7 +161,13 @@ class IngestWorker(threading.Thread):
             target = move_without_overwrite(
                 outcome.path, self.config.failed_dir, companion_suffix=".reason.json"
             )
-            write_reason(target, outcome.reason_document())
+            try:
+                write_reason(target, outcome.reason_document())
+            except OSError as exc:  # the file is set aside; the ledger still has the reason
+                log.error(
+                    "reason_not_written",
+                    extra={"fields": {"file": outcome.name, "error": str(exc)}},
+                )
         else:
             target = move_without_overwrite(outcome.path, self.config.done_dir)
         log.info(
