@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from moneylion.config import Config, load_config  # noqa: E402
 from moneylion.export import export_new  # noqa: E402
+from moneylion.generate import write_transactions as write_generated  # noqa: E402
 from moneylion.ingest import ingest_file  # noqa: E402
 from moneylion.schema import open_warehouse  # noqa: E402
 from tests.daemon_process import (  # noqa: E402
@@ -36,40 +37,18 @@ from tests.daemon_process import (  # noqa: E402
 
 OUT = REPO / "bench" / "out"
 USERS = 1_000_000
+DROP_IDS_FROM = 10**12
 
 
 def base_csv(transactions: int) -> Path:
-    """A transactions CSV with ids 1..transactions (moneylion.generate when it exists)."""
-    folder = OUT / f"latency-{transactions}"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "transactions.csv"
-    if path.exists():
-        return path
-    try:
-        from moneylion.generate import generate
-    except ImportError:
-        generate = None
-    if generate is not None:
-        written = generate(folder, users=USERS, transactions=transactions, bad_rate=0.0, seed=1)
-        found = [p for p in written if "transaction" in p.name]
-        if found:
-            return found[0] if found[0] == path else Path(shutil.move(found[0], path))
-    import duckdb
-
-    # Fallback: DuckDB writes it in seconds (deterministic hashes, amounts with two decimals).
-    duckdb.connect().execute(
-        f"""
-        COPY (
-            SELECT i AS transaction_id,
-                   1 + hash(i) % {USERS} AS user_id,
-                   DATE '2022-01-01' + CAST(hash(i * 7) % 365 AS INTEGER) AS transaction_date,
-                   CAST((1 + hash(i * 13) % 500000) / 100 AS DECIMAL(18, 2)) AS amount,
-                   ['deposit', 'withdrawal', 'purchase'][1 + CAST(hash(i * 17) % 3 AS INTEGER)]
-                       AS transaction_type
-            FROM range(1, {transactions + 1}) t(i)
-        ) TO '{path}' (HEADER)
-        """
-    )
+    """A transactions CSV of ``transactions`` rows from moneylion.generate, cached."""
+    path = OUT / f"latency-{transactions}" / "transactions.csv"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        write_generated(path.with_suffix(".building"), transactions, users=USERS, seed=1)
+        os.rename(path.with_suffix(".building"), path)
+        print(f"generated {transactions:,} transactions ({time.perf_counter() - started:.1f} s)")
     return path
 
 
@@ -132,7 +111,8 @@ def main() -> None:
     staging.mkdir()
     probes: list[tuple[Path, int]] = []
     for n in range(args.drops):
-        rows = random_transactions(rng, args.transactions + 1 + n * args.rows, args.rows, USERS)
+        first_id = DROP_IDS_FROM + n * args.rows  # far above the generated ids
+        rows = random_transactions(rng, first_id, args.rows, USERS)
         probe_user = 2 * USERS + n  # a user only this file mentions: visible iff the file is
         rows[-1] = (rows[-1][0], probe_user, *rows[-1][2:])
         probes.append((write_transactions(staging / f"drop-{n:03d}.csv", rows), probe_user))
