@@ -38,6 +38,7 @@ import logging
 import os
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -54,6 +55,10 @@ log = logging.getLogger(__name__)
 EXPORT_FORMAT = "moneylion-sqlite-export 1"
 ROWS_PER_STATEMENT = 100  # multi-row VALUES: ~1.8x the throughput of one row per statement
 ARROW_BATCH_ROWS = 200_000
+CACHE_KIB = 262_144  # page cache of the exporter's connection: holds 1M users' totals
+DELTAS_IN_PYTHON_ROWS = 50_000
+CHECKPOINT_EVERY_CHANGES = 20_000  # rows written between two background WAL checkpoints
+WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is cut back to this after a checkpoint
 
 SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -114,27 +119,37 @@ _USERS = _Copy(
     WHERE file_id <= $hi ORDER BY user_id""",
 )
 
+# The extra ``cents`` column is not written to SQLite: small increments add it up per user and
+# per day in Python (see _Deltas).
 _TRANSACTIONS = _Copy(
     "transactions",
     "transaction_id, user_id, transaction_date, amount, transaction_type",
     """SELECT transaction_id, user_id, transaction_date::VARCHAR, amount::DOUBLE,
-        transaction_type::VARCHAR
+        transaction_type::VARCHAR, (amount * 100)::BIGINT AS cents
     FROM transactions WHERE file_id > $lo AND file_id <= $hi ORDER BY transaction_id""",
     """SELECT transaction_id, user_id, transaction_date::VARCHAR, amount::DOUBLE,
         transaction_type::VARCHAR
     FROM transactions WHERE file_id <= $hi ORDER BY transaction_id""",
 )
 
+# Incrementally the aggregates are not copied but ADDED: per-user and per-day deltas of the new
+# transactions are added to the stored totals in exact integer cents (_ADD_USER_TOTALS,
+# _ADD_DAILY_TOTALS). Copying the touched user_totals rows out of DuckDB instead costs a join
+# with its 1M rows (~12 ms for 1,000 users). Transactions are immutable and only appended, so the
+# sums of the deltas equal DuckDB's maintained totals; the tests compare with a full export, which
+# copies. Up to DELTAS_IN_PYTHON_ROWS new rows the deltas are summed in Python from the rows being
+# copied anyway (a DuckDB GROUP BY costs ~3 ms even for 1,000 rows); above it, by DuckDB.
 _USER_TOTALS = _Copy(
     "user_totals",
     "user_id, tx_count, total_amount, total_deposit, total_withdrawal, total_purchase,"
     " first_date, last_date",
-    """SELECT user_id, tx_count, total_amount::VARCHAR, total_deposit::VARCHAR,
-        total_withdrawal::VARCHAR, total_purchase::VARCHAR, first_date::VARCHAR,
-        last_date::VARCHAR
-    FROM user_totals
-    WHERE user_id IN (SELECT user_id FROM transactions WHERE file_id > $lo AND file_id <= $hi)
-    ORDER BY user_id""",
+    """SELECT user_id, count(*), sum(amount)::VARCHAR,
+        coalesce(sum(amount) FILTER (transaction_type = 'deposit'), 0)::DECIMAL(38, 2)::VARCHAR,
+        coalesce(sum(amount) FILTER (transaction_type = 'withdrawal'), 0)::DECIMAL(38, 2)::VARCHAR,
+        coalesce(sum(amount) FILTER (transaction_type = 'purchase'), 0)::DECIMAL(38, 2)::VARCHAR,
+        min(transaction_date)::VARCHAR, max(transaction_date)::VARCHAR
+    FROM transactions WHERE file_id > $lo AND file_id <= $hi
+    GROUP BY user_id ORDER BY user_id""",
     """SELECT user_id, tx_count, total_amount::VARCHAR, total_deposit::VARCHAR,
         total_withdrawal::VARCHAR, total_purchase::VARCHAR, first_date::VARCHAR,
         last_date::VARCHAR
@@ -144,15 +159,39 @@ _USER_TOTALS = _Copy(
 _DAILY_TOTALS = _Copy(
     "daily_totals",
     "transaction_date, transaction_type, tx_count, total_amount",
-    """SELECT transaction_date::VARCHAR, transaction_type::VARCHAR, tx_count,
-        total_amount::VARCHAR
-    FROM daily_totals
-    WHERE transaction_date IN (
-        SELECT transaction_date FROM transactions WHERE file_id > $lo AND file_id <= $hi)
-    ORDER BY 1, 2""",
+    """SELECT transaction_date::VARCHAR, transaction_type::VARCHAR, count(*),
+        sum(amount)::VARCHAR
+    FROM transactions WHERE file_id > $lo AND file_id <= $hi
+    GROUP BY ALL ORDER BY 1, 2""",
     """SELECT transaction_date::VARCHAR, transaction_type::VARCHAR, tx_count,
         total_amount::VARCHAR
     FROM daily_totals ORDER BY 1, 2""",
+)
+
+
+def _add_decimal_text(column: str) -> str:
+    """SQL setting a two-decimal TEXT total to itself plus ``excluded``'s, in integer cents."""
+    cents = (
+        f"(CAST(replace({column}, '.', '') AS INTEGER)"
+        f" + CAST(replace(excluded.{column}, '.', '') AS INTEGER))"
+    )
+    return f"{column} = printf('%d.%02d', {cents} / 100, {cents} % 100)"  # totals are >= 0
+
+
+_ADD_USER_TOTALS = "ON CONFLICT (user_id) DO UPDATE SET " + ", ".join(
+    [
+        "tx_count = tx_count + excluded.tx_count",
+        *map(
+            _add_decimal_text,
+            ("total_amount", "total_deposit", "total_withdrawal", "total_purchase"),
+        ),
+        "first_date = min(first_date, excluded.first_date)",
+        "last_date = max(last_date, excluded.last_date)",
+    ]
+)
+_ADD_DAILY_TOTALS = (
+    "ON CONFLICT (transaction_date, transaction_type) DO UPDATE SET "
+    f"tx_count = tx_count + excluded.tx_count, {_add_decimal_text('total_amount')}"
 )
 
 # Small (Config.top_users_kept rows): replaced whole whenever transactions arrived.
@@ -163,7 +202,55 @@ _TOP_USERS = _Copy(
     "SELECT rank, user_id, tx_count FROM top_users ORDER BY rank",
 )
 
-_AGGREGATES = (_USER_TOTALS, _DAILY_TOTALS)
+_TYPE_COLUMN = {"deposit": 2, "withdrawal": 3, "purchase": 4}  # in a _Deltas.users entry
+
+
+def _money(cents: int) -> str:
+    return f"{cents // 100}.{cents % 100:02d}"  # totals are >= 0
+
+
+class _Deltas:
+    """Per-user and per-day sums of new transactions, in integer cents."""
+
+    def __init__(self) -> None:
+        # user_id -> [count, total, deposit, withdrawal, purchase, first_date, last_date]
+        self.users: dict[int, list[Any]] = {}
+        self.daily: dict[tuple[str, str], list[int]] = {}  # (date, type) -> [count, cents]
+
+    def add(self, columns: list[list[Any]]) -> None:
+        """Columns of a transactions batch: id, user_id, date, amount, type, cents."""
+        users, daily = self.users, self.daily
+        for user_id, date, kind, cents in zip(
+            columns[1], columns[2], columns[4], columns[5], strict=True
+        ):
+            entry = users.get(user_id)
+            if entry is None:
+                entry = users[user_id] = [0, 0, 0, 0, 0, date, date]
+            entry[0] += 1
+            entry[1] += cents
+            entry[_TYPE_COLUMN[kind]] += cents
+            if date < entry[5]:
+                entry[5] = date
+            if date > entry[6]:
+                entry[6] = date
+            day = daily.get((date, kind))
+            if day is None:
+                day = daily[(date, kind)] = [0, 0]
+            day[0] += 1
+            day[1] += cents
+
+    def user_rows(self) -> list[tuple[Any, ...]]:
+        return [
+            (user_id, e[0], _money(e[1]), _money(e[2]), _money(e[3]), _money(e[4]), e[5], e[6])
+            for user_id, e in sorted(self.users.items())
+        ]
+
+    def daily_rows(self) -> list[tuple[Any, ...]]:
+        return [
+            (date, kind, count, _money(cents))
+            for (date, kind), (count, cents) in sorted(self.daily.items())
+        ]
+
 
 # Fault injection for the crash tests: called with the name of each step as it is reached
 # ("sqlite_begun", "rows_written", "before_commit", "committed", "aside_written",
@@ -216,52 +303,50 @@ def export_new(conn: duckdb.DuckDBPyConnection, sqlite_path: Path) -> ExportResu
     """
     started = time.perf_counter()
     sqlite_path = Path(sqlite_path)
-    if not sqlite_path.exists():
-        return export_full(conn, sqlite_path)
-    _remove_database(_aside(sqlite_path))  # left by a full export that was killed
-    try:
-        return _export_increment(conn, sqlite_path, started)
-    except _RebuildNeeded as reason:
-        log.warning(
-            "sqlite_export_rebuild",
-            extra={"fields": {"sqlite": str(sqlite_path), "reason": str(reason)}},
-        )
-        return export_full(conn, sqlite_path)
+    with _writer_lock:
+        if not sqlite_path.exists():
+            return _export_full_locked(conn, sqlite_path, started)
+        try:
+            return _export_increment(conn, sqlite_path, started)
+        except _RebuildNeeded as reason:
+            log.warning(
+                "sqlite_export_rebuild",
+                extra={"fields": {"sqlite": str(sqlite_path), "reason": str(reason)}},
+            )
+            return _export_full_locked(conn, sqlite_path, started)
 
 
 def _export_increment(
     conn: duckdb.DuckDBPyConnection, sqlite_path: Path, started: float
 ) -> ExportResult:
-    lite = _open_sqlite(sqlite_path)
+    writer = _writer(sqlite_path)
+    lite = writer.lite
     try:
         # IMMEDIATE: take the write lock before reading the watermark, so two exporters could
         # never both export the same range.
         lite.execute("BEGIN IMMEDIATE")
-        try:
-            last = _watermark(lite)
-            with _snapshot(conn) as cur:
-                high, high_sha = _high_file(cur)
-                if last > 0 and _file_sha(cur, last) != _state(lite, "last_file_sha256"):
-                    raise _RebuildNeeded(f"file #{last} differs from the warehouse's")
-                if high < last:
-                    raise _RebuildNeeded(f"exported up to file #{last}, warehouse has #{high}")
-                if high == last:
-                    lite.execute("ROLLBACK")
-                    return ExportResult(
-                        sqlite_path, False, 0, 0, 0, last, last, time.perf_counter() - started
-                    )
-                _reached("sqlite_begun")
-                counts = _copy_range(cur, lite, last, high, full=False)
-            _write_state(lite, high, high_sha)
-            _reached("before_commit")
-            lite.execute("COMMIT")
-        except BaseException:
-            if lite.in_transaction:
+        last = _watermark(lite)
+        with _snapshot(conn) as cur:
+            high, high_sha, last_sha = _high_file(cur, last)
+            if (last_sha or "") != _state(lite, "last_file_sha256"):
+                raise _RebuildNeeded(f"file #{last} differs from the warehouse's")
+            if high < last:
+                raise _RebuildNeeded(f"exported up to file #{last}, warehouse has #{high}")
+            if high == last:
                 lite.execute("ROLLBACK")
-            raise
+                return ExportResult(
+                    sqlite_path, False, 0, 0, 0, last, last, time.perf_counter() - started
+                )
+            _reached("sqlite_begun")
+            counts = _copy_range(cur, lite, last, high, full=False)
+        _write_state(lite, high, high_sha)
+        _reached("before_commit")
+        lite.execute("COMMIT")
         _reached("committed")
-    finally:
-        lite.close()
+    except BaseException:
+        _drop_writer()  # rolls back whatever is open; the next export reopens
+        raise
+    _after_commit(writer)
     result = ExportResult(sqlite_path, False, *counts, last, high, time.perf_counter() - started)
     _log_result(result)
     return result
@@ -270,7 +355,13 @@ def _export_increment(
 def export_full(conn: duckdb.DuckDBPyConnection, sqlite_path: Path) -> ExportResult:
     """Rebuild the SQLite file from one DuckDB snapshot: write aside, then rename over it."""
     started = time.perf_counter()
-    sqlite_path = Path(sqlite_path)
+    with _writer_lock:
+        return _export_full_locked(conn, Path(sqlite_path), started)
+
+
+def _export_full_locked(
+    conn: duckdb.DuckDBPyConnection, sqlite_path: Path, started: float
+) -> ExportResult:
     sqlite_path.parent.mkdir(parents=True, exist_ok=True)
     aside = _aside(sqlite_path)
     _remove_database(aside)
@@ -280,10 +371,10 @@ def export_full(conn: duckdb.DuckDBPyConnection, sqlite_path: Path) -> ExportRes
         # no journal and no fsync while building it.
         lite.execute("PRAGMA journal_mode=OFF")
         lite.execute("PRAGMA synchronous=OFF")
-        lite.execute("PRAGMA cache_size=-65536")
+        lite.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         lite.executescript(SQLITE_SCHEMA)
         with _snapshot(conn) as cur:
-            high, high_sha = _high_file(cur)
+            high, high_sha, _ = _high_file(cur, 0)
             lite.execute("BEGIN")
             counts = _copy_range(cur, lite, 0, high, full=True)
         _write_state(lite, high, high_sha)
@@ -293,6 +384,7 @@ def export_full(conn: duckdb.DuckDBPyConnection, sqlite_path: Path) -> ExportRes
         lite.close()
     _fsync(aside)
     _reached("aside_written")
+    _drop_writer()
     _retire_wal(sqlite_path)
     _reached("before_rename")
     os.replace(aside, sqlite_path)
@@ -314,6 +406,7 @@ def run_export(config: Config, full: bool) -> int:
         print(f"moneylion export: {config.sqlite_path}: {exc}", file=sys.stderr)
         return 1
     finally:
+        close_sqlite()
         conn.close()
     print(result.summary())
     return 0
@@ -337,17 +430,17 @@ def _snapshot(conn: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnec
         cur.close()
 
 
-def _high_file(cur: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:
-    """The highest file id in the snapshot and its sha256 (0, None for an empty warehouse)."""
-    rows = cur.execute("SELECT file_id, sha256 FROM files ORDER BY file_id DESC LIMIT 1").fetchall()
-    if not rows:
-        return 0, None
-    return int(rows[0][0]), str(rows[0][1])
-
-
-def _file_sha(cur: duckdb.DuckDBPyConnection, file_id: int) -> str | None:
-    rows = cur.execute("SELECT sha256 FROM files WHERE file_id = ?", [file_id]).fetchall()
-    return str(rows[0][0]) if rows else None
+def _high_file(cur: duckdb.DuckDBPyConnection, last: int) -> tuple[int, str | None, str | None]:
+    """The highest file id in the snapshot (0 when empty), its sha256, and file #last's."""
+    rows = cur.execute(
+        """SELECT coalesce(max(file_id), 0),
+            arg_max(sha256, file_id),
+            (SELECT sha256 FROM files WHERE file_id = $last)
+        FROM files""",
+        {"last": last},
+    ).fetchall()
+    high, high_sha, last_sha = rows[0]
+    return int(high), high_sha, last_sha
 
 
 def _copy_range(
@@ -361,40 +454,196 @@ def _copy_range(
     """Copy files (lo, hi] into the open SQLite transaction; (files, users, transactions)."""
     bounds = {"lo": lo, "hi": hi}
 
-    def copy(spec: _Copy) -> int:
-        query = spec.all_rows if full else spec.new_rows
+    def read(query: str) -> Any:
         params = {name: value for name, value in bounds.items() if f"${name}" in query}
-        reader = cur.sql(query, params=params or None).to_arrow_reader(ARROW_BATCH_ROWS)
-        return _insert_batches(lite, spec.table, spec.columns, reader, replace=not full)
+        return cur.sql(query, params=params or None).to_arrow_reader(ARROW_BATCH_ROWS)
 
-    files = copy(_FILES)
-    users = copy(_USERS)
-    transactions = copy(_TRANSACTIONS)
-    if transactions or full:
-        for spec in _AGGREGATES:
-            copy(spec)
+    if full:
+        counts = [
+            _insert_batches(lite, spec.table, spec.columns, read(spec.all_rows), "INSERT")
+            for spec in (_FILES, _USERS, _TRANSACTIONS, _USER_TOTALS, _DAILY_TOTALS, _TOP_USERS)
+        ]
+        _reached("rows_written")
+        return counts[0], counts[1], counts[2]
+
+    files = _insert_batches(
+        lite, "files", _FILES.columns, read(_FILES.new_rows), "INSERT OR REPLACE"
+    )
+    loaded = _rows_loaded_by_kind(lite, lo, hi)
+    users = transactions = 0
+    in_python, deltas = True, _Deltas()
+    if loaded.get("users"):
+        users = _insert_batches(
+            lite, "users", _USERS.columns, read(_USERS.new_rows), "INSERT OR REPLACE"
+        )
+    if loaded.get("transactions"):
+        in_python = loaded["transactions"] <= DELTAS_IN_PYTHON_ROWS
+        transactions = _insert_batches(
+            lite,
+            "transactions",
+            _TRANSACTIONS.columns,
+            read(_TRANSACTIONS.new_rows),
+            "INSERT OR REPLACE",
+            on_columns=deltas.add if in_python else None,
+        )
+    if transactions:
+        for spec, on_conflict, rows in (
+            (_USER_TOTALS, _ADD_USER_TOTALS, deltas.user_rows),
+            (_DAILY_TOTALS, _ADD_DAILY_TOTALS, deltas.daily_rows),
+        ):
+            if in_python:
+                _insert_rows(lite, spec.table, spec.columns, rows(), "INSERT", on_conflict)
+            else:
+                batches = read(spec.new_rows)
+                _insert_batches(lite, spec.table, spec.columns, batches, "INSERT", on_conflict)
         lite.execute("DELETE FROM top_users")
-        copy(_TOP_USERS)
+        _insert_batches(lite, "top_users", _TOP_USERS.columns, read(_TOP_USERS.new_rows), "INSERT")
     _reached("rows_written")
     return files, users, transactions
 
 
+def _rows_loaded_by_kind(lite: sqlite3.Connection, lo: int, hi: int) -> dict[str, int]:
+    """Rows the loaded files of the range added, by kind (from the ledger rows just copied)."""
+    rows = lite.execute(
+        "SELECT kind, sum(rows_loaded) FROM files"
+        " WHERE file_id > ? AND file_id <= ? AND status = 'loaded' GROUP BY kind",
+        (lo, hi),
+    ).fetchall()
+    return {str(kind): int(count) for kind, count in rows}
+
+
 # --- writing SQLite -------------------------------------------------------------------------
+
+# The exporter keeps one connection open between exports, its page cache warmed with the user
+# totals: 1,000 random users touch ~1,000 pages, and reading them cold costs ~40 ms per export.
+# WAL checkpoints run on a thread of their own (_Checkpointer), so no export waits for one.
+_writer_lock = threading.RLock()
+
+
+@dataclass
+class _Writer:
+    path: Path
+    identity: tuple[int, int]  # (st_dev, st_ino): a full export replaces the file
+    lite: sqlite3.Connection
+    checkpointer: _Checkpointer
+    changes_at_checkpoint: int = 0
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        self.lite.close()  # an open transaction rolls back
+
+
+_open_writer: _Writer | None = None
+
+
+def _writer(path: Path) -> _Writer:
+    """The cached writer for ``path``, reopened if the file was replaced meanwhile."""
+    global _open_writer
+    stat = path.stat()
+    identity = (stat.st_dev, stat.st_ino)
+    if _open_writer is not None:
+        if _open_writer.path == path and _open_writer.identity == identity:
+            return _open_writer
+        _drop_writer()
+    _remove_database(_aside(path))  # left by a full export that was killed
+    lite = _open_sqlite(path)
+    lite.execute("SELECT max(tx_count) FROM user_totals").fetchall()  # warm the page cache
+    _open_writer = _Writer(path, identity, lite, _Checkpointer(path), lite.total_changes)
+    return _open_writer
+
+
+def _drop_writer() -> None:
+    global _open_writer
+    if _open_writer is not None:
+        _open_writer.close()
+        _open_writer = None
+
+
+def close_sqlite() -> None:
+    """Close the exporter's SQLite connection (the daemon calls this when it stops)."""
+    with _writer_lock:
+        _drop_writer()
 
 
 def _open_sqlite(path: Path) -> sqlite3.Connection:
     """A connection in autocommit mode (we issue BEGIN/COMMIT), WAL, synchronous=NORMAL."""
-    lite = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    lite = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
     try:
         lite.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a power cut may lose the last commits, never consistency. The
         # watermark rolls back with the rows it describes, so the next export redoes them.
         lite.execute("PRAGMA synchronous=NORMAL")
+        lite.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        # The automatic checkpoint (every 1,000 pages) would run inside nearly every COMMIT.
+        lite.execute("PRAGMA wal_autocheckpoint=0")
+        lite.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         lite.executescript(SQLITE_SCHEMA)
     except BaseException:
         lite.close()
         raise
     return lite
+
+
+def _after_commit(writer: _Writer) -> None:
+    """Ask for a checkpoint once enough rows changed since the last one."""
+    changes = writer.lite.total_changes
+    if changes - writer.changes_at_checkpoint >= CHECKPOINT_EVERY_CHANGES:
+        writer.changes_at_checkpoint = changes
+        writer.checkpointer.request()
+
+
+class _Checkpointer:
+    """Copies the WAL back into the database on its own thread and connection.
+
+    PASSIVE checkpoints never block readers or the writer; the writer keeps appending meanwhile.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        self._wake.set()
+
+    def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        lite = sqlite3.connect(self._path, isolation_level=None, timeout=30.0)
+        try:
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                if self._stopping:
+                    return
+                self._checkpoint(lite)
+        finally:
+            lite.close()
+
+    def _checkpoint(self, lite: sqlite3.Connection) -> None:
+        started = time.perf_counter()
+        try:
+            busy, frames, copied = lite.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error:
+            log.exception("sqlite_checkpoint_failed", extra={"fields": {"sqlite": str(self._path)}})
+            return
+        log.debug(
+            "sqlite_checkpoint",
+            extra={
+                "fields": {
+                    "sqlite": str(self._path),
+                    "frames": frames,
+                    "copied": copied,
+                    "busy": busy,
+                    "seconds": round(time.perf_counter() - started, 4),
+                }
+            },
+        )
 
 
 def _state(lite: sqlite3.Connection, key: str) -> str | None:
@@ -427,38 +676,66 @@ def _insert_batches(
     table: str,
     columns: str,
     batches: Iterable[Any],
+    verb: str,
+    on_conflict: str = "",
     *,
-    replace: bool,
+    on_columns: Callable[[list[list[Any]]], None] | None = None,
 ) -> int:
-    """Insert Arrow record batches; returns the row count.
+    """Insert Arrow record batches (their leading columns); returns the row count.
 
     Columns become Python lists with Arrow's ``to_pylist`` and are interleaved into one flat list
-    by slice assignment (C speed); ``ROWS_PER_STATEMENT`` rows go into each INSERT, which halves
-    the per-row cost of sqlite3's ``executemany``.
+    by slice assignment (C speed). ``on_columns`` sees every batch's lists, extra columns too.
     """
     width = columns.count(",") + 1
-    verb = "INSERT OR REPLACE" if replace else "INSERT"
-    one_row = "(" + ", ".join("?" * width) + ")"
-    head = f"{verb} INTO {table} ({columns}) VALUES "
-    single = head + one_row
-    multi = head + ", ".join([one_row] * ROWS_PER_STATEMENT)
     total = 0
     for batch in batches:
         rows = batch.num_rows
         if rows == 0:
             continue
-        flat: list[object] = [None] * (rows * width)
-        for position, column in enumerate(batch.columns):
-            flat[position::width] = column.to_pylist()
-        whole = (rows // ROWS_PER_STATEMENT) * ROWS_PER_STATEMENT * width
-        if whole:
-            groups = itertools.islice(flat, whole)
-            lite.executemany(multi, zip(*[groups] * (ROWS_PER_STATEMENT * width), strict=False))
-        if whole < len(flat):
-            rest = iter(flat[whole:])
-            lite.executemany(single, zip(*[rest] * width, strict=False))
+        lists = [column.to_pylist() for column in batch.columns]
+        if on_columns is not None:
+            on_columns(lists)
+        flat: list[Any] = [None] * (rows * width)
+        for position in range(width):
+            flat[position::width] = lists[position]
+        _insert_flat(lite, table, columns, flat, verb, on_conflict)
         total += rows
     return total
+
+
+def _insert_rows(
+    lite: sqlite3.Connection,
+    table: str,
+    columns: str,
+    rows: list[tuple[Any, ...]],
+    verb: str,
+    on_conflict: str = "",
+) -> int:
+    _insert_flat(lite, table, columns, list(itertools.chain.from_iterable(rows)), verb, on_conflict)
+    return len(rows)
+
+
+def _insert_flat(
+    lite: sqlite3.Connection,
+    table: str,
+    columns: str,
+    flat: list[Any],
+    verb: str,
+    on_conflict: str,
+) -> None:
+    """Insert rows laid end to end in ``flat``, ``ROWS_PER_STATEMENT`` rows per INSERT: that
+    nearly halves the per-row cost of sqlite3's ``executemany`` (1.37M vs 0.75M rows/s)."""
+    width = columns.count(",") + 1
+    one_row = "(" + ", ".join("?" * width) + ")"
+    head = f"{verb} INTO {table} ({columns}) VALUES "
+    whole = (len(flat) // (width * ROWS_PER_STATEMENT)) * width * ROWS_PER_STATEMENT
+    if whole:
+        multi = f"{head}{', '.join([one_row] * ROWS_PER_STATEMENT)} {on_conflict}"
+        groups = itertools.islice(flat, whole)
+        lite.executemany(multi, zip(*[groups] * (ROWS_PER_STATEMENT * width), strict=False))
+    if whole < len(flat):
+        rest = iter(flat[whole:])
+        lite.executemany(f"{head}{one_row} {on_conflict}", zip(*[rest] * width, strict=False))
 
 
 def _retire_wal(sqlite_path: Path) -> None:

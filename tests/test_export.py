@@ -9,6 +9,7 @@ import csv
 import random
 import sqlite3
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 from moneylion import export
 from moneylion.aggregates import verify
 from moneylion.config import Config
-from moneylion.export import export_full, export_new, run_export
+from moneylion.export import close_sqlite, export_full, export_new, run_export
 from moneylion.ingest import ingest_file
 from moneylion.schema import open_warehouse
 
@@ -41,6 +42,13 @@ ORDER BY n DESC, user_id LIMIT 10"""
 SEED_DAILY = """
 SELECT transaction_type, COUNT(*), SUM(amount) FROM transactions
 WHERE transaction_date = ? GROUP BY transaction_type"""
+
+
+@pytest.fixture(autouse=True)
+def close_exporter() -> Iterator[None]:
+    """The exporter keeps its SQLite connection open between exports; close it after each test."""
+    yield
+    close_sqlite()
 
 
 def write(path: Path, header: str, rows: list[str]) -> Path:
@@ -417,3 +425,44 @@ def test_cli_export_catches_up_and_full_rebuilds(
         assert verify(conn) == []
     finally:
         conn.close()
+
+
+def test_large_increments_add_the_deltas_duckdb_computes(
+    warehouse: duckdb.DuckDBPyConnection,
+    config: Config,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(export, "DELTAS_IN_PYTHON_ROWS", 0)  # every increment counts as large
+    export_new(warehouse, config.sqlite_path)
+    for path in random_files(tmp_path / "files", 12, seed=8):
+        ingest_file(warehouse, path, config)
+        export_new(warehouse, config.sqlite_path)
+    assert_equals_full_export(warehouse, config.sqlite_path)
+    assert verify(warehouse) == []
+
+
+def test_background_checkpoints_keep_the_file_whole_and_close_removes_the_wal(
+    warehouse: duckdb.DuckDBPyConnection,
+    config: Config,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    checkpoints: list[object] = []
+    real_checkpoint = export._Checkpointer._checkpoint
+
+    def counted(self: export._Checkpointer, lite: sqlite3.Connection) -> None:
+        real_checkpoint(self, lite)
+        checkpoints.append(lite)
+
+    monkeypatch.setattr(export, "CHECKPOINT_EVERY_CHANGES", 1)
+    monkeypatch.setattr(export._Checkpointer, "_checkpoint", counted)
+    export_new(warehouse, config.sqlite_path)
+    for path in random_files(tmp_path / "files", 10, seed=9):
+        ingest_file(warehouse, path, config)
+        export_new(warehouse, config.sqlite_path)
+    close_sqlite()  # joins the checkpoint thread
+    assert checkpoints
+    assert not config.sqlite_path.with_name("moneylion.sqlite-wal").exists()
+    assert_equals_full_export(warehouse, config.sqlite_path)
+    assert verify(warehouse) == []

@@ -19,7 +19,12 @@ from moneylion.config import Config
 from moneylion.export import export_new
 from moneylion.ingest import ingest_file
 from moneylion.schema import open_warehouse
-from tests.test_export import assert_equals_full_export, dump_sqlite, random_files
+from tests.test_export import (  # noqa: F401 (close_exporter: an autouse fixture)
+    assert_equals_full_export,
+    close_exporter,
+    dump_sqlite,
+    random_files,
+)
 
 # A child process: ingest the files (the DuckDB commits), then export; SIGKILL itself when the
 # exporter reaches the named step ("-" never).
