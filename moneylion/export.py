@@ -546,7 +546,12 @@ def _writer(path: Path) -> _Writer:
             return _open_writer
         _drop_writer()
     _remove_database(_aside(path))  # left by a full export that was killed
-    lite = _open_sqlite(path)
+    try:
+        lite = _open_sqlite(path)
+    except sqlite3.OperationalError:  # locked, unreadable: the environment, not the file
+        raise
+    except sqlite3.DatabaseError as exc:  # not a database, malformed
+        raise _RebuildNeeded(str(exc)) from exc
     lite.execute("SELECT max(tx_count) FROM user_totals").fetchall()  # warm the page cache
     _open_writer = _Writer(path, identity, lite, _Checkpointer(path), lite.total_changes)
     return _open_writer
@@ -746,12 +751,19 @@ def _retire_wal(sqlite_path: Path) -> None:
     """
     if not sqlite_path.exists():
         return
+    wal = sqlite_path.with_name(sqlite_path.name + "-wal")
     lite = sqlite3.connect(sqlite_path, isolation_level=None, timeout=30.0)
     try:
         busy = lite.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    except sqlite3.OperationalError:
+        raise
+    except sqlite3.DatabaseError:  # not a database: nobody can be reading it, drop its WAL
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                sqlite_path.with_name(sqlite_path.name + suffix).unlink()
+        return
     finally:
         lite.close()
-    wal = sqlite_path.with_name(sqlite_path.name + "-wal")
     if busy and busy[0] and wal.exists() and wal.stat().st_size > 0:
         raise sqlite3.OperationalError(
             f"cannot replace {sqlite_path}: a reader holds its WAL (busy checkpoint)"

@@ -466,3 +466,25 @@ def test_background_checkpoints_keep_the_file_whole_and_close_removes_the_wal(
     assert not config.sqlite_path.with_name("moneylion.sqlite-wal").exists()
     assert_equals_full_export(warehouse, config.sqlite_path)
     assert verify(warehouse) == []
+
+
+@pytest.mark.parametrize("content", ["garbage", "seed_sqlite"])
+def test_a_file_that_is_not_our_export_is_rebuilt(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path, content: str
+) -> None:
+    if content == "garbage":
+        config.sqlite_path.write_bytes(b"not a database at all" * 100)
+    else:  # the seed's own SQLite file: its tables, no export_state
+        lite = sqlite3.connect(config.sqlite_path)
+        lite.execute(
+            "CREATE TABLE users (user_id INTEGER PRIMARY KEY, signup_date TEXT, country TEXT)"
+        )
+        lite.execute("INSERT INTO users VALUES (99, '2020-01-01', 'Chile')")
+        lite.commit()
+        lite.close()
+    ingest_file(warehouse, write(tmp_path / "u.csv", USERS_HEADER, ["1,2022-01-02,Japan"]), config)
+    result = export_new(warehouse, config.sqlite_path)
+    assert result.full
+    assert dump_sqlite(config.sqlite_path)["users"] == [(1, "2022-01-02", "Japan")]
+    assert_equals_full_export(warehouse, config.sqlite_path)
+    assert verify(warehouse) == []
