@@ -488,3 +488,32 @@ def test_a_file_that_is_not_our_export_is_rebuilt(
     assert dump_sqlite(config.sqlite_path)["users"] == [(1, "2022-01-02", "Japan")]
     assert_equals_full_export(warehouse, config.sqlite_path)
     assert verify(warehouse) == []
+
+
+def test_exporting_a_transaction_twice_fails_loudly_instead_of_counting_it_twice(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    ingest_file(warehouse, write(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
+    export_new(warehouse, config.sqlite_path)
+    ingest_file(warehouse, write(tmp_path / "b.csv", TX_HEADER, ["2,1,2022-01-02,7,deposit"]))
+    export_new(warehouse, config.sqlite_path)
+    close_sqlite()
+    lite = sqlite3.connect(config.sqlite_path)  # a watermark wound back by hand
+    sha_1 = warehouse.execute("SELECT sha256 FROM files WHERE file_id = 1").fetchall()[0][0]
+    lite.executemany(
+        "UPDATE export_state SET value = ? WHERE key = ?",
+        [("1", "last_file_id"), (sha_1, "last_file_sha256")],
+    )
+    lite.commit()
+    lite.close()
+    before = dump_sqlite(config.sqlite_path)
+
+    with pytest.raises(sqlite3.IntegrityError):
+        export_new(warehouse, config.sqlite_path)
+    assert dump_sqlite(config.sqlite_path) == before  # rolled back whole
+    assert before["user_totals"] == [
+        (1, 2, "12.00", "12.00", "0.00", "0.00", "2022-01-01", "2022-01-02")
+    ]
+    export_full(warehouse, config.sqlite_path)
+    assert_equals_full_export(warehouse, config.sqlite_path)
+    assert verify(warehouse) == []
