@@ -69,12 +69,21 @@ def inbox_backlog(inbox: Path) -> int:
     return count
 
 
-def seconds_since_last_file(cursor: duckdb.DuckDBPyConnection) -> float | None:
-    """Age of the newest finished file in the ledger, None when the ledger is empty."""
+def last_file_finished(cursor: duckdb.DuckDBPyConnection) -> float | None:
+    """When the newest file in the ledger finished (epoch seconds), None for an empty ledger."""
     row = cursor.execute(_LAST_FILE_EPOCH_MS).fetchone()
     if row is None or row[0] is None:
         return None
-    return max(0.0, time.time() - float(row[0]) / 1000.0)
+    return float(row[0]) / 1000.0
+
+
+def seconds_since(epoch: float | None) -> float | None:
+    return None if epoch is None else max(0.0, time.time() - epoch)
+
+
+def seconds_since_last_file(cursor: duckdb.DuckDBPyConnection) -> float | None:
+    """Age of the newest finished file in the ledger, None when the ledger is empty."""
+    return seconds_since(last_file_finished(cursor))
 
 
 def _disk_percent(path: Path) -> float:
@@ -84,8 +93,8 @@ def _disk_percent(path: Path) -> float:
     return float(psutil.disk_usage(str(probe)).percent)
 
 
-def read_health(config: Config, cursor: duckdb.DuckDBPyConnection | None) -> HealthReading:
-    """All readings; ``cursor`` (a fresh read cursor) is only used for the ledger's last file."""
+def read_health(config: Config, last_finished: float | None) -> HealthReading:
+    """All readings; ``last_finished`` is last_file_finished() of the ledger (epoch seconds)."""
     process = _self()
     return HealthReading(
         cpu_usage_percent=float(psutil.cpu_percent(interval=None)),
@@ -95,5 +104,5 @@ def read_health(config: Config, cursor: duckdb.DuckDBPyConnection | None) -> Hea
         process_rss_bytes=int(process.memory_info().rss),
         uptime_seconds=max(0.0, time.time() - float(process.create_time())),
         inbox_backlog=inbox_backlog(config.inbox),
-        seconds_since_last_file=seconds_since_last_file(cursor) if cursor is not None else None,
+        seconds_since_last_file=seconds_since(last_finished),
     )

@@ -703,3 +703,36 @@ def test_reads_see_a_file_entirely_or_not_at_all(
     assert 300_000 in seen
     assert verify(conn, top_users_kept=config.top_users_kept) == []
     conn.close()
+
+
+def test_cached_answers_change_as_soon_as_a_file_commits(
+    tmp_path: Path, seed_files: tuple[Path, Path]
+) -> None:
+    config = load_config(environ={}).with_overrides(
+        inbox=tmp_path / "inbox", warehouse=tmp_path / "warehouse"
+    )
+    conn = open_warehouse(config)
+    ingest_file(conn, seed_files[0], config)
+    ingest_file(conn, seed_files[1], config)
+    burst = tmp_path / "burst.csv"
+    burst.write_text(
+        "transaction_id,user_id,transaction_date,amount,transaction_type\n"
+        + "".join(f"{5_000_000 + i},7777,1999-12-31,1.00,deposit\n" for i in range(500))
+    )
+    with TestClient(app=create_app(config, conn)) as test_client:
+        before = test_client.get("/api/top_users").json()
+        assert before == test_client.get("/api/top_users").json()  # served from the cache
+        assert test_client.get("/api/daily_transactions?date=1999-12-31").status_code == 404
+        age = test_client.get("/api/health").json()["seconds_since_last_file"]
+        ingest_file(conn, burst, config)
+        after = test_client.get("/api/top_users").json()
+        seed_count = sum(1 for line in seed_files[1].open() if line.split(",")[1] == "7777")
+        assert after[0]["user_id"] == 7777
+        assert after[0]["transaction_count"] == seed_count + 500
+        assert after[1:] == before[:9]
+        day = test_client.get("/api/daily_transactions?date=1999-12-31").json()
+        assert day == [
+            {"transaction_date": "1999-12-31", "transaction_type": "deposit", "daily_total": 500.0}
+        ]
+        assert test_client.get("/api/health").json()["seconds_since_last_file"] <= age
+    conn.close()

@@ -33,7 +33,7 @@ from moneylion.api.models import (
     SeedUserSummary,
     seed_number,
 )
-from moneylion.api.queries import daily_totals, user_summary
+from moneylion.api.queries import daily_totals, ranked_users, top_of, user_summary
 from moneylion.api.warehouse import ApiContext, WarehouseUnavailable
 
 SEED_TOP_USERS = 10
@@ -107,29 +107,32 @@ def user_transaction_summary(
     ]
 
 
-@get("/top_users", sync_to_thread=True)
-def top_users(state: State) -> list[SeedTopUser]:
+@get("/top_users")
+async def top_users(state: State) -> list[SeedTopUser]:
     """The ten users with most transactions (ties: smaller user_id first)."""
     ctx = context(state)
-    with ctx.cursor() as cursor:
-        ranked = ctx.top_users.top(cursor, SEED_TOP_USERS, known_only=True)
-    return [SeedTopUser(u.user_id, u.country, u.tx_count) for u in ranked]
+    ranked = await ctx.cache.get("top_users", lambda: ctx.run(ranked_users))
+    return [
+        SeedTopUser(u.user_id, u.country, u.tx_count)
+        for u in top_of(ranked, SEED_TOP_USERS, known_only=True)
+    ]
 
 
 @get(
     "/daily_transactions",
-    sync_to_thread=True,
     responses={
         400: seed_spec("date missing or not a YYYY-MM-DD date"),
         404: seed_spec("No transactions on that date"),
     },
 )
-def daily_transactions(
+async def daily_transactions(
     state: State, date: Annotated[dt.date, QueryParameter(description="YYYY-MM-DD")]
 ) -> list[SeedDailyTotal]:
     """Per-type totals of one day, ordered by type."""
-    with context(state).cursor() as cursor:
-        rows = daily_totals(cursor, date, date)
+    ctx = context(state)
+    rows = await ctx.cache.get(
+        ("daily", date, date, None), lambda: ctx.run(lambda c: daily_totals(c, date, date))
+    )
     if not rows:
         raise SeedApiError(404, f"No transactions found for date: {date.isoformat()}")
     return [
@@ -140,15 +143,14 @@ def daily_transactions(
     ]
 
 
-@get("/health", sync_to_thread=True)
-def api_health(state: State) -> SeedHealth:
+@get("/health")
+async def api_health(state: State) -> SeedHealth:
     """Host, process and inbox readings; never waits (CPU usage is since the previous call)."""
     ctx = context(state)
+    last = None
     if ctx.db is not None:
-        with ctx.cursor() as cursor:
-            reading = health.read_health(ctx.config, cursor)
-    else:
-        reading = health.read_health(ctx.config, None)
+        last = await ctx.cache.get("last_file", lambda: ctx.run(health.last_file_finished))
+    reading = health.read_health(ctx.config, last)
     return SeedHealth(
         cpu_usage=reading.cpu_usage_percent,
         num_cores=reading.num_cores,

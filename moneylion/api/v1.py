@@ -35,7 +35,15 @@ from moneylion.api.models import (
     UserSummary,
     money,
 )
-from moneylion.api.queries import daily_totals, file_detail, files_page, rejects_page, user_summary
+from moneylion.api.queries import (
+    daily_totals,
+    file_detail,
+    files_page,
+    ranked_users,
+    rejects_page,
+    top_of,
+    user_summary,
+)
 from moneylion.api.warehouse import ApiContext
 
 # Ids travel as digit strings (1 to 18 digits, so they always fit a BIGINT): an integer bound
@@ -95,8 +103,8 @@ def user_summary_v1(state: State, user_id: Id) -> UserSummary:
     )
 
 
-@get("/users/top", sync_to_thread=True, responses={400: _BAD_REQUEST})
-def top_users_v1(
+@get("/users/top", responses={400: _BAD_REQUEST})
+async def top_users_v1(
     state: State,
     limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE, description="how many (1-1000)")] = 10,
 ) -> TopUsers:
@@ -105,16 +113,15 @@ def top_users_v1(
     At most ``Config.top_users_kept`` users are ranked.
     """
     ctx = context(state)
-    with ctx.cursor() as cursor:
-        ranked = ctx.top_users.top(cursor, limit)
+    ranked = await ctx.cache.get("top_users", lambda: ctx.run(ranked_users))
     return TopUsers(
         limit=limit,
-        users=[TopUser(u.rank, u.user_id, u.country, u.tx_count) for u in ranked],
+        users=[TopUser(u.rank, u.user_id, u.country, u.tx_count) for u in top_of(ranked, limit)],
     )
 
 
-@get("/daily", sync_to_thread=True, responses={400: _BAD_REQUEST})
-def daily_v1(
+@get("/daily", responses={400: _BAD_REQUEST})
+async def daily_v1(
     state: State,
     date_from: Annotated[
         dt.date | None, QueryParameter(name="from", description="first day (inclusive)")
@@ -128,8 +135,11 @@ def daily_v1(
     first = date_from or EARLIEST
     last = date_to or LATEST
     # from > to is an empty range, hence no days (not an error).
-    with context(state).cursor() as cursor:
-        rows = daily_totals(cursor, first, last, transaction_type)
+    ctx = context(state)
+    rows = await ctx.cache.get(
+        ("daily", first, last, transaction_type),
+        lambda: ctx.run(lambda c: daily_totals(c, first, last, transaction_type)),
+    )
     return DailyTotals(
         date_from=first,
         date_to=last,

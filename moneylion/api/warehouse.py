@@ -1,15 +1,18 @@
-"""The API's handle on the warehouse: one shared connection, a fresh read cursor per request."""
+"""The API's handle on the warehouse: one shared connection, a fresh read cursor per query."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import duckdb
 
-from moneylion.api.queries import TopUsersCache
+from moneylion.api.cache import SnapshotCache
 from moneylion.config import Config
+
+T = TypeVar("T")
 
 
 class WarehouseUnavailable(RuntimeError):
@@ -23,13 +26,22 @@ class ApiContext:
     config: Config
     db: duckdb.DuckDBPyConnection | None = None
     readiness: Callable[[], bool] | None = None
-    top_users: TopUsersCache = field(default_factory=TopUsersCache)
+    cache: SnapshotCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        path = self.config.duckdb_path
+        self.cache = SnapshotCache((path, path.with_name(path.name + ".wal")))
 
     def ready(self) -> bool:
         """Ready when the warehouse is open and the daemon's own check (if any) passes."""
         if self.db is None:
             return False
         return self.readiness() if self.readiness is not None else True
+
+    def run(self, query: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """``query`` on a fresh cursor (call from a worker thread)."""
+        with self.cursor() as cursor:
+            return query(cursor)
 
     @contextmanager
     def cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
