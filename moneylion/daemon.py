@@ -36,6 +36,7 @@ MAX_ATTEMPTS = 5  # tries per file for errors of the environment before it goes 
 BACKOFF_SECONDS = (0.5, 1.0, 2.0, 4.0)
 # Let the current file finish this long; after that it is interrupted and rolled back.
 STOP_GRACE_SECONDS = 2.0
+EXPORT_MIN_INTERVAL = 0.25  # seconds between two SQLite exports while commits keep coming
 
 
 def move_without_overwrite(path: Path, folder: Path, *, companion_suffix: str = "") -> Path:
@@ -237,8 +238,11 @@ class SqliteExporter(threading.Thread):
         conn: duckdb.DuckDBPyConnection,
         sqlite_path: Path,
         export: Callable[[duckdb.DuckDBPyConnection, Path], object] = export_new,
+        *,
+        min_interval: float = EXPORT_MIN_INTERVAL,
     ) -> None:
         super().__init__(name="sqlite-exporter", daemon=True)
+        self.min_interval = min_interval
         self.conn = conn
         self.sqlite_path = sqlite_path
         self.export = export
@@ -252,13 +256,19 @@ class SqliteExporter(threading.Thread):
 
     def run(self) -> None:
         failures = 0
+        last_export = -self.min_interval
         self._wanted.set()  # catch up first: a crash may have come between commit and export
         while not self._stopping.is_set():
             if not self._wanted.wait(timeout=0.5):
                 continue
+            # While a backlog drains, commits come every few ms: gather them into one export.
+            pause = last_export + self.min_interval - time.monotonic()
+            if pause > 0 and self._stopping.wait(pause):
+                break
             if self._stopping.is_set():
                 break
             self._wanted.clear()
+            last_export = time.monotonic()
             try:
                 self.export(self.conn, self.sqlite_path)
             except Exception:  # never stops ingest; the next export catches up
