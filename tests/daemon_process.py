@@ -82,7 +82,7 @@ class DaemonProcess:
         env.update(self.extra_env)
         return env
 
-    def start(self, *, wait_ready: bool = True, timeout: float = 30.0) -> None:
+    def start(self, *, wait_ready: bool = True, timeout: float = 60.0) -> None:
         self.warehouse.mkdir(parents=True, exist_ok=True)
         self.starts += 1
         log = (self.warehouse / f"child-{self.starts}.err").open("wb")
@@ -109,7 +109,7 @@ class DaemonProcess:
         except httpx.HTTPError:
             return False
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
         wait_for(self.ready, timeout, "the daemon to be ready")
 
     def get(self, path: str, **params: Any) -> Any:
@@ -326,7 +326,7 @@ def crash_trial(base: Path, seed: int, *, files: int = 30, rows: int = 200) -> T
         feed(float("inf"))
         wait_for(
             lambda: len(daemon.folder("done")) + len(daemon.folder("failed")) >= len(stream),
-            60,
+            180,
             "every file in done/",
         )
         code = daemon.stop()
