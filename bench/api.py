@@ -31,6 +31,8 @@ from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -214,7 +216,12 @@ def main() -> None:
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as loader:
             loader.submit(drive, daemon.port, make_plan(400, args.users, days, 0), 200.0).result()
             idle_plan = make_plan(int(args.rate * args.seconds), args.users, days, 1)
+            server = psutil.Process(daemon.proc.pid) if daemon.proc is not None else None
+            cpu_before = sum(server.cpu_times()[:2]) if server is not None else 0.0
             samples, lag = loader.submit(drive, daemon.port, idle_plan, args.rate).result()
+            cpu_per_request = (
+                (sum(server.cpu_times()[:2]) - cpu_before) / len(samples) * 1000 if server else 0.0
+            )
             first, last = min(s[1] for s in samples), max(s[1] for s in samples)
             print(
                 f"\nAPI on {args.users:,} users / {args.transactions:,} transactions, "
@@ -222,6 +229,11 @@ def main() -> None:
                 f"(worst client lag behind schedule {lag * 1000:.1f} ms)"
             )
             report("idle", samples, first, last)
+            print(
+                f"  server CPU {cpu_per_request:.2f} ms per request; load average "
+                + " ".join(f"{x:.1f}" for x in os.getloadavg())
+                + " (other processes on the machine included)"
+            )
 
             busy_plan = make_plan(int(args.rate * args.ingest_seconds), args.users, days, 2)
             future = loader.submit(drive, daemon.port, busy_plan, args.rate)

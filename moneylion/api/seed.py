@@ -8,8 +8,11 @@ Semantics kept from the seed (which started every user query from ``users``):
 * ``/api/top_users`` likewise lists only users in ``users`` (the seed joined them), ten of them,
   most transactions first, ties by smaller user_id.
 
-Malformed parameters are a seed-style 400 (``{"error": ...}``), never a 500. Amounts are JSON
-numbers rounded to cents.
+Parameters are validated by Litestar against the documented schema (``user_id``: 1-18 digits,
+nothing else; ``date``: a real ``YYYY-MM-DD`` day) and any failure is answered in the seed's
+words and shape (``{"error": "user_id is required"}``, ...), never a 500. Amounts are JSON
+numbers rounded to cents. Top users, a day's totals and the last file's age are served from
+``cache.SnapshotCache`` until the next commit.
 """
 
 from __future__ import annotations

@@ -4,8 +4,13 @@
   (transactions, no profile yet) has ``known_user: false`` and ``country: null``; a profile
   without transactions has zero totals. Neither -> 404.
 * ``/v1/users/top`` ranks everyone with transactions, orphans included (country null).
-* ``/v1/daily`` lists per-day, per-type totals in an inclusive date range.
+* ``/v1/daily`` lists per-day, per-type totals in an inclusive date range (``from`` after
+  ``to`` is an empty range, not an error).
 * ``/v1/files`` pages the ledger; ``/v1/files/{id}/rejects`` pages a file's rejected rows.
+
+Ids in paths are 1-18 digits (anything else is a 400): every such id fits a BIGINT, and a
+digit pattern survives JSON-schema tools that would round an integer bound near 2**63.
+Ledger timestamps are UTC (``...Z``).
 """
 
 from __future__ import annotations
