@@ -664,12 +664,20 @@ def test_a_failing_warehouse_gives_500_without_a_stack_trace(config: Config) -> 
         with TestClient(app=create_app(config, conn)) as test_client:
             v1 = test_client.get("/v1/users/1/summary")
             seed = test_client.get("/api/user_transaction_summary?user_id=1")
+            ready = test_client.get("/v1/health/ready")
+            host = test_client.get("/api/health")
+            metrics = parse_metrics(test_client.get("/metrics").text)
+        assert ready.status_code == 503
+        assert ready.json()["detail"] == "not ready: the warehouse does not answer"
+        assert host.status_code == 200  # host readings without the ledger's last file
+        assert host.json()["seconds_since_last_file"] is None
+        assert metrics["moneylion_warehouse_up"] == 0
         assert v1.status_code == 500
         assert v1.headers["content-type"].startswith("application/problem+json")
         assert "Traceback" not in v1.text
         assert seed.status_code == 500
         assert seed.json() == {"error": "Internal Server Error"}
-        assert logs.level_counts(config)["ERROR"] == 2
+        assert logs.level_counts(config)["ERROR"] == 3  # two 500s and the failed scrape
         assert "Traceback" in console.getvalue()  # the trace goes to the log, not the client
     finally:
         logs.teardown_logging()

@@ -18,6 +18,7 @@ numbers rounded to cents. Top users, a day's totals and the last file's age are 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from typing import Annotated, Any
 
 from litestar import Request, Response, Router, get
@@ -38,6 +39,8 @@ from moneylion.api.models import (
 )
 from moneylion.api.queries import daily_totals, ranked_users, top_of, user_summary
 from moneylion.api.warehouse import ApiContext, WarehouseUnavailable
+
+log = logging.getLogger(__name__)
 
 SEED_TOP_USERS = 10
 # Digits only: a lenient int parse would take "1e3" or " 12" (DuckDB and msgspec both do).
@@ -152,7 +155,10 @@ async def api_health(state: State) -> SeedHealth:
     ctx = context(state)
     last = None
     if ctx.db is not None:
-        last = await ctx.cache.get("last_file", lambda: ctx.run(health.last_file_finished))
+        try:
+            last = await ctx.cache.get("last_file", lambda: ctx.run(health.last_file_finished))
+        except Exception as exc:  # host readings are still worth answering with
+            log.warning("health_ledger_unreadable", extra={"fields": {"error": str(exc)}})
     reading = health.read_health(ctx.config, last)
     return SeedHealth(
         cpu_usage=reading.cpu_usage_percent,

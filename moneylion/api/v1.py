@@ -16,8 +16,11 @@ Ledger timestamps are UTC (``...Z``).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from typing import Annotated, Any, Literal
 
+import anyio.to_thread
+import duckdb
 from litestar import Router, get
 from litestar.datastructures import State
 from litestar.params import PathParameter, QueryParameter
@@ -50,6 +53,8 @@ from moneylion.api.queries import (
     user_summary,
 )
 from moneylion.api.warehouse import ApiContext
+
+log = logging.getLogger(__name__)
 
 # Ids travel as digit strings (1 to 18 digits, so they always fit a BIGINT): an integer bound
 # near 2**63 is rounded through a float by JSON-schema tools (9223372036854776000) and broken.
@@ -209,15 +214,22 @@ async def live() -> Liveness:
     responses={503: problem_spec("The warehouse is not open or the watcher is not running")},
 )
 async def ready(state: State) -> Readiness:
-    """200 once the warehouse is open and the daemon's workers run, else 503."""
+    """200 once the warehouse is open and answers and the daemon's workers run, else 503."""
     ctx = context(state)
+    if ctx.db is None:
+        raise problem(503, "not ready: the warehouse is not open")
+    try:
+        await anyio.to_thread.run_sync(ctx.run, _ping)
+    except Exception as exc:
+        log.warning("warehouse_unusable", extra={"fields": {"error": str(exc)}})
+        raise problem(503, "not ready: the warehouse does not answer") from None
     if not ctx.ready():
-        raise problem(
-            503,
-            "not ready: "
-            + ("the warehouse is not open" if ctx.db is None else "the watcher is not running"),
-        )
+        raise problem(503, "not ready: the watcher is not running")
     return Readiness(status="ready", warehouse_open=True)
+
+
+def _ping(cursor: duckdb.DuckDBPyConnection) -> None:
+    cursor.execute("SELECT 1").fetchall()
 
 
 @get("/logs/stats", sync_to_thread=True)
