@@ -111,6 +111,8 @@ class _Copy:
     all_rows: str  # everything, in primary-key order (appends to SQLite's b-tree are cheapest)
 
 
+# Incrementally: the ledger rows from the last exported file on, read first. The last exported
+# file's sha256 tells whether the SQLite file belongs to this warehouse; the others are the range.
 _FILES = _Copy(
     "files",
     "file_id, name, sha256, kind, status, rows_total, rows_loaded, rows_duplicate, rows_rejected,"
@@ -118,7 +120,7 @@ _FILES = _Copy(
     """SELECT file_id, name, sha256, kind, status, rows_total, rows_loaded, rows_duplicate,
         rows_rejected, size_bytes, received_at::VARCHAR, finished_at::VARCHAR, seconds,
         error_reason, error
-    FROM files WHERE file_id > $lo AND file_id <= $hi ORDER BY file_id""",
+    FROM files WHERE file_id >= $lo ORDER BY file_id""",
     """SELECT file_id, name, sha256, kind, status, rows_total, rows_loaded, rows_duplicate,
         rows_rejected, size_bytes, received_at::VARCHAR, finished_at::VARCHAR, seconds,
         error_reason, error
@@ -149,24 +151,34 @@ _TRANSACTIONS = _Copy(
     FROM transactions WHERE file_id <= $hi ORDER BY transaction_id""",
 )
 
-# Incrementally the aggregates are not copied but ADDED: per-user and per-day deltas of the new
-# transactions are added to the stored totals in exact integer cents (_ADD_USER_TOTALS,
-# _ADD_DAILY_TOTALS). Copying the touched user_totals rows out of DuckDB instead costs a join
-# with its 1M rows (~12 ms for 1,000 users). Transactions are immutable and only appended, so the
-# sums of the deltas equal DuckDB's maintained totals; the tests compare with a full export, which
-# copies. Up to DELTAS_IN_PYTHON_ROWS new rows the deltas are summed in Python from the rows being
-# copied anyway (a DuckDB GROUP BY costs ~3 ms even for 1,000 rows); above it, by DuckDB.
+# Incrementally the aggregates are not copied but ADDED: the new transactions' per-user and
+# per-day sums, in integer cents, are added to the stored TEXT totals inside SQLite
+# (_ADD_USER_TOTALS, _ADD_DAILY_TOTALS). Copying the touched user_totals rows out of DuckDB
+# instead costs a join with its 1M rows (~12 ms for 1,000 users). Transactions are immutable and
+# only appended, so the sums of the deltas equal DuckDB's maintained totals; the tests compare
+# with a full export, which copies. Up to DELTAS_IN_PYTHON_ROWS new rows the deltas are summed
+# in Python from the rows being copied anyway (a DuckDB GROUP BY costs ~3 ms even for 1,000
+# rows); above it by DuckDB, with these queries (same columns as _Deltas' rows).
+_USER_DELTAS = """
+SELECT user_id, count(*)::BIGINT, sum(cents)::BIGINT,
+    coalesce(sum(cents) FILTER (transaction_type = 'deposit'), 0)::BIGINT,
+    coalesce(sum(cents) FILTER (transaction_type = 'withdrawal'), 0)::BIGINT,
+    coalesce(sum(cents) FILTER (transaction_type = 'purchase'), 0)::BIGINT,
+    min(transaction_date)::VARCHAR, max(transaction_date)::VARCHAR
+FROM (SELECT *, (amount * 100)::BIGINT AS cents FROM transactions
+      WHERE file_id > $lo AND file_id <= $hi)
+GROUP BY user_id ORDER BY user_id"""
+_DAILY_DELTAS = """
+SELECT transaction_date::VARCHAR, transaction_type::VARCHAR, count(*)::BIGINT,
+    sum((amount * 100)::BIGINT)::BIGINT
+FROM transactions WHERE file_id > $lo AND file_id <= $hi
+GROUP BY ALL ORDER BY 1, 2"""
+
 _USER_TOTALS = _Copy(
     "user_totals",
     "user_id, tx_count, total_amount, total_deposit, total_withdrawal, total_purchase,"
     " first_date, last_date",
-    """SELECT user_id, count(*), sum(amount)::VARCHAR,
-        coalesce(sum(amount) FILTER (transaction_type = 'deposit'), 0)::DECIMAL(38, 2)::VARCHAR,
-        coalesce(sum(amount) FILTER (transaction_type = 'withdrawal'), 0)::DECIMAL(38, 2)::VARCHAR,
-        coalesce(sum(amount) FILTER (transaction_type = 'purchase'), 0)::DECIMAL(38, 2)::VARCHAR,
-        min(transaction_date)::VARCHAR, max(transaction_date)::VARCHAR
-    FROM transactions WHERE file_id > $lo AND file_id <= $hi
-    GROUP BY user_id ORDER BY user_id""",
+    _USER_DELTAS,
     """SELECT user_id, tx_count, total_amount::VARCHAR, total_deposit::VARCHAR,
         total_withdrawal::VARCHAR, total_purchase::VARCHAR, first_date::VARCHAR,
         last_date::VARCHAR
@@ -176,40 +188,39 @@ _USER_TOTALS = _Copy(
 _DAILY_TOTALS = _Copy(
     "daily_totals",
     "transaction_date, transaction_type, tx_count, total_amount",
-    """SELECT transaction_date::VARCHAR, transaction_type::VARCHAR, count(*),
-        sum(amount)::VARCHAR
-    FROM transactions WHERE file_id > $lo AND file_id <= $hi
-    GROUP BY ALL ORDER BY 1, 2""",
+    _DAILY_DELTAS,
     """SELECT transaction_date::VARCHAR, transaction_type::VARCHAR, tx_count,
         total_amount::VARCHAR
     FROM daily_totals ORDER BY 1, 2""",
 )
 
 
-def _add_decimal_text(column: str) -> str:
-    """SQL setting a two-decimal TEXT total to itself plus ``excluded``'s, in integer cents."""
-    cents = (
-        f"(CAST(replace({column}, '.', '') AS INTEGER)"
-        f" + CAST(replace(excluded.{column}, '.', '') AS INTEGER))"
-    )
-    return f"{column} = printf('%d.%02d', {cents} / 100, {cents} % 100)"  # totals are >= 0
+def _text(cents: str) -> str:
+    """SQL for integer cents (>= 0) as a two-decimal TEXT total."""
+    return f"printf('%d.%02d', ({cents}) / 100, ({cents}) % 100)"
 
 
-_ADD_USER_TOTALS = "ON CONFLICT (user_id) DO UPDATE SET " + ", ".join(
-    [
-        "tx_count = tx_count + excluded.tx_count",
-        *map(
-            _add_decimal_text,
-            ("total_amount", "total_deposit", "total_withdrawal", "total_purchase"),
-        ),
-        "first_date = min(first_date, excluded.first_date)",
-        "last_date = max(last_date, excluded.last_date)",
-    ]
-)
-_ADD_DAILY_TOTALS = (
-    "ON CONFLICT (transaction_date, transaction_type) DO UPDATE SET "
-    f"tx_count = tx_count + excluded.tx_count, {_add_decimal_text('total_amount')}"
-)
+def _plus(column: str, parameter: str) -> str:
+    """SQL setting a TEXT total to itself plus ``parameter`` cents."""
+    return f"{column} = " + _text(f"CAST(replace({column}, '.', '') AS INTEGER) + {parameter}")
+
+
+# One row per statement, numbered parameters: user_id, count, total, deposit, withdrawal,
+# purchase cents, first date, last date.
+_ADD_USER_TOTALS = f"""
+INSERT INTO user_totals (user_id, tx_count, total_amount, total_deposit, total_withdrawal,
+    total_purchase, first_date, last_date)
+VALUES (?1, ?2, {_text("?3")}, {_text("?4")}, {_text("?5")}, {_text("?6")}, ?7, ?8)
+ON CONFLICT (user_id) DO UPDATE SET tx_count = tx_count + ?2,
+    {_plus("total_amount", "?3")}, {_plus("total_deposit", "?4")},
+    {_plus("total_withdrawal", "?5")}, {_plus("total_purchase", "?6")},
+    first_date = min(first_date, ?7), last_date = max(last_date, ?8)"""
+# date, type, count, cents
+_ADD_DAILY_TOTALS = f"""
+INSERT INTO daily_totals (transaction_date, transaction_type, tx_count, total_amount)
+VALUES (?1, ?2, ?3, {_text("?4")})
+ON CONFLICT (transaction_date, transaction_type) DO UPDATE SET tx_count = tx_count + ?3,
+    {_plus("total_amount", "?4")}"""
 
 # Small (Config.top_users_kept rows): replaced whole whenever transactions arrived.
 _TOP_USERS = _Copy(
@@ -220,10 +231,6 @@ _TOP_USERS = _Copy(
 )
 
 _TYPE_COLUMN = {"deposit": 2, "withdrawal": 3, "purchase": 4}  # in a _Deltas.users entry
-
-
-def _money(cents: int) -> str:
-    return f"{cents // 100}.{cents % 100:02d}"  # totals are >= 0
 
 
 class _Deltas:
@@ -256,17 +263,13 @@ class _Deltas:
             day[0] += 1
             day[1] += cents
 
-    def user_rows(self) -> list[tuple[Any, ...]]:
-        return [
-            (user_id, e[0], _money(e[1]), _money(e[2]), _money(e[3]), _money(e[4]), e[5], e[6])
-            for user_id, e in sorted(self.users.items())
-        ]
+    def user_rows(self) -> list[list[Any]]:
+        """Rows for _ADD_USER_TOTALS, by user id."""
+        return [[user_id, *entry] for user_id, entry in sorted(self.users.items())]
 
     def daily_rows(self) -> list[tuple[Any, ...]]:
-        return [
-            (date, kind, count, _money(cents))
-            for (date, kind), (count, cents) in sorted(self.daily.items())
-        ]
+        """Rows for _ADD_DAILY_TOTALS, by date and type."""
+        return [(*key, count, cents) for key, (count, cents) in sorted(self.daily.items())]
 
 
 # Fault injection for the crash tests: called with the name of each step as it is reached
@@ -344,18 +347,21 @@ def _export_increment(
         lite.execute("BEGIN IMMEDIATE")
         last = _watermark(lite)
         with _snapshot(conn) as cur:
-            high, high_sha, last_sha = _high_file(cur, last)
-            if (last_sha or "") != _state(lite, "last_file_sha256"):
-                raise _RebuildNeeded(f"file #{last} differs from the warehouse's")
-            if high < last:
-                raise _RebuildNeeded(f"exported up to file #{last}, warehouse has #{high}")
-            if high == last:
+            ledger = cur.execute(_FILES.new_rows, {"lo": last}).fetchall()
+            if last > 0:
+                if not ledger or ledger[0][0] != last:
+                    raise _RebuildNeeded(f"the warehouse has no file #{last}")
+                if ledger[0][2] != _state(lite, "last_file_sha256"):
+                    raise _RebuildNeeded(f"file #{last} differs from the warehouse's")
+                ledger = ledger[1:]
+            if not ledger:
                 lite.execute("ROLLBACK")
                 return ExportResult(
                     sqlite_path, False, 0, 0, 0, last, last, time.perf_counter() - started
                 )
+            high, high_sha = int(ledger[-1][0]), str(ledger[-1][2])
             _reached("sqlite_begun")
-            counts = _copy_range(cur, lite, last, high, full=False)
+            counts = _copy_range(cur, lite, last, high, ledger)
         _write_state(lite, high, high_sha)
         _reached("before_commit")
         lite.execute("COMMIT")
@@ -391,9 +397,9 @@ def _export_full_locked(
         lite.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         lite.executescript(SQLITE_SCHEMA)
         with _snapshot(conn) as cur:
-            high, high_sha, _ = _high_file(cur, 0)
+            high, high_sha = _high_file(cur)
             lite.execute("BEGIN")
-            counts = _copy_range(cur, lite, 0, high, full=True)
+            counts = _copy_range(cur, lite, 0, high, None)
         _write_state(lite, high, high_sha)
         lite.execute("COMMIT")
         lite.execute("PRAGMA journal_mode=WAL")
@@ -449,17 +455,12 @@ def _snapshot(conn: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnec
         cur.close()
 
 
-def _high_file(cur: duckdb.DuckDBPyConnection, last: int) -> tuple[int, str | None, str | None]:
-    """The highest file id in the snapshot (0 when empty), its sha256, and file #last's."""
+def _high_file(cur: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:
+    """The highest file id in the snapshot (0 when empty) and its sha256."""
     rows = cur.execute(
-        """SELECT coalesce(max(file_id), 0),
-            arg_max(sha256, file_id),
-            (SELECT sha256 FROM files WHERE file_id = $last)
-        FROM files""",
-        {"last": last},
+        "SELECT coalesce(max(file_id), 0), arg_max(sha256, file_id) FROM files"
     ).fetchall()
-    high, high_sha, last_sha = rows[0]
-    return int(high), high_sha, last_sha
+    return int(rows[0][0]), rows[0][1]
 
 
 def _copy_range(
@@ -467,17 +468,19 @@ def _copy_range(
     lite: sqlite3.Connection,
     lo: int,
     hi: int,
-    *,
-    full: bool,
+    ledger: list[tuple[Any, ...]] | None,
 ) -> tuple[int, int, int]:
-    """Copy files (lo, hi] into the open SQLite transaction; (files, users, transactions)."""
+    """Copy files (lo, hi] into the open SQLite transaction; (files, users, transactions).
+
+    ``ledger``: the range's ``files`` rows for an increment, None for a full export.
+    """
     bounds = {"lo": lo, "hi": hi}
 
     def read(query: str) -> Any:
         params = {name: value for name, value in bounds.items() if f"${name}" in query}
         return cur.sql(query, params=params or None).to_arrow_reader(ARROW_BATCH_ROWS)
 
-    if full:
+    if ledger is None:
         counts = [
             _insert_batches(lite, spec.table, spec.columns, read(spec.all_rows), "INSERT")
             for spec in (_FILES, _USERS, _TRANSACTIONS, _USER_TOTALS, _DAILY_TOTALS, _TOP_USERS)
@@ -485,10 +488,13 @@ def _copy_range(
         _reached("rows_written")
         return counts[0], counts[1], counts[2]
 
-    files = _insert_batches(
-        lite, "files", _FILES.columns, read(_FILES.new_rows), "INSERT OR REPLACE"
+    _insert_flat(
+        lite, "files", _FILES.columns, [v for row in ledger for v in row], "INSERT OR REPLACE"
     )
-    loaded = _rows_loaded_by_kind(lite, lo, hi)
+    loaded: dict[str, int] = {}
+    for row in ledger:  # rows added, by kind, of the files that loaded
+        if row[4] == "loaded":
+            loaded[row[3]] = loaded.get(row[3], 0) + int(row[6])
     users = transactions = 0
     in_python, deltas = True, _Deltas()
     if loaded.get("users"):
@@ -506,29 +512,20 @@ def _copy_range(
             on_columns=deltas.add if in_python else None,
         )
     if transactions:
-        for spec, on_conflict, rows in (
-            (_USER_TOTALS, _ADD_USER_TOTALS, deltas.user_rows),
-            (_DAILY_TOTALS, _ADD_DAILY_TOTALS, deltas.daily_rows),
+        for statement, query, rows in (
+            (_ADD_USER_TOTALS, _USER_DELTAS, deltas.user_rows),
+            (_ADD_DAILY_TOTALS, _DAILY_DELTAS, deltas.daily_rows),
         ):
             if in_python:
-                _insert_rows(lite, spec.table, spec.columns, rows(), "INSERT", on_conflict)
+                lite.executemany(statement, rows())
             else:
-                batches = read(spec.new_rows)
-                _insert_batches(lite, spec.table, spec.columns, batches, "INSERT", on_conflict)
+                for batch in read(query):
+                    columns = [column.to_pylist() for column in batch.columns]
+                    lite.executemany(statement, zip(*columns, strict=True))
         lite.execute("DELETE FROM top_users")
         _insert_batches(lite, "top_users", _TOP_USERS.columns, read(_TOP_USERS.new_rows), "INSERT")
     _reached("rows_written")
-    return files, users, transactions
-
-
-def _rows_loaded_by_kind(lite: sqlite3.Connection, lo: int, hi: int) -> dict[str, int]:
-    """Rows the loaded files of the range added, by kind (from the ledger rows just copied)."""
-    rows = lite.execute(
-        "SELECT kind, sum(rows_loaded) FROM files"
-        " WHERE file_id > ? AND file_id <= ? AND status = 'loaded' GROUP BY kind",
-        (lo, hi),
-    ).fetchall()
-    return {str(kind): int(count) for kind, count in rows}
+    return len(ledger), users, transactions
 
 
 # --- writing SQLite -------------------------------------------------------------------------
@@ -701,7 +698,6 @@ def _insert_batches(
     columns: str,
     batches: Iterable[Any],
     verb: str,
-    on_conflict: str = "",
     *,
     on_columns: Callable[[list[list[Any]]], None] | None = None,
 ) -> int:
@@ -722,21 +718,9 @@ def _insert_batches(
         flat: list[Any] = [None] * (rows * width)
         for position in range(width):
             flat[position::width] = lists[position]
-        _insert_flat(lite, table, columns, flat, verb, on_conflict)
+        _insert_flat(lite, table, columns, flat, verb)
         total += rows
     return total
-
-
-def _insert_rows(
-    lite: sqlite3.Connection,
-    table: str,
-    columns: str,
-    rows: list[tuple[Any, ...]],
-    verb: str,
-    on_conflict: str = "",
-) -> int:
-    _insert_flat(lite, table, columns, list(itertools.chain.from_iterable(rows)), verb, on_conflict)
-    return len(rows)
 
 
 def _insert_flat(
@@ -745,26 +729,25 @@ def _insert_flat(
     columns: str,
     flat: list[Any],
     verb: str,
-    on_conflict: str,
 ) -> None:
     """Insert rows laid end to end in ``flat``.
 
     Plain INSERTs put ``ROWS_PER_STATEMENT`` rows in each statement: that nearly halves the
-    per-row cost of sqlite3's ``executemany`` (1.37M vs 0.75M rows/s). Upserts and replaces go
-    one row per statement, which measured faster for them (3.1 vs 5.8 ms for 1,000 rows).
+    per-row cost of sqlite3's ``executemany`` (1.37M vs 0.75M rows/s). INSERT OR REPLACE goes
+    one row per statement, which measured faster for it (3.1 vs 5.8 ms for 1,000 rows).
     """
     width = columns.count(",") + 1
     one_row = "(" + ", ".join("?" * width) + ")"
     head = f"{verb} INTO {table} ({columns}) VALUES "
     per_statement = width * ROWS_PER_STATEMENT
-    whole = 0 if on_conflict or verb != "INSERT" else len(flat) // per_statement * per_statement
+    whole = len(flat) // per_statement * per_statement if verb == "INSERT" else 0
     if whole:
-        multi = f"{head}{', '.join([one_row] * ROWS_PER_STATEMENT)} {on_conflict}"
+        multi = head + ", ".join([one_row] * ROWS_PER_STATEMENT)
         groups = itertools.islice(flat, whole)
         lite.executemany(multi, zip(*[groups] * per_statement, strict=False))
     if whole < len(flat):
         rest = iter(flat[whole:])
-        lite.executemany(f"{head}{one_row} {on_conflict}", zip(*[rest] * width, strict=False))
+        lite.executemany(head + one_row, zip(*[rest] * width, strict=False))
 
 
 def _retire_wal(sqlite_path: Path) -> None:
