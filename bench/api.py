@@ -198,6 +198,9 @@ def main() -> None:
     parser.add_argument("--drop", type=int, default=10_000_000, help="rows of the ingested file")
     parser.add_argument("--ingest-seconds", type=float, default=40.0, help="load while ingesting")
     parser.add_argument("--export", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--duckdb-threads", type=int, default=None, help="the daemon's DuckDB threads"
+    )
     args = parser.parse_args()
 
     cached = base_warehouse(args.users, args.transactions)
@@ -208,6 +211,8 @@ def main() -> None:
     shutil.copytree(cached, run / "warehouse")
 
     env = {"MONEYLION_LOG_LEVEL": "INFO", "MONEYLION_SQLITE_EXPORT": str(args.export).lower()}
+    if args.duckdb_threads is not None:
+        env["MONEYLION_DUCKDB_THREADS"] = str(args.duckdb_threads)
     daemon = DaemonProcess(run / "inbox", run / "warehouse", settle_seconds=0.2, env=env)
     context = multiprocessing.get_context("spawn")
     try:
