@@ -41,10 +41,12 @@ quiet machine); 10M transactions + 1M users 19.0 s (rollback journal) and 32.2 s
 ~3; CREATE TABLE AS without a primary key 7.8 s; a 1,000-row append 8.1 ms (rollback journal) /
 20.9 ms (WAL). The sqlite3 path: ``executemany`` one row per statement ~0.75M rows/s, multi-row
 ``VALUES`` (100 rows per statement) fed from Arrow columns ~1.37M rows/s; a full export of 10M
-transactions + 1M users + 1M user totals ~20 s quiet (transactions ~1.1 us/row: ``to_pylist``
-~0.3, binding and SQLite's B-tree ~0.8); the rows of a 1,000-row file ~1 ms. The extension is not
-faster for what we need, cannot set our PRAGMAs, and does not upsert, so: sqlite3.
-``bench/export.py`` prints the current figures.
+transactions + 1M users + 1M user totals 16.5-21 s at load ~3 (transactions ~1.1 us/row:
+``to_pylist`` ~0.3, binding and SQLite's B-tree ~0.8), so the 10 s target is missed either way.
+A 1,000-row file into 10M: median 28 ms at load ~3 (target 20 ms): ~8 ms COMMIT and ~8 ms upsert
+for the ~1,000 scattered user_totals pages it touches, ~5 ms of DuckDB reads, ~2 ms of rows. The
+extension is not faster for what we need, cannot set our PRAGMAs, and does not upsert, so:
+sqlite3. ``bench/export.py`` prints the current figures.
 """
 
 from __future__ import annotations
