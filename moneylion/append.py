@@ -100,15 +100,12 @@ def append_fast(
     if _reader_errors(conn, path):
         return None
     # Transaction ids must be new and unique: no copies within the file, none stored before.
-    if (
-        header.kind is FileKind.TRANSACTIONS
-        and inserted
-        and (
-            _has_copies(conn, file_id, int(inserted))
-            or _stored_ids_among(conn, file_id, *_id_range(conn, file_id))
-        )
-    ):
-        return None
+    if header.kind is FileKind.TRANSACTIONS and inserted:
+        low, high = _id_range(conn, file_id)
+        if _has_copies(conn, file_id, int(inserted), low, high) or _stored_ids_among(
+            conn, file_id, low, high
+        ):
+            return None
     return Applied(loaded=int(inserted))
 
 
@@ -126,9 +123,11 @@ def _id_range(conn: duckdb.DuckDBPyConnection, file_id: int) -> tuple[int, int]:
     return int(low), int(high)
 
 
-def _has_copies(conn: duckdb.DuckDBPyConnection, file_id: int, rows: int) -> bool:
-    """Whether an id appears more than once among the rows this file appended."""
-    low, high = _id_range(conn, file_id)
+def _has_copies(
+    conn: duckdb.DuckDBPyConnection, file_id: int, rows: int, low: int, high: int
+) -> bool:
+    """Whether an id appears more than once among the rows this file appended (ids in
+    ``low``..``high``)."""
     if high - low < BITMAP_MAX_BITS:
         distinct = one_row(
             conn,

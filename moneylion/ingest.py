@@ -218,7 +218,7 @@ def _load(
             applied = append_reference(conn, path, header, file_id)
         if header.kind is FileKind.TRANSACTIONS and applied.loaded:
             report(f"appended {applied.loaded} rows: updating aggregates")
-            aggregates.apply_transaction_deltas(conn, file_id, kept)
+            aggregates.apply_transaction_deltas(conn, file_id, applied.loaded, kept)
     except BaseException:
         _rollback(conn)
         raise
