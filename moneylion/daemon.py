@@ -25,7 +25,7 @@ from typing import Any
 import duckdb
 
 from moneylion.config import Config
-from moneylion.export import export_new
+from moneylion.export import close_sqlite, export_new
 from moneylion.ingest import FileOutcome, file_sha256, ingest_file
 from moneylion.schema import WarehouseLocked, open_warehouse
 from moneylion.watcher import InboxQueue, InboxWatcher, TakenFile
@@ -283,6 +283,12 @@ class SqliteExporter(threading.Thread):
                 continue
             failures = 0
             self.exports += 1
+        if self.export is export_new:
+            # Checkpoint and close the SQLite file cleanly (its WAL is folded back in).
+            try:
+                close_sqlite()
+            except Exception:
+                log.exception("export_close_failed", extra={"fields": {}})
 
     def request_stop(self) -> None:
         """Take no new export; the one running may finish."""
