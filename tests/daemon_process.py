@@ -15,9 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import httpx
 
 from moneylion.watcher import scan_inbox
+from tests.expected import Expected
 
 REPO = Path(__file__).resolve().parent.parent
 TYPES = ("deposit", "withdrawal", "purchase")
@@ -158,45 +158,6 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
 # -- independent totals ------------------------------------------------------------------------
 
 
-@dataclass
-class Expected:
-    """Totals computed from CSV files with csv + Decimal, with the design's dedupe rules for
-    clean inputs (the same transaction id with the same content counts once)."""
-
-    seen: dict[int, tuple[str, ...]] = field(default_factory=dict)
-    user_total: dict[int, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
-    user_by_type: dict[tuple[int, str], Decimal] = field(
-        default_factory=lambda: defaultdict(Decimal)
-    )
-    user_count: dict[int, int] = field(default_factory=lambda: defaultdict(int))
-    daily: dict[tuple[str, str], Decimal] = field(default_factory=lambda: defaultdict(Decimal))
-    daily_count: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
-
-    def add_csv(self, path: Path) -> None:
-        with path.open(newline="", encoding="utf-8") as handle:
-            for row in csv.DictReader(handle):
-                key = tuple(row[c].strip() for c in TX_HEADER)
-                tx_id = int(key[0])
-                if tx_id in self.seen:
-                    assert self.seen[tx_id] == key, f"conflicting copies of {tx_id} in the stream"
-                    continue
-                self.seen[tx_id] = key
-                user, day, amount, kind = int(key[1]), key[2], Decimal(key[3]), key[4].lower()
-                self.user_total[user] += amount
-                self.user_by_type[(user, kind)] += amount
-                self.user_count[user] += 1
-                self.daily[(day, kind)] += amount
-                self.daily_count[(day, kind)] += 1
-
-    @property
-    def transactions(self) -> int:
-        return len(self.seen)
-
-    @property
-    def grand_total(self) -> Decimal:
-        return sum(self.user_total.values(), Decimal(0))
-
-
 def write_transactions(path: Path, rows: Iterable[Sequence[object]]) -> Path:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
@@ -289,7 +250,7 @@ def crash_trial(base: Path, seed: int, *, files: int = 30, rows: int = 200) -> T
     resent = len(stream) - len({p.read_bytes() for p in stream})
     expected = Expected()
     for path in stream:
-        expected.add_csv(path)
+        expected.add_transactions_file(path)
     inbox = base / "inbox"
     inbox.mkdir(parents=True, exist_ok=True)
     daemon = DaemonProcess(
@@ -343,7 +304,7 @@ def crash_trial(base: Path, seed: int, *, files: int = 30, rows: int = 200) -> T
     problems.extend(f"verify: {line}" for line in differences)
     if count != expected.transactions:
         problems.append(f"{count} transactions stored, {expected.transactions} expected")
-    want = {u: (expected.user_count[u], expected.user_total[u]) for u in expected.user_count}
+    want = {u: (expected.count[u], expected.total[u]) for u in expected.count}
     if users != want:
         wrong = [u for u in set(users) | set(want) if users.get(u) != want.get(u)]
         problems.append(f"{len(wrong)} users with wrong totals, e.g. {sorted(wrong)[:5]}")

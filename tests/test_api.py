@@ -6,14 +6,12 @@ the same CSV files, never from the warehouse.
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
 import threading
-from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from moneylion.api import create_app
 from moneylion.config import Config, load_config
 from moneylion.ingest import ingest_file
 from moneylion.schema import open_warehouse
+from tests.expected import Expected
 
 # Extra files beside the seed: a profile without transactions, orphan transactions, rejected
 # rows (at known lines) and a file that fails as a whole.
@@ -44,47 +43,6 @@ EXTRA_TRANSACTIONS = (
 )
 EXTRA_REJECTS = [(4, "too_many_decimals"), (5, "unknown_type")]
 BROKEN_FILE = "colour,size\nred,3\n"
-
-
-@dataclass
-class Expected:
-    """Aggregates computed here from the CSV files, with Decimal."""
-
-    countries: dict[int, str] = field(default_factory=dict)
-    count: dict[int, int] = field(default_factory=lambda: defaultdict(int))
-    by_type: dict[tuple[int, str], Decimal] = field(
-        default_factory=lambda: defaultdict(lambda: Decimal("0"))
-    )
-    total: dict[int, Decimal] = field(default_factory=lambda: defaultdict(lambda: Decimal("0")))
-    daily: dict[tuple[str, str], Decimal] = field(
-        default_factory=lambda: defaultdict(lambda: Decimal("0"))
-    )
-    daily_count: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
-
-    def add_users(self, text: str) -> None:
-        for row in csv.DictReader(io.StringIO(text)):
-            self.countries[int(row["user_id"])] = row["country"]
-
-    def add_transaction(self, user_id: int, day: str, amount: Decimal, kind: str) -> None:
-        self.count[user_id] += 1
-        self.total[user_id] += amount
-        self.by_type[user_id, kind] += amount
-        self.daily[day, kind] += amount
-        self.daily_count[day, kind] += 1
-
-    def add_transactions(self, text: str) -> None:
-        for row in csv.DictReader(io.StringIO(text)):
-            self.add_transaction(
-                int(row["user_id"]),
-                row["transaction_date"],
-                Decimal(row["amount"]),
-                row["transaction_type"].strip().lower(),
-            )
-
-    def top(self, n: int, *, known_only: bool) -> list[tuple[int, int]]:
-        users = [u for u in self.count if not known_only or u in self.countries]
-        ranked = sorted(users, key=lambda u: (-self.count[u], u))[:n]
-        return [(u, self.count[u]) for u in ranked]
 
 
 @dataclass

@@ -30,7 +30,6 @@ from moneylion.ingest import FileOutcome, ingest_file
 from moneylion.watcher import InboxQueue
 from tests.daemon_process import (
     DaemonProcess,
-    Expected,
     crash_trial,
     logged_events,
     random_transactions,
@@ -39,6 +38,7 @@ from tests.daemon_process import (
     warehouse_totals,
     write_transactions,
 )
+from tests.expected import Expected
 
 
 @pytest.mark.slow
@@ -64,7 +64,7 @@ def test_files_committed_but_not_moved_before_a_crash_are_moved_on_restart_not_c
     committed = []
     for n in range(3):
         path = write_transactions(inbox / f"c{n}.csv", random_transactions(rng, n * 50 + 1, 50))
-        expected.add_csv(path)
+        expected.add_transactions_file(path)
         committed.append(path)
     bad = inbox / "bad.csv"
     bad.write_text("not,a,header\n", encoding="utf-8")
@@ -75,7 +75,7 @@ def test_files_committed_but_not_moved_before_a_crash_are_moved_on_restart_not_c
     ingested = run_cli("ingest", "--quiet", *map(str, [*committed, bad]), env=env)
     assert ingested.returncode == 1, ingested.stdout + ingested.stderr  # bad.csv failed
     fresh = write_transactions(inbox / "fresh.csv", random_transactions(rng, 1000, 50))
-    expected.add_csv(fresh)
+    expected.add_transactions_file(fresh)
     try:
         daemon.start()
         wait_for(lambda: not daemon.inbox_waiting(), 30, "the inbox to empty")
@@ -98,9 +98,7 @@ def test_files_committed_but_not_moved_before_a_crash_are_moved_on_restart_not_c
     count, users, differences = warehouse_totals(warehouse)
     assert differences == []
     assert count == expected.transactions
-    assert users == {
-        u: (expected.user_count[u], expected.user_total[u]) for u in expected.user_count
-    }
+    assert users == {u: (expected.count[u], expected.total[u]) for u in expected.count}
 
 
 # -- errors of the environment: retried with backoff, then failed with a reason; the worker lives
@@ -207,7 +205,7 @@ def test_a_committed_file_that_cannot_be_moved_is_retried_then_set_aside_counted
     config.done_dir.write_text("done/ is a file here, so nothing can be moved into it")
     path = small_file(config, "c.csv", 1)
     expected = Expected()
-    expected.add_csv(path)
+    expected.add_transactions_file(path)
     ingest = FlakyIngest(OSError(), failures=0)
     worker = run_worker(config, warehouse, ingest, ["c.csv"])
     assert ingest.calls == {"c.csv": MAX_ATTEMPTS}  # first loaded, then found in the ledger

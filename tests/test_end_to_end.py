@@ -22,13 +22,13 @@ import pytest
 from tests.daemon_process import (
     TX_HEADER,
     DaemonProcess,
-    Expected,
     logged_events,
     random_transactions,
     run_cli,
     wait_for,
     write_transactions,
 )
+from tests.expected import Expected
 
 pytestmark = pytest.mark.slow
 
@@ -94,13 +94,13 @@ def assert_api_totals(daemon: DaemonProcess, expected: Expected, sample: int = 6
     assert shown == {key: value for key, value in expected.daily.items()}
     counts = {(d["date"], d["type"]): d["transaction_count"] for d in days}
     assert counts == dict(expected.daily_count)
-    users = sorted(expected.user_total)
+    users = sorted(expected.total)
     for user in random.Random(7).sample(users, min(sample, len(users))):
         summary = daemon.get(f"/v1/users/{user}/summary")
-        assert Decimal(summary["total_amount"]) == expected.user_total[user], user
-        assert summary["transaction_count"] == expected.user_count[user], user
+        assert Decimal(summary["total_amount"]) == expected.total[user], user
+        assert summary["transaction_count"] == expected.count[user], user
         for kind in ("deposit", "withdrawal", "purchase"):
-            want = expected.user_by_type.get((user, kind), Decimal(0))
+            want = expected.by_type.get((user, kind), Decimal(0))
             assert Decimal(summary[f"total_{kind}"]) == want, (user, kind)
 
 
@@ -110,7 +110,7 @@ def test_seed_files_dropped_every_way_each_end_in_done_once_with_exact_api_total
     users_csv, transactions_csv = seed_files
     inbox = daemon.inbox
     expected = Expected()
-    expected.add_csv(transactions_csv)
+    expected.add_transactions_file(transactions_csv)
     parts = split_csv(transactions_csv, 4, tmp_path / "parts")
 
     # 1. written in place (Created, Modified, Closed)
@@ -188,7 +188,7 @@ def test_files_waiting_before_start_are_ingested_on_start_and_sigterm_exits_zero
     expected = Expected()
     for n in range(5):
         path = write_transactions(inbox / f"w{n}.csv", random_transactions(rng, n * 100 + 1, 100))
-        expected.add_csv(path)
+        expected.add_transactions_file(path)
     (inbox / ".hidden.csv").write_bytes((inbox / "w0.csv").read_bytes())
     (inbox / "half.csv.part").write_text(",".join(TX_HEADER) + "\n")
     daemon = DaemonProcess(inbox, tmp_path / "warehouse", settle_seconds=SETTLE)
@@ -246,7 +246,7 @@ def test_a_thousand_small_files_dropped_at_once_are_each_ingested_once(
             rows = previous[:5] + rows[:5]
         previous = rows
         paths.append(write_transactions(staging / f"s{n:04d}.csv", rows))
-        expected.add_csv(paths[-1])
+        expected.add_transactions_file(paths[-1])
     for path in paths:  # all at once: a thousand bare Created events
         os.rename(path, daemon.inbox / path.name)
     wait_settled(daemon, 1000, timeout=400)  # ~40 ms a file; generous for a loaded machine

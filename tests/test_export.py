@@ -5,10 +5,8 @@ Every warehouse test ends with ``verify``: the maintained aggregates equal a ful
 
 from __future__ import annotations
 
-import csv
 import random
 import sqlite3
-from collections import Counter, defaultdict
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -22,6 +20,7 @@ from moneylion.config import Config
 from moneylion.export import close_sqlite, export_full, export_new, run_export
 from moneylion.ingest import ingest_file
 from moneylion.schema import open_warehouse
+from tests.expected import Expected
 
 TX_HEADER = "transaction_id,user_id,transaction_date,amount,transaction_type\n"
 USERS_HEADER = "user_id,signup_date,country\n"
@@ -128,23 +127,14 @@ def test_seed_queries_on_the_export_give_the_maintained_aggregates_and_the_csv_s
         assert ingest_file(warehouse, path, config).status == "loaded"
         export_new(warehouse, config.sqlite_path)
 
-    per_user: dict[int, dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
-    counts: Counter[int] = Counter()
-    daily: dict[tuple[str, str], list[Decimal]] = defaultdict(lambda: [Decimal(0), Decimal(0)])
-    with transactions_csv.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            user, amount, kind = (
-                int(row["user_id"]),
-                Decimal(row["amount"]),
-                row["transaction_type"],
-            )
-            per_user[user]["total"] += amount
-            per_user[user][kind] += amount
-            counts[user] += 1
-            daily[(row["transaction_date"], kind)][0] += 1
-            daily[(row["transaction_date"], kind)][1] += amount
-    with users_csv.open(newline="") as handle:
-        countries = {int(row["user_id"]): row["country"] for row in csv.DictReader(handle)}
+    expected = Expected()
+    expected.add_transactions_file(transactions_csv)
+    expected.add_users_file(users_csv)
+    countries = expected.countries
+    daily = {key: (expected.daily_count[key], total) for key, total in expected.daily.items()}
+
+    def sums(user_id: int, key: str) -> Decimal:
+        return expected.total[user_id] if key == "total" else expected.by_type[user_id, key]
 
     maintained = {
         row[0]: row[1:]
@@ -160,15 +150,14 @@ def test_seed_queries_on_the_export_give_the_maintained_aggregates_and_the_csv_s
         for user_id, country, count, total, deposit, withdrawal, purchase in seed_rows:
             assert country == countries[user_id]
             got = (count, cents(total), cents(deposit), cents(withdrawal), cents(purchase))
-            sums = per_user[user_id]
-            expected = (
-                counts[user_id],
+            want = (
+                expected.count[user_id],
                 *(
-                    sums[key].quantize(CENT)
+                    sums(user_id, key).quantize(CENT)
                     for key in ("total", "deposit", "withdrawal", "purchase")
                 ),
             )
-            assert got == expected, user_id
+            assert got == want, user_id
             if count:
                 assert got == maintained[user_id], user_id
 
@@ -177,19 +166,18 @@ def test_seed_queries_on_the_export_give_the_maintained_aggregates_and_the_csv_s
             "SELECT user_id, tx_count, total_amount, total_deposit, total_withdrawal,"
             " total_purchase FROM user_totals"
         ):
-            sums = per_user[user_id]
             assert (count, Decimal(total), Decimal(deposit)) == (
-                counts[user_id],
-                sums["total"],
-                sums["deposit"],
+                expected.count[user_id],
+                sums(user_id, "total"),
+                sums(user_id, "deposit"),
             )
             assert (Decimal(withdrawal), Decimal(purchase)) == (
-                sums["withdrawal"],
-                sums["purchase"],
+                sums(user_id, "withdrawal"),
+                sums(user_id, "purchase"),
             )
 
         top = lite.execute(SEED_TOP_USERS).fetchall()
-        assert top == sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:10]
+        assert top == expected.top(10)
         assert (
             top
             == warehouse.execute(

@@ -5,9 +5,7 @@ Every test ends with ``verify``: the maintained aggregates equal a full recomput
 
 from __future__ import annotations
 
-import csv
 import shutil
-from collections import Counter, defaultdict
 from decimal import Decimal
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pytest
 from moneylion.aggregates import verify
 from moneylion.config import Config
 from moneylion.ingest import ingest_file, warehouse_status
+from tests.expected import Expected
 
 TX_HEADER = "transaction_id,user_id,transaction_date,amount,transaction_type\n"
 USERS_HEADER = "user_id,signup_date,country\n"
@@ -40,21 +39,9 @@ def test_seed_files_give_the_same_answers_as_an_independent_computation(
     users_csv, transactions_csv = seed_files
     loaded = [ingest_file(warehouse, path, config) for path in (transactions_csv, users_csv)]
     assert [(o.status, o.rows_rejected) for o in loaded] == [("loaded", 0), ("loaded", 0)]
-
-    per_user: dict[int, dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
-    counts: Counter[int] = Counter()
-    daily: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
-    with transactions_csv.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            user, amount, kind = (
-                int(row["user_id"]),
-                Decimal(row["amount"]),
-                row["transaction_type"],
-            )
-            per_user[user]["total"] += amount
-            per_user[user][kind] += amount
-            counts[user] += 1
-            daily[(row["transaction_date"], kind)] += amount
+    expected = Expected()
+    expected.add_transactions_file(transactions_csv)
+    expected.add_users_file(users_csv)
 
     stored = {
         row[0]: row[1:]
@@ -63,37 +50,31 @@ def test_seed_files_give_the_same_answers_as_an_independent_computation(
             "tx_count FROM user_totals"
         ).fetchall()
     }
-    expected = {
+    assert stored == {
         user: (
-            sums["total"],
-            sums["deposit"],
-            sums["withdrawal"],
-            sums["purchase"],
-            counts[user],
+            expected.total[user],
+            expected.by_type[user, "deposit"],
+            expected.by_type[user, "withdrawal"],
+            expected.by_type[user, "purchase"],
+            expected.count[user],
         )
-        for user, sums in per_user.items()
+        for user in expected.count
     }
-    assert stored == expected
-
-    top10 = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:10]
-    assert (
-        warehouse.execute(
-            "SELECT user_id, tx_count FROM top_users ORDER BY rank LIMIT 10"
-        ).fetchall()
-        == top10
-    )
-
+    top10 = warehouse.execute("SELECT user_id, tx_count FROM top_users ORDER BY rank LIMIT 10")
+    assert top10.fetchall() == expected.top(10)
     stored_daily = {
-        (str(day), kind): total
-        for day, kind, total in warehouse.execute(
-            "SELECT transaction_date, CAST(transaction_type AS VARCHAR), total_amount "
+        (str(day), kind): (total, count)
+        for day, kind, total, count in warehouse.execute(
+            "SELECT transaction_date, CAST(transaction_type AS VARCHAR), total_amount, tx_count "
             "FROM daily_totals"
         ).fetchall()
     }
-    assert stored_daily == dict(daily)
-    with users_csv.open(newline="") as handle:
-        countries = {int(r["user_id"]): r["country"] for r in csv.DictReader(handle)}
-    assert dict(warehouse.execute("SELECT user_id, country FROM users").fetchall()) == countries
+    assert stored_daily == {
+        key: (total, expected.daily_count[key]) for key, total in expected.daily.items()
+    }
+    assert dict(warehouse.execute("SELECT user_id, country FROM users").fetchall()) == (
+        expected.countries
+    )
     assert verify(warehouse) == []
 
 
