@@ -45,6 +45,7 @@ def die(reached):
 
 export.fault_hook = die
 conn = open_warehouse(config)
+print("started", flush=True)
 for name in files:
     ingest_file(conn, Path(name), config)
     if mode == "each":
@@ -59,7 +60,9 @@ conn.close()
 
 def child(config: Config, mode: str, point: str, files: list[Path]) -> subprocess.Popen[bytes]:
     args = [str(config.warehouse), str(config.inbox), mode, point, *map(str, files)]
-    return subprocess.Popen([sys.executable, "-c", CHILD, *args], stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
 
 
 def watermark(path: Path) -> int:
@@ -148,9 +151,13 @@ def test_exporter_killed_at_random_moments_ends_equal_to_a_full_export(
     rng = random.Random(seed)
     files = random_files(tmp_path / "files", 40, seed=seed)
     kills = 0
-    for _ in range(12):
-        process = child(config, "each", "-", files)
-        time.sleep(rng.uniform(0.3, 2.0))
+    for round_ in range(12):
+        # Each round brings new files, so the child is still busy when the kill comes; the
+        # kill is timed from the child's start of work, not from its (slower) interpreter start.
+        process = child(config, "each", "-", files[: 4 * (round_ + 1)])
+        assert process.stdout is not None
+        assert process.stdout.readline() == b"started\n"
+        time.sleep(rng.uniform(0.0, 0.1))
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             kills += 1
