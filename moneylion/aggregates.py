@@ -23,51 +23,24 @@ FROM transactions
 WHERE file_id = $file_id
 GROUP BY user_id
 """
-USER_TOTALS_OF_FILE = (
-    "CREATE OR REPLACE TEMP TABLE user_totals_delta AS " + USER_TOTALS_OF_FILE_SELECT
+
+# A file appends its per-user sums to the log (file_id > 0 marks rows not yet compacted).
+USER_TOTALS_APPEND = (
+    "INSERT INTO user_totals_log SELECT *, $file_id FROM (" + USER_TOTALS_OF_FILE_SELECT + ")"
 )
 
-# A small delta, in one statement: the file's per-user sums, the touched users' stored rows
-# (found with one scan, kept with their rowids) and the new totals. Then the old rows are
-# deleted by rowid and the new ones appended. DuckDB's UPDATE cost ~35 ms for 1,000 rows plus
-# a 140 ms commit, an ON CONFLICT upsert on an indexed table the same; this ~15 ms.
-USER_TOTALS_TOUCHED = (
-    f"""CREATE OR REPLACE TEMP TABLE user_totals_touched AS
-    WITH delta AS ({USER_TOTALS_OF_FILE_SELECT}),
-         stored AS (SELECT u.rowid AS row_id, u.*
-                    FROM user_totals u SEMI JOIN delta USING (user_id))
-    SELECT u.row_id,
-           user_id,
-           coalesce(u.tx_count, 0) + d.tx_count AS tx_count,
-           coalesce(u.total_amount, 0) + d.total_amount AS total_amount,
-           coalesce(u.total_deposit, 0) + d.total_deposit AS total_deposit,
-           coalesce(u.total_withdrawal, 0) + d.total_withdrawal AS total_withdrawal,
-           coalesce(u.total_purchase, 0) + d.total_purchase AS total_purchase,
-           coalesce(least(u.first_date, d.first_date), d.first_date) AS first_date,
-           coalesce(greatest(u.last_date, d.last_date), d.last_date) AS last_date
-    FROM delta d LEFT JOIN stored u USING (user_id)""",
-    "DELETE FROM user_totals WHERE rowid IN "
-    "(SELECT row_id FROM user_totals_touched WHERE row_id IS NOT NULL)",
-    "INSERT INTO user_totals SELECT * EXCLUDE (row_id) FROM user_totals_touched",
+# Compaction: one row per user again, sorted by user_id so zone maps serve point lookups.
+# Staged in a temp table because the view reads the table being replaced.
+USER_TOTALS_COMPACT = (
+    "CREATE OR REPLACE TEMP TABLE user_totals_compacted AS SELECT * FROM user_totals",
+    """CREATE OR REPLACE TABLE user_totals_log AS
+    SELECT *, CAST(0 AS BIGINT) AS file_id FROM user_totals_compacted ORDER BY user_id""",
+    "DROP TABLE user_totals_compacted",
 )
-
-# A large delta: DuckDB updates row by row (24 s for 630k users), so rebuild the table instead
-# (0.3 s for 1M users). Sorted by user_id so zone maps serve point lookups.
-USER_TOTALS_REBUILD = """
-CREATE OR REPLACE TABLE user_totals AS
-SELECT user_id,
-       coalesce(u.tx_count, 0) + coalesce(d.tx_count, 0) AS tx_count,
-       coalesce(u.total_amount, 0) + coalesce(d.total_amount, 0) AS total_amount,
-       coalesce(u.total_deposit, 0) + coalesce(d.total_deposit, 0) AS total_deposit,
-       coalesce(u.total_withdrawal, 0) + coalesce(d.total_withdrawal, 0) AS total_withdrawal,
-       coalesce(u.total_purchase, 0) + coalesce(d.total_purchase, 0) AS total_purchase,
-       coalesce(least(u.first_date, d.first_date), u.first_date, d.first_date) AS first_date,
-       coalesce(greatest(u.last_date, d.last_date), u.last_date, d.last_date) AS last_date
-FROM user_totals u FULL JOIN user_totals_delta d USING (user_id)
-ORDER BY user_id
-"""
-# Above this many appended rows (so possibly as many touched users), rebuilding beats
-# delete-and-append.
+# Compact once this many rows wait in the log (a few hundred 1,000-row files), so a user's
+# totals stay a handful of rows and compaction (~0.5 s per 1M users) stays rare; and right
+# after a file of more rows than REBUILD_THRESHOLD (its delta touches many users anyway).
+COMPACT_AFTER_ROWS = 250_000
 REBUILD_THRESHOLD = 20_000
 
 DAILY_TOTALS_DELTA = """
@@ -82,25 +55,32 @@ ON CONFLICT (transaction_date, transaction_type) DO UPDATE SET
 """
 
 # Counts only grow: a user neither in the old top list nor touched by this file still ranks
-# below every user of the old list, so the new list is drawn from those two sets alone.
+# below every user of the old list, so the new list is drawn from those two sets alone (their
+# counts summed from the log's few rows each, reading two narrow columns).
 TOP_USERS_FROM_TOUCHED = """
 CREATE OR REPLACE TEMP TABLE top_users_next AS
 SELECT CAST(row_number() OVER (ORDER BY tx_count DESC, user_id) AS INTEGER) AS rank,
        user_id, tx_count
 FROM (
-    SELECT user_id, tx_count FROM user_totals_touched
-    UNION ALL
-    SELECT user_id, tx_count FROM top_users t ANTI JOIN user_totals_touched USING (user_id)
+    SELECT user_id, CAST(sum(tx_count) AS BIGINT) AS tx_count
+    FROM user_totals_log
+    WHERE user_id IN (
+        SELECT user_id FROM top_users
+        UNION
+        SELECT user_id FROM transactions WHERE file_id = $file_id
+    )
+    GROUP BY user_id
     ORDER BY tx_count DESC, user_id
     LIMIT $kept
 )
 """
-# After a rebuild every user may have moved: rank the whole table (a top-N, ~10 ms per 1M).
+# Right after a compaction the log has one row per user: rank it whole (a top-N, ~10 ms per
+# 1M users).
 TOP_USERS_FROM_ALL = """
 CREATE OR REPLACE TEMP TABLE top_users_next AS
 SELECT CAST(row_number() OVER (ORDER BY tx_count DESC, user_id) AS INTEGER) AS rank,
        user_id, tx_count
-FROM (SELECT user_id, tx_count FROM user_totals ORDER BY tx_count DESC, user_id LIMIT $kept)
+FROM (SELECT user_id, tx_count FROM user_totals_log ORDER BY tx_count DESC, user_id LIMIT $kept)
 """
 
 RECOMPUTED = {
@@ -138,20 +118,23 @@ def apply_transaction_deltas(
     """Fold the ``rows`` transactions appended by ``file_id`` into every aggregate (inside the
     caller's transaction)."""
     params = {"file_id": file_id}
-    if rows > REBUILD_THRESHOLD:
-        conn.execute(USER_TOTALS_OF_FILE, params)
-        conn.execute(USER_TOTALS_REBUILD)
-        conn.execute("DROP TABLE user_totals_delta")
+    conn.execute(USER_TOTALS_APPEND, params)
+    if rows > REBUILD_THRESHOLD or _rows_waiting(conn) > COMPACT_AFTER_ROWS:
+        for statement in USER_TOTALS_COMPACT:
+            conn.execute(statement)
         conn.execute(TOP_USERS_FROM_ALL, {"kept": top_users_kept})
     else:
-        for statement in USER_TOTALS_TOUCHED:
-            conn.execute(statement, params if "$file_id" in statement else None)
-        conn.execute(TOP_USERS_FROM_TOUCHED, {"kept": top_users_kept})
-        conn.execute("DROP TABLE user_totals_touched")
+        conn.execute(TOP_USERS_FROM_TOUCHED, {"file_id": file_id, "kept": top_users_kept})
     conn.execute(DAILY_TOTALS_DELTA, params)
     conn.execute("DELETE FROM top_users")
     conn.execute("INSERT INTO top_users SELECT rank, user_id, tx_count FROM top_users_next")
     conn.execute("DROP TABLE top_users_next")
+
+
+def _rows_waiting(conn: duckdb.DuckDBPyConnection) -> int:
+    """Rows appended to the log since its last compaction."""
+    row = conn.execute("SELECT count(*) FROM user_totals_log WHERE file_id > 0").fetchall()
+    return int(row[0][0])
 
 
 def recompute(conn: duckdb.DuckDBPyConnection, top_users_kept: int = 1000) -> None:
@@ -159,9 +142,15 @@ def recompute(conn: duckdb.DuckDBPyConnection, top_users_kept: int = 1000) -> No
     conn.execute("BEGIN TRANSACTION")
     try:
         for table, query in RECOMPUTED.items():
-            conn.execute(f"DELETE FROM {table}")
+            # user_totals is a view over its log: the log gets one row per user again.
+            target, extra = (
+                ("user_totals_log", ", CAST(0 AS BIGINT)")
+                if table == "user_totals"
+                else (table, "")
+            )
+            conn.execute(f"DELETE FROM {target}")
             params = {"kept": top_users_kept} if "$kept" in query else {}
-            conn.execute(f"INSERT INTO {table} {query}", params)
+            conn.execute(f"INSERT INTO {target} SELECT *{extra} FROM ({query})", params)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

@@ -60,7 +60,7 @@ def test_verify_exits_1_and_names_the_difference_when_an_aggregate_is_wrong(
     assert run(config, "ingest", "--quiet", str(CASES_DIR / "row_bad_amount.csv")).returncode == 0
     assert run(config, "verify").returncode == 0
     conn = open_warehouse(config)
-    conn.execute("UPDATE user_totals SET total_amount = total_amount + 0.01")
+    conn.execute("UPDATE user_totals_log SET total_amount = total_amount + 0.01")
     conn.close()
 
     result = run(config, "verify")

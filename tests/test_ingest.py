@@ -263,3 +263,46 @@ def test_copies_are_found_whether_ids_are_dense_or_sparse(
         (2, Decimal("3.00"))
     ]
     assert verify(warehouse) == []
+
+
+def test_the_user_totals_log_compacts_to_one_row_per_user_with_the_same_totals(
+    monkeypatch: pytest.MonkeyPatch,
+    warehouse: duckdb.DuckDBPyConnection,
+    config: Config,
+    tmp_path: Path,
+) -> None:
+    from moneylion import aggregates
+
+    monkeypatch.setattr(aggregates, "COMPACT_AFTER_ROWS", 14)
+    rows = [f"{i},{i % 4 + 1},2022-01-0{i % 9 + 1},{i}.25,purchase" for i in range(1, 41)]
+    for n in range(4):  # 4 users a file: 4, 8, 12 rows wait; the fourth file (16) compacts
+        ingest_file(
+            warehouse, write(tmp_path / f"{n}.csv", TX_HEADER, rows[n * 10 : n * 10 + 10]), config
+        )
+        assert verify(warehouse) == []
+
+    log_rows = warehouse.execute(
+        "SELECT count(*), count(*) FILTER (WHERE file_id > 0) FROM user_totals_log"
+    ).fetchall()
+    assert log_rows == [(4, 0)]
+    assert warehouse.execute("SELECT sum(total_amount) FROM user_totals").fetchall() == [
+        (sum(Decimal(r.split(",")[3]) for r in rows),)
+    ]
+
+
+def test_recompute_repairs_damaged_aggregates(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    from moneylion.aggregates import recompute
+
+    ingest_file(
+        warehouse, write(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,5.00,deposit"]), config
+    )
+    warehouse.execute("UPDATE user_totals_log SET tx_count = 7")
+    warehouse.execute("DELETE FROM daily_totals")
+    assert verify(warehouse) != []
+
+    recompute(warehouse)
+
+    assert verify(warehouse) == []
+    assert warehouse.execute("SELECT tx_count FROM user_totals").fetchall() == [(1,)]
