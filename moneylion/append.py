@@ -145,16 +145,20 @@ def _has_copies(
 
 
 def _stored_ids_among(conn: duckdb.DuckDBPyConnection, file_id: int, low: int, high: int) -> int:
-    """How many of this file's transaction ids earlier files already stored; the id range
-    bounds the scan, so zone maps skip row groups outside it."""
+    """How many of this file's transaction ids earlier files already stored. The id range and
+    ``file_id <`` (earlier files have smaller ids) let zone maps skip the other row groups;
+    only when earlier rows fall in the range are the file's ids matched against them."""
+    params = {"file_id": file_id, "low": low, "high": high}
+    in_range = """FROM transactions t
+        WHERE t.transaction_id BETWEEN $low AND $high AND t.file_id < $file_id"""
+    if not one_row(conn, "SELECT count(*) " + in_range, params)[0]:
+        return 0
     return int(
         one_row(
             conn,
-            """SELECT count(*) FROM transactions t
-               WHERE t.transaction_id BETWEEN $low AND $high AND t.file_id <> $file_id
-                 AND t.transaction_id IN
-                     (SELECT transaction_id FROM transactions WHERE file_id = $file_id)""",
-            {"file_id": file_id, "low": low, "high": high},
+            f"""SELECT count(*) {in_range} AND t.transaction_id IN
+                (SELECT transaction_id FROM transactions WHERE file_id = $file_id)""",
+            params,
         )[0]
     )
 
