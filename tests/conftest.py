@@ -33,7 +33,7 @@ def warehouse(config: Config) -> Iterator[duckdb.DuckDBPyConnection]:
     conn.close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def seed_files() -> tuple[Path, Path]:
     """The take-home's real users.csv and transactions.csv, or a skip saying where to put them."""
     users, transactions = SEED_DIR / "users.csv", SEED_DIR / "transactions.csv"

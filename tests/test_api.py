@@ -99,16 +99,6 @@ def loaded(
 
 
 @pytest.fixture(scope="module")
-def seed_files() -> tuple[Path, Path]:
-    """Module-scoped twin of conftest's seed_files (same files, same skip)."""
-    seed_dir = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-    users, transactions = seed_dir / "users.csv", seed_dir / "transactions.csv"
-    if not (users.exists() and transactions.exists()):
-        pytest.skip(f"seed data not found in {seed_dir}")
-    return users, transactions
-
-
-@pytest.fixture(scope="module")
 def client(loaded: Loaded) -> Iterator[TestClient[Litestar]]:
     with TestClient(app=create_app(loaded.config, loaded.conn)) as test_client:
         yield test_client

@@ -25,15 +25,6 @@ from tests.test_api import (
 
 
 @pytest.fixture(scope="module")
-def seed_files() -> tuple[Path, Path]:
-    seed_dir = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-    users, transactions = seed_dir / "users.csv", seed_dir / "transactions.csv"
-    if not (users.exists() and transactions.exists()):
-        pytest.skip(f"seed data not found in {seed_dir}")
-    return users, transactions
-
-
-@pytest.fixture(scope="module")
 def loaded(
     tmp_path_factory: pytest.TempPathFactory, seed_files: tuple[Path, Path]
 ) -> Iterator[Loaded]:
