@@ -632,13 +632,13 @@ def test_a_failing_warehouse_gives_500_without_a_stack_trace(config: Config) -> 
 
 
 def test_reads_see_a_file_entirely_or_not_at_all(
-    tmp_path: Path, seed_files: tuple[Path, Path]
+    tmp_path: Path,
+    seed_files: tuple[Path, Path],
+    config: Config,
+    warehouse: duckdb.DuckDBPyConnection,
 ) -> None:
     """Poll while a 300,000-row file commits: counts jump from before to after, never between."""
-    config = load_config(environ={}).with_overrides(
-        inbox=tmp_path / "inbox", warehouse=tmp_path / "warehouse"
-    )
-    conn = open_warehouse(config)
+    conn = warehouse
     ingest_file(conn, seed_files[0], config)
     big = tmp_path / "big.csv"
     with big.open("w") as handle:
@@ -658,16 +658,15 @@ def test_reads_see_a_file_entirely_or_not_at_all(
     assert seen <= {0, 300_000}
     assert 300_000 in seen
     assert verify(conn, top_users_kept=config.top_users_kept) == []
-    conn.close()
 
 
 def test_cached_answers_change_as_soon_as_a_file_commits(
-    tmp_path: Path, seed_files: tuple[Path, Path]
+    tmp_path: Path,
+    seed_files: tuple[Path, Path],
+    config: Config,
+    warehouse: duckdb.DuckDBPyConnection,
 ) -> None:
-    config = load_config(environ={}).with_overrides(
-        inbox=tmp_path / "inbox", warehouse=tmp_path / "warehouse"
-    )
-    conn = open_warehouse(config)
+    conn = warehouse
     ingest_file(conn, seed_files[0], config)
     ingest_file(conn, seed_files[1], config)
     burst = tmp_path / "burst.csv"
@@ -691,4 +690,3 @@ def test_cached_answers_change_as_soon_as_a_file_commits(
             {"transaction_date": "1999-12-31", "transaction_type": "deposit", "daily_total": 500.0}
         ]
         assert test_client.get("/api/health").json()["seconds_since_last_file"] <= age
-    conn.close()
