@@ -105,6 +105,9 @@ def main() -> None:
     (run / "warehouse").mkdir()
     for name in ("moneylion.duckdb", "moneylion.sqlite"):
         shutil.copyfile(cached / name, run / "warehouse" / name)
+    # Flush the copies now: otherwise the daemon's first fsync (the first SQLite checkpoint)
+    # writes back the whole freshly copied 0.5 GB and stalls the drop it coincides with.
+    os.sync()
 
     rng = random.Random(42)
     staging = run / "staging"
