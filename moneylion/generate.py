@@ -1,12 +1,16 @@
 """Deterministic synthetic users.csv and transactions.csv shaped like the seed's.
 
 Rows are computed by DuckDB from ``hash(row, seed)`` and written with COPY, so 10M rows take
-seconds, not minutes, and the same arguments give the same bytes. With ``bad_rate`` > 0 about
-that share of transaction rows is bad, cycling through every row-level reason code.
+seconds, not minutes, and the same arguments give the same bytes. With ``bad_rate`` > 0, one row
+in every ``round(1 / bad_rate)`` is special: a bad row (the row-level reasons of DESIGN.md in
+turn), or an identical copy of the row before it. ``expected_transactions_outcome`` says what
+ingesting such a file into a warehouse without those ids must report.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -15,23 +19,45 @@ USERS_HEADER = "user_id,signup_date,country"
 TRANSACTIONS_HEADER = "transaction_id,user_id,transaction_date,amount,transaction_type"
 COUNTRIES = ("Canada", "Japan", "France", "India", "UK", "Germany", "Australia", "USA")
 FIRST_TRANSACTION_ID = 1001  # as in the seed
+ORPHANS_PER_MILLE = 1  # transactions whose user is above the users file's ids
+FORMAT_VERSION = 2  # bump when the bytes for given arguments change (bench caches key on it)
 
-# The seed's shape: dates through 2022, amounts 10.00-4999.99, three types in equal parts.
-_DAY = "DATE '2022-01-01' + CAST(hash(i, $seed, 'day') % 365 AS INTEGER)"
-_CENTS = "1000 + CAST(hash(i, $seed, 'amount') % 499000 AS BIGINT)"
-_AMOUNT = (
-    f"CAST(({_CENTS}) // 100 AS VARCHAR) || '.' || lpad(CAST(({_CENTS}) % 100 AS VARCHAR), 2, '0')"
+# The seed's shape: dates 2022-01-01..2023-01-01, amounts 10.00-4999.99 written as Python floats
+# print them ("3982.0", "1444.7", "788.95"), three types in about equal parts.
+_DAYS = 366
+_USER_EXPR = (
+    "CASE WHEN hash({j}, $seed, 'orphan') % 1000 < " + str(ORPHANS_PER_MILLE) + " "
+    "THEN $users + 1 + CAST({j} % 100 AS BIGINT) "
+    "ELSE 1 + CAST(hash({j}, $seed, 'user') % $users AS BIGINT) END"
 )
-_TYPE = "['deposit', 'withdrawal', 'purchase'][CAST(hash(i, $seed, 'type') % 3 AS INTEGER) + 1]"
-# About one transaction in a thousand belongs to a user the users file does not have.
-_USER = (
-    "CASE WHEN hash(i, $seed, 'orphan') % 1000 = 0 THEN $users + 1 + CAST(i % 100 AS BIGINT) "
-    "ELSE 1 + CAST(hash(i, $seed, 'user') % $users AS BIGINT) END"
+_CENTS_EXPR = "(1000 + CAST(hash({j}, $seed, 'amount') % 499000 AS BIGINT))"
+_TYPE_EXPR = (
+    "['deposit', 'withdrawal', 'purchase'][CAST(hash({j}, $seed, 'type') % 3 AS INTEGER) + 1]"
 )
 
-# Bad rows, one variant per reason, chosen by the row's number: {id}, {user}, {day}, {amount},
-# {type} are the good row's fields.
-BAD_VARIANTS = (
+
+def _fields(j: str) -> dict[str, str]:
+    """SQL for the text of each field of the good row number ``j`` (an SQL expression)."""
+    cents = _CENTS_EXPR.format(j=j)
+    # As a float prints: two decimals, or one when the last is 0 ("12.30" -> "12.3", "12.0").
+    amount = (
+        f"CAST({cents} // 100 AS VARCHAR) || '.' || CASE WHEN {cents} % 10 = 0 "
+        f"THEN CAST({cents} % 100 // 10 AS VARCHAR) "
+        f"ELSE lpad(CAST({cents} % 100 AS VARCHAR), 2, '0') END"
+    )
+    return {
+        "id": f"CAST({j} + $first AS VARCHAR)",
+        "user": f"CAST({_USER_EXPR.format(j=j)} AS VARCHAR)",
+        "day": f"CAST(DATE '2022-01-01' + CAST(hash({j}, $seed, 'day') % {_DAYS} AS INTEGER) "
+        "AS VARCHAR)",
+        "amount": amount,
+        "type": _TYPE_EXPR.format(j=j),
+    }
+
+
+# Special rows, by turns: {id}, {user}, {day}, {amount}, {type} are the good row's fields, {p_*}
+# those of the row before (which is always a good row).
+SPECIAL_ROWS = (
     ("missing_field", "{id} || ',' || {user} || ',' || {day} || ',,' || {type}"),
     ("bad_integer", "{id} || '.0,' || {user} || ',' || {day} || ',' || {amount} || ',' || {type}"),
     ("non_positive_id", "{id} || ',0,' || {day} || ',' || {amount} || ',' || {type}"),
@@ -43,13 +69,69 @@ BAD_VARIANTS = (
     ),
     (
         "too_many_decimals",
-        "{id} || ',' || {user} || ',' || {day} || ',' || {amount} || '1,' || {type}",
+        "{id} || ',' || {user} || ',' || {day} || ',' || {amount} || '01,' || {type}",
     ),
     ("unknown_type", "{id} || ',' || {user} || ',' || {day} || ',' || {amount} || ',refund'"),
     ("wrong_field_count", "{id} || ',' || {user} || ',' || {day} || ',' || {amount}"),
-    # A second copy of the previous row's id with another amount: both copies are rejected.
-    ("duplicate_in_file", "{previous_id} || ',' || {user} || ',' || {day} || ',0.01,' || {type}"),
+    # The previous row's id with another amount (real ones are >= 10.00): both copies are rejected.
+    (
+        "duplicate_in_file",
+        "{p_id} || ',' || {p_user} || ',' || {p_day} || ',0.01,' || {p_type}",
+    ),
+    # The previous row again, byte for byte: it loads once and the copy counts as a duplicate.
+    (
+        "identical_copy",
+        "{p_id} || ',' || {p_user} || ',' || {p_day} || ',' || {p_amount} || ',' || {p_type}",
+    ),
 )
+BAD_VARIANTS = tuple(row for row in SPECIAL_ROWS if row[0] != "identical_copy")
+"""The (reason, template) pairs that make a row-level reject: every reason but
+``conflicts_with_stored``, which needs a warehouse, not a file."""
+
+
+@dataclass(frozen=True)
+class ExpectedOutcome:
+    """What ingesting a generated transactions file into a warehouse without its ids reports."""
+
+    rows_total: int
+    rows_loaded: int
+    rows_duplicate: int
+    rejected_by_reason: Mapping[str, int]
+
+    @property
+    def rows_rejected(self) -> int:
+        return sum(self.rejected_by_reason.values())
+
+
+def special_row_period(bad_rate: float) -> int | None:
+    """One row in this many is special (None: no special rows). Never two in a row, so the row
+    before a special one is always good; rates above 0.5 act as 0.5."""
+    if bad_rate <= 0:
+        return None
+    return max(2, round(1 / min(bad_rate, 1.0)))
+
+
+def expected_transactions_outcome(transactions: int, bad_rate: float = 0.0) -> ExpectedOutcome:
+    """The counts ``write_transactions(path, transactions, bad_rate=bad_rate)`` implies."""
+    period = special_row_period(bad_rate)
+    specials = transactions // period if period else 0
+    per_kind = {
+        name: specials // len(SPECIAL_ROWS) + (1 if n < specials % len(SPECIAL_ROWS) else 0)
+        for n, (name, _) in enumerate(SPECIAL_ROWS)
+    }
+    copies = per_kind.pop("identical_copy")
+    # A conflicting copy rejects the row it copies too.
+    rejected = {
+        name: count * (2 if name == "duplicate_in_file" else 1)
+        for name, count in per_kind.items()
+        if count
+    }
+    return ExpectedOutcome(
+        rows_total=transactions,
+        rows_loaded=transactions - copies - sum(rejected.values()),
+        rows_duplicate=copies,
+        rejected_by_reason=rejected,
+    )
 
 
 def _connect() -> duckdb.DuckDBPyConnection:
@@ -59,19 +141,32 @@ def _connect() -> duckdb.DuckDBPyConnection:
     return conn
 
 
-def write_users(path: Path, users: int, *, seed: int = 0, first_id: int = 1) -> Path:
-    """``users`` rows with ids ``first_id`` on."""
+def _copy_lines(
+    select_line: str,
+    header: str,
+    path: Path,
+    params: dict[str, object],
+    source: str = "range($n) AS r(i)",
+) -> None:
+    """COPY one pre-joined text column per row of ``source``, unquoted, header first."""
+    # A tab delimiter and no quoting: the column's text (commas and quotes included) is the line.
     query = f"""
-    COPY (
-        SELECT CAST(i + $first AS VARCHAR) || ',' ||
-               CAST(DATE '2022-01-01' + CAST(hash(i, $seed, 'signup') % 365 AS INTEGER) AS VARCHAR)
-               || ',' || {list(COUNTRIES)!r}[CAST(hash(i, $seed, 'country') % 8 AS INTEGER) + 1]
-               AS "{USERS_HEADER}"
-        FROM range($n) AS r(i)
-    ) TO '{_quoted(path)}' (HEADER true, QUOTE '', ESCAPE '', DELIMITER '\t')
+    COPY (SELECT {select_line} AS "{header}" FROM {source})
+    TO '{_quoted(path)}' (HEADER true, QUOTE '', ESCAPE '', DELIMITER '\t')
     """
     with _connect() as conn:
-        conn.execute(query, {"n": users, "seed": seed, "first": first_id})
+        conn.execute(query, params)
+
+
+def write_users(path: Path, users: int, *, seed: int = 0, first_id: int = 1) -> Path:
+    """``users`` rows with ids ``first_id`` on."""
+    line = (
+        "CAST(i + $first AS VARCHAR) || ',' || "
+        f"CAST(DATE '2022-01-01' + CAST(hash(i, $seed, 'signup') % {_DAYS} AS INTEGER) "
+        "AS VARCHAR) || ',' || "
+        f"{list(COUNTRIES)!r}[CAST(hash(i, $seed, 'country') % {len(COUNTRIES)} AS INTEGER) + 1]"
+    )
+    _copy_lines(line, USERS_HEADER, path, {"n": users, "seed": seed, "first": first_id})
     return path
 
 
@@ -84,44 +179,44 @@ def write_transactions(
     first_id: int = FIRST_TRANSACTION_ID,
     bad_rate: float = 0.0,
 ) -> Path:
-    """``transactions`` rows with ids ``first_id`` on, for users 1..``users`` (and a few orphans).
+    """``transactions`` rows with ids ``first_id`` on, for users 1..``users`` (and about one in a
+    thousand orphans, users ``users``+1 to ``users``+100).
 
-    With ``bad_rate`` > 0, about that share of rows is replaced by a bad variant; consecutive bad
-    rows take the reasons of BAD_VARIANTS in turn.
+    With ``bad_rate`` > 0, row i is special when ``i % period == period - 1``; the special rows
+    take the kinds of SPECIAL_ROWS in turn (see ``expected_transactions_outcome``).
     """
-    fields = {
-        "id": "CAST(i + $first AS VARCHAR)",
-        "user": f"CAST({_USER} AS VARCHAR)",
-        "day": f"CAST({_DAY} AS VARCHAR)",
-        "amount": _AMOUNT,
-        "type": _TYPE,
-    }
+    # The row's fields are columns of an inner query, computed once; the previous row's only
+    # inside the special rows' branch (that keeps 10M rows with bad ones near the clean speed).
+    inner = ", ".join(f"{expr} AS f_{name}" for name, expr in _fields("i").items())
+    fields = {name: f"f_{name}" for name in _fields("i")}
+    previous = {f"p_{name}": expr for name, expr in _fields("(i - 1)").items()}
     good = " || ',' || ".join(fields.values())
-    previous_id = "CAST(i + $first - 1 AS VARCHAR)"
-    bad_cases = " ".join(
-        f"WHEN {n} THEN {template.format(previous_id=previous_id, **fields)}"
-        for n, (_, template) in enumerate(BAD_VARIANTS)
-    )
-    threshold = round(max(0.0, min(bad_rate, 1.0)) * 1_000_000)
-    query = f"""
-    COPY (
-        SELECT CASE WHEN i > 0 AND hash(i, $seed, 'bad') % 1000000 < $threshold
-                    THEN CASE CAST(i % {len(BAD_VARIANTS)} AS INTEGER) {bad_cases} END
-                    ELSE {good} END AS "{TRANSACTIONS_HEADER}"
-        FROM range($n) AS r(i)
-    ) TO '{_quoted(path)}' (HEADER true, QUOTE '', ESCAPE '', DELIMITER '\t')
-    """
-    with _connect() as conn:
-        conn.execute(
-            query,
-            {
-                "n": transactions,
-                "seed": seed,
-                "first": first_id,
-                "users": max(users, 1),
-                "threshold": threshold,
-            },
+    period = special_row_period(bad_rate)
+    if period is None:
+        line = good
+    else:
+        cases = " ".join(
+            f"WHEN {n} THEN {template.format(**fields, **previous)}"
+            for n, (_, template) in enumerate(SPECIAL_ROWS)
         )
+        line = (
+            f"CASE WHEN i % {period} = {period - 1} "
+            f"THEN CASE CAST(i // {period} % {len(SPECIAL_ROWS)} AS INTEGER) {cases} END "
+            f"ELSE {good} END"
+        )
+    params: dict[str, object] = {
+        "n": transactions,
+        "seed": seed,
+        "first": first_id,
+        "users": max(users, 1),
+    }
+    _copy_lines(
+        line,
+        TRANSACTIONS_HEADER,
+        path,
+        params,
+        source=f"(SELECT i, {inner} FROM range($n) AS r(i))",
+    )
     return path
 
 
