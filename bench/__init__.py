@@ -1,0 +1,1 @@
+"""Benchmark scripts run by ``make bench``; shared helpers live in common.py."""
