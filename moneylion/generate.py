@@ -1,15 +1,16 @@
 """Deterministic synthetic users.csv and transactions.csv shaped like the seed's.
 
 Rows are computed by DuckDB from ``hash(row, seed)`` and written with COPY, so 10M rows take
-seconds, not minutes, and the same arguments give the same bytes. With ``bad_rate`` > 0, one row
-in every ``round(1 / bad_rate)`` is special: a bad row (the row-level reasons of DESIGN.md in
-turn), or an identical copy of the row before it. ``expected_transactions_outcome`` says what
-ingesting such a file into a warehouse without those ids must report.
+about 10 s, not minutes, and the same arguments give the same bytes. With ``bad_rate`` > 0, one
+row in every ``round(1 / bad_rate)`` of each file is special: a bad row (the row-level reasons of
+DESIGN.md that the file's kind can have, in turn) or an identical copy of the row before it.
+``expected_users_outcome`` / ``expected_transactions_outcome`` say what ingesting such a file
+into a warehouse without those ids must report.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,18 @@ _TYPE_EXPR = (
 )
 
 
-def _fields(j: str) -> dict[str, str]:
+def _user_fields(j: str) -> dict[str, str]:
+    """SQL for the text of each field of the good users row number ``j`` (an SQL expression)."""
+    day = f"DATE '2022-01-01' + CAST(hash({j}, $seed, 'signup') % {_DAYS} AS INTEGER)"
+    country = f"CAST(hash({j}, $seed, 'country') % {len(COUNTRIES)} AS INTEGER) + 1"
+    return {
+        "id": f"CAST({j} + $first AS VARCHAR)",
+        "day": f"CAST({day} AS VARCHAR)",
+        "country": f"{list(COUNTRIES)!r}[{country}]",
+    }
+
+
+def _transaction_fields(j: str) -> dict[str, str]:
     """SQL for the text of each field of the good row number ``j`` (an SQL expression)."""
     cents = _CENTS_EXPR.format(j=j)
     # As a float prints: two decimals, or one when the last is 0 ("12.30" -> "12.3", "12.0").
@@ -57,7 +69,8 @@ def _fields(j: str) -> dict[str, str]:
 
 # Special rows, by turns: {id}, {user}, {day}, {amount}, {type} are the good row's fields, {p_*}
 # those of the row before (which is always a good row).
-SPECIAL_ROWS = (
+SpecialRows = tuple[tuple[str, str], ...]
+SPECIAL_ROWS: SpecialRows = (
     ("missing_field", "{id} || ',' || {user} || ',' || {day} || ',,' || {type}"),
     ("bad_integer", "{id} || '.0,' || {user} || ',' || {day} || ',' || {amount} || ',' || {type}"),
     ("non_positive_id", "{id} || ',0,' || {day} || ',' || {amount} || ',' || {type}"),
@@ -83,6 +96,16 @@ SPECIAL_ROWS = (
         "identical_copy",
         "{p_id} || ',' || {p_user} || ',' || {p_day} || ',' || {p_amount} || ',' || {p_type}",
     ),
+)
+USER_SPECIAL_ROWS: SpecialRows = (
+    ("missing_field", "{id} || ',' || {day} || ','"),
+    ("bad_integer", "{id} || 'abc,' || {day} || ',' || {country}"),
+    ("non_positive_id", "'-' || {id} || ',' || {day} || ',' || {country}"),
+    ("bad_date", "{id} || ',2022-13-01,' || {country}"),
+    ("wrong_field_count", "{id} || ',' || {day} || ',' || {country} || ',extra'"),
+    # The previous user again with another country: both copies are rejected.
+    ("duplicate_in_file", "{p_id} || ',' || {p_day} || ',Atlantis'"),
+    ("identical_copy", "{p_id} || ',' || {p_day} || ',' || {p_country}"),
 )
 BAD_VARIANTS = tuple(row for row in SPECIAL_ROWS if row[0] != "identical_copy")
 """The (reason, template) pairs that make a row-level reject: every reason but
@@ -111,13 +134,12 @@ def special_row_period(bad_rate: float) -> int | None:
     return max(2, round(1 / min(bad_rate, 1.0)))
 
 
-def expected_transactions_outcome(transactions: int, bad_rate: float = 0.0) -> ExpectedOutcome:
-    """The counts ``write_transactions(path, transactions, bad_rate=bad_rate)`` implies."""
+def _expected(rows: int, bad_rate: float, specials_table: SpecialRows) -> ExpectedOutcome:
     period = special_row_period(bad_rate)
-    specials = transactions // period if period else 0
+    specials = rows // period if period else 0
     per_kind = {
-        name: specials // len(SPECIAL_ROWS) + (1 if n < specials % len(SPECIAL_ROWS) else 0)
-        for n, (name, _) in enumerate(SPECIAL_ROWS)
+        name: specials // len(specials_table) + (1 if n < specials % len(specials_table) else 0)
+        for n, (name, _) in enumerate(specials_table)
     }
     copies = per_kind.pop("identical_copy")
     # A conflicting copy rejects the row it copies too.
@@ -127,11 +149,22 @@ def expected_transactions_outcome(transactions: int, bad_rate: float = 0.0) -> E
         if count
     }
     return ExpectedOutcome(
-        rows_total=transactions,
-        rows_loaded=transactions - copies - sum(rejected.values()),
+        rows_total=rows,
+        rows_loaded=rows - copies - sum(rejected.values()),
         rows_duplicate=copies,
         rejected_by_reason=rejected,
     )
+
+
+def expected_transactions_outcome(transactions: int, bad_rate: float = 0.0) -> ExpectedOutcome:
+    """The counts ``write_transactions(path, transactions, bad_rate=bad_rate)`` implies."""
+    return _expected(transactions, bad_rate, SPECIAL_ROWS)
+
+
+def expected_users_outcome(users: int, bad_rate: float = 0.0) -> ExpectedOutcome:
+    """The counts ``write_users(path, users, bad_rate=bad_rate)`` implies (into a warehouse
+    without those users; a stored user is updated, not counted as a duplicate)."""
+    return _expected(users, bad_rate, USER_SPECIAL_ROWS)
 
 
 def _connect() -> duckdb.DuckDBPyConnection:
@@ -158,15 +191,40 @@ def _copy_lines(
         conn.execute(query, params)
 
 
-def write_users(path: Path, users: int, *, seed: int = 0, first_id: int = 1) -> Path:
-    """``users`` rows with ids ``first_id`` on."""
-    line = (
-        "CAST(i + $first AS VARCHAR) || ',' || "
-        f"CAST(DATE '2022-01-01' + CAST(hash(i, $seed, 'signup') % {_DAYS} AS INTEGER) "
-        "AS VARCHAR) || ',' || "
-        f"{list(COUNTRIES)!r}[CAST(hash(i, $seed, 'country') % {len(COUNTRIES)} AS INTEGER) + 1]"
+def _special_lines(
+    fields: Callable[[str], dict[str, str]], bad_rate: float, table: SpecialRows
+) -> tuple[str, str]:
+    """(inner columns, line expression) for rows whose good fields are ``fields(row)``."""
+    # The row's fields are columns of an inner query, computed once; the previous row's only
+    # inside the special rows' branch (that keeps 10M rows with bad ones near the clean speed).
+    inner = ", ".join(f"{expr} AS f_{name}" for name, expr in fields("i").items())
+    current = {name: f"f_{name}" for name in fields("i")}
+    previous = {f"p_{name}": expr for name, expr in fields("(i - 1)").items()}
+    good = " || ',' || ".join(current.values())
+    period = special_row_period(bad_rate)
+    if period is None:
+        return inner, good
+    cases = " ".join(
+        f"WHEN {n} THEN {template.format(**current, **previous)}"
+        for n, (_, template) in enumerate(table)
     )
-    _copy_lines(line, USERS_HEADER, path, {"n": users, "seed": seed, "first": first_id})
+    line = (
+        f"CASE WHEN i % {period} = {period - 1} "
+        f"THEN CASE CAST(i // {period} % {len(table)} AS INTEGER) {cases} END "
+        f"ELSE {good} END"
+    )
+    return inner, line
+
+
+def write_users(
+    path: Path, users: int, *, seed: int = 0, first_id: int = 1, bad_rate: float = 0.0
+) -> Path:
+    """``users`` rows with ids ``first_id`` on; with ``bad_rate`` > 0, special rows of
+    USER_SPECIAL_ROWS in turn (see ``expected_users_outcome``)."""
+    inner, line = _special_lines(_user_fields, bad_rate, USER_SPECIAL_ROWS)
+    params: dict[str, object] = {"n": users, "seed": seed, "first": first_id}
+    source = f"(SELECT i, {inner} FROM range($n) AS r(i))"
+    _copy_lines(line, USERS_HEADER, path, params, source=source)
     return path
 
 
@@ -185,25 +243,7 @@ def write_transactions(
     With ``bad_rate`` > 0, row i is special when ``i % period == period - 1``; the special rows
     take the kinds of SPECIAL_ROWS in turn (see ``expected_transactions_outcome``).
     """
-    # The row's fields are columns of an inner query, computed once; the previous row's only
-    # inside the special rows' branch (that keeps 10M rows with bad ones near the clean speed).
-    inner = ", ".join(f"{expr} AS f_{name}" for name, expr in _fields("i").items())
-    fields = {name: f"f_{name}" for name in _fields("i")}
-    previous = {f"p_{name}": expr for name, expr in _fields("(i - 1)").items()}
-    good = " || ',' || ".join(fields.values())
-    period = special_row_period(bad_rate)
-    if period is None:
-        line = good
-    else:
-        cases = " ".join(
-            f"WHEN {n} THEN {template.format(**fields, **previous)}"
-            for n, (_, template) in enumerate(SPECIAL_ROWS)
-        )
-        line = (
-            f"CASE WHEN i % {period} = {period - 1} "
-            f"THEN CASE CAST(i // {period} % {len(SPECIAL_ROWS)} AS INTEGER) {cases} END "
-            f"ELSE {good} END"
-        )
+    inner, line = _special_lines(_transaction_fields, bad_rate, SPECIAL_ROWS)
     params: dict[str, object] = {
         "n": transactions,
         "seed": seed,
@@ -226,7 +266,7 @@ def generate(
     """Write ``out_dir/users.csv`` and ``out_dir/transactions.csv``; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     return [
-        write_users(out_dir / "users.csv", users, seed=seed),
+        write_users(out_dir / "users.csv", users, seed=seed, bad_rate=bad_rate),
         write_transactions(
             out_dir / "transactions.csv",
             transactions,

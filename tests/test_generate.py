@@ -18,13 +18,22 @@ from moneylion.generate import (
     COUNTRIES,
     ExpectedOutcome,
     expected_transactions_outcome,
+    expected_users_outcome,
     generate,
     write_transactions,
+    write_users,
 )
 from moneylion.ingest import ingest_file
 from moneylion.validate import RejectReason
 
 ROW_REASONS = {r.value for r in RejectReason} - {"conflicts_with_stored"}  # needs stored rows
+# Reasons about amounts and types cannot happen in a users file.
+USER_ROW_REASONS = ROW_REASONS - {
+    "bad_amount",
+    "non_positive_amount",
+    "too_many_decimals",
+    "unknown_type",
+}
 
 
 def _id_fault(text: str) -> str | None:
@@ -59,14 +68,16 @@ def _field_fault(column: str, text: str) -> str | None:
         return "missing_field"
     if column in ("transaction_id", "user_id"):
         return _id_fault(text)
-    if column == "transaction_date":
+    if column in ("transaction_date", "signup_date"):
         return _date_fault(text)
+    if column == "country":
+        return None
     if column == "amount":
         return _amount_fault(text)
     return None if text.lower() in ("deposit", "withdrawal", "purchase") else "unknown_type"
 
 
-def classify_transactions(path: Path) -> ExpectedOutcome:
+def classify(path: Path) -> ExpectedOutcome:
     """DESIGN.md's row policies, read with the csv module, independently of the generator."""
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle)
@@ -130,7 +141,7 @@ def test_clean_files_have_the_seed_shape(tmp_path: Path) -> None:
     user_ids = [int(r["user_id"]) for r in rows]
     assert min(user_ids) == 1
     assert 0 < sum(u > 200 for u in user_ids) < 50  # a few orphans, about one in a thousand
-    assert classify_transactions(transactions_csv) == expected_transactions_outcome(5_000)
+    assert classify(transactions_csv) == expected_transactions_outcome(5_000)
 
 
 @pytest.mark.parametrize("bad_rate", [0.01, 0.05, 0.5, 0.9])
@@ -139,7 +150,7 @@ def test_bad_rows_cover_every_row_reason_and_match_the_expected_counts(
 ) -> None:
     path = write_transactions(tmp_path / "t.csv", 3_000, users=100, seed=4, bad_rate=bad_rate)
 
-    found = classify_transactions(path)
+    found = classify(path)
 
     assert found == expected_transactions_outcome(3_000, bad_rate)
     assert set(found.rejected_by_reason) == ROW_REASONS
@@ -148,16 +159,36 @@ def test_bad_rows_cover_every_row_reason_and_match_the_expected_counts(
     assert share == pytest.approx(min(bad_rate, 0.5), rel=0.2)
 
 
+@pytest.mark.parametrize("bad_rate", [0.02, 0.3])
+def test_bad_users_rows_cover_every_users_reason_and_match_the_expected_counts(
+    tmp_path: Path, bad_rate: float
+) -> None:
+    path = write_users(tmp_path / "u.csv", 2_000, seed=5, bad_rate=bad_rate)
+
+    found = classify(path)
+
+    assert found == expected_users_outcome(2_000, bad_rate)
+    assert set(found.rejected_by_reason) == USER_ROW_REASONS
+    assert found.rows_duplicate > 0
+
+
 def test_ingesting_bad_rows_reports_every_reason_and_the_expected_counts(
     warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
 ) -> None:
     users_csv, transactions_csv = generate(
-        tmp_path, users=100, transactions=3_000, bad_rate=0.05, seed=2
+        tmp_path, users=140, transactions=3_000, bad_rate=0.05, seed=2
     )
-    assert ingest_file(warehouse, users_csv, config).rows_loaded == 100
-
+    users = ingest_file(warehouse, users_csv, config)
     outcome = ingest_file(warehouse, transactions_csv, config)
 
+    expected_users = expected_users_outcome(140, 0.05)
+    assert set(users.rejected_by_reason) == USER_ROW_REASONS
+    assert dict(users.rejected_by_reason) == dict(expected_users.rejected_by_reason)
+    assert (users.rows_total, users.rows_loaded, users.rows_duplicate) == (
+        expected_users.rows_total,
+        expected_users.rows_loaded,
+        expected_users.rows_duplicate,
+    )
     expected = expected_transactions_outcome(3_000, 0.05)
     assert outcome.status == "loaded"
     assert set(outcome.rejected_by_reason) == ROW_REASONS
