@@ -15,6 +15,7 @@ from typing import Any
 
 ENV_PREFIX = "MONEYLION_"
 DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / "config.toml"
+NICEST = 19  # the lowest CPU priority Linux gives a thread
 
 
 class ConfigError(ValueError):
@@ -31,6 +32,7 @@ class Config:
     port: int = 8000
     duckdb_memory_limit: str = "1GB"
     duckdb_threads: int = 2
+    ingest_nice: int = 10
     log_level: str = "INFO"
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 5
@@ -118,4 +120,6 @@ def load_config(
     typed = {name: _coerce(name, raw, fields[name]) for name, raw in values.items()}
     for key in ("inbox", "warehouse"):
         typed[key] = (base / typed[key]).resolve()
+    if not 0 <= typed.get("ingest_nice", 0) <= NICEST:
+        raise ConfigError(f"config key 'ingest_nice': {typed['ingest_nice']} is not in 0..{NICEST}")
     return Config(**typed)

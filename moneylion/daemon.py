@@ -24,10 +24,10 @@ from typing import Any
 
 import duckdb
 
-from moneylion.config import Config
+from moneylion.config import NICEST, Config
 from moneylion.export import close_sqlite, export_new
 from moneylion.ingest import FileOutcome, file_sha256, ingest_file
-from moneylion.schema import WarehouseLocked, open_warehouse
+from moneylion.schema import WarehouseLocked, one_row, open_warehouse
 from moneylion.watcher import InboxQueue, InboxWatcher, TakenFile
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,12 @@ class IngestWorker(threading.Thread):
         self.stopping = threading.Event()
         self.files_done = 0
         self.last_file_at: float | None = None
+        # The id of the last file committed in DuckDB: the API's change token and the mark the
+        # SQLite export must reach before user summaries are read from it.
+        self.committed_file_id = last_file_id(conn)
 
     def run(self) -> None:
+        lower_thread_priority(self.config.ingest_nice)
         log.info("worker_started", extra={"fields": {"inbox": str(self.config.inbox)}})
         while True:
             taken = self.queue.take()
@@ -140,8 +144,11 @@ class IngestWorker(threading.Thread):
             reason = "unreadable" if isinstance(exc, OSError) else "ingest_error"
             self._retry_or_fail(taken, reason, exc)
             return
-        if outcome.status != "duplicate_file" and self.on_commit is not None:
-            self.on_commit()  # a new ledger row (loaded or failed) is there to export
+        if outcome.status != "duplicate_file":  # a new ledger row (loaded or failed) committed
+            if outcome.file_id is not None:
+                self.committed_file_id = max(self.committed_file_id, outcome.file_id)
+            if self.on_commit is not None:
+                self.on_commit()  # there is something to export
         try:
             moved = self.queue.finish(path, then=lambda: self._move(outcome))
         except OSError as exc:
@@ -240,9 +247,11 @@ class SqliteExporter(threading.Thread):
         export: Callable[[duckdb.DuckDBPyConnection, Path], object] = export_new,
         *,
         min_interval: float = EXPORT_MIN_INTERVAL,
+        nice: int = 0,
     ) -> None:
         super().__init__(name="sqlite-exporter", daemon=True)
         self.min_interval = min_interval
+        self.nice = nice
         self.conn = conn
         self.sqlite_path = sqlite_path
         self.export = export
@@ -255,6 +264,7 @@ class SqliteExporter(threading.Thread):
         self._wanted.set()
 
     def run(self) -> None:
+        lower_thread_priority(self.nice)
         failures = 0
         last_export = -self.min_interval
         self._wanted.set()  # catch up first: a crash may have come between commit and export
@@ -323,7 +333,9 @@ class Daemon:
         self.queue = InboxQueue(config.settle_seconds)
         self.watcher = InboxWatcher(config.inbox, self.queue)
         self.exporter = (
-            SqliteExporter(conn.cursor(), config.sqlite_path) if config.sqlite_export else None
+            SqliteExporter(conn.cursor(), config.sqlite_path, nice=config.ingest_nice)
+            if config.sqlite_export
+            else None
         )
         self.worker = IngestWorker(
             self.worker_conn,
@@ -377,6 +389,10 @@ class Daemon:
         """Files queued or being ingested."""
         return len(self.queue)
 
+    def committed_file_id(self) -> int:
+        """The id of the last file committed to the warehouse (0: none yet)."""
+        return self.worker.committed_file_id
+
     @asynccontextmanager
     async def lifespan(self, app: object) -> AsyncIterator[None]:
         """Start with the API, stop with it (uvicorn runs this on SIGTERM/SIGINT)."""
@@ -401,6 +417,50 @@ class Daemon:
         return not self.worker.is_alive() and self.exporter_stopped
 
 
+def lower_thread_priority(nice: int) -> None:
+    """Make the calling thread ``nice`` steps nicer (Linux keeps a nice value per thread, and
+    threads it starts inherit it). Elsewhere, or for 0, nothing changes."""
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return
+    thread = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(NICEST, current + nice))
+    except OSError as exc:  # a sandbox may refuse it: run at the same priority
+        log.warning("priority_unchanged", extra={"fields": {"nice": nice, "error": str(exc)}})
+
+
+def open_at_lower_priority(config: Config) -> duckdb.DuckDBPyConnection:
+    """Open the warehouse from a thread made ``config.ingest_nice`` nicer: DuckDB starts its
+    worker threads there, and they inherit that priority, so a large ingest yields the CPU to
+    the API (which runs at the process's own priority)."""
+    opened: list[duckdb.DuckDBPyConnection] = []
+    failed: list[BaseException] = []
+
+    def open_it() -> None:
+        lower_thread_priority(config.ingest_nice)
+        try:
+            opened.append(open_warehouse(config))
+        except BaseException as exc:
+            failed.append(exc)
+
+    opener = threading.Thread(target=open_it, name="warehouse-opener")
+    opener.start()
+    opener.join()
+    if failed:
+        raise failed[0]
+    return opened[0]
+
+
+def last_file_id(conn: duckdb.DuckDBPyConnection) -> int:
+    """The highest file id in the ledger (0 for an empty one)."""
+    cursor = conn.cursor()
+    try:
+        return int(one_row(cursor, "SELECT coalesce(max(file_id), 0) FROM files")[0])
+    finally:
+        cursor.close()
+
+
 def _stop_signal_seen(signum: int, frame: object) -> None:
     log.info("stop_signal", extra={"fields": {"signal": signal.Signals(signum).name}})
 
@@ -414,13 +474,19 @@ def serve(config: Config) -> int:
 
     setup_logging(config)
     try:
-        conn = open_warehouse(config)
+        conn = open_at_lower_priority(config)
     except WarehouseLocked as exc:
         print(f"moneylion: {exc}", file=sys.stderr)
         return 3
     daemon = Daemon(conn, config)
     try:
-        app = create_app(config, db=conn, readiness=daemon.ready, lifespan=[daemon.lifespan])
+        app = create_app(
+            config,
+            db=conn,
+            readiness=daemon.ready,
+            committed=daemon.committed_file_id,
+            lifespan=[daemon.lifespan],
+        )
         server = uvicorn.Server(
             uvicorn.Config(
                 app,

@@ -49,6 +49,10 @@ def test_unknown_keys_and_bad_values_are_refused(tmp_path: Path) -> None:
         load_config(path, environ={})
     with pytest.raises(ConfigError, match="'duckdb_threads'"):
         load_config(environ={"MONEYLION_DUCKDB_THREADS": "two"})
+    for nice in ("-1", "20"):
+        with pytest.raises(ConfigError, match="'ingest_nice'"):
+            load_config(environ={"MONEYLION_INGEST_NICE": nice})
+    assert load_config(environ={"MONEYLION_INGEST_NICE": "0"}).ingest_nice == 0
 
 
 def test_migrations_apply_once_and_record_the_version(tmp_path: Path) -> None:

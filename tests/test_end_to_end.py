@@ -302,3 +302,23 @@ def test_sigterm_during_a_large_file_rolls_it_back_or_finishes_it_and_the_next_s
     status = run_cli("status", "--json", env=daemon.environ())
     assert f'"transactions": {rows}' in status.stdout, status.stdout + status.stderr
     assert run_cli("verify", env=daemon.environ()).returncode == 0
+
+
+def thread_nice_values(pid: int) -> dict[int, int]:
+    """Linux: the nice value of each thread of process ``pid``, by thread id."""
+    values = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            values[int(task.name)] = int(fields[16])  # stat field 19: nice
+    return values
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="per-thread nice is Linux's")
+def test_ingest_threads_run_nicer_than_the_api(daemon: DaemonProcess) -> None:
+    assert daemon.proc is not None
+    nice = thread_nice_values(daemon.proc.pid)
+    assert nice[daemon.proc.pid] == 0  # the main thread: uvicorn's event loop, the API
+    # The ingest worker, the exporter and DuckDB's own threads (started by the opening thread).
+    assert sum(1 for value in nice.values() if value == 10) >= 3
+    assert set(nice.values()) == {0, 10}

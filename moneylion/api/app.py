@@ -37,16 +37,18 @@ def create_app(
     db: duckdb.DuckDBPyConnection | None = None,
     *,
     readiness: Callable[[], bool] | None = None,
+    committed: Callable[[], int] | None = None,
     lifespan: Sequence[Lifespan] = (),
 ) -> Litestar:
     """Build the API.
 
     ``db``: the daemon's connection (used, never closed); None -> the app opens the warehouse
     at startup and closes it at shutdown. ``readiness``: extra condition for
-    ``/v1/health/ready`` (e.g. "the watcher runs"). ``lifespan``: context managers entered after
-    the warehouse is open, exited before it closes.
+    ``/v1/health/ready`` (e.g. "the watcher runs"). ``committed``: the id of the last file the
+    daemon's ingest worker committed (see ``ApiContext``). ``lifespan``: context managers entered
+    after the warehouse is open, exited before it closes.
     """
-    ctx = ApiContext(config=config, db=db, readiness=readiness)
+    ctx = ApiContext(config=config, db=db, readiness=readiness, committed=committed)
 
     @asynccontextmanager
     async def warehouse_lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -61,6 +63,8 @@ def create_app(
         try:
             yield
         finally:
+            if ctx.replica is not None:
+                ctx.replica.close()
             if owned and ctx.db is not None:
                 conn, ctx.db = ctx.db, None
                 conn.close()

@@ -1,17 +1,22 @@
-"""Answers that only change when a file commits, kept until the warehouse files change.
+"""Answers that only change when a file commits, kept until the next commit.
 
 A DuckDB statement costs ~0.5 ms of CPU here whatever it does, and the hot read-mostly answers
 (top users, a day's totals, the age of the last file) change only when the ingest worker commits.
-Every commit writes the warehouse's WAL (or, at a checkpoint, truncates it and writes the
-database file), so the (inode, size, mtime) of ``moneylion.duckdb`` and ``moneylion.duckdb.wal``
-is a cheap change token: while it is unchanged, no commit happened and a cached answer is still
-the committed state. Staleness is bounded anyway: an entry older than ``max_age`` seconds is
-reloaded, whatever the token says. The token is taken *before* a load, so a commit racing the
-load makes the entry look stale, never fresh.
+The cache drops everything when its change token moves:
+
+* in the daemon, the token is the id of the last file the ingest worker committed (exact: the
+  worker is the only writer), so answers stay cached for as long as nothing commits;
+* without a daemon (an app opened on a warehouse by itself), it is the (inode, size, mtime) of
+  ``moneylion.duckdb`` and its WAL, which every commit writes; as that can also move without a
+  commit, entries are also reloaded after ``max_age`` seconds.
+
+The token is taken *before* a load, so a commit racing the load makes the entry look stale,
+never fresh. Concurrent misses of one key share one load (no stampede into DuckDB).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -23,26 +28,14 @@ from typing import Any, TypeVar
 import anyio.to_thread
 
 T = TypeVar("T")
-Token = tuple[tuple[int, int, int] | None, ...]
 
 
-class SnapshotCache:
-    """A small LRU of answers, all dropped when the warehouse files change."""
+def file_token(files: tuple[Path, ...]) -> Callable[[], Hashable]:
+    """A token of (inode, size, mtime_ns) per file, None for a missing one."""
 
-    def __init__(self, files: tuple[Path, ...], *, max_age: float = 1.0, size: int = 1024) -> None:
-        self.files = files
-        self.max_age = max_age
-        self.size = size
-        self._entries: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
-        self._token: Token | None = None
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def token(self) -> Token:
-        """(inode, size, mtime_ns) of each warehouse file, None for a missing one."""
+    def token() -> Hashable:
         found: list[tuple[int, int, int] | None] = []
-        for path in self.files:
+        for path in files:
             try:
                 stat = os.stat(path)
             except FileNotFoundError:
@@ -51,24 +44,42 @@ class SnapshotCache:
                 found.append((stat.st_ino, stat.st_size, stat.st_mtime_ns))
         return tuple(found)
 
-    def lookup(self, key: Hashable) -> tuple[bool, Any]:
-        """(True, answer) if cached for the current files and young enough, else (False, None)."""
-        token = self.token()
+    return token
+
+
+class SnapshotCache:
+    """A small LRU of answers, all dropped when the change token moves."""
+
+    def __init__(
+        self, token: Callable[[], Hashable], *, max_age: float | None = 1.0, size: int = 1024
+    ) -> None:
+        self.token = token
+        self.max_age = max_age
+        self.size = size
+        self._entries: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
+        self._token: Hashable = object()  # equal to no token: the first lookup clears
+        self._lock = threading.Lock()
+        self._loading: dict[tuple[Hashable, Hashable], asyncio.Future[Any]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def lookup(self, key: Hashable, token: Hashable) -> tuple[bool, Any]:
+        """(True, answer) if cached under ``token`` and young enough, else (False, None)."""
         now = time.monotonic()
         with self._lock:
             if token != self._token:
                 self._entries.clear()
                 self._token = token
             entry = self._entries.get(key)
-            if entry is not None and now - entry[0] <= self.max_age:
+            if entry is not None and (self.max_age is None or now - entry[0] <= self.max_age):
                 self._entries.move_to_end(key)
                 self.hits += 1
                 return True, entry[1]
             self.misses += 1
             return False, None
 
-    def store(self, key: Hashable, token: Token, value: Any, loaded_at: float) -> None:
-        """Keep ``value`` if the files are still as they were before it was loaded."""
+    def store(self, key: Hashable, token: Hashable, value: Any, loaded_at: float) -> None:
+        """Keep ``value`` if the token is still the one taken before it was loaded."""
         with self._lock:
             if token != self._token:
                 return  # something committed meanwhile (or the cache moved on): don't keep it
@@ -78,13 +89,32 @@ class SnapshotCache:
                 self._entries.popitem(last=False)
 
     async def get(self, key: Hashable, load: Callable[[], T]) -> T:
-        """The cached answer, or ``load()`` run in a worker thread (never on the event loop)."""
-        hit, value = self.lookup(key)
-        if hit:
-            result: T = value
-            return result
+        """The cached answer, or ``load()`` run in a worker thread (never on the event loop);
+        requests missing the same key under the same token wait for one load."""
         token = self.token()
-        loaded_at = time.monotonic()
-        fresh = await anyio.to_thread.run_sync(load)
-        self.store(key, token, fresh, loaded_at)
-        return fresh
+        hit, value = self.lookup(key, token)
+        if hit:
+            cached: T = value
+            return cached
+        pending = self._loading.get((key, token))
+        if pending is not None:
+            shared: T = await asyncio.shield(pending)
+            return shared
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._loading[(key, token)] = future
+        try:
+            loaded_at = time.monotonic()
+            fresh = await anyio.to_thread.run_sync(load)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: nobody else may be waiting
+            raise
+        else:
+            future.set_result(fresh)
+            self.store(key, token, fresh, loaded_at)
+            return fresh
+        finally:
+            del self._loading[(key, token)]

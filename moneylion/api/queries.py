@@ -8,7 +8,7 @@ transaction so they cannot straddle a file's commit. Parameters are always bound
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
@@ -64,16 +64,24 @@ FROM user_totals WHERE user_id = $id
 def user_summary(cursor: duckdb.DuckDBPyConnection, user_id: int) -> UserSummary | None:
     """The user's totals (zeros if no transactions), or None if neither a user nor any totals."""
     rows = cursor.execute(_USER_SUMMARY, {"id": user_id}).fetchall()
-    user = next((row for row in rows if row[0]), None)
-    totals = next((row for row in rows if not row[0]), None)
+    user = next((row[1:3] for row in rows if row[0]), None)
+    totals = next((row[3:] for row in rows if not row[0]), None)
+    return summary_of(user_id, user, totals)
+
+
+def summary_of(
+    user_id: int, user: Sequence[Any] | None, totals: Sequence[Any] | None
+) -> UserSummary | None:
+    """A summary from the user's (country, signup_date) and totals (count, amount, deposit,
+    withdrawal, purchase, first date, last date) rows, either missing; None if both are."""
     if user is None and totals is None:
         return None
-    country, signup_date = (user[1], user[2]) if user is not None else (None, None)
+    country, signup_date = (user[0], user[1]) if user is not None else (None, None)
     if totals is None:
         return UserSummary(
             user_id, True, country, signup_date, 0, _ZERO, _ZERO, _ZERO, _ZERO, None, None
         )
-    count, amount, deposit, withdrawal, purchase, first, last = totals[3:]
+    count, amount, deposit, withdrawal, purchase, first, last = totals
     return UserSummary(
         user_id,
         user is not None,

@@ -37,7 +37,7 @@ from moneylion.api.models import (
     SeedUserSummary,
     seed_number,
 )
-from moneylion.api.queries import daily_totals, ranked_users, top_of, user_summary
+from moneylion.api.queries import daily_totals, ranked_users, top_of
 from moneylion.api.warehouse import ApiContext, WarehouseUnavailable
 
 log = logging.getLogger(__name__)
@@ -84,21 +84,19 @@ def _parameter_error(request: Request[Any, Any, Any], exc: ValidationException) 
 
 @get(
     "/user_transaction_summary",
-    sync_to_thread=True,
     responses={
         400: seed_spec("user_id missing or not a positive integer"),
         404: seed_spec("User not found"),
     },
 )
-def user_transaction_summary(
+async def user_transaction_summary(
     state: State,
     user_id: Annotated[
         str, QueryParameter(pattern=USER_ID_PATTERN, description="digits only (up to 18)")
     ],
 ) -> list[SeedUserSummary]:
     """Totals of one user's transactions (zeros if the user has none)."""
-    with context(state).cursor() as cursor:
-        found = user_summary(cursor, int(user_id))
+    found = await context(state).user_summary(int(user_id))
     if found is None or not found.known:
         raise SeedApiError(404, "User not found")
     return [

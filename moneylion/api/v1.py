@@ -50,7 +50,6 @@ from moneylion.api.queries import (
     ranked_users,
     rejects_page,
     top_of,
-    user_summary,
 )
 from moneylion.api.warehouse import ApiContext
 
@@ -89,13 +88,11 @@ def context(state: State) -> ApiContext:
 
 @get(
     "/users/{user_id:str}/summary",
-    sync_to_thread=True,
     responses={400: _BAD_REQUEST, 404: _NOT_FOUND},
 )
-def user_summary_v1(state: State, user_id: Id) -> UserSummary:
+async def user_summary_v1(state: State, user_id: Id) -> UserSummary:
     """A user's transaction totals (zeros for a profile without transactions)."""
-    with context(state).cursor() as cursor:
-        found = user_summary(cursor, int(user_id))
+    found = await context(state).user_summary(int(user_id))
     if found is None:
         raise problem(404, f"no user {user_id} (no profile and no transactions)")
     return UserSummary(
