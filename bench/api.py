@@ -201,6 +201,9 @@ def main() -> None:
     parser.add_argument(
         "--duckdb-threads", type=int, default=None, help="the daemon's DuckDB threads"
     )
+    parser.add_argument(
+        "--ingest-nice", type=int, default=None, help="the daemon's ingest_nice (0: no priority)"
+    )
     args = parser.parse_args()
 
     cached = base_warehouse(args.users, args.transactions)
@@ -213,6 +216,8 @@ def main() -> None:
     env = {"MONEYLION_LOG_LEVEL": "INFO", "MONEYLION_SQLITE_EXPORT": str(args.export).lower()}
     if args.duckdb_threads is not None:
         env["MONEYLION_DUCKDB_THREADS"] = str(args.duckdb_threads)
+    if args.ingest_nice is not None:
+        env["MONEYLION_INGEST_NICE"] = str(args.ingest_nice)
     daemon = DaemonProcess(run / "inbox", run / "warehouse", settle_seconds=0.2, env=env)
     context = multiprocessing.get_context("spawn")
     try:

@@ -32,7 +32,7 @@ class Config:
     port: int = 8000
     duckdb_memory_limit: str = "1GB"
     duckdb_threads: int = 2
-    ingest_nice: int = 10
+    ingest_nice: int = 19
     log_level: str = "INFO"
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 5
