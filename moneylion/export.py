@@ -18,14 +18,29 @@ or of another warehouse (the sha256 of file ``last_file_id`` differs) is rebuilt
 Money in the aggregate tables stays exact: totals are TEXT decimal strings with two decimals
 (``"1234.50"``, the form of the ``/v1`` API), never REAL. A full export copies DuckDB's
 DECIMAL(38,2) totals; an increment adds the new transactions' per-user and per-day sums to them in
-integer cents inside SQLite (``printf('%d.%02d', ...)``), which costs ~9 ms for 1,000 users instead
-of ~12 ms to fetch the touched rows out of DuckDB's 1M user totals. For exact arithmetic in SQLite
-use ``CAST(replace(total_amount, '.', '') AS INTEGER)`` (cents). Only the seed's
+integer cents inside SQLite (``printf('%d.%02d', ...)``) instead of fetching the touched rows out
+of DuckDB's 1M user totals (~12 ms for 1,000 users). For exact arithmetic in SQLite use
+``CAST(replace(total_amount, '.', '') AS INTEGER)`` (cents). Only the seed's
 ``transactions.amount`` is REAL, for compatibility. The tests check increments against full exports.
 
+Per-user totals. ``user_totals`` is a VIEW with the columns and TEXT totals it had as a table:
+``user_totals_base`` (one row per user, TEXT totals; what a full export writes) LEFT JOIN
+``user_totals_delta`` (at most one row per user: the integer cents increments added since the last
+compaction). Why: 1,000 scattered users dirty ~1,000 of the base's ~16k pages, and writing those
+to the WAL at COMMIT (~9 ms) plus the TEXT upserts (~9 ms) alone broke the 20 ms target; the
+delta's few hundred pages and integer upserts cost ~2 + ~3 ms. An increment adds a user's sums to
+the delta when the base has the user (a bitmap of the base's ids, built when the writer opens,
+saves a ~3 us lookup per user), else upserts the base; one touching COMPACT_DELTA_USERS users or
+more upserts the base directly. After the export whose COMMIT leaves the delta at
+COMPACT_DELTA_USERS users or more, a second transaction folds it into the base (the view shows
+the same rows before and after; ~0.3-0.6 s for 20,000 users, once per ~20 files of 1,000 users).
+Read cost: a point lookup or a join on ``user_id`` reads one base row and one delta row by key
+(~12 vs ~11 us for a table); a scan joins each base row to the small delta (summing every
+total: ~0.44 vs ~0.24 s for 1M users with 3,000 in the delta); rows come in ``user_id`` order.
+
 The exporter keeps one SQLite connection open between exports (page cache of up to CACHE_KIB,
-warmed with ``user_totals`` when opened; ``close_sqlite()`` closes it) and checkpoints the WAL on a
-background thread, so an export never waits for a checkpoint.
+warmed with the base's user totals when opened; ``close_sqlite()`` closes it) and checkpoints the
+WAL on a background thread, so an export never waits for a checkpoint.
 
 ``export_full`` writes a new file aside (no journal: nobody sees it yet), switches it to WAL,
 fsyncs it and renames it over the old one. Before the rename the old file's WAL is checkpointed
@@ -71,15 +86,45 @@ from moneylion.schema import open_warehouse
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = "moneylion-sqlite-export 1"
+EXPORT_FORMAT = "moneylion-sqlite-export 2"
 ROWS_PER_STATEMENT = 100  # multi-row VALUES: ~1.8x the throughput of one row per statement
 ARROW_BATCH_ROWS = 200_000
 CACHE_KIB = 262_144  # page cache of the exporter's connection: holds 1M users' totals
 DELTAS_IN_PYTHON_ROWS = 50_000
+# Fold the user_totals delta into the base once it holds this many users (after the export that
+# crossed it, in a transaction of its own), so that it stays a few hundred pages. An increment
+# touching this many users adds to the base directly: it dirties most base pages anyway.
+COMPACT_DELTA_USERS = 20_000
 CHECKPOINT_EVERY_CHANGES = 20_000  # rows written between two background WAL checkpoints
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is cut back to this after a checkpoint
 
-SQLITE_SCHEMA = """
+
+def _cents(text: str) -> str:
+    """SQL for a two-decimal TEXT total as integer cents."""
+    return f"CAST(replace({text}, '.', '') AS INTEGER)"
+
+
+def _text(cents: str) -> str:
+    """SQL for integer cents (>= 0) as a two-decimal TEXT total."""
+    return f"printf('%d.%02d', ({cents}) / 100, ({cents}) % 100)"
+
+
+def _plus(column: str, cents: str) -> str:
+    """SQL setting a TEXT total to itself plus ``cents``."""
+    return f"{column} = " + _text(f"{_cents(column)} + {cents}")
+
+
+def _sum_of(kind: str) -> str:
+    """A ``user_totals`` view column: the base total plus the delta's cents, if any."""
+    total = _text(_cents(f"b.total_{kind}") + f" + d.{kind}_cents")
+    return f"CASE WHEN d.user_id IS NULL THEN b.total_{kind} ELSE {total} END AS total_{kind}"
+
+
+# ``user_totals`` is a view: ``user_totals_base`` (written by a full export and by compaction)
+# plus ``user_totals_delta``, the cents that increments added since the last compaction, at most
+# one row per user and only for users already in the base (new users go to the base). See
+# "Per-user totals" in the module docstring.
+SQLITE_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS users (
     user_id INTEGER PRIMARY KEY, signup_date TEXT, country TEXT);
 CREATE TABLE IF NOT EXISTS transactions (
@@ -90,10 +135,23 @@ CREATE TABLE IF NOT EXISTS files (
     status TEXT NOT NULL, rows_total INTEGER, rows_loaded INTEGER, rows_duplicate INTEGER,
     rows_rejected INTEGER, size_bytes INTEGER, received_at TEXT, finished_at TEXT,
     seconds REAL, error_reason TEXT, error TEXT);
-CREATE TABLE IF NOT EXISTS user_totals (
+CREATE TABLE IF NOT EXISTS user_totals_base (
     user_id INTEGER PRIMARY KEY, tx_count INTEGER NOT NULL, total_amount TEXT NOT NULL,
     total_deposit TEXT NOT NULL, total_withdrawal TEXT NOT NULL, total_purchase TEXT NOT NULL,
     first_date TEXT NOT NULL, last_date TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS user_totals_delta (
+    user_id INTEGER PRIMARY KEY, tx_count INTEGER NOT NULL, amount_cents INTEGER NOT NULL,
+    deposit_cents INTEGER NOT NULL, withdrawal_cents INTEGER NOT NULL,
+    purchase_cents INTEGER NOT NULL, first_date TEXT NOT NULL, last_date TEXT NOT NULL);
+CREATE VIEW IF NOT EXISTS user_totals AS
+SELECT b.user_id AS user_id, b.tx_count + ifnull(d.tx_count, 0) AS tx_count,
+    {_sum_of("amount")}, {_sum_of("deposit")},
+    {_sum_of("withdrawal")}, {_sum_of("purchase")},
+    CASE WHEN d.user_id IS NULL THEN b.first_date
+        ELSE min(b.first_date, d.first_date) END AS first_date,
+    CASE WHEN d.user_id IS NULL THEN b.last_date
+        ELSE max(b.last_date, d.last_date) END AS last_date
+FROM user_totals_base AS b LEFT JOIN user_totals_delta AS d ON d.user_id = b.user_id;
 CREATE TABLE IF NOT EXISTS daily_totals (
     transaction_date TEXT NOT NULL, transaction_type TEXT NOT NULL, tx_count INTEGER NOT NULL,
     total_amount TEXT NOT NULL, PRIMARY KEY (transaction_date, transaction_type)) WITHOUT ROWID;
@@ -113,6 +171,10 @@ class _Copy:
     all_rows: str  # everything, in primary-key order (appends to SQLite's b-tree are cheapest)
 
 
+# DuckDB's sort costs ~1 ms even for a few rows, so the queries of small increments have no ORDER
+# BY: the ledger is sorted in Python, and only large increments read transactions in key order
+# (_IN_KEY_ORDER; appending to SQLite's b-tree is cheapest).
+#
 # Incrementally: the ledger rows from the last exported file on, read first. The last exported
 # file's sha256 tells whether the SQLite file belongs to this warehouse; the others are the range.
 _FILES = _Copy(
@@ -122,7 +184,7 @@ _FILES = _Copy(
     """SELECT file_id, name, sha256, kind, status, rows_total, rows_loaded, rows_duplicate,
         rows_rejected, size_bytes, received_at::VARCHAR, finished_at::VARCHAR, seconds,
         error_reason, error
-    FROM files WHERE file_id >= $lo ORDER BY file_id""",
+    FROM files WHERE file_id >= $lo""",
     """SELECT file_id, name, sha256, kind, status, rows_total, rows_loaded, rows_duplicate,
         rows_rejected, size_bytes, received_at::VARCHAR, finished_at::VARCHAR, seconds,
         error_reason, error
@@ -147,7 +209,7 @@ _TRANSACTIONS = _Copy(
     "transaction_id, user_id, transaction_date, amount, transaction_type",
     """SELECT transaction_id, user_id, transaction_date::VARCHAR, amount::DOUBLE,
         transaction_type::VARCHAR, (amount * 100)::BIGINT AS cents
-    FROM transactions WHERE file_id > $lo AND file_id <= $hi ORDER BY transaction_id""",
+    FROM transactions WHERE file_id > $lo AND file_id <= $hi""",
     """SELECT transaction_id, user_id, transaction_date::VARCHAR, amount::DOUBLE,
         transaction_type::VARCHAR
     FROM transactions WHERE file_id <= $hi ORDER BY transaction_id""",
@@ -177,7 +239,7 @@ FROM transactions WHERE file_id > $lo AND file_id <= $hi
 GROUP BY ALL ORDER BY 1, 2"""
 
 _USER_TOTALS = _Copy(
-    "user_totals",
+    "user_totals_base",
     "user_id, tx_count, total_amount, total_deposit, total_withdrawal, total_purchase,"
     " first_date, last_date",
     _USER_DELTAS,
@@ -197,26 +259,42 @@ _DAILY_TOTALS = _Copy(
 )
 
 
-def _text(cents: str) -> str:
-    """SQL for integer cents (>= 0) as a two-decimal TEXT total."""
-    return f"printf('%d.%02d', ({cents}) / 100, ({cents}) % 100)"
-
-
-def _plus(column: str, parameter: str) -> str:
-    """SQL setting a TEXT total to itself plus ``parameter`` cents."""
-    return f"{column} = " + _text(f"CAST(replace({column}, '.', '') AS INTEGER) + {parameter}")
-
-
-# One row per statement, numbered parameters: user_id, count, total, deposit, withdrawal,
-# purchase cents, first date, last date.
+# Per-user sums are rows of numbered parameters: user_id, count, total, deposit, withdrawal,
+# purchase cents, first date, last date; one row per statement. Users already in the base get
+# them added in the delta table: integer sums, no TEXT to parse and print, and the delta's few
+# pages are all an increment dirties (the base's 1M rows span ~16k pages, and 1,000 scattered
+# users dirty ~1,000 of them: ~9 ms of COMMIT). New users get their row in the base directly.
+_ADD_USER_DELTAS = """
+INSERT INTO user_totals_delta (user_id, tx_count, amount_cents, deposit_cents, withdrawal_cents,
+    purchase_cents, first_date, last_date)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+ON CONFLICT (user_id) DO UPDATE SET tx_count = tx_count + ?2,
+    amount_cents = amount_cents + ?3, deposit_cents = deposit_cents + ?4,
+    withdrawal_cents = withdrawal_cents + ?5, purchase_cents = purchase_cents + ?6,
+    first_date = min(first_date, ?7), last_date = max(last_date, ?8)"""
 _ADD_USER_TOTALS = f"""
-INSERT INTO user_totals (user_id, tx_count, total_amount, total_deposit, total_withdrawal,
+INSERT INTO user_totals_base (user_id, tx_count, total_amount, total_deposit, total_withdrawal,
     total_purchase, first_date, last_date)
 VALUES (?1, ?2, {_text("?3")}, {_text("?4")}, {_text("?5")}, {_text("?6")}, ?7, ?8)
 ON CONFLICT (user_id) DO UPDATE SET tx_count = tx_count + ?2,
     {_plus("total_amount", "?3")}, {_plus("total_deposit", "?4")},
     {_plus("total_withdrawal", "?5")}, {_plus("total_purchase", "?6")},
     first_date = min(first_date, ?7), last_date = max(last_date, ?8)"""
+# Compaction: the delta folded into the base in user_id order (then emptied), as one UPSERT
+# that scans the delta and looks up the base (an UPDATE ... FROM would scan the 1M base rows).
+_FOLD_DELTAS = f"""
+INSERT INTO user_totals_base (user_id, tx_count, total_amount, total_deposit, total_withdrawal,
+    total_purchase, first_date, last_date)
+SELECT user_id, tx_count, {_text("amount_cents")}, {_text("deposit_cents")},
+    {_text("withdrawal_cents")}, {_text("purchase_cents")}, first_date, last_date
+FROM user_totals_delta WHERE true
+ON CONFLICT (user_id) DO UPDATE SET tx_count = tx_count + excluded.tx_count,
+    {_plus("total_amount", _cents("excluded.total_amount"))},
+    {_plus("total_deposit", _cents("excluded.total_deposit"))},
+    {_plus("total_withdrawal", _cents("excluded.total_withdrawal"))},
+    {_plus("total_purchase", _cents("excluded.total_purchase"))},
+    first_date = min(first_date, excluded.first_date),
+    last_date = max(last_date, excluded.last_date)"""
 # date, type, count, cents
 _ADD_DAILY_TOTALS = f"""
 INSERT INTO daily_totals (transaction_date, transaction_type, tx_count, total_amount)
@@ -228,9 +306,11 @@ ON CONFLICT (transaction_date, transaction_type) DO UPDATE SET tx_count = tx_cou
 _TOP_USERS = _Copy(
     "top_users",
     "rank, user_id, tx_count",
-    "SELECT rank, user_id, tx_count FROM top_users ORDER BY rank",
+    "SELECT rank, user_id, tx_count FROM top_users",
     "SELECT rank, user_id, tx_count FROM top_users ORDER BY rank",
 )
+
+_IN_KEY_ORDER = " ORDER BY transaction_id"
 
 _TYPE_COLUMN = {"deposit": 2, "withdrawal": 3, "purchase": 4}  # in a _Deltas.users entry
 
@@ -349,7 +429,7 @@ def _export_increment(
         lite.execute("BEGIN IMMEDIATE")
         last = _watermark(lite)
         with _snapshot(conn) as cur:
-            ledger = cur.execute(_FILES.new_rows, {"lo": last}).fetchall()
+            ledger = sorted(cur.execute(_FILES.new_rows, {"lo": last}).fetchall())
             if last > 0:
                 if not ledger or ledger[0][0] != last:
                     raise _RebuildNeeded(f"the warehouse has no file #{last}")
@@ -363,7 +443,7 @@ def _export_increment(
                 )
             high, high_sha = int(ledger[-1][0]), str(ledger[-1][2])
             _reached("sqlite_begun")
-            counts = _copy_range(cur, lite, last, high, ledger)
+            counts = _copy_range(cur, lite, last, high, ledger, writer.base_users)
         _write_state(lite, high, high_sha)
         _reached("before_commit")
         lite.execute("COMMIT")
@@ -371,9 +451,10 @@ def _export_increment(
     except BaseException:
         _drop_writer()  # rolls back whatever is open; the next export reopens
         raise
-    _after_commit(writer)
     result = ExportResult(sqlite_path, False, *counts, last, high, time.perf_counter() - started)
+    _after_commit(writer)
     _log_result(result)
+    _compact_user_totals(writer)
     return result
 
 
@@ -471,10 +552,12 @@ def _copy_range(
     lo: int,
     hi: int,
     ledger: list[tuple[Any, ...]] | None,
+    base_users: _BaseUsers | None = None,
 ) -> tuple[int, int, int]:
     """Copy files (lo, hi] into the open SQLite transaction; (files, users, transactions).
 
-    ``ledger``: the range's ``files`` rows for an increment, None for a full export.
+    ``ledger``: the range's ``files`` rows for an increment (with the writer's ``base_users``),
+    None for a full export.
     """
     bounds = {"lo": lo, "hi": hi}
 
@@ -490,6 +573,7 @@ def _copy_range(
         _reached("rows_written")
         return counts[0], counts[1], counts[2]
 
+    assert base_users is not None
     _insert_flat(
         lite, "files", _FILES.columns, [v for row in ledger for v in row], "INSERT OR REPLACE"
     )
@@ -505,29 +589,124 @@ def _copy_range(
         )
     if loaded.get("transactions"):
         in_python = loaded["transactions"] <= DELTAS_IN_PYTHON_ROWS
-        transactions = _insert_batches(
-            lite,
-            "transactions",
-            _TRANSACTIONS.columns,
-            read(_TRANSACTIONS.new_rows),
-            "INSERT",  # never OR REPLACE: exporting a row twice must fail, not count twice
-            on_columns=deltas.add if in_python else None,
-        )
+        # Plain INSERT, never OR REPLACE: exporting a row twice must fail, not count twice.
+        if in_python:  # a few rows: tuples cost less than a round trip through Arrow
+            rows = cur.execute(_TRANSACTIONS.new_rows, bounds).fetchall()
+            if rows:
+                lists = [list(column) for column in zip(*rows, strict=True)]
+                deltas.add(lists)
+                _insert_lists(lite, "transactions", _TRANSACTIONS.columns, lists, "INSERT")
+                transactions = len(rows)
+        else:
+            query = _TRANSACTIONS.new_rows + _IN_KEY_ORDER
+            transactions = _insert_batches(
+                lite, "transactions", _TRANSACTIONS.columns, read(query), "INSERT"
+            )
     if transactions:
-        for statement, query, rows in (
-            (_ADD_USER_TOTALS, _USER_DELTAS, deltas.user_rows),
-            (_ADD_DAILY_TOTALS, _DAILY_DELTAS, deltas.daily_rows),
-        ):
-            if in_python:
-                lite.executemany(statement, rows())
-            else:
-                for batch in read(query):
-                    columns = [column.to_pylist() for column in batch.columns]
-                    lite.executemany(statement, zip(*columns, strict=True))
+        if in_python:
+            _add_user_sums(lite, deltas.user_rows(), base_users)
+            lite.executemany(_ADD_DAILY_TOTALS, deltas.daily_rows())
+        else:
+            for batch in read(_USER_DELTAS):
+                columns = [column.to_pylist() for column in batch.columns]
+                _add_user_sums(lite, list(zip(*columns, strict=True)), base_users)
+            for batch in read(_DAILY_DELTAS):
+                columns = [column.to_pylist() for column in batch.columns]
+                lite.executemany(_ADD_DAILY_TOTALS, zip(*columns, strict=True))
+        top = cur.execute(_TOP_USERS.new_rows).fetchall()  # 1,000 rows: tuples beat Arrow
         lite.execute("DELETE FROM top_users")
-        _insert_batches(lite, "top_users", _TOP_USERS.columns, read(_TOP_USERS.new_rows), "INSERT")
+        _insert_flat(
+            lite, "top_users", _TOP_USERS.columns, [v for row in top for v in row], "INSERT"
+        )
     _reached("rows_written")
     return len(ledger), users, transactions
+
+
+def _add_user_sums(lite: sqlite3.Connection, rows: list[Any], base_users: _BaseUsers) -> None:
+    """Add per-user sums (rows for _ADD_USER_DELTAS) to what the ``user_totals`` view shows.
+
+    The delta takes the users the base has; the others, and every user of a large increment,
+    are upserted into the base (new users are rare: a user's first transactions).
+    """
+    known: list[Any] = []
+    others = rows
+    if len(rows) < COMPACT_DELTA_USERS:
+        known, others = base_users.split(rows)
+    lite.executemany(_ADD_USER_DELTAS, known)
+    lite.executemany(_ADD_USER_TOTALS, others)
+    for row in others:
+        base_users.add(row[0])
+
+
+class _BaseUsers:
+    """The user ids that have a row in ``user_totals_base``: a bitmap over ids 0..LIMIT-1.
+
+    Looking a user up in the base costs ~3 us in SQLite, more than adding its delta; ids outside
+    the bitmap count as unknown (their sums are upserted into the base, which is always right).
+    The bitmap belongs to the writer: it is dropped with it when an export fails.
+    """
+
+    LIMIT = 1 << 27  # ids below 134M: 16 MiB at most
+
+    def __init__(self, lite: sqlite3.Connection) -> None:
+        (highest,) = lite.execute("SELECT max(user_id) FROM user_totals_base").fetchone()
+        self._bits = bytearray(min(highest or 0, self.LIMIT) // 8 + 1)
+        bits = self._bits
+        for (user_id,) in lite.execute("SELECT user_id FROM user_totals_base"):
+            if 0 <= user_id < self.LIMIT:
+                bits[user_id >> 3] |= 1 << (user_id & 7)
+
+    def add(self, user_id: int) -> None:
+        if 0 <= user_id < self.LIMIT:
+            byte = user_id >> 3
+            if byte >= len(self._bits):
+                self._bits.extend(bytes(byte + 1 - len(self._bits)))
+            self._bits[byte] |= 1 << (user_id & 7)
+
+    def split(self, rows: list[Any]) -> tuple[list[Any], list[Any]]:
+        """Rows whose first value is a known user id, and the others (a hot loop: inlined)."""
+        bits, size = self._bits, len(self._bits)
+        known: list[Any] = []
+        others: list[Any] = []
+        for row in rows:
+            user_id = row[0]
+            byte = user_id >> 3
+            if 0 <= byte < size and bits[byte] >> (user_id & 7) & 1:
+                known.append(row)
+            else:
+                others.append(row)
+        return known, others
+
+
+def _compact_user_totals(writer: _Writer) -> None:
+    """Fold the user_totals delta into the base once it is large, in a transaction of its own.
+
+    The view shows the same totals before and after; a crash rolls it back, changing nothing.
+    """
+    lite = writer.lite
+    (waiting,) = lite.execute("SELECT count(*) FROM user_totals_delta").fetchone()
+    if waiting < COMPACT_DELTA_USERS:
+        return
+    started = time.perf_counter()
+    try:
+        lite.execute("BEGIN IMMEDIATE")
+        lite.execute(_FOLD_DELTAS)
+        lite.execute("DELETE FROM user_totals_delta")
+        lite.execute("COMMIT")
+    except BaseException:
+        _drop_writer()
+        raise
+    _after_commit(writer)
+    log.info(
+        "sqlite_user_totals_compacted",
+        extra={
+            "fields": {
+                "sqlite": str(writer.path),
+                "users": waiting,
+                "seconds": round(time.perf_counter() - started, 4),
+            }
+        },
+    )
 
 
 # --- writing SQLite -------------------------------------------------------------------------
@@ -544,6 +723,7 @@ class _Writer:
     identity: tuple[int, int]  # (st_dev, st_ino): a full export replaces the file
     lite: sqlite3.Connection
     checkpointer: _Checkpointer
+    base_users: _BaseUsers
     changes_at_checkpoint: int = 0
 
     def close(self) -> None:
@@ -570,8 +750,11 @@ def _writer(path: Path) -> _Writer:
         raise
     except sqlite3.DatabaseError as exc:  # not a database, malformed
         raise _RebuildNeeded(str(exc)) from exc
-    lite.execute("SELECT max(tx_count) FROM user_totals").fetchall()  # warm the page cache
-    _open_writer = _Writer(path, identity, lite, _Checkpointer(path), lite.total_changes)
+    base_users = _BaseUsers(lite)  # reads the base's ids: warms the page cache too
+    lite.execute("SELECT max(tx_count) FROM user_totals_delta").fetchall()
+    _open_writer = _Writer(
+        path, identity, lite, _Checkpointer(path), base_users, lite.total_changes
+    )
     return _open_writer
 
 
@@ -700,29 +883,32 @@ def _insert_batches(
     columns: str,
     batches: Iterable[Any],
     verb: str,
-    *,
-    on_columns: Callable[[list[list[Any]]], None] | None = None,
 ) -> int:
     """Insert Arrow record batches (their leading columns); returns the row count.
 
-    Columns become Python lists with Arrow's ``to_pylist`` and are interleaved into one flat list
-    by slice assignment (C speed). ``on_columns`` sees every batch's lists, extra columns too.
+    Columns become Python lists with Arrow's ``to_pylist``.
     """
-    width = columns.count(",") + 1
     total = 0
     for batch in batches:
-        rows = batch.num_rows
-        if rows == 0:
-            continue
-        lists = [column.to_pylist() for column in batch.columns]
-        if on_columns is not None:
-            on_columns(lists)
-        flat: list[Any] = [None] * (rows * width)
-        for position in range(width):
-            flat[position::width] = lists[position]
-        _insert_flat(lite, table, columns, flat, verb)
-        total += rows
+        if batch.num_rows:
+            lists = [column.to_pylist() for column in batch.columns]
+            _insert_lists(lite, table, columns, lists, verb)
+            total += batch.num_rows
     return total
+
+
+def _insert_lists(
+    lite: sqlite3.Connection, table: str, columns: str, lists: list[list[Any]], verb: str
+) -> None:
+    """Insert rows given as one list per column (the leading ones, extra lists are ignored).
+
+    The lists are interleaved into one flat list by slice assignment (C speed).
+    """
+    width = columns.count(",") + 1
+    flat: list[Any] = [None] * (len(lists[0]) * width)
+    for position in range(width):
+        flat[position::width] = lists[position]
+    _insert_flat(lite, table, columns, flat, verb)
 
 
 def _insert_flat(

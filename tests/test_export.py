@@ -5,6 +5,7 @@ Every warehouse test ends with ``verify``: the maintained aggregates equal a ful
 
 from __future__ import annotations
 
+import itertools
 import random
 import sqlite3
 from collections.abc import Iterator
@@ -505,3 +506,127 @@ def test_exporting_a_transaction_twice_fails_loudly_instead_of_counting_it_twice
     export_full(warehouse, config.sqlite_path)
     assert_equals_full_export(warehouse, config.sqlite_path)
     assert verify(warehouse) == []
+
+
+def base_and_delta_users(path: Path) -> tuple[list[int], list[int]]:
+    lite = sqlite3.connect(path)
+    try:
+        base = lite.execute("SELECT user_id FROM user_totals_base ORDER BY 1").fetchall()
+        delta = lite.execute("SELECT user_id FROM user_totals_delta ORDER BY 1").fetchall()
+        return [row[0] for row in base], [row[0] for row in delta]
+    finally:
+        lite.close()
+
+
+def test_increments_add_known_users_to_the_delta_and_new_users_to_the_base(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    first = ["1,1,2022-01-05,10.10,deposit", "2,2,2022-01-06,20.20,purchase"]
+    ingest_file(warehouse, write(tmp_path / "a.csv", TX_HEADER, first), config)
+    assert export_new(warehouse, config.sqlite_path).full
+    later = ["3,2,2022-01-01,0.90,withdrawal", "4,3,2022-01-07,3.33,deposit"]
+    ingest_file(warehouse, write(tmp_path / "b.csv", TX_HEADER, later), config)
+    assert not export_new(warehouse, config.sqlite_path).full
+    assert base_and_delta_users(config.sqlite_path) == ([1, 2, 3], [2])
+    assert dump_sqlite(config.sqlite_path)["user_totals"] == [
+        (1, 1, "10.10", "10.10", "0.00", "0.00", "2022-01-05", "2022-01-05"),
+        (2, 2, "21.10", "0.00", "0.90", "20.20", "2022-01-01", "2022-01-06"),
+        (3, 1, "3.33", "3.33", "0.00", "0.00", "2022-01-07", "2022-01-07"),
+    ]
+    assert_equals_full_export(warehouse, config.sqlite_path)
+    assert verify(warehouse) == []
+
+
+def test_a_large_delta_is_folded_into_the_base_with_the_same_totals(
+    warehouse: duckdb.DuckDBPyConnection,
+    config: Config,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(export, "COMPACT_DELTA_USERS", 40)
+    export_new(warehouse, config.sqlite_path)
+    delta_sizes = []
+    for path in random_files(tmp_path / "files", 30, seed=11):
+        ingest_file(warehouse, path, config)
+        export_new(warehouse, config.sqlite_path)
+        delta_sizes.append(len(base_and_delta_users(config.sqlite_path)[1]))
+        assert_equals_full_export(warehouse, config.sqlite_path)
+    assert max(delta_sizes) < 40  # folded as soon as it reached 40 users
+    shrunk = [later < earlier for earlier, later in itertools.pairwise(delta_sizes)]
+    assert any(shrunk)  # a fold emptied it
+    assert max(delta_sizes) > 0  # small increments used it
+    assert verify(warehouse) == []
+
+
+def test_increments_touching_many_users_add_to_the_base_directly(
+    warehouse: duckdb.DuckDBPyConnection,
+    config: Config,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(export, "COMPACT_DELTA_USERS", 1)
+    export_new(warehouse, config.sqlite_path)
+    for path in random_files(tmp_path / "files", 12, seed=12):
+        ingest_file(warehouse, path, config)
+        export_new(warehouse, config.sqlite_path)
+        assert base_and_delta_users(config.sqlite_path)[1] == []
+    assert_equals_full_export(warehouse, config.sqlite_path)
+    assert verify(warehouse) == []
+
+
+def test_user_totals_lookups_and_joins_read_by_key(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    ingest_file(warehouse, write(tmp_path / "t.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
+    export_new(warehouse, config.sqlite_path)
+    lite = sqlite3.connect(config.sqlite_path)
+    try:
+        for query in (
+            "SELECT * FROM user_totals WHERE user_id = 1",
+            "SELECT u.country, t.total_amount FROM users u JOIN user_totals t USING (user_id)"
+            " WHERE u.user_id = 1",
+        ):
+            plan = [row[3] for row in lite.execute("EXPLAIN QUERY PLAN " + query)]
+            assert not [step for step in plan if step.startswith("SCAN")], plan
+        assert lite.execute(
+            "SELECT type FROM sqlite_schema WHERE name = 'user_totals'"
+        ).fetchall() == [("view",)]
+    finally:
+        lite.close()
+
+
+def test_an_export_in_the_previous_format_is_rebuilt(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    lite = sqlite3.connect(config.sqlite_path)  # format 1: user_totals was a table
+    lite.executescript(
+        "CREATE TABLE user_totals (user_id INTEGER PRIMARY KEY, tx_count INTEGER NOT NULL);"
+        "CREATE TABLE export_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO export_state VALUES ('format', 'moneylion-sqlite-export 1'),"
+        " ('last_file_id', '0');"
+    )
+    lite.close()
+    ingest_file(warehouse, write(tmp_path / "t.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
+    assert export_new(warehouse, config.sqlite_path).full
+    assert dump_sqlite(config.sqlite_path)["user_totals"] == [
+        (1, 1, "5.00", "5.00", "0.00", "0.00", "2022-01-01", "2022-01-01")
+    ]
+    assert_equals_full_export(warehouse, config.sqlite_path)
+
+
+def test_the_base_users_bitmap_knows_only_ids_in_the_base(tmp_path: Path) -> None:
+    lite = sqlite3.connect(tmp_path / "bits.sqlite")
+    try:
+        lite.executescript(export.SQLITE_SCHEMA)
+        lite.executemany(
+            "INSERT INTO user_totals_base VALUES (?, 1, '1.00', '1.00', '0.00', '0.00', 'd', 'd')",
+            [(1,), (9,), (70,)],
+        )
+        base_users = export._BaseUsers(lite)
+    finally:
+        lite.close()
+    rows = [[user_id] for user_id in (1, 2, 9, 70, 71, 500, -3, 1 << 40)]
+    assert base_users.split(rows) == ([[1], [9], [70]], [[2], [71], [500], [-3], [1 << 40]])
+    base_users.add(500)
+    base_users.add(1 << 40)  # beyond the bitmap: stays unknown, its sums go to the base
+    assert base_users.split(rows)[0] == [[1], [9], [70], [500]]
