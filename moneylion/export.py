@@ -46,6 +46,13 @@ WAL on a background thread, so an export never waits for a checkpoint.
 fsyncs it and renames it over the old one. Before the rename the old file's WAL is checkpointed
 and truncated so no stale WAL frames can be replayed onto the new file. A reader that keeps a
 connection open across a full rebuild must reopen it (as with any rename-based replace).
+From CHILD_MIN_TRANSACTIONS transactions on it uses both cores: a child process writes the
+transactions of the lower CHILD_SHARE of the id range into the aside file (fed Arrow IPC on its
+stdin), while this process writes the rest and every other table into a side file, which is
+then copied in (``INSERT ... SELECT *``: SQLite's transfer optimization copies records without
+decoding them, ~0.4 us per row) while the child's pages are fsynced. Threads do not help:
+binding and ``to_pylist`` hold the GIL (measured 13.4 s against 13.9 s in one thread). 10M
+transactions + 1M users: the two writers ~7 s each, the copy-in ~2 s, the final fsync ~0.4 s.
 
 Why the standard library's sqlite3 and not DuckDB's sqlite extension. The project pins duckdb
 2.0.1 (faster at ingest: 3.6 s vs 4.8 s for a 10M-row file) and the offline extension wheels stop
@@ -55,13 +62,11 @@ LOADed from its wheel: 10M transactions into a table with INTEGER PRIMARY KEY 12
 quiet machine); 10M transactions + 1M users 19.0 s (rollback journal) and 32.2 s (WAL) at load
 ~3; CREATE TABLE AS without a primary key 7.8 s; a 1,000-row append 8.1 ms (rollback journal) /
 20.9 ms (WAL). The sqlite3 path: ``executemany`` one row per statement ~0.75M rows/s, multi-row
-``VALUES`` (100 rows per statement) fed from Arrow columns ~1.37M rows/s; a full export of 10M
-transactions + 1M users + 1M user totals 16.5-21 s at load ~3 (transactions ~1.1 us/row:
-``to_pylist`` ~0.3, binding and SQLite's B-tree ~0.8), so the 10 s target is missed either way.
-A 1,000-row file into 10M: median 28 ms at load ~3 (target 20 ms): ~8 ms COMMIT and ~8 ms upsert
-for the ~1,000 scattered user_totals pages it touches, ~5 ms of DuckDB reads, ~2 ms of rows. The
-extension is not faster for what we need, cannot set our PRAGMAs, and does not upsert, so:
-sqlite3. ``bench/export.py`` prints the current figures.
+``VALUES`` (100 rows per statement) fed from Arrow columns ~1.37M rows/s; per transaction row
+~1.1 us in one process (``to_pylist`` ~0.25, binding ~0.4, SQLite's b-tree ~0.35), so one
+process needs ~14 s for 10M transactions + 1M users + 1M user totals. The extension is not faster for what we need,
+cannot set our PRAGMAs, and does not upsert, so: sqlite3. ``bench/export.py`` prints the current
+figures.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ import itertools
 import logging
 import os
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -96,6 +102,11 @@ DELTAS_IN_PYTHON_ROWS = 50_000
 # crossed it, in a transaction of its own), so that it stays a few hundred pages. An increment
 # touching this many users adds to the base directly: it dirties most base pages anyway.
 COMPACT_DELTA_USERS = 20_000
+# A full export of this many transactions or more writes them in two processes; the child takes
+# this share of the id range (it writes only transactions, the parent every other table too).
+CHILD_MIN_TRANSACTIONS = 1_000_000
+CHILD_SHARE = 0.65
+ASIDE_CACHE_KIB = 65_536  # page cache of each connection building a full export
 CHECKPOINT_EVERY_CHANGES = 20_000  # rows written between two background WAL checkpoints
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is cut back to this after a checkpoint
 
@@ -313,6 +324,18 @@ _TOP_USERS = _Copy(
 
 _IN_KEY_ORDER = " ORDER BY transaction_id"
 
+# A large full export runs in two processes (see _TransactionsChild): a child writes the
+# transactions up to $split into the aside file, the parent the rest and every other table
+# into a side file, which is then copied in.
+_TRANSACTIONS_UP_TO_SPLIT = """
+SELECT transaction_id, user_id, transaction_date::VARCHAR, amount::DOUBLE, transaction_type
+FROM transactions WHERE file_id <= $hi AND transaction_id <= $split ORDER BY transaction_id"""
+_TRANSACTIONS_ABOVE_SPLIT = """
+SELECT transaction_id, user_id, transaction_date::VARCHAR, amount::DOUBLE, transaction_type
+FROM transactions WHERE file_id <= $hi AND transaction_id > $split ORDER BY transaction_id"""
+_TRANSACTION_IDS = """
+SELECT count(*), min(transaction_id), max(transaction_id) FROM transactions WHERE file_id <= $hi"""
+
 _TYPE_COLUMN = {"deposit": 2, "withdrawal": 3, "purchase": 4}  # in a _Deltas.users entry
 
 
@@ -470,25 +493,47 @@ def _export_full_locked(
     conn: duckdb.DuckDBPyConnection, sqlite_path: Path, started: float
 ) -> ExportResult:
     sqlite_path.parent.mkdir(parents=True, exist_ok=True)
-    aside = _aside(sqlite_path)
+    aside, side = _aside(sqlite_path), _side(sqlite_path)
     _remove_database(aside)
-    lite = sqlite3.connect(aside, isolation_level=None)
+    _remove_database(side)
     try:
-        # Nobody can see the aside file, and a crash leaves only a file we delete next time:
-        # no journal and no fsync while building it.
-        lite.execute("PRAGMA journal_mode=OFF")
-        lite.execute("PRAGMA synchronous=OFF")
-        lite.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-        lite.executescript(SQLITE_SCHEMA)
         with _snapshot(conn) as cur:
             high, high_sha = _high_file(cur)
+            split = _child_split(cur, high)
+            child = None if split is None else _TransactionsChild(conn, aside, high, split)
+            try:
+                lite = _open_aside(aside if child is None else side)
+                try:
+                    lite.execute("BEGIN")
+                    files, users, transactions = _copy_range(cur, lite, 0, high, None, split=split)
+                    lite.execute("COMMIT")
+                finally:
+                    lite.close()
+                if child is not None:
+                    transactions += child.wait()
+            except BaseException:
+                if child is not None:
+                    child.kill()
+                _remove_database(aside)
+                raise
+        # The child's rows go to disk while the side file is copied in (fsync of 0.5 GB: ~1 s).
+        flush = threading.Thread(target=_fsync, args=(aside,), name="sqlite-export-flush")
+        if child is not None:
+            flush.start()
+        lite = _open_aside(aside)
+        try:
+            if child is not None:
+                _merge_side(lite, side)
+                flush.join()
             lite.execute("BEGIN")
-            counts = _copy_range(cur, lite, 0, high, None)
-        _write_state(lite, high, high_sha)
-        lite.execute("COMMIT")
-        lite.execute("PRAGMA journal_mode=WAL")
+            _write_state(lite, high, high_sha)
+            lite.execute("COMMIT")
+            lite.execute("PRAGMA journal_mode=WAL")
+        finally:
+            lite.close()
     finally:
-        lite.close()
+        _remove_database(side)
+    counts = files, users, transactions
     _fsync(aside)
     _reached("aside_written")
     _drop_writer()
@@ -499,6 +544,140 @@ def _export_full_locked(
     result = ExportResult(sqlite_path, True, *counts, 0, high, time.perf_counter() - started)
     _log_result(result)
     return result
+
+
+def _open_aside(path: Path) -> sqlite3.Connection:
+    """A connection to a full export's aside or side file, with the schema.
+
+    Nobody can see these files, and a crash leaves only files we delete next time: no journal
+    and no fsync while building them.
+    """
+    lite = sqlite3.connect(path, isolation_level=None)
+    try:
+        lite.execute("PRAGMA journal_mode=OFF")
+        lite.execute("PRAGMA synchronous=OFF")
+        lite.execute(f"PRAGMA cache_size=-{ASIDE_CACHE_KIB}")
+        lite.executescript(SQLITE_SCHEMA)
+    except BaseException:
+        lite.close()
+        raise
+    return lite
+
+
+def _child_split(cur: duckdb.DuckDBPyConnection, high: int) -> int | None:
+    """The transaction id up to which a child process writes a full export, or None when the
+    export is too small for a second process to pay."""
+    rows = cur.execute(_TRANSACTION_IDS, {"hi": high}).fetchall()
+    count, first, last = rows[0]
+    if count < CHILD_MIN_TRANSACTIONS:
+        return None
+    return int(first + (last - first) * CHILD_SHARE)
+
+
+def _merge_side(lite: sqlite3.Connection, side: Path) -> None:
+    """Copy every table of the side file into the aside file, in one transaction.
+
+    Same schema and a plain ``INSERT INTO t SELECT * FROM side.t``: SQLite copies the records
+    without decoding them (its transfer optimization); the side's transactions all come after
+    the child's ids, so they are appended.
+    """
+    lite.execute("ATTACH DATABASE ? AS side", (str(side),))
+    lite.execute("BEGIN")
+    for table in _FULL_TABLES:
+        lite.execute(f"INSERT INTO main.{table} SELECT * FROM side.{table}")
+    lite.execute("COMMIT")
+    lite.execute("DETACH DATABASE side")
+
+
+_FULL_TABLES = (
+    "files",
+    "users",
+    "transactions",
+    "user_totals_base",
+    "daily_totals",
+    "top_users",
+)
+
+
+class _TransactionsChild:
+    """A child process writing a full export's transactions up to ``split`` into ``aside``.
+
+    Binding rows in Python's sqlite3 holds the GIL, so threads barely overlap (measured: 13.4 s
+    against 13.9 s); a process of its own uses the second core. A thread of ours reads the rows
+    from DuckDB on a cursor of its own and streams them to the child's stdin as Arrow IPC. That
+    cursor reads outside the export's snapshot, which is the same for these rows: transactions
+    are only appended, and every file up to ``high`` is committed.
+    """
+
+    def __init__(self, conn: duckdb.DuckDBPyConnection, aside: Path, high: int, split: int) -> None:
+        self.rows = 0
+        self._error: BaseException | None = None
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _CHILD_MAIN, str(aside)],
+            stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self._cursor = conn.cursor()
+        self._thread = threading.Thread(
+            target=self._feed, args=(high, split), name="sqlite-export-feed", daemon=True
+        )
+        self._thread.start()
+
+    def _feed(self, high: int, split: int) -> None:
+        stdin = self._process.stdin
+        assert stdin is not None
+        try:
+            reader = self._cursor.sql(
+                _TRANSACTIONS_UP_TO_SPLIT, params={"hi": high, "split": split}
+            ).to_arrow_reader(ARROW_BATCH_ROWS)
+            with pa.ipc.new_stream(stdin, reader.schema) as stream:
+                for batch in reader:
+                    stream.write_batch(batch)
+                    self.rows += batch.num_rows
+        except BaseException as exc:  # reported by wait(); the child's file is then discarded
+            self._error = exc
+        finally:
+            with contextlib.suppress(OSError):
+                stdin.close()
+            self._cursor.close()
+
+    def wait(self) -> int:
+        """The rows the child wrote, once it committed them; raises if anything failed."""
+        self._thread.join()
+        stderr = b""
+        if self._process.stderr is not None:
+            with self._process.stderr:
+                stderr = self._process.stderr.read()
+        code = self._process.wait()
+        if self._error is not None:
+            raise self._error
+        if code != 0:
+            tail = stderr.decode(errors="replace").strip().splitlines()[-1:]
+            raise sqlite3.OperationalError(f"the export's child process failed ({code}): {tail}")
+        return self.rows
+
+    def kill(self) -> None:
+        self._process.kill()
+        self._thread.join()
+        self._process.wait()
+        if self._process.stderr:
+            self._process.stderr.close()
+
+
+_CHILD_MAIN = "from moneylion.export import _child_main; _child_main()"
+
+
+def _child_main() -> None:
+    """The child process of a full export: Arrow IPC batches of transactions from stdin into the
+    aside file named by ``sys.argv[1]``, in one transaction; exit status 0 once committed."""
+    lite = _open_aside(Path(sys.argv[1]))
+    try:
+        lite.execute("BEGIN")
+        with pa.ipc.open_stream(sys.stdin.buffer) as reader:
+            _insert_batches(lite, "transactions", _TRANSACTIONS.columns, reader, "INSERT")
+        lite.execute("COMMIT")
+    finally:
+        lite.close()
 
 
 def run_export(config: Config, full: bool) -> int:
@@ -554,23 +733,28 @@ def _copy_range(
     hi: int,
     ledger: list[tuple[Any, ...]] | None,
     base_users: _BaseUsers | None = None,
+    *,
+    split: int | None = None,
 ) -> tuple[int, int, int]:
     """Copy files (lo, hi] into the open SQLite transaction; (files, users, transactions).
 
     ``ledger``: the range's ``files`` rows for an increment (with the writer's ``base_users``),
-    None for a full export.
+    None for a full export; ``split``: a full export's child process writes the transactions up
+    to that id, so only those above it are copied here.
     """
-    bounds = {"lo": lo, "hi": hi}
+    bounds = {"lo": lo, "hi": hi, "split": split}
 
     def read(query: str) -> Any:
         params = {name: value for name, value in bounds.items() if f"${name}" in query}
         return cur.sql(query, params=params or None).to_arrow_reader(ARROW_BATCH_ROWS)
 
     if ledger is None:
-        counts = [
-            _insert_batches(lite, spec.table, spec.columns, read(spec.all_rows), "INSERT")
-            for spec in (_FILES, _USERS, _TRANSACTIONS, _USER_TOTALS, _DAILY_TOTALS, _TOP_USERS)
-        ]
+        counts = []
+        for spec in (_FILES, _USERS, _TRANSACTIONS, _USER_TOTALS, _DAILY_TOTALS, _TOP_USERS):
+            query = spec.all_rows
+            if spec is _TRANSACTIONS and split is not None:
+                query = _TRANSACTIONS_ABOVE_SPLIT
+            counts.append(_insert_batches(lite, spec.table, spec.columns, read(query), "INSERT"))
         _reached("rows_written")
         return counts[0], counts[1], counts[2]
 
@@ -592,7 +776,7 @@ def _copy_range(
         in_python = loaded["transactions"] <= DELTAS_IN_PYTHON_ROWS
         # Plain INSERT, never OR REPLACE: exporting a row twice must fail, not count twice.
         if in_python:  # a few rows: tuples cost less than a round trip through Arrow
-            rows = cur.execute(_TRANSACTIONS.new_rows, bounds).fetchall()
+            rows = cur.execute(_TRANSACTIONS.new_rows, {"lo": lo, "hi": hi}).fetchall()
             if rows:
                 lists = [list(column) for column in zip(*rows, strict=True)]
                 deltas.add(lists)
@@ -745,6 +929,7 @@ def _writer(path: Path) -> _Writer:
             return _open_writer
         _drop_writer()
     _remove_database(_aside(path))  # left by a full export that was killed
+    _remove_database(_side(path))
     try:
         lite = _open_sqlite(path)
     except sqlite3.OperationalError:  # locked, unreadable: the environment, not the file
@@ -903,7 +1088,8 @@ def _python_list(column: Any) -> list[Any]:
     """
     if pa.types.is_dictionary(column.type) and not column.null_count:
         return list(map(column.dictionary.to_pylist().__getitem__, column.indices.to_pylist()))
-    return column.to_pylist()
+    values: list[Any] = column.to_pylist()
+    return values
 
 
 def _insert_lists(
@@ -976,6 +1162,10 @@ def _retire_wal(sqlite_path: Path) -> None:
 
 def _aside(sqlite_path: Path) -> Path:
     return sqlite_path.with_name(sqlite_path.name + ".rebuild")
+
+
+def _side(sqlite_path: Path) -> Path:
+    return sqlite_path.with_name(sqlite_path.name + ".rebuild-side")
 
 
 def _remove_database(path: Path) -> None:

@@ -630,3 +630,60 @@ def test_the_base_users_bitmap_knows_only_ids_in_the_base(tmp_path: Path) -> Non
     base_users.add(500)
     base_users.add(1 << 40)  # beyond the bitmap: stays unknown, its sums go to the base
     assert base_users.split(rows)[0] == [[1], [9], [70], [500]]
+
+
+def test_a_full_export_written_by_two_processes_equals_one_written_by_one(
+    warehouse: duckdb.DuckDBPyConnection,
+    config: Config,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for path in random_files(tmp_path / "files", 16, seed=13):
+        ingest_file(warehouse, path, config)
+    one_process = tmp_path / "one.sqlite"
+    export_full(warehouse, one_process)
+    monkeypatch.setattr(export, "CHILD_MIN_TRANSACTIONS", 1)
+    splits: list[int | None] = []
+    real_split = export._child_split
+    monkeypatch.setattr(
+        export, "_child_split", lambda cur, high: splits.append(real_split(cur, high)) or splits[-1]
+    )
+    result = export_full(warehouse, config.sqlite_path)
+    (split,) = splits
+    assert split is not None
+    transactions = dump_sqlite(config.sqlite_path)["transactions"]
+    assert result.transactions == len(transactions)
+    below = [row for row in transactions if int(str(row[0])) <= split]
+    assert 0 < len(below) < len(transactions)  # both processes wrote some
+    assert dump_sqlite(config.sqlite_path) == dump_sqlite(one_process)
+    lite = sqlite3.connect(config.sqlite_path)
+    try:
+        assert lite.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert lite.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        lite.close()
+    leftovers = sorted(p.name for p in config.sqlite_path.parent.iterdir() if "rebuild" in p.name)
+    assert leftovers == []
+    assert verify(warehouse) == []
+
+
+def test_a_failed_child_process_fails_the_full_export_and_leaves_the_old_file_whole(
+    warehouse: duckdb.DuckDBPyConnection,
+    config: Config,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for path in random_files(tmp_path / "files", 6, seed=14):
+        ingest_file(warehouse, path, config)
+    export_full(warehouse, config.sqlite_path)
+    close_sqlite()
+    before = dump_sqlite(config.sqlite_path)
+    monkeypatch.setattr(export, "CHILD_MIN_TRANSACTIONS", 1)
+    monkeypatch.setattr(
+        export, "_CHILD_MAIN", "import sys; sys.stdin.buffer.read(); sys.exit('disk on fire')"
+    )
+    with pytest.raises(sqlite3.OperationalError, match="disk on fire"):
+        export_full(warehouse, config.sqlite_path)
+    assert dump_sqlite(config.sqlite_path) == before
+    leftovers = sorted(p.name for p in config.sqlite_path.parent.iterdir() if "rebuild" in p.name)
+    assert leftovers == []
