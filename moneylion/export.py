@@ -64,9 +64,9 @@ quiet machine); 10M transactions + 1M users 19.0 s (rollback journal) and 32.2 s
 20.9 ms (WAL). The sqlite3 path: ``executemany`` one row per statement ~0.75M rows/s, multi-row
 ``VALUES`` (100 rows per statement) fed from Arrow columns ~1.37M rows/s; per transaction row
 ~1.1 us in one process (``to_pylist`` ~0.25, binding ~0.4, SQLite's b-tree ~0.35), so one
-process needs ~14 s for 10M transactions + 1M users + 1M user totals. The extension is not faster for what we need,
-cannot set our PRAGMAs, and does not upsert, so: sqlite3. ``bench/export.py`` prints the current
-figures.
+process needs ~14 s for 10M transactions + 1M users + 1M user totals. The extension is not
+faster for what we need, cannot set our PRAGMAs, and does not upsert, so: sqlite3.
+``bench/export.py`` prints the current figures.
 """
 
 from __future__ import annotations
