@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sqlite3
 import statistics
 import sys
 import time
@@ -76,6 +77,15 @@ def small_file(folder: Path, first_id: int, rows: int, users: int, number: int) 
     return path
 
 
+def delta_users(sqlite_path: Path) -> int:
+    """Users waiting in the SQLite file's user_totals delta (a drop means it was folded)."""
+    lite = sqlite3.connect(sqlite_path)
+    try:
+        return int(lite.execute("SELECT count(*) FROM user_totals_delta").fetchone()[0])
+    finally:
+        lite.close()
+
+
 def figures(millis: list[float]) -> str:
     ordered = sorted(millis)
     p90 = ordered[max(0, round(len(ordered) * 0.9) - 1)]
@@ -122,6 +132,8 @@ def main() -> int:
         committed: list[float] = []
         calls: list[float] = []
         cpus: list[float] = []
+        folds: list[float] = []  # the whole calls that folded the user_totals delta
+        waiting = delta_users(config.sqlite_path)
         for number in range(args.files):
             first = next_id + number * args.rows
             path = small_file(run / "files", first, args.rows, args.users, number)
@@ -132,12 +144,18 @@ def main() -> int:
             cpus.append((time.process_time() - cpu) * 1000)
             assert outcome.rows_loaded == result.transactions == args.rows, outcome.summary()
             committed.append(result.seconds * 1000)
+            now_waiting = delta_users(config.sqlite_path)
+            if now_waiting < waiting:
+                folds.append(calls[-1])
+            waiting = now_waiting
         print(
             f"export_new of a {args.rows:,}-row file into {full.transactions:,} transactions "
             f"[target <= 20 ms], {len(calls)} files:\n"
             f"  until the SQLite COMMIT (rows visible): {figures(committed)}\n"
             f"  whole call:                             {figures(calls)}\n"
-            f"  process CPU time of the call:           {figures(cpus)}"
+            f"  process CPU time of the call:           {figures(cpus)}\n"
+            f"  calls that folded the user_totals delta into the base: {len(folds)} "
+            f"({', '.join(f'{m:.0f} ms' for m in folds) or '-'})"
         )
         print(f"load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     finally:
