@@ -47,12 +47,14 @@ fsyncs it and renames it over the old one. Before the rename the old file's WAL 
 and truncated so no stale WAL frames can be replayed onto the new file. A reader that keeps a
 connection open across a full rebuild must reopen it (as with any rename-based replace).
 From CHILD_MIN_TRANSACTIONS transactions on it uses both cores: a child process writes the
-transactions of the lower CHILD_SHARE of the id range into the aside file (fed Arrow IPC on its
-stdin), while this process writes the rest and every other table into a side file, which is
-then copied in (``INSERT ... SELECT *``: SQLite's transfer optimization copies records without
-decoding them, ~0.4 us per row) while the child's pages are fsynced. Threads do not help:
-binding and ``to_pylist`` hold the GIL (measured 13.4 s against 13.9 s in one thread). 10M
-transactions + 1M users: the two writers ~7 s each, the copy-in ~2 s, the final fsync ~0.4 s.
+transactions of the lowest id ranges into the aside file (fed Arrow IPC on its stdin), while this
+process writes every other table and the transactions of the highest ranges into a side file,
+which is then copied in (``INSERT ... SELECT *``: SQLite's transfer optimization copies records
+without decoding them, ~0.4 us per row) while the child's pages are fsynced. The ranges are
+shared out as the work goes (_Chunks), so a child slowed down by a busy machine writes fewer.
+Threads do not help: binding and ``to_pylist`` hold the GIL (measured 13.4 s against 13.9 s in
+one thread). 10M transactions + 1M users: the two writers ~7-8.5 s each, the copy-in ~2 s, the
+final fsync ~0.4 s; 9.8-12.6 s in all on this 2-core machine, whose speed varies by half.
 
 Why the standard library's sqlite3 and not DuckDB's sqlite extension. The project pins duckdb
 2.0.1 (faster at ingest: 3.6 s vs 4.8 s for a 10M-row file) and the offline extension wheels stop
@@ -102,10 +104,10 @@ DELTAS_IN_PYTHON_ROWS = 50_000
 # crossed it, in a transaction of its own), so that it stays a few hundred pages. An increment
 # touching this many users adds to the base directly: it dirties most base pages anyway.
 COMPACT_DELTA_USERS = 20_000
-# A full export of this many transactions or more writes them in two processes; the child takes
-# this share of the id range (it writes only transactions, the parent every other table too).
+# A full export of this many transactions or more writes them in two processes.
 CHILD_MIN_TRANSACTIONS = 1_000_000
-CHILD_SHARE = 0.65
+CHUNK_TRANSACTIONS = 500_000  # about this many rows per id range handed to either process
+CHILD_SHARE = 0.7  # of the ranges, at first: the parent writes every other table too
 ASIDE_CACHE_KIB = 65_536  # page cache of each connection building a full export
 CHECKPOINT_EVERY_CHANGES = 20_000  # rows written between two background WAL checkpoints
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is cut back to this after a checkpoint
@@ -324,15 +326,13 @@ _TOP_USERS = _Copy(
 
 _IN_KEY_ORDER = " ORDER BY transaction_id"
 
-# A large full export runs in two processes (see _TransactionsChild): a child writes the
-# transactions up to $split into the aside file, the parent the rest and every other table
-# into a side file, which is then copied in.
-_TRANSACTIONS_UP_TO_SPLIT = """
+# A large full export runs in two processes (see _TransactionsChild and _Chunks): a child
+# writes the transactions of the lowest id ranges into the aside file, the parent those of the
+# highest and every other table into a side file, which is then copied in.
+_TRANSACTIONS_CHUNK = """
 SELECT transaction_id, user_id, transaction_date::VARCHAR, amount::DOUBLE, transaction_type
-FROM transactions WHERE file_id <= $hi AND transaction_id <= $split ORDER BY transaction_id"""
-_TRANSACTIONS_ABOVE_SPLIT = """
-SELECT transaction_id, user_id, transaction_date::VARCHAR, amount::DOUBLE, transaction_type
-FROM transactions WHERE file_id <= $hi AND transaction_id > $split ORDER BY transaction_id"""
+FROM transactions WHERE file_id <= $hi AND transaction_id >= $first AND transaction_id < $stop
+ORDER BY transaction_id"""
 _TRANSACTION_IDS = """
 SELECT count(*), min(transaction_id), max(transaction_id) FROM transactions WHERE file_id <= $hi"""
 
@@ -499,13 +499,15 @@ def _export_full_locked(
     try:
         with _snapshot(conn) as cur:
             high, high_sha = _high_file(cur)
-            split = _child_split(cur, high)
-            child = None if split is None else _TransactionsChild(conn, aside, high, split)
+            chunks = _chunks(cur, high)
+            child = None if chunks is None else _TransactionsChild(conn, aside, high, chunks)
             try:
                 lite = _open_aside(aside if child is None else side)
                 try:
                     lite.execute("BEGIN")
-                    files, users, transactions = _copy_range(cur, lite, 0, high, None, split=split)
+                    files, users, transactions = _copy_range(
+                        cur, lite, 0, high, None, chunks=chunks
+                    )
                     lite.execute("COMMIT")
                 finally:
                     lite.close()
@@ -564,14 +566,52 @@ def _open_aside(path: Path) -> sqlite3.Connection:
     return lite
 
 
-def _child_split(cur: duckdb.DuckDBPyConnection, high: int) -> int | None:
-    """The transaction id up to which a child process writes a full export, or None when the
-    export is too small for a second process to pay."""
+def _chunks(cur: duckdb.DuckDBPyConnection, high: int) -> _Chunks | None:
+    """The id ranges of a full export's transactions for two processes, or None when the export
+    is too small for a second process to pay."""
     rows = cur.execute(_TRANSACTION_IDS, {"hi": high}).fetchall()
     count, first, last = rows[0]
     if count < CHILD_MIN_TRANSACTIONS:
         return None
-    return int(first + (last - first) * CHILD_SHARE)
+    return _Chunks(first, last, max(2, count // CHUNK_TRANSACTIONS))
+
+
+class _Chunks:
+    """Transaction id ranges of a full export shared by the two processes.
+
+    The child takes the ranges below CHILD_SHARE of them from the bottom up; this process (once
+    its other tables are written) takes those above, from the bottom up too (appending to the
+    b-tree is cheapest), then helps the child from the top of what the child has left, so a
+    child slowed down on a busy machine simply writes fewer. Ours all lie above the child's, so
+    copying them in appends them.
+    """
+
+    def __init__(self, first: int, last: int, count: int) -> None:
+        width = (last - first) // count + 1
+        self._bounds = [(first + k * width, first + (k + 1) * width) for k in range(count)]
+        self._lock = threading.Lock()
+        self._low = 0  # the child's next range
+        self._high = round(count * CHILD_SHARE)  # ranges [_low, _high) are left for the child
+        self._ours = self._high  # our next range of our own
+
+    def lowest(self) -> tuple[int, int] | None:
+        """The child's next range."""
+        with self._lock:
+            if self._low == self._high:
+                return None
+            self._low += 1
+            return self._bounds[self._low - 1]
+
+    def ours(self) -> tuple[int, int] | None:
+        """This process's next range: its own upwards, then the child's from the top down."""
+        with self._lock:
+            if self._ours < len(self._bounds):
+                self._ours += 1
+                return self._bounds[self._ours - 1]
+            if self._low == self._high:
+                return None
+            self._high -= 1
+            return self._bounds[self._high]
 
 
 def _merge_side(lite: sqlite3.Connection, side: Path) -> None:
@@ -600,7 +640,7 @@ _FULL_TABLES = (
 
 
 class _TransactionsChild:
-    """A child process writing a full export's transactions up to ``split`` into ``aside``.
+    """A child process writing a full export's lowest transaction id ranges into ``aside``.
 
     Binding rows in Python's sqlite3 holds the GIL, so threads barely overlap (measured: 13.4 s
     against 13.9 s); a process of its own uses the second core. A thread of ours reads the rows
@@ -609,7 +649,9 @@ class _TransactionsChild:
     are only appended, and every file up to ``high`` is committed.
     """
 
-    def __init__(self, conn: duckdb.DuckDBPyConnection, aside: Path, high: int, split: int) -> None:
+    def __init__(
+        self, conn: duckdb.DuckDBPyConnection, aside: Path, high: int, chunks: _Chunks
+    ) -> None:
         self.rows = 0
         self._error: BaseException | None = None
         self._process = subprocess.Popen(
@@ -619,21 +661,28 @@ class _TransactionsChild:
         )
         self._cursor = conn.cursor()
         self._thread = threading.Thread(
-            target=self._feed, args=(high, split), name="sqlite-export-feed", daemon=True
+            target=self._feed, args=(high, chunks), name="sqlite-export-feed", daemon=True
         )
         self._thread.start()
 
-    def _feed(self, high: int, split: int) -> None:
+    def _feed(self, high: int, chunks: _Chunks) -> None:
         stdin = self._process.stdin
         assert stdin is not None
+
+        def rows_of(first: int, stop: int) -> Any:
+            params = {"hi": high, "first": first, "stop": stop}
+            return self._cursor.sql(_TRANSACTIONS_CHUNK, params=params).to_arrow_reader(
+                ARROW_BATCH_ROWS
+            )
+
         try:
-            reader = self._cursor.sql(
-                _TRANSACTIONS_UP_TO_SPLIT, params={"hi": high, "split": split}
-            ).to_arrow_reader(ARROW_BATCH_ROWS)
-            with pa.ipc.new_stream(stdin, reader.schema) as stream:
-                for batch in reader:
+            # The schema from an empty range: the child may get no range at all.
+            stream = pa.ipc.new_stream(stdin, rows_of(0, 0).schema)
+            while (chunk := chunks.lowest()) is not None:
+                for batch in rows_of(*chunk):
                     stream.write_batch(batch)
                     self.rows += batch.num_rows
+            stream.close()  # the end-of-stream marker, only once every range is sent
         except BaseException as exc:  # reported by wait(); the child's file is then discarded
             self._error = exc
         finally:
@@ -734,29 +783,36 @@ def _copy_range(
     ledger: list[tuple[Any, ...]] | None,
     base_users: _BaseUsers | None = None,
     *,
-    split: int | None = None,
+    chunks: _Chunks | None = None,
 ) -> tuple[int, int, int]:
     """Copy files (lo, hi] into the open SQLite transaction; (files, users, transactions).
 
     ``ledger``: the range's ``files`` rows for an increment (with the writer's ``base_users``),
-    None for a full export; ``split``: a full export's child process writes the transactions up
-    to that id, so only those above it are copied here.
+    None for a full export; ``chunks``: a full export's transactions shared with a child
+    process, which writes the lowest id ranges (this one writes the others, after the rest).
     """
-    bounds = {"lo": lo, "hi": hi, "split": split}
+    bounds = {"lo": lo, "hi": hi}
 
     def read(query: str) -> Any:
         params = {name: value for name, value in bounds.items() if f"${name}" in query}
         return cur.sql(query, params=params or None).to_arrow_reader(ARROW_BATCH_ROWS)
 
     if ledger is None:
-        counts = []
+        counts = {}
         for spec in (_FILES, _USERS, _TRANSACTIONS, _USER_TOTALS, _DAILY_TOTALS, _TOP_USERS):
-            query = spec.all_rows
-            if spec is _TRANSACTIONS and split is not None:
-                query = _TRANSACTIONS_ABOVE_SPLIT
-            counts.append(_insert_batches(lite, spec.table, spec.columns, read(query), "INSERT"))
+            if spec is not _TRANSACTIONS or chunks is None:
+                batches = read(spec.all_rows)
+                counts[spec.table] = _insert_batches(
+                    lite, spec.table, spec.columns, batches, "INSERT"
+                )
+        while chunks is not None and (chunk := chunks.ours()) is not None:
+            params = {"hi": hi, "first": chunk[0], "stop": chunk[1]}
+            batches = cur.sql(_TRANSACTIONS_CHUNK, params=params).to_arrow_reader(ARROW_BATCH_ROWS)
+            counts["transactions"] = counts.get("transactions", 0) + _insert_batches(
+                lite, "transactions", _TRANSACTIONS.columns, batches, "INSERT"
+            )
         _reached("rows_written")
-        return counts[0], counts[1], counts[2]
+        return counts["files"], counts["users"], counts.get("transactions", 0)
 
     assert base_users is not None
     _insert_flat(

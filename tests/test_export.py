@@ -632,29 +632,37 @@ def test_the_base_users_bitmap_knows_only_ids_in_the_base(tmp_path: Path) -> Non
     assert base_users.split(rows)[0] == [[1], [9], [70], [500]]
 
 
+@pytest.mark.parametrize("child_ranges", [0, 1, 3, 99])
 def test_a_full_export_written_by_two_processes_equals_one_written_by_one(
     warehouse: duckdb.DuckDBPyConnection,
     config: Config,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    child_ranges: int,
 ) -> None:
     for path in random_files(tmp_path / "files", 16, seed=13):
         ingest_file(warehouse, path, config)
     one_process = tmp_path / "one.sqlite"
     export_full(warehouse, one_process)
     monkeypatch.setattr(export, "CHILD_MIN_TRANSACTIONS", 1)
-    splits: list[int | None] = []
-    real_split = export._child_split
-    monkeypatch.setattr(
-        export, "_child_split", lambda cur, high: splits.append(real_split(cur, high)) or splits[-1]
-    )
+    monkeypatch.setattr(export, "CHUNK_TRANSACTIONS", 40)  # ~10 id ranges
+    # The child takes at most ``child_ranges`` ranges (else which side takes how many is timing).
+    handed: list[tuple[int, int]] = []
+    real_lowest = export._Chunks.lowest
+
+    def lowest(self: export._Chunks) -> tuple[int, int] | None:
+        chunk = real_lowest(self) if len(handed) < child_ranges else None
+        if chunk is not None:
+            handed.append(chunk)
+        return chunk
+
+    monkeypatch.setattr(export._Chunks, "lowest", lowest)
     result = export_full(warehouse, config.sqlite_path)
-    (split,) = splits
-    assert split is not None
     transactions = dump_sqlite(config.sqlite_path)["transactions"]
     assert result.transactions == len(transactions)
-    below = [row for row in transactions if int(str(row[0])) <= split]
-    assert 0 < len(below) < len(transactions)  # both processes wrote some
+    by_child = [row for row in transactions if any(a <= int(str(row[0])) < b for a, b in handed)]
+    assert bool(by_child) == (child_ranges > 0)
+    assert len(by_child) < len(transactions) or child_ranges == 99  # 99: the child took all
     assert dump_sqlite(config.sqlite_path) == dump_sqlite(one_process)
     lite = sqlite3.connect(config.sqlite_path)
     try:
