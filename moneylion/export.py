@@ -526,13 +526,14 @@ def _export_full_locked(
         try:
             if child is not None:
                 _merge_side(lite, side)
-                flush.join()
             lite.execute("BEGIN")
             _write_state(lite, high, high_sha)
             lite.execute("COMMIT")
             lite.execute("PRAGMA journal_mode=WAL")
         finally:
             lite.close()
+            if flush.is_alive():
+                flush.join()
     finally:
         _remove_database(side)
     counts = files, users, transactions
@@ -654,8 +655,11 @@ class _TransactionsChild:
     ) -> None:
         self.rows = 0
         self._error: BaseException | None = None
+        # The aside file exists before the child starts, and the child writes only into that
+        # very file: one left behind by an exporter killed meanwhile may be a newer run's.
+        _open_aside(aside).close()
         self._process = subprocess.Popen(
-            [sys.executable, "-c", _CHILD_MAIN, str(aside)],
+            [sys.executable, "-c", _CHILD_MAIN, str(aside), _identity(aside)],
             stdin=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -716,17 +720,31 @@ class _TransactionsChild:
 _CHILD_MAIN = "from moneylion.export import _child_main; _child_main()"
 
 
+def _identity(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_dev}:{stat.st_ino}"
+
+
 def _child_main() -> None:
     """The child process of a full export: Arrow IPC batches of transactions from stdin into the
-    aside file named by ``sys.argv[1]``, in one transaction; exit status 0 once committed."""
-    lite = _open_aside(Path(sys.argv[1]))
-    try:
-        lite.execute("BEGIN")
-        with pa.ipc.open_stream(sys.stdin.buffer) as reader:
+    aside file named by ``sys.argv[1]``, in one transaction; exit status 0 once committed.
+
+    It first waits for the stream to start, and writes only if the file is still the one its
+    parent made (``sys.argv[2]``): an orphan of a killed exporter must not touch a newer run's.
+    """
+    aside, identity = Path(sys.argv[1]), sys.argv[2]
+    with pa.ipc.open_stream(sys.stdin.buffer) as reader:
+        if _identity(aside) != identity:
+            sys.exit(f"{aside} is not the file this export made")
+        lite = _open_aside(aside)
+        try:
+            if _identity(aside) != identity:
+                sys.exit(f"{aside} is not the file this export made")
+            lite.execute("BEGIN")
             _insert_batches(lite, "transactions", _TRANSACTIONS.columns, reader, "INSERT")
-        lite.execute("COMMIT")
-    finally:
-        lite.close()
+            lite.execute("COMMIT")
+        finally:
+            lite.close()
 
 
 def run_export(config: Config, full: bool) -> int:

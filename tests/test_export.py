@@ -8,11 +8,14 @@ from __future__ import annotations
 import itertools
 import random
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 import pytest
 
 from moneylion import export
@@ -695,3 +698,30 @@ def test_a_failed_child_process_fails_the_full_export_and_leaves_the_old_file_wh
     assert dump_sqlite(config.sqlite_path) == before
     leftovers = sorted(p.name for p in config.sqlite_path.parent.iterdir() if "rebuild" in p.name)
     assert leftovers == []
+
+
+def test_the_child_process_writes_only_into_the_file_its_parent_made(tmp_path: Path) -> None:
+    aside = tmp_path / "moneylion.sqlite.rebuild"
+    export._open_aside(aside).close()
+    batch = pa.record_batch(
+        [[1], [7], ["2022-01-01"], [5.0], ["deposit"]],
+        names=["transaction_id", "user_id", "transaction_date", "amount", "transaction_type"],
+    )
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as stream:
+        stream.write_batch(batch)
+    for identity, written in (("0:0", []), (export._identity(aside), [(1, 7)])):
+        process = subprocess.run(
+            [sys.executable, "-c", export._CHILD_MAIN, str(aside), identity],
+            input=sink.getvalue().to_pybytes(),
+            capture_output=True,
+            check=False,
+        )
+        assert (process.returncode == 0) == bool(written), process.stderr.decode()
+        lite = sqlite3.connect(aside)
+        try:
+            assert lite.execute("SELECT transaction_id, user_id FROM transactions").fetchall() == (
+                written
+            )
+        finally:
+            lite.close()

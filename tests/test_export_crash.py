@@ -44,13 +44,15 @@ def die(reached):
         os.kill(os.getpid(), signal.SIGKILL)
 
 export.fault_hook = die
+if mode == "full_two_processes":  # a full export of any size in two processes
+    export.CHILD_MIN_TRANSACTIONS = 1
 conn = open_warehouse(config)
 print("started", flush=True)
 for name in files:
     ingest_file(conn, Path(name), config)
     if mode == "each":
         export.export_new(conn, config.sqlite_path)
-if mode == "full":
+if mode.startswith("full"):
     export.export_full(conn, config.sqlite_path)
 else:
     export.export_new(conn, config.sqlite_path)
@@ -126,21 +128,30 @@ def test_exporter_killed_after_the_duckdb_commit_catches_up_exactly_once_on_rest
     assert len(dump_sqlite(config.sqlite_path)["files"]) == 8
 
 
-@pytest.mark.parametrize("point", ["aside_written", "before_rename"])
+@pytest.mark.parametrize(
+    ("mode", "point"),
+    [
+        ("full", "aside_written"),
+        ("full", "before_rename"),
+        ("full_two_processes", "rows_written"),  # the parent killed, its child still writing
+        ("full_two_processes", "before_rename"),
+    ],
+)
 def test_full_export_killed_before_the_rename_leaves_the_old_file_whole(
-    config: Config, tmp_path: Path, point: str
+    config: Config, tmp_path: Path, mode: str, point: str
 ) -> None:
     files = random_files(tmp_path / "files", 6, seed=12)
     load_and_export(config, files[:3])
     before = dump_sqlite(config.sqlite_path)
 
-    process = child(config, "full", point, files[3:])
+    process = child(config, mode, point, files[3:])
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == -signal.SIGKILL, stderr.decode()
 
     assert dump_sqlite(config.sqlite_path) == before
     assert catch_up_and_compare(config) > 0
-    assert not config.warehouse.joinpath("moneylion.sqlite.rebuild").exists()
+    leftovers = [path.name for path in config.warehouse.iterdir() if "rebuild" in path.name]
+    assert leftovers == []
 
 
 @pytest.mark.slow
