@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from moneylion.config import Config, load_config  # noqa: E402
-from moneylion.export import export_new  # noqa: E402
+from moneylion.export import close_sqlite, export_new  # noqa: E402
 from moneylion.generate import write_transactions, write_users  # noqa: E402
 from moneylion.ingest import ingest_file  # noqa: E402
 from moneylion.schema import open_warehouse  # noqa: E402
@@ -61,6 +61,17 @@ def base_warehouse(users: int, transactions: int) -> Path:
     folder = OUT / f"{users}-{transactions}"
     cached = folder / "warehouse"
     if (cached / "moneylion.duckdb").exists():
+        # Up to date in a few ms, or rebuilt when of an older export format: the daemon must
+        # start with nothing to export.
+        config = bench_config(cached, folder / "unused-inbox")
+        conn = open_warehouse(config)
+        try:
+            result = export_new(conn, config.sqlite_path)
+        finally:
+            close_sqlite()
+            conn.close()
+        if result.exported_anything:
+            print(f"  exported to SQLite ({result.seconds:.1f} s)")
         return cached
     csv_dir = folder / "csv"
     csv_dir.mkdir(parents=True, exist_ok=True)
@@ -79,6 +90,7 @@ def base_warehouse(users: int, transactions: int) -> Path:
     started = time.perf_counter()
     export_new(conn, config.sqlite_path)  # so the daemon starts with nothing left to export
     print(f"  exported to SQLite ({time.perf_counter() - started:.1f} s)")
+    close_sqlite()
     conn.close()
     tx_csv.unlink()  # 430 MB; the warehouse holds it now
     os.rename(building, cached)
