@@ -25,7 +25,7 @@ from typing import Any
 import duckdb
 
 from moneylion.config import NICEST, Config
-from moneylion.export import close_sqlite, export_new
+from moneylion.export import close_sqlite, export_new, interrupt_export
 from moneylion.ingest import FileOutcome, file_sha256, ingest_file
 from moneylion.schema import WarehouseLocked, one_row, open_warehouse
 from moneylion.watcher import InboxQueue, InboxWatcher, TakenFile
@@ -314,7 +314,8 @@ class SqliteExporter(threading.Thread):
         self.join(grace)
         if self.is_alive():
             log.warning("export_interrupting", extra={"fields": {"grace": grace}})
-            self.conn.interrupt()
+            self.conn.interrupt()  # a DuckDB read, or the bulk writer streaming one
+            interrupt_export()  # a statement of the SQLite writer
             self.join(0.5)
         if self.is_alive():
             log.error("export_still_running", extra={"fields": {"sqlite": str(self.sqlite_path)}})

@@ -8,20 +8,29 @@ from __future__ import annotations
 import itertools
 import random
 import sqlite3
-import subprocess
-import sys
+import threading
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
 import duckdb
-import pyarrow as pa
 import pytest
 
-from moneylion import export
 from moneylion.aggregates import verify
 from moneylion.config import Config
-from moneylion.export import close_sqlite, export_full, export_new, run_export
+from moneylion.export import (
+    bulk,
+    close_sqlite,
+    export_full,
+    export_new,
+    full,
+    increment,
+    interrupt_export,
+    outcome,
+    run_export,
+    schema,
+    writer,
+)
 from moneylion.ingest import ingest_file
 from moneylion.schema import open_warehouse
 from tests.expected import Expected
@@ -338,7 +347,7 @@ def test_a_reader_sees_the_old_state_until_the_commit_and_is_not_blocked(
         finally:
             reader.close()
 
-    monkeypatch.setattr(export, "fault_hook", read_now)
+    monkeypatch.setattr(outcome, "fault_hook", read_now)
     export_new(warehouse, config.sqlite_path)
     assert seen == [(1, "5.00", "1")]
     assert dump_sqlite(config.sqlite_path)["user_totals"] == [
@@ -419,17 +428,124 @@ def test_cli_export_catches_up_and_full_rebuilds(
         conn.close()
 
 
-def test_large_increments_add_the_deltas_duckdb_computes(
+def test_large_increments_through_a_side_file_equal_a_full_export(
     warehouse: duckdb.DuckDBPyConnection,
     config: Config,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(export, "DELTAS_IN_PYTHON_ROWS", 0)  # every increment counts as large
+    monkeypatch.setattr(increment, "LARGE_INCREMENT_ROWS", 0)  # every increment counts as large
     export_new(warehouse, config.sqlite_path)
+    sides: list[bool] = []
+    monkeypatch.setattr(
+        outcome, "fault_hook", lambda point: sides.append(True) if point == "side_written" else None
+    )
+    exported = []
     for path in random_files(tmp_path / "files", 12, seed=8):
         ingest_file(warehouse, path, config)
+        exported.append(export_new(warehouse, config.sqlite_path))
+        assert_equals_full_export(warehouse, config.sqlite_path)
+    loaded = [result for result in exported if result.users or result.transactions]
+    assert len(sides) == len(loaded) > 0  # each went through a side file
+    assert {bool(r.users) for r in loaded} == {True, False}  # users files and transactions files
+    assert not bulk.side_path(config.sqlite_path).exists()
+    assert verify(warehouse) == []
+
+
+def test_small_increments_after_a_large_one_add_to_the_users_it_brought(
+    warehouse: duckdb.DuckDBPyConnection,
+    config: Config,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ingest_file(warehouse, write(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-05,1.00,deposit"]))
+    export_new(warehouse, config.sqlite_path)
+    rows = [f"{n},{n % 50 + 1},2022-01-0{n % 9 + 1},{n}.25,purchase" for n in range(2, 300)]
+    ingest_file(warehouse, write(tmp_path / "b.csv", TX_HEADER, rows), config)
+    monkeypatch.setattr(increment, "LARGE_INCREMENT_ROWS", 100)
+    large = export_new(warehouse, config.sqlite_path)
+    assert large.transactions == 298
+    assert base_and_delta_users(config.sqlite_path) == (list(range(1, 51)), [])
+    ingest_file(warehouse, write(tmp_path / "c.csv", TX_HEADER, ["900,7,2022-02-01,3,deposit"]))
+    export_new(warehouse, config.sqlite_path)
+    assert base_and_delta_users(config.sqlite_path)[1] == [7]  # known from the large increment
+    assert_equals_full_export(warehouse, config.sqlite_path)
+    assert verify(warehouse) == []
+
+
+def test_a_large_increment_exporting_a_transaction_twice_fails_and_leaves_the_file_whole(
+    warehouse: duckdb.DuckDBPyConnection,
+    config: Config,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(increment, "LARGE_INCREMENT_ROWS", 0)
+    ingest_file(warehouse, write(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
+    export_new(warehouse, config.sqlite_path)
+    lite = sqlite3.connect(config.sqlite_path)  # id 2 is already there, as by a bug
+    lite.execute("INSERT INTO transactions VALUES (2, 1, '2022-01-02', 7.0, 'deposit')")
+    lite.commit()
+    lite.close()
+    before = dump_sqlite(config.sqlite_path)
+    ingest_file(warehouse, write(tmp_path / "b.csv", TX_HEADER, ["2,1,2022-01-02,7,deposit"]))
+    with pytest.raises(sqlite3.IntegrityError):
         export_new(warehouse, config.sqlite_path)
+    assert dump_sqlite(config.sqlite_path) == before
+    assert not bulk.side_path(config.sqlite_path).exists()
+    assert verify(warehouse) == []
+
+
+def test_a_failing_bulk_write_leaves_the_file_whole_and_no_side_file(
+    warehouse: duckdb.DuckDBPyConnection,
+    config: Config,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(increment, "LARGE_INCREMENT_ROWS", 0)
+    ingest_file(warehouse, write(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
+    export_new(warehouse, config.sqlite_path)
+    before = dump_sqlite(config.sqlite_path)
+    ingest_file(warehouse, write(tmp_path / "b.csv", TX_HEADER, ["2,1,2022-01-02,7,deposit"]))
+    # A column the side file does not have: the driver refuses the stream.
+    broken = (("transactions", "SELECT 1 AS no_such_column"),)
+    monkeypatch.setattr(increment, "_SIDE_TRANSACTIONS", broken)
+    with pytest.raises(sqlite3.OperationalError, match="no_such_column"):
+        export_new(warehouse, config.sqlite_path)
+    assert dump_sqlite(config.sqlite_path) == before
+    assert not bulk.side_path(config.sqlite_path).exists()
+    monkeypatch.undo()
+    assert export_new(warehouse, config.sqlite_path).transactions == 1
+    assert_equals_full_export(warehouse, config.sqlite_path)
+    assert verify(warehouse) == []
+
+
+def test_interrupting_an_export_rolls_it_back_and_the_next_one_catches_up(
+    warehouse: duckdb.DuckDBPyConnection,
+    config: Config,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    interrupt_export()  # no export running, no writer open: nothing happens
+    ingest_file(warehouse, write(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
+    export_new(warehouse, config.sqlite_path)
+    before = dump_sqlite(config.sqlite_path)
+    rows = [f"{n},{n % 7 + 1},2022-01-02,7,deposit" for n in range(2, 502)]
+    ingest_file(warehouse, write(tmp_path / "b.csv", TX_HEADER, rows), config)
+    monkeypatch.setattr(increment, "LARGE_INCREMENT_ROWS", 0)  # a long INSERT ... SELECT
+
+    def interrupt_while_running(point: str) -> None:
+        # As the daemon's stop does from its thread: interrupt while a statement of the export
+        # runs (SQLite's progress handler is called from inside a running statement).
+        if point == "sqlite_begun":
+            lite = writer.writer(config.sqlite_path).lite
+            lite.set_progress_handler(lambda: interrupt_export() or 0, 10)
+
+    monkeypatch.setattr(outcome, "fault_hook", interrupt_while_running)
+    with pytest.raises(sqlite3.OperationalError, match="interrupted"):
+        export_new(warehouse, config.sqlite_path)
+    assert dump_sqlite(config.sqlite_path) == before
+    monkeypatch.undo()
+    assert export_new(warehouse, config.sqlite_path).transactions == 500
     assert_equals_full_export(warehouse, config.sqlite_path)
     assert verify(warehouse) == []
 
@@ -441,14 +557,14 @@ def test_background_checkpoints_keep_the_file_whole_and_close_removes_the_wal(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     checkpoints: list[object] = []
-    real_checkpoint = export._Checkpointer._checkpoint
+    real_checkpoint = writer.Checkpointer._checkpoint
 
-    def counted(self: export._Checkpointer, lite: sqlite3.Connection) -> None:
+    def counted(self: writer.Checkpointer, lite: sqlite3.Connection) -> None:
         real_checkpoint(self, lite)
         checkpoints.append(lite)
 
-    monkeypatch.setattr(export, "CHECKPOINT_EVERY_CHANGES", 1)
-    monkeypatch.setattr(export._Checkpointer, "_checkpoint", counted)
+    monkeypatch.setattr(writer, "CHECKPOINT_EVERY_CHANGES", 1)
+    monkeypatch.setattr(writer.Checkpointer, "_checkpoint", counted)
     export_new(warehouse, config.sqlite_path)
     for path in random_files(tmp_path / "files", 10, seed=9):
         ingest_file(warehouse, path, config)
@@ -546,7 +662,7 @@ def test_a_large_delta_is_folded_into_the_base_with_the_same_totals(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(export, "COMPACT_DELTA_USERS", 40)
+    monkeypatch.setattr(increment, "COMPACT_DELTA_USERS", 40)
     export_new(warehouse, config.sqlite_path)
     delta_sizes = []
     for path in random_files(tmp_path / "files", 30, seed=11):
@@ -567,7 +683,7 @@ def test_increments_touching_many_users_add_to_the_base_directly(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(export, "COMPACT_DELTA_USERS", 1)
+    monkeypatch.setattr(increment, "COMPACT_DELTA_USERS", 1)
     export_new(warehouse, config.sqlite_path)
     for path in random_files(tmp_path / "files", 12, seed=12):
         ingest_file(warehouse, path, config)
@@ -620,12 +736,12 @@ def test_an_export_in_the_previous_format_is_rebuilt(
 def test_the_base_users_bitmap_knows_only_ids_in_the_base(tmp_path: Path) -> None:
     lite = sqlite3.connect(tmp_path / "bits.sqlite")
     try:
-        lite.executescript(export.SQLITE_SCHEMA)
+        lite.executescript(schema.SQLITE_SCHEMA)
         lite.executemany(
             "INSERT INTO user_totals_base VALUES (?, 1, '1.00', '1.00', '0.00', '0.00', 'd', 'd')",
             [(1,), (9,), (70,)],
         )
-        base_users = export._BaseUsers(lite)
+        base_users = writer.BaseUsers(lite)
     finally:
         lite.close()
     rows = [[user_id] for user_id in (1, 2, 9, 70, 71, 500, -3, 1 << 40)]
@@ -635,93 +751,65 @@ def test_the_base_users_bitmap_knows_only_ids_in_the_base(tmp_path: Path) -> Non
     assert base_users.split(rows)[0] == [[1], [9], [70], [500]]
 
 
-@pytest.mark.parametrize("child_ranges", [0, 1, 3, 99])
-def test_a_full_export_written_by_two_processes_equals_one_written_by_one(
+def test_a_full_export_written_by_two_threads_equals_one_written_by_one(
     warehouse: duckdb.DuckDBPyConnection,
     config: Config,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    child_ranges: int,
 ) -> None:
     for path in random_files(tmp_path / "files", 16, seed=13):
         ingest_file(warehouse, path, config)
-    one_process = tmp_path / "one.sqlite"
-    export_full(warehouse, one_process)
-    monkeypatch.setattr(export, "CHILD_MIN_TRANSACTIONS", 1)
-    monkeypatch.setattr(export, "CHUNK_TRANSACTIONS", 40)  # ~10 id ranges
-    # The child takes at most ``child_ranges`` ranges (else which side takes how many is timing).
-    handed: list[tuple[int, int]] = []
-    real_lowest = export._Chunks.lowest
+    one_thread = tmp_path / "one.sqlite"
+    export_full(warehouse, one_thread)
+    threads: list[str] = []
+    real_append = bulk.append
 
-    def lowest(self: export._Chunks) -> tuple[int, int] | None:
-        chunk = real_lowest(self) if len(handed) < child_ranges else None
-        if chunk is not None:
-            handed.append(chunk)
-        return chunk
+    def append(
+        path: Path,
+        cur: duckdb.DuckDBPyConnection,
+        tables: tuple[tuple[str, str], ...],
+        params: dict[str, object],
+    ) -> dict[str, int]:
+        threads.append(threading.current_thread().name)
+        return real_append(path, cur, tables, params)
 
-    monkeypatch.setattr(export._Chunks, "lowest", lowest)
+    monkeypatch.setattr(bulk, "append", append)
+    monkeypatch.setattr(full, "PARALLEL_MIN_TRANSACTIONS", 1)
     result = export_full(warehouse, config.sqlite_path)
+    assert sorted(threads) == ["MainThread", "sqlite-export-transactions"]
     transactions = dump_sqlite(config.sqlite_path)["transactions"]
-    assert result.transactions == len(transactions)
-    by_child = [row for row in transactions if any(a <= int(str(row[0])) < b for a, b in handed)]
-    assert bool(by_child) == (child_ranges > 0)
-    assert len(by_child) < len(transactions) or child_ranges == 99  # 99: the child took all
-    assert dump_sqlite(config.sqlite_path) == dump_sqlite(one_process)
+    assert result.transactions == len(transactions) > 0
+    assert dump_sqlite(config.sqlite_path) == dump_sqlite(one_thread)
     lite = sqlite3.connect(config.sqlite_path)
     try:
         assert lite.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert lite.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     finally:
         lite.close()
-    leftovers = sorted(p.name for p in config.sqlite_path.parent.iterdir() if "rebuild" in p.name)
-    assert leftovers == []
+    assert sorted(p.name for p in config.warehouse.glob("moneylion.sqlite.*")) == []
     assert verify(warehouse) == []
 
 
-def test_a_failed_child_process_fails_the_full_export_and_leaves_the_old_file_whole(
+@pytest.mark.parametrize("failing", ["transactions", "user_totals_base"])
+def test_a_failing_thread_fails_the_full_export_and_leaves_the_old_file_whole(
     warehouse: duckdb.DuckDBPyConnection,
     config: Config,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    failing: str,
 ) -> None:
     for path in random_files(tmp_path / "files", 6, seed=14):
         ingest_file(warehouse, path, config)
     export_full(warehouse, config.sqlite_path)
     close_sqlite()
     before = dump_sqlite(config.sqlite_path)
-    monkeypatch.setattr(export, "CHILD_MIN_TRANSACTIONS", 1)
-    monkeypatch.setattr(
-        export, "_CHILD_MAIN", "import sys; sys.stdin.buffer.read(); sys.exit('disk on fire')"
-    )
-    with pytest.raises(sqlite3.OperationalError, match="disk on fire"):
+    monkeypatch.setattr(full, "PARALLEL_MIN_TRANSACTIONS", 1)
+    broken = (failing, "SELECT 1 AS no_such_column")
+    if failing == "transactions":
+        monkeypatch.setattr(full, "_TRANSACTIONS", broken)
+    else:
+        monkeypatch.setattr(full, "_OTHER_TABLES", (*full._OTHER_TABLES[:2], broken))
+    with pytest.raises(sqlite3.OperationalError, match="no_such_column"):
         export_full(warehouse, config.sqlite_path)
     assert dump_sqlite(config.sqlite_path) == before
-    leftovers = sorted(p.name for p in config.sqlite_path.parent.iterdir() if "rebuild" in p.name)
-    assert leftovers == []
-
-
-def test_the_child_process_writes_only_into_the_file_its_parent_made(tmp_path: Path) -> None:
-    aside = tmp_path / "moneylion.sqlite.rebuild"
-    export._open_aside(aside).close()
-    batch = pa.record_batch(
-        [[1], [7], ["2022-01-01"], [5.0], ["deposit"]],
-        names=["transaction_id", "user_id", "transaction_date", "amount", "transaction_type"],
-    )
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, batch.schema) as stream:
-        stream.write_batch(batch)
-    for identity, written in (("0:0", []), (export._identity(aside), [(1, 7)])):
-        process = subprocess.run(
-            [sys.executable, "-c", export._CHILD_MAIN, str(aside), identity],
-            input=sink.getvalue().to_pybytes(),
-            capture_output=True,
-            check=False,
-        )
-        assert (process.returncode == 0) == bool(written), process.stderr.decode()
-        lite = sqlite3.connect(aside)
-        try:
-            assert lite.execute("SELECT transaction_id, user_id FROM transactions").fetchall() == (
-                written
-            )
-        finally:
-            lite.close()
+    assert sorted(p.name for p in config.warehouse.glob("moneylion.sqlite.*")) == []

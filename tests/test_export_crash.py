@@ -16,7 +16,7 @@ import pytest
 
 from moneylion.aggregates import verify
 from moneylion.config import Config
-from moneylion.export import export_new
+from moneylion.export import bulk, export_new
 from moneylion.ingest import ingest_file
 from moneylion.schema import open_warehouse
 from tests.test_export import (  # noqa: F401 (close_exporter: an autouse fixture)
@@ -32,6 +32,7 @@ CHILD = r"""
 import os, signal, sys
 from pathlib import Path
 from moneylion import export
+from moneylion.export import full, increment, outcome
 from moneylion.config import load_config
 from moneylion.ingest import ingest_file
 from moneylion.schema import open_warehouse
@@ -43,9 +44,11 @@ def die(reached):
     if reached == point:
         os.kill(os.getpid(), signal.SIGKILL)
 
-export.fault_hook = die
-if mode == "full_two_processes":  # a full export of any size in two processes
-    export.CHILD_MIN_TRANSACTIONS = 1
+outcome.fault_hook = die
+if mode == "large":  # every increment through a side file
+    increment.LARGE_INCREMENT_ROWS = 0
+if mode == "full_parallel":  # a full export of any size in two threads
+    full.PARALLEL_MIN_TRANSACTIONS = 1
 conn = open_warehouse(config)
 print("started", flush=True)
 for name in files:
@@ -99,25 +102,31 @@ def catch_up_and_compare(config: Config) -> int:
 
 
 @pytest.mark.parametrize(
-    ("point", "committed"),
+    ("mode", "point", "committed"),
     [
-        ("sqlite_begun", False),
-        ("rows_written", False),
-        ("before_commit", False),
-        ("committed", True),
+        ("new", "sqlite_begun", False),
+        ("new", "rows_written", False),
+        ("new", "before_commit", False),
+        ("new", "committed", True),
+        ("large", "side_written", False),
+        ("large", "rows_written", False),
+        ("large", "before_commit", False),
+        ("large", "committed", True),
     ],
 )
 def test_exporter_killed_after_the_duckdb_commit_catches_up_exactly_once_on_restart(
-    config: Config, tmp_path: Path, point: str, committed: bool
+    config: Config, tmp_path: Path, mode: str, point: str, committed: bool
 ) -> None:
     files = random_files(tmp_path / "files", 8, seed=11)
     load_and_export(config, files[:4])
     before = dump_sqlite(config.sqlite_path)
 
-    process = child(config, "new", point, files[4:])
+    process = child(config, mode, point, files[4:])
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == -signal.SIGKILL, stderr.decode()
 
+    if point == "side_written":  # killed between the side file and the live file's transaction
+        assert bulk.side_path(config.sqlite_path).exists()
     if committed:
         assert watermark(config.sqlite_path) == 8
     else:  # the SQLite transaction rolled back whole: old rows, old watermark
@@ -126,15 +135,17 @@ def test_exporter_killed_after_the_duckdb_commit_catches_up_exactly_once_on_rest
     added = catch_up_and_compare(config)
     assert (added == 0) == committed
     assert len(dump_sqlite(config.sqlite_path)["files"]) == 8
+    assert sorted(path.name for path in config.warehouse.glob("moneylion.sqlite.*")) == []
 
 
 @pytest.mark.parametrize(
     ("mode", "point"),
     [
+        ("full", "rows_written"),
         ("full", "aside_written"),
         ("full", "before_rename"),
-        ("full_two_processes", "rows_written"),  # the parent killed, its child still writing
-        ("full_two_processes", "before_rename"),
+        ("full_parallel", "rows_written"),
+        ("full_parallel", "before_rename"),
     ],
 )
 def test_full_export_killed_before_the_rename_leaves_the_old_file_whole(
@@ -150,8 +161,7 @@ def test_full_export_killed_before_the_rename_leaves_the_old_file_whole(
 
     assert dump_sqlite(config.sqlite_path) == before
     assert catch_up_and_compare(config) > 0
-    leftovers = [path.name for path in config.warehouse.iterdir() if "rebuild" in path.name]
-    assert leftovers == []
+    assert sorted(path.name for path in config.warehouse.glob("moneylion.sqlite.*")) == []
 
 
 @pytest.mark.slow

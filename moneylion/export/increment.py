@@ -1,0 +1,422 @@
+"""``export_new``: what files committed since the last export added, in one SQLite transaction.
+
+Exactly once: an export reads one DuckDB snapshot, bounded by the highest ``file_id`` it sees,
+and writes what files ``last_file_id < file_id <= high`` added in ONE SQLite transaction that
+also stores ``high`` as ``export_state.last_file_id``. A crash before that COMMIT leaves the old
+watermark and none of the rows, so the next export redoes the range; a crash after it leaves
+nothing to redo. Readers (WAL) never see half a file and are not blocked. This relies on file
+ids committing in increasing order, which holds with the one ingest writer. Transactions are
+appended with plain INSERT: a row exported twice fails loudly (the SQLite transaction rolls
+back), it can never be counted twice. A SQLite file that is missing, not ours, or of another
+warehouse (the sha256 of file ``last_file_id`` differs) is rebuilt in full.
+
+Two ways, by the rows the range loaded:
+
+* **small** (up to LARGE_INCREMENT_ROWS, the daemon's usual file): rows are read from DuckDB as
+  tuples and bound by Python's sqlite3; the aggregates are not copied but ADDED: the new
+  transactions' per-user and per-day sums, in integer cents, summed in Python from the rows
+  being copied anyway (a DuckDB GROUP BY costs ~3 ms even for 1,000 rows; copying the touched
+  totals out of DuckDB's 1M users ~12 ms). Users the SQLite base has get them in
+  ``user_totals_delta``, folded into the base after COMPACT_DELTA_USERS users (see schema.py).
+* **large**: the bulk writer (ADBC, in C, off the GIL) writes the new rows, and DuckDB's totals
+  of the users and days they touched, into a side file; the live file copies them in with a
+  few ``INSERT ... SELECT`` statements (C again: sqlite3 releases the GIL while a statement
+  runs). Python binding a 10M-row file's rows held the GIL for ~14-20 s, during which the API
+  (same process) answered in up to 100 ms.
+
+Transactions are immutable and only appended, so adding the sums of the new rows gives DuckDB's
+maintained totals; the tests compare every kind of increment with a full export, which copies.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from moneylion.export import bulk, writer
+from moneylion.export.full import rebuild
+from moneylion.export.outcome import ExportResult, log_result, reached
+from moneylion.export.schema import (
+    ADD_DAILY_TOTALS,
+    ADD_USER_DELTAS,
+    ADD_USER_TOTALS,
+    FOLD_DELTAS,
+    RebuildNeeded,
+    state,
+    watermark,
+    write_state,
+)
+from moneylion.export.snapshot import (
+    DAILY_TOTALS_AS_SQLITE,
+    TOP_USERS_AS_SQLITE,
+    TRANSACTIONS_AS_SQLITE,
+    USER_TOTALS_AS_SQLITE,
+    USERS_AS_SQLITE,
+    snapshot,
+)
+
+log = logging.getLogger(__name__)
+
+# Rows loaded (users + transactions) above which an increment goes through a side file.
+LARGE_INCREMENT_ROWS = 50_000
+# Fold the user_totals delta into the base once it holds this many users (after the export that
+# crossed it, in a transaction of its own), so that it stays a few hundred pages. An increment
+# touching this many users adds to the base directly: it dirties most base pages anyway.
+COMPACT_DELTA_USERS = 20_000
+ROWS_PER_STATEMENT = 100  # multi-row VALUES: ~1.8x the throughput of one row per statement
+
+_FILE_COLUMNS = (
+    "file_id, name, sha256, kind, status, rows_total, rows_loaded, rows_duplicate, rows_rejected,"
+    " size_bytes, received_at, finished_at, seconds, error_reason, error"
+)
+# The ledger from the last exported file on: its sha256 tells whether the SQLite file belongs
+# to this warehouse; the others are the range. No ORDER BY: DuckDB's sort costs ~1 ms even for
+# a few rows, Python sorts them.
+_LEDGER = """SELECT file_id, name, sha256, kind, status, rows_total, rows_loaded, rows_duplicate,
+    rows_rejected, size_bytes, received_at::VARCHAR, finished_at::VARCHAR, seconds,
+    error_reason, error
+FROM files WHERE file_id >= $lo"""
+
+# Small increments: tuples in the order of the SQLite columns. Users are updated in place by
+# later files (latest file wins, file_id follows), so the users the range wrote are exactly
+# those whose file_id is in it. The transactions' extra ``cents`` column is summed, not written.
+_USER_COLUMNS = "user_id, signup_date, country"
+_NEW_USERS = """SELECT user_id, signup_date::VARCHAR, country FROM users
+WHERE file_id > $lo AND file_id <= $hi"""
+_TRANSACTION_COLUMNS = "transaction_id, user_id, transaction_date, amount, transaction_type"
+_NEW_TRANSACTIONS = """SELECT transaction_id, user_id, transaction_date::VARCHAR, amount::DOUBLE,
+    transaction_type::VARCHAR, (amount * 100)::BIGINT AS cents
+FROM transactions WHERE file_id > $lo AND file_id <= $hi"""
+_TOP_USERS = "SELECT rank, user_id, tx_count FROM top_users"  # 1,000 rows, replaced whole
+
+# Large increments: the side file's tables, filled by the bulk writer (columns by name), then
+# copied into the live file's.
+_RANGE = "file_id > $lo AND file_id <= $hi"
+_SIDE_USERS = (
+    "users",
+    f"SELECT {USERS_AS_SQLITE} FROM users WHERE {_RANGE} ORDER BY user_id",
+)
+_SIDE_TRANSACTIONS = (
+    (
+        "transactions",
+        f"SELECT {TRANSACTIONS_AS_SQLITE} FROM transactions WHERE {_RANGE} ORDER BY transaction_id",
+    ),
+    (
+        "user_totals_base",
+        f"""SELECT {USER_TOTALS_AS_SQLITE} FROM user_totals
+        WHERE user_id IN (SELECT user_id FROM transactions WHERE {_RANGE}) ORDER BY user_id""",
+    ),
+    (
+        "daily_totals",
+        f"""SELECT {DAILY_TOTALS_AS_SQLITE} FROM daily_totals
+        WHERE transaction_date IN (SELECT transaction_date FROM transactions WHERE {_RANGE})
+        ORDER BY 1, 2""",
+    ),
+    ("top_users", f"SELECT {TOP_USERS_AS_SQLITE} FROM top_users ORDER BY rank"),
+)
+# Users the side brings that the base lacks (the writer's bitmap learns them after the commit).
+_NEW_IN_BASE = """SELECT user_id FROM side.user_totals_base
+WHERE user_id NOT IN (SELECT user_id FROM main.user_totals_base)"""
+_USERS_FROM_SIDE = "INSERT OR REPLACE INTO main.users SELECT * FROM side.users"
+_TRANSACTIONS_FROM_SIDE = (
+    # Plain INSERT, never OR REPLACE: exporting a row twice must fail, not count twice.
+    "INSERT INTO main.transactions SELECT * FROM side.transactions",
+    # DuckDB's totals of the users and days the range touched replace what the file had (a
+    # user's base row and its delta), the others stay as they are.
+    "DELETE FROM main.user_totals_delta WHERE user_id IN"
+    " (SELECT user_id FROM side.user_totals_base)",
+    "INSERT OR REPLACE INTO main.user_totals_base SELECT * FROM side.user_totals_base",
+    "INSERT OR REPLACE INTO main.daily_totals SELECT * FROM side.daily_totals",
+    "DELETE FROM main.top_users",
+    "INSERT INTO main.top_users SELECT * FROM side.top_users",
+)
+
+_TYPE_COLUMN = {"deposit": 2, "withdrawal": 3, "purchase": 4}  # in a _Deltas.users entry
+
+
+def export_new(conn: duckdb.DuckDBPyConnection, sqlite_path: Path) -> ExportResult:
+    """Copy what files committed since the last export added, in one SQLite transaction.
+
+    Cheap when nothing is new (a watermark comparison). Rebuilds with a full export when the
+    SQLite file is missing or belongs to another warehouse.
+    """
+    started = time.perf_counter()
+    sqlite_path = Path(sqlite_path)
+    with writer.LOCK:
+        if not sqlite_path.exists():
+            return rebuild(conn, sqlite_path, started)
+        try:
+            return _export_increment(conn, sqlite_path, started)
+        except RebuildNeeded as reason:
+            log.warning(
+                "sqlite_export_rebuild",
+                extra={"fields": {"sqlite": str(sqlite_path), "reason": str(reason)}},
+            )
+            return rebuild(conn, sqlite_path, started)
+
+
+def _export_increment(
+    conn: duckdb.DuckDBPyConnection, sqlite_path: Path, started: float
+) -> ExportResult:
+    opened = writer.writer(sqlite_path)
+    lite = opened.lite
+    side: Path | None = None
+    try:
+        with snapshot(conn) as cur:
+            last = watermark(lite)
+            ledger = sorted(cur.execute(_LEDGER, {"lo": last}).fetchall())
+            if last > 0:
+                if not ledger or ledger[0][0] != last:
+                    raise RebuildNeeded(f"the warehouse has no file #{last}")
+                if ledger[0][2] != state(lite, "last_file_sha256"):
+                    raise RebuildNeeded(f"file #{last} differs from the warehouse's")
+                ledger = ledger[1:]
+            if not ledger:
+                return ExportResult(
+                    sqlite_path, False, 0, 0, 0, last, last, time.perf_counter() - started
+                )
+            high, high_sha = int(ledger[-1][0]), str(ledger[-1][2])
+            loaded = _rows_loaded(ledger)
+            if sum(loaded.values()) > LARGE_INCREMENT_ROWS:
+                side = bulk.side_path(sqlite_path)
+                written = _write_side(cur, side, last, high, loaded)
+                lite.execute("ATTACH DATABASE ? AS side", (str(side),))  # not in a transaction
+            # IMMEDIATE: the write lock, then the watermark again: two exporters can never both
+            # export the same range.
+            lite.execute("BEGIN IMMEDIATE")
+            if watermark(lite) != last:
+                raise sqlite3.OperationalError(f"{sqlite_path} was exported to meanwhile")
+            reached("sqlite_begun")
+            _insert_flat(
+                lite,
+                "files",
+                _FILE_COLUMNS,
+                [v for row in ledger for v in row],
+                "INSERT OR REPLACE",
+            )
+            new_users: list[tuple[int]] = []
+            if side is None:
+                users, transactions = _copy_small(cur, lite, last, high, loaded, opened.base_users)
+            else:
+                users, transactions = written.get("users", 0), written.get("transactions", 0)
+                new_users = _copy_side(lite, transactions)
+            reached("rows_written")
+            write_state(lite, high, high_sha)
+            reached("before_commit")
+            lite.execute("COMMIT")
+            reached("committed")
+        if side is not None:
+            opened.base_users.add_all(new_users)
+            lite.execute("DETACH DATABASE side")
+    except BaseException:
+        writer.drop()  # rolls back whatever is open; the next export reopens
+        raise
+    finally:
+        if side is not None:
+            bulk.remove(side)
+    result = ExportResult(
+        sqlite_path, False, len(ledger), users, transactions, last, high,
+        time.perf_counter() - started,
+    )  # fmt: skip
+    opened.after_commit()
+    log_result(result)
+    _compact_user_totals(opened)
+    return result
+
+
+def _rows_loaded(ledger: list[tuple[Any, ...]]) -> dict[str, int]:
+    """Rows added by kind ("users", "transactions") by the files of the range that loaded."""
+    loaded: dict[str, int] = {}
+    for row in ledger:
+        if row[4] == "loaded":
+            loaded[row[3]] = loaded.get(row[3], 0) + int(row[6])
+    return loaded
+
+
+def _copy_small(
+    cur: duckdb.DuckDBPyConnection,
+    lite: sqlite3.Connection,
+    lo: int,
+    hi: int,
+    loaded: dict[str, int],
+    base_users: writer.BaseUsers,
+) -> tuple[int, int]:
+    """A small range's users and transactions, and the sums they add; (users, transactions)."""
+    params = {"lo": lo, "hi": hi}
+    users = transactions = 0
+    if loaded.get("users"):
+        rows = cur.execute(_NEW_USERS, params).fetchall()
+        flat = [v for row in rows for v in row]
+        _insert_flat(lite, "users", _USER_COLUMNS, flat, "INSERT OR REPLACE")
+        users = len(rows)
+    if loaded.get("transactions"):
+        rows = cur.execute(_NEW_TRANSACTIONS, params).fetchall()
+        if rows:
+            lists = [list(column) for column in zip(*rows, strict=True)]
+            deltas = _Deltas()
+            deltas.add(lists)
+            _insert_lists(lite, "transactions", _TRANSACTION_COLUMNS, lists, "INSERT")
+            transactions = len(rows)
+            _add_user_sums(lite, deltas.user_rows(), base_users)
+            lite.executemany(ADD_DAILY_TOTALS, deltas.daily_rows())
+            top = [v for row in cur.execute(_TOP_USERS).fetchall() for v in row]
+            lite.execute("DELETE FROM top_users")
+            _insert_flat(lite, "top_users", "rank, user_id, tx_count", top, "INSERT")
+    return users, transactions
+
+
+def _write_side(
+    cur: duckdb.DuckDBPyConnection, side: Path, lo: int, hi: int, loaded: dict[str, int]
+) -> dict[str, int]:
+    """A large range's rows, and DuckDB's totals of what they touched, into a new side file."""
+    tables = []
+    if loaded.get("users"):
+        tables.append(_SIDE_USERS)
+    if loaded.get("transactions"):
+        tables.extend(_SIDE_TRANSACTIONS)
+    bulk.create(side)
+    written = bulk.append(side, cur, tables, {"lo": lo, "hi": hi})
+    reached("side_written")
+    return written
+
+
+def _copy_side(lite: sqlite3.Connection, transactions: int) -> list[tuple[int]]:
+    """Copy the attached side file into the live file, in the open transaction; the users new
+    to ``user_totals_base``."""
+    lite.execute(_USERS_FROM_SIDE)
+    if not transactions:
+        return []
+    new_users: list[tuple[int]] = lite.execute(_NEW_IN_BASE).fetchall()
+    for statement in _TRANSACTIONS_FROM_SIDE:
+        lite.execute(statement)
+    return new_users
+
+
+class _Deltas:
+    """Per-user and per-day sums of new transactions, in integer cents."""
+
+    def __init__(self) -> None:
+        # user_id -> [count, total, deposit, withdrawal, purchase, first_date, last_date]
+        self.users: dict[int, list[Any]] = {}
+        self.daily: dict[tuple[str, str], list[int]] = {}  # (date, type) -> [count, cents]
+
+    def add(self, columns: list[list[Any]]) -> None:
+        """Columns of a transactions batch: id, user_id, date, amount, type, cents."""
+        users, daily = self.users, self.daily
+        for user_id, date, kind, cents in zip(
+            columns[1], columns[2], columns[4], columns[5], strict=True
+        ):
+            entry = users.get(user_id)
+            if entry is None:
+                entry = users[user_id] = [0, 0, 0, 0, 0, date, date]
+            entry[0] += 1
+            entry[1] += cents
+            entry[_TYPE_COLUMN[kind]] += cents
+            if date < entry[5]:
+                entry[5] = date
+            if date > entry[6]:
+                entry[6] = date
+            day = daily.get((date, kind))
+            if day is None:
+                day = daily[(date, kind)] = [0, 0]
+            day[0] += 1
+            day[1] += cents
+
+    def user_rows(self) -> list[list[Any]]:
+        """Rows for ADD_USER_TOTALS / ADD_USER_DELTAS, by user id."""
+        return [[user_id, *entry] for user_id, entry in sorted(self.users.items())]
+
+    def daily_rows(self) -> list[tuple[Any, ...]]:
+        """Rows for ADD_DAILY_TOTALS, by date and type."""
+        return [(*key, count, cents) for key, (count, cents) in sorted(self.daily.items())]
+
+
+def _add_user_sums(lite: sqlite3.Connection, rows: list[Any], base_users: writer.BaseUsers) -> None:
+    """Add per-user sums to what the ``user_totals`` view shows.
+
+    The delta takes the users the base has; the others, and every user of an increment touching
+    COMPACT_DELTA_USERS users or more, are upserted into the base (new users are rare: a user's
+    first transactions).
+    """
+    known: list[Any] = []
+    others = rows
+    if len(rows) < COMPACT_DELTA_USERS:
+        known, others = base_users.split(rows)
+    lite.executemany(ADD_USER_DELTAS, known)
+    lite.executemany(ADD_USER_TOTALS, others)
+    for row in others:
+        base_users.add(row[0])
+
+
+def _compact_user_totals(opened: writer.Writer) -> None:
+    """Fold the user_totals delta into the base once it is large, in a transaction of its own.
+
+    The view shows the same totals before and after; a crash rolls it back, changing nothing.
+    """
+    lite = opened.lite
+    (waiting,) = lite.execute("SELECT count(*) FROM user_totals_delta").fetchone()
+    if waiting < COMPACT_DELTA_USERS:
+        return
+    started = time.perf_counter()
+    try:
+        lite.execute("BEGIN IMMEDIATE")
+        lite.execute(FOLD_DELTAS)
+        lite.execute("DELETE FROM user_totals_delta")
+        lite.execute("COMMIT")
+    except BaseException:
+        writer.drop()
+        raise
+    opened.after_commit()
+    log.info(
+        "sqlite_user_totals_compacted",
+        extra={
+            "fields": {
+                "sqlite": str(opened.path),
+                "users": waiting,
+                "seconds": round(time.perf_counter() - started, 4),
+            }
+        },
+    )
+
+
+def _insert_lists(
+    lite: sqlite3.Connection, table: str, columns: str, lists: list[list[Any]], verb: str
+) -> None:
+    """Insert rows given as one list per column (the leading ones, extra lists are ignored).
+
+    The lists are interleaved into one flat list by slice assignment (C speed).
+    """
+    width = columns.count(",") + 1
+    flat: list[Any] = [None] * (len(lists[0]) * width)
+    for position in range(width):
+        flat[position::width] = lists[position]
+    _insert_flat(lite, table, columns, flat, verb)
+
+
+def _insert_flat(
+    lite: sqlite3.Connection, table: str, columns: str, flat: list[Any], verb: str
+) -> None:
+    """Insert rows laid end to end in ``flat``.
+
+    Plain INSERTs put ``ROWS_PER_STATEMENT`` rows in each statement: that nearly halves the
+    per-row cost of sqlite3's ``executemany`` (1.37M vs 0.75M rows/s). INSERT OR REPLACE goes
+    one row per statement, which measured faster for it (3.1 vs 5.8 ms for 1,000 rows).
+    """
+    width = columns.count(",") + 1
+    one_row = "(" + ", ".join("?" * width) + ")"
+    head = f"{verb} INTO {table} ({columns}) VALUES "
+    per_statement = width * ROWS_PER_STATEMENT
+    whole = len(flat) // per_statement * per_statement if verb == "INSERT" else 0
+    if whole:
+        multi = head + ", ".join([one_row] * ROWS_PER_STATEMENT)
+        groups = itertools.islice(flat, whole)
+        lite.executemany(multi, zip(*[groups] * per_statement, strict=False))
+    if whole < len(flat):
+        rest = iter(flat[whole:])
+        lite.executemany(head + one_row, zip(*[rest] * width, strict=False))

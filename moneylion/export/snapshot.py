@@ -1,0 +1,52 @@
+"""The DuckDB side of an export: one read transaction, so a concurrent commit cannot split it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import duckdb
+
+
+@contextlib.contextmanager
+def snapshot(conn: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A cursor inside one read transaction."""
+    cur = conn.cursor()
+    try:
+        cur.execute("BEGIN TRANSACTION")
+        try:
+            yield cur
+        finally:
+            # Read only: nothing to keep. After an error a result may still be open on the
+            # cursor and refuse the ROLLBACK; closing the cursor ends the transaction anyway.
+            with contextlib.suppress(duckdb.Error):
+                cur.execute("ROLLBACK")
+    finally:
+        cur.close()
+
+
+def high_file(cur: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:
+    """The highest file id in the snapshot (0 when empty) and its sha256."""
+    rows = cur.execute(
+        "SELECT coalesce(max(file_id), 0), arg_max(sha256, file_id) FROM files"
+    ).fetchall()
+    return int(rows[0][0]), rows[0][1]
+
+
+# DuckDB columns as the SQLite file's (names, and types SQLite stores: dates and exact totals
+# as TEXT, the seed's amount as REAL), for the bulk writer, which matches columns by name.
+FILES_AS_SQLITE = """file_id, name, sha256, kind, status, rows_total, rows_loaded,
+    rows_duplicate, rows_rejected, size_bytes, received_at::VARCHAR AS received_at,
+    finished_at::VARCHAR AS finished_at, seconds, error_reason, error"""
+USERS_AS_SQLITE = "user_id, signup_date::VARCHAR AS signup_date, country"
+TRANSACTIONS_AS_SQLITE = """transaction_id, user_id,
+    transaction_date::VARCHAR AS transaction_date, amount::DOUBLE AS amount,
+    transaction_type::VARCHAR AS transaction_type"""
+USER_TOTALS_AS_SQLITE = """user_id, tx_count, total_amount::VARCHAR AS total_amount,
+    total_deposit::VARCHAR AS total_deposit, total_withdrawal::VARCHAR AS total_withdrawal,
+    total_purchase::VARCHAR AS total_purchase, first_date::VARCHAR AS first_date,
+    last_date::VARCHAR AS last_date"""
+DAILY_TOTALS_AS_SQLITE = """transaction_date::VARCHAR AS transaction_date,
+    transaction_type::VARCHAR AS transaction_type, tx_count,
+    total_amount::VARCHAR AS total_amount"""
+TOP_USERS_AS_SQLITE = "rank, user_id, tx_count"
