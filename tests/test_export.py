@@ -15,8 +15,10 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from litestar.testing import TestClient
 
 from moneylion.aggregates import verify
+from moneylion.api import create_app
 from moneylion.config import Config
 from moneylion.export import (
     bulk,
@@ -813,3 +815,85 @@ def test_a_failing_thread_fails_the_full_export_and_leaves_the_old_file_whole(
         export_full(warehouse, config.sqlite_path)
     assert dump_sqlite(config.sqlite_path) == before
     assert sorted(p.name for p in config.warehouse.glob("moneylion.sqlite.*")) == []
+
+
+SEED_USER_SUMMARY = """
+SELECT u.user_id, u.country, SUM(t.amount),
+       SUM(CASE WHEN t.transaction_type = 'deposit' THEN t.amount ELSE 0 END),
+       SUM(CASE WHEN t.transaction_type = 'withdrawal' THEN t.amount ELSE 0 END),
+       SUM(CASE WHEN t.transaction_type = 'purchase' THEN t.amount ELSE 0 END)
+FROM users u JOIN transactions t ON u.user_id = t.user_id
+WHERE u.user_id = ? GROUP BY u.user_id, u.country"""
+SEED_TOP_USERS_WITH_COUNTRY = """
+SELECT t.user_id, u.country, COUNT(*) AS n FROM transactions t JOIN users u ON u.user_id = t.user_id
+GROUP BY t.user_id, u.country ORDER BY n DESC, t.user_id LIMIT 10"""
+SEED_DAILY_BY_TYPE = """
+SELECT transaction_date, transaction_type, SUM(amount) FROM transactions
+WHERE transaction_date = ? GROUP BY transaction_type ORDER BY transaction_type"""
+
+
+@pytest.mark.parametrize("summaries_from", ["duckdb", "sqlite_export"])
+def test_seed_queries_on_the_export_equal_the_apis_answers_to_the_cent(
+    warehouse: duckdb.DuckDBPyConnection,
+    config: Config,
+    seed_files: tuple[Path, Path],
+    summaries_from: str,
+) -> None:
+    last = 0
+    for path in seed_files:  # as the daemon does: export after each commit
+        outcome_of_file = ingest_file(warehouse, path, config)
+        assert outcome_of_file.file_id is not None
+        last = outcome_of_file.file_id
+        export_new(warehouse, config.sqlite_path)
+    # With ``committed``, user summaries come from the export itself while it is current.
+    committed = (lambda: last) if summaries_from == "sqlite_export" else None
+    lite = sqlite3.connect(config.sqlite_path)
+    try:
+        with TestClient(app=create_app(config, warehouse, committed=committed)) as client:
+            user_ids = [row[0] for row in lite.execute("SELECT user_id FROM users ORDER BY 1")]
+            for user_id in user_ids[::20]:
+                rows = lite.execute(SEED_USER_SUMMARY, (user_id,)).fetchall()
+                answer = client.get(f"/api/user_transaction_summary?user_id={user_id}")
+                if not rows:  # a profile without transactions
+                    assert answer.status_code == 200
+                    assert answer.json()[0]["total_transaction_amount"] == 0
+                    continue
+                ((uid, country, *sums),) = rows
+                assert answer.json() == [
+                    {
+                        "user_id": uid,
+                        "country": country,
+                        "total_transaction_amount": float(cents(sums[0])),
+                        "total_deposit": float(cents(sums[1])),
+                        "total_withdrawal": float(cents(sums[2])),
+                        "total_purchase": float(cents(sums[3])),
+                    }
+                ], user_id
+
+            top = client.get("/api/top_users").json()
+            assert top == [
+                {"user_id": uid, "country": country, "transaction_count": n}
+                for uid, country, n in lite.execute(SEED_TOP_USERS_WITH_COUNTRY)
+            ]
+
+            dates = [
+                row[0] for row in lite.execute("SELECT DISTINCT transaction_date FROM transactions")
+            ]
+            assert dates
+            for date in dates:
+                answer = client.get(f"/api/daily_transactions?date={date}")
+                assert answer.json() == [
+                    {
+                        "transaction_date": day,
+                        "transaction_type": kind,
+                        "daily_total": float(cents(total)),
+                    }
+                    for day, kind, total in lite.execute(SEED_DAILY_BY_TYPE, (date,))
+                ], date
+            if summaries_from == "sqlite_export":
+                replica = client.app.state["moneylion"].replica
+                assert replica.answered > 0
+                assert replica.behind == 0
+    finally:
+        lite.close()
+    assert verify(warehouse) == []
