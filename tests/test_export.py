@@ -497,35 +497,13 @@ def test_a_large_increment_exporting_a_transaction_twice_fails_and_leaves_the_fi
     assert verify(warehouse) == []
 
 
-def test_a_failing_bulk_write_leaves_the_file_whole_and_no_side_file(
+@pytest.mark.parametrize("failure", ["bulk_write_refused", "interrupted"])
+def test_an_export_failing_midway_leaves_the_file_whole_and_the_next_one_catches_up(
     warehouse: duckdb.DuckDBPyConnection,
     config: Config,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(increment, "LARGE_INCREMENT_ROWS", 0)
-    ingest_file(warehouse, write(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
-    export_new(warehouse, config.sqlite_path)
-    before = dump_sqlite(config.sqlite_path)
-    ingest_file(warehouse, write(tmp_path / "b.csv", TX_HEADER, ["2,1,2022-01-02,7,deposit"]))
-    # A column the side file does not have: the driver refuses the stream.
-    broken = (("transactions", "SELECT 1 AS no_such_column"),)
-    monkeypatch.setattr(increment, "_SIDE_TRANSACTIONS", broken)
-    with pytest.raises(sqlite3.OperationalError, match="no_such_column"):
-        export_new(warehouse, config.sqlite_path)
-    assert dump_sqlite(config.sqlite_path) == before
-    assert not bulk.side_path(config.sqlite_path).exists()
-    monkeypatch.undo()
-    assert export_new(warehouse, config.sqlite_path).transactions == 1
-    assert_equals_full_export(warehouse, config.sqlite_path)
-    assert verify(warehouse) == []
-
-
-def test_interrupting_an_export_rolls_it_back_and_the_next_one_catches_up(
-    warehouse: duckdb.DuckDBPyConnection,
-    config: Config,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    failure: str,
 ) -> None:
     interrupt_export()  # no export running, no writer open: nothing happens
     ingest_file(warehouse, write(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
@@ -533,19 +511,26 @@ def test_interrupting_an_export_rolls_it_back_and_the_next_one_catches_up(
     before = dump_sqlite(config.sqlite_path)
     rows = [f"{n},{n % 7 + 1},2022-01-02,7,deposit" for n in range(2, 502)]
     ingest_file(warehouse, write(tmp_path / "b.csv", TX_HEADER, rows), config)
-    monkeypatch.setattr(increment, "LARGE_INCREMENT_ROWS", 0)  # a long INSERT ... SELECT
+    monkeypatch.setattr(increment, "LARGE_INCREMENT_ROWS", 0)  # a side file, a long INSERT
+    if failure == "bulk_write_refused":  # a column the side file lacks: the driver refuses it
+        broken = (("transactions", "SELECT 1 AS no_such_column"),)
+        monkeypatch.setattr(increment, "_SIDE_TRANSACTIONS", broken)
+        message = "no_such_column"
+    else:
 
-    def interrupt_while_running(point: str) -> None:
-        # As the daemon's stop does from its thread: interrupt while a statement of the export
-        # runs (SQLite's progress handler is called from inside a running statement).
-        if point == "sqlite_begun":
-            lite = writer.writer(config.sqlite_path).lite
-            lite.set_progress_handler(lambda: interrupt_export() or 0, 10)
+        def interrupt_while_running(point: str) -> None:
+            # As the daemon's stop does from its thread: interrupt while a statement of the
+            # export runs (SQLite's progress handler is called from inside a running statement).
+            if point == "sqlite_begun":
+                lite = writer.writer(config.sqlite_path).lite
+                lite.set_progress_handler(lambda: interrupt_export() or 0, 10)
 
-    monkeypatch.setattr(outcome, "fault_hook", interrupt_while_running)
-    with pytest.raises(sqlite3.OperationalError, match="interrupted"):
+        monkeypatch.setattr(outcome, "fault_hook", interrupt_while_running)
+        message = "interrupted"
+    with pytest.raises(sqlite3.OperationalError, match=message):
         export_new(warehouse, config.sqlite_path)
     assert dump_sqlite(config.sqlite_path) == before
+    assert not bulk.side_path(config.sqlite_path).exists()
     monkeypatch.undo()
     assert export_new(warehouse, config.sqlite_path).transactions == 500
     assert_equals_full_export(warehouse, config.sqlite_path)
