@@ -15,15 +15,14 @@ totals, and ``export_state`` (``last_file_id``, its sha256, the format).
 | ``snapshot`` | the DuckDB read transaction an export reads, the columns as SQLite stores them |
 | ``outcome`` | ``ExportResult``, its log event, the crash tests' fault hook |
 
-Why Python's sqlite3 and ADBC, and not DuckDB's sqlite extension: the project pins duckdb 2.0.1
-(faster at ingest: 3.6 s vs 4.8 s for a 10M-row file) and the offline extension wheels stop at
-1.5.5, so the extension would mean a second DuckDB in another process reading a copy of the
-data. Measured here with duckdb 1.5.5 + ``duckdb-extension-sqlite-scanner`` 1.5.5 LOADed from
-its wheel: 10M transactions into a table with INTEGER PRIMARY KEY 12.7 s (WAL file, quiet
-machine); a 1,000-row append 8.1 ms (rollback journal) / 20.9 ms (WAL); it cannot set our
-PRAGMAs and does not upsert. ADBC's SQLite driver writes the same 10M rows from Arrow in ~5.2 s
-with the GIL released; Python's sqlite3 keeps the live file (small increments, ~6-7 ms for
-1,000 rows, and the API's reads). ``bench/export.py`` prints the current figures.
+Why Python's sqlite3 and ADBC, and not DuckDB's sqlite extension: the extension cannot be
+downloaded at run time and its offline wheels stop at DuckDB 1.5.5, on which a 10M-row ingest took
+5.7-6.2 s against 3.6-3.7 s on the pinned 2.0.1 (interleaved runs, same machine and day); using it
+would also mean a second DuckDB in another process, fed a copy of the data. It writes no faster:
+the same 10M sorted transactions into SQLite took 4.7 s (rollback journal) / 5.3 s (WAL) with
+it, 4.7-5.2 s with ADBC's SQLite driver (GIL released), 6.5 s with sqlite3 binding from Python.
+Python's sqlite3 keeps the live file: small increments (~6-7 ms for 1,000 rows) and the API's
+reads. ``bench/export.py`` prints the current figures.
 """
 
 from __future__ import annotations
