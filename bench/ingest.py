@@ -2,7 +2,9 @@
 
 Loads 1M users, then a 1M-row and a 10M-row transactions file (rows/s each), reads the
 process's peak RSS, times 1,000-row files (distinct ids) into the warehouse that now holds 11M
-transactions, and finally a 1M-row file with 1% bad rows (the reject path). Targets on the
+transactions, and finally two 1M-row files with rows to reject: 1% bad rows of every reason
+(with quotes: the reference path), and 0.2% of rows with a wrong field count in a file
+without quotes (the located path places them by their line). Targets on the
 2-core machine: the 10M-row file at >= 1.5M rows/s with peak RSS <= 1.5 GB; a 1,000-row file in
 <= 50 ms whatever the warehouse holds. Inputs are generated once into bench/out/generated/.
 
@@ -41,8 +43,32 @@ TARGET_ROWS_PER_S = 1.5e6
 TARGET_RSS_MB = 1536.0
 TARGET_SMALL_S = 0.050
 BAD_RATE = 0.01
-# Id ranges never overlap: 1M-row file, 10M-row file, the bad file, then the small files.
+# Id ranges never overlap: 1M-row file, 10M-row file, the bad file, the small files, the file
+# with wrong field counts.
 FIRST_ID_1M, FIRST_ID_10M, FIRST_ID_BAD, FIRST_ID_SMALL = 1, 1_000_001, 20_000_001, 30_000_001
+FIRST_ID_COUNTS = 40_000_001
+COUNTS_EVERY = 500  # every 500th row gets a wrong field count: too few, empty extras, an extra
+
+
+def wrong_counts_file(source: Path) -> tuple[Path, int]:
+    """``source`` with every COUNTS_EVERY-th row's field count made wrong (written once); the
+    file and how many rows it spoils."""
+    path = source.with_name(source.stem + f"-counts{COUNTS_EVERY}.csv")
+    with source.open() as lines:
+        rows = sum(1 for _ in lines) - 1
+    spoiled = rows // COUNTS_EVERY
+    if path.exists():
+        return path, spoiled
+    partial = path.with_suffix(".part")
+    with source.open() as lines, partial.open("w") as out:
+        for number, line in enumerate(lines):
+            if number and number % COUNTS_EVERY == 0:
+                body = line.rstrip("\n")
+                kind = number // COUNTS_EVERY % 3
+                line = (body.rsplit(",", 1)[0], body + ",,", body + ",extra")[kind] + "\n"
+            out.write(line)
+    partial.rename(path)
+    return path, spoiled
 
 
 def main() -> None:
@@ -60,10 +86,13 @@ def main() -> None:
         cached_transactions(1_000, users=USERS, first_id=FIRST_ID_SMALL + n * 1_000, seed=100 + n)
         for n in range(args.small_files)
     ]
-    bad = None
+    bad = counts = None
     if not args.skip_bad:
         bad = cached_transactions(
             1_000_000, users=USERS, first_id=FIRST_ID_BAD, seed=4, bad_rate=BAD_RATE
+        )
+        counts = wrong_counts_file(
+            cached_transactions(1_000_000, users=USERS, first_id=FIRST_ID_COUNTS, seed=5)
         )
 
     folder = Path(tempfile.mkdtemp(prefix="moneylion-bench-ingest-"))
@@ -119,6 +148,22 @@ def main() -> None:
                     f"{outcome.rows_total / seconds / 1e6:.2f}M/s",
                     f"{outcome.rows_rejected:,} rejected, "
                     f"{outcome.rows_duplicate:,} duplicate "
+                    f"({'as expected' if same else 'NOT AS EXPECTED'})",
+                ]
+            )
+        if counts is not None:
+            path, spoiled = counts
+            started = time.perf_counter()
+            outcome = ingest_file(conn, path, config)
+            seconds = time.perf_counter() - started
+            same = outcome.rejected_by_reason == {"wrong_field_count": spoiled}
+            rows.append(
+                [
+                    "1M rows, 0.2% wrong field counts, no quotes",
+                    f"{outcome.rows_loaded:,}",
+                    f"{seconds:.2f} s",
+                    f"{outcome.rows_total / seconds / 1e6:.2f}M/s",
+                    f"{outcome.rows_rejected:,} rejected "
                     f"({'as expected' if same else 'NOT AS EXPECTED'})",
                 ]
             )

@@ -28,6 +28,7 @@ from moneylion.validate import (
     Header,
     Reject,
     ValidatedRows,
+    lines_are_records,
     located_select_sql,
     raw_text,
     record_lines,
@@ -256,15 +257,17 @@ def append_located(
     """Stage with DuckDB's reader, send only the rows failing a fast check through the
     reference rules, and find line numbers for the rejects alone.
 
-    The ordinal of a record stands in for its line until the end. None when the reader found
-    records with a wrong field count or blank-looking lines (the reference path handles those).
+    A record's ordinal stands in for its line until the end. Records the reader set aside (a
+    wrong field count, or a blank line of spaces) are placed by their line when every line of
+    the file is one record (no quotes, carriage returns or empty lines: _place_reader_rejects);
+    otherwise None (the caller rolls back and takes the reference path).
     """
     conn.execute(
         "CREATE OR REPLACE TEMP TABLE staged_raw AS " + located_select_sql(header),
         {"path": str(path), "skip": header.line_number},
     )
-    if _reader_errors(conn, path):
-        conn.execute("DROP TABLE staged_raw")
+    set_aside = _reader_errors(conn, path)
+    if set_aside and not (lines_are_records(path) and _place_reader_rejects(conn, header)):
         return None
     kind = header.kind
     columns = ", ".join(COLUMNS[kind])
@@ -307,7 +310,64 @@ def append_located(
     finally:
         conn.unregister("reject_lines")
     conn.execute("DROP TABLE staged_raw")
+    if set_aside:
+        conn.execute(READER_REJECTS, {"fields": header.field_count})  # already by their line
+        # The reader appends to these tables: the next file must find only its own rows.
+        conn.execute("DELETE FROM ingest_csv_errors")
+        conn.execute("DELETE FROM ingest_csv_scans")
     return _store_rejects(conn, file_id, applied)
+
+
+# The lines DuckDB's reader set aside (DISTINCT: a line may have several error rows), as offsets
+# after the header line; ``skipped``: how many of them come before the reader's rows numbered
+# above ``accepted`` (the rows it kept before that line).
+READER_GAPS = """
+CREATE OR REPLACE TEMP TABLE reader_gaps AS
+SELECT offset_ - k AS accepted, max(k) AS skipped
+FROM (SELECT line - $header_line AS offset_, row_number() OVER (ORDER BY line) AS k
+      FROM (SELECT DISTINCT line FROM ingest_csv_errors))
+GROUP BY ALL
+"""
+# Row n of the reader becomes the offset of its line after the header.
+PLACED_RAW = """
+CREATE OR REPLACE TEMP TABLE staged_raw_next AS
+SELECT r.* REPLACE (r.ordinal + coalesce(g.skipped, 0) AS ordinal)
+FROM staged_raw r ASOF LEFT JOIN reader_gaps g ON r.ordinal > g.accepted
+"""
+# The lines set aside are wrong_field_count rejects, in the reference's words (a line without
+# quotes has one comma fewer than fields), but for blank lines of spaces and tabs, which
+# validate_rows skips.
+READER_REJECTS = """
+INSERT INTO staged_rejects
+SELECT line, 'wrong_field_count',
+       'expected ' || $fields || ' fields, found '
+           || (length(csv_line) - length(replace(csv_line, ',', '')) + 1),
+       csv_line
+FROM (SELECT DISTINCT line, csv_line FROM ingest_csv_errors)
+WHERE trim(csv_line, ' \t') <> ''
+"""
+
+
+def _place_reader_rejects(conn: duckdb.DuckDBPyConnection, header: Header) -> bool:
+    """Renumber ``staged_raw`` around the lines the reader set aside (a file of one record per
+    line); False if it set a line aside for another reason than its field count."""
+    other = one_row(
+        conn,
+        "SELECT count(*) FROM ingest_csv_errors WHERE error_type NOT IN $types",
+        {"types": ["TOO MANY COLUMNS", "MISSING COLUMNS"]},
+    )[0]
+    if other:
+        return False
+    conn.execute(READER_GAPS, {"header_line": header.line_number})
+    conn.execute(PLACED_RAW)
+    conn.execute("DROP TABLE reader_gaps")
+    _replace_staged_raw(conn)
+    return True
+
+
+def _replace_staged_raw(conn: duckdb.DuckDBPyConnection) -> None:
+    conn.execute("DROP TABLE staged_raw")
+    conn.execute("ALTER TABLE staged_raw_next RENAME TO staged_raw")
 
 
 def _reader_errors(conn: duckdb.DuckDBPyConnection, path: Path) -> int:

@@ -364,6 +364,15 @@ def validate_rows(
     yield batcher.take()
 
 
+def lines_are_records(path: Path) -> bool:
+    """Whether every line of the file is one record: no quotes, carriage returns or empty lines
+    (a whitespace-only line still counts as a line, which validate_rows skips as blank)."""
+    if path.stat().st_size == 0:
+        return True
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        return all(mm.find(needle) == -1 for needle in (b'"', b"\r", b"\n\n"))
+
+
 def record_lines(path: Path, header: Header, ordinals: set[int]) -> dict[int, int]:
     """The line where each given record starts (record 1 is the first after the header).
 
@@ -372,9 +381,7 @@ def record_lines(path: Path, header: Header, ordinals: set[int]) -> dict[int, in
     """
     if not ordinals:
         return {}
-    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        simple = all(mm.find(needle) == -1 for needle in (b'"', b"\r", b"\n\n"))
-    if simple:
+    if lines_are_records(path):
         return {k: header.line_number + k for k in ordinals}
     found: dict[int, int] = {}
     ordinal = 0
@@ -393,16 +400,24 @@ def record_lines(path: Path, header: Header, ordinals: set[int]) -> dict[int, in
 # --- the DuckDB fast path ---------------------------------------------------------------------
 
 
+# DuckDB's reader reads an empty field as NULL by default, and then drops extra fields that
+# are NULL (``1,2,3,,`` reads as 3 fields when 3 are declared). With no text reading as NULL,
+# every record with another field count than the header's is set aside, as our policy wants.
+NULL_TEXT = "\x01moneylion: never a field\x01"
+
+
 def read_csv_sql(header: Header) -> str:
     """A DuckDB ``read_csv`` over ``$path`` with an explicit dialect and all-VARCHAR columns.
 
     Explicit columns skip the sniffer (26 ms -> 0.8 ms on a small file); ``store_rejects`` turns
-    rows with a wrong field count or invalid UTF-8 into ``reject_errors`` instead of an error.
+    rows with a wrong field count or invalid UTF-8 into ``reject_errors`` instead of an error;
+    empty fields read as ``''`` (NULL_TEXT).
     """
     columns = ", ".join(f"'c{i}': 'VARCHAR'" for i in range(header.field_count))
     return (
         "read_csv($path, header = false, skip = $skip, delim = ',', quote = '\"', escape = '\"', "
         "auto_detect = false, strict_mode = true, null_padding = false, "
+        f"nullstr = '{NULL_TEXT}', allow_quoted_nulls = false, "
         "all_varchar = true, store_rejects = true, rejects_table = 'ingest_csv_errors', "
         f"rejects_scan = 'ingest_csv_scans', columns = {{{columns}}})"
     )

@@ -37,6 +37,7 @@ BAD_TX_ROWS = [
     "{id},7,2022-01-01,1.001,deposit",  # too_many_decimals
     "{id},7,2022-01-01,1.00,refund",  # unknown_type
     "{id},7,2022-01-01,1.00",  # wrong_field_count
+    "{id},7,2022-01-01,1.00,deposit,,",  # wrong_field_count (empty extra fields)
 ]
 TYPES = ["deposit", "withdrawal", "purchase"]
 

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moneylion.aggregates import verify
-from moneylion.config import Config
+from moneylion.config import Config, load_config
 from moneylion.ingest import ingest_file
 from moneylion.validate import (
     COLUMNS,
@@ -283,7 +283,14 @@ def test_small_batches_give_the_same_rejects_and_rows(
 
 
 @pytest.mark.parametrize(
-    "case", ["mixed_quoted_crlf.csv", "mixed_plain_blank.csv", "mixed_plain.csv"]
+    "case",
+    [
+        "mixed_quoted_crlf.csv",
+        "mixed_plain_blank.csv",
+        "mixed_plain.csv",
+        "mixed_plain_field_counts.csv",
+        "row_wrong_field_count.csv",
+    ],
 )
 def test_located_and_reference_paths_agree_line_for_line(
     config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
@@ -309,3 +316,183 @@ def test_located_and_reference_paths_agree_line_for_line(
 
     assert located == reference
     assert located[1], "the case must hold rows to reject"
+
+
+@pytest.mark.parametrize("case", ["mixed_plain_field_counts.csv", "row_wrong_field_count.csv"])
+def test_wrong_field_counts_in_a_file_of_plain_lines_do_not_need_the_reference_path(
+    warehouse: duckdb.DuckDBPyConnection,
+    config: Config,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+) -> None:
+    """DuckDB's reader sets such records aside with their line; when every line is one record
+    (no quotes, carriage returns or empty lines) the located path places them itself."""
+    from moneylion import ingest
+
+    def no_reference(*args: object) -> object:
+        raise AssertionError("the reference path was taken")
+
+    monkeypatch.setattr(ingest, "append_reference", no_reference)
+    outcome = ingest.ingest_file(warehouse, CASES_DIR / case, config)
+    assert outcome.file_id is not None
+    assert outcome.rejected_by_reason.get("wrong_field_count")
+    assert verify(warehouse) == []
+
+
+def test_a_file_with_quotes_and_a_wrong_field_count_takes_the_reference_path(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    """A quoted field may span lines: the reader's line numbers are not the records' there."""
+    path = tmp_path / "quoted.csv"
+    path.write_text(
+        "transaction_id,user_id,transaction_date,amount,transaction_type\n"
+        '1,1,2022-01-01,1.00,"deposit"\n'
+        "2,1,2022-01-02\n"
+        "3,1,2022-01-03,3.00,deposit\n"
+    )
+    outcome = ingest_file(warehouse, path, config)
+    assert outcome.file_id is not None
+    assert rejects_of(warehouse, outcome.file_id) == [(3, "wrong_field_count")]
+    assert outcome.rows_loaded == 2
+    assert verify(warehouse) == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "quoted"),
+    [(",,", False), (",", False), (',""', True), (",,,,", False), (',"",', True)],
+)
+def test_extra_empty_fields_are_a_wrong_field_count_not_dropped(
+    warehouse: duckdb.DuckDBPyConnection,
+    config: Config,
+    tmp_path: Path,
+    extra: str,
+    quoted: bool,
+) -> None:
+    """DuckDB's reader by default drops extra fields that are empty (``...,deposit,,`` read as
+    5 fields); the policy counts them, whichever path reads the file."""
+    path = tmp_path / "extra.csv"
+    path.write_text(
+        "transaction_id,user_id,transaction_date,amount,transaction_type\n"
+        "1,1,2022-01-01,1.00,deposit\n"
+        f"2,1,2022-01-02,2.00,deposit{extra}\n"
+        "3,1,2022-01-03,3.00,purchase\n"
+    )
+    outcome = ingest_file(warehouse, path, config)
+    assert outcome.file_id is not None
+    assert rejects_of(warehouse, outcome.file_id) == [(3, "wrong_field_count")]
+    ((message, raw),) = warehouse.execute("SELECT message, raw_line FROM rejects").fetchall()
+    assert message == f"expected 5 fields, found {5 + extra.count(',')}"
+    unquoted = extra.replace('""', "") if quoted else extra  # the record as CSV again
+    assert raw == "2,1,2022-01-02,2.00,deposit" + unquoted
+    assert (outcome.rows_loaded, outcome.rows_total) == (2, 3)
+    assert verify(warehouse) == []
+
+
+def test_an_empty_last_field_of_the_header_is_still_a_field(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    """A header ending with an empty extra column (a spreadsheet's export): rows ending with an
+    empty field have the header's count and load, by the fast path."""
+    path = tmp_path / "sheet.csv"
+    path.write_text(
+        "transaction_id,user_id,transaction_date,amount,transaction_type,\n"
+        "1,1,2022-01-01,1.00,deposit,\n"
+        "2,1,2022-01-02,2.00,deposit,note\n"
+    )
+    outcome = ingest_file(warehouse, path, config)
+    assert (outcome.rows_loaded, outcome.rows_rejected) == (2, 0)
+    assert verify(warehouse) == []
+
+
+def test_a_file_after_one_with_a_wrong_field_count_takes_the_fast_path_again(
+    warehouse: duckdb.DuckDBPyConnection,
+    config: Config,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The reader's reject table is emptied once used: rows of one file never reach the next."""
+    from moneylion import ingest
+
+    first = ingest.ingest_file(warehouse, CASES_DIR / "row_wrong_field_count.csv", config)
+    assert first.rejected_by_reason == {"wrong_field_count": 1}
+
+    def no_slow_path(*args: object) -> object:
+        raise AssertionError("a clean file left the fast path")
+
+    monkeypatch.setattr(ingest, "append_located", no_slow_path)
+    monkeypatch.setattr(ingest, "append_reference", no_slow_path)
+    path = tmp_path / "clean.csv"
+    path.write_text(
+        "transaction_id,user_id,transaction_date,amount,transaction_type\n"
+        "50,1,2022-01-01,1.00,deposit\n"
+    )
+    clean = ingest.ingest_file(warehouse, path, config)
+    assert (clean.rows_loaded, clean.rows_rejected) == (1, 0)
+    assert verify(warehouse) == []
+
+
+# Lines of every shape the located path meets: good rows, bad fields, too few or too many
+# fields (empty extras too), blank lines of spaces, copies; sometimes a quoted field.
+LINE_SHAPES = [
+    "{id},{user},2022-01-0{day},{day}.25,deposit",
+    "{id},{user},2022-01-0{day},{day}.25,deposit",
+    "{id},{user},2022-01-0{day},{day}.25,Purchase",
+    "{id},{user},2022-01-0{day},abc,deposit",
+    "{id},{user},2022-02-30,1.00,withdrawal",
+    "{id},{user},2022-01-0{day},1.00",
+    "{id},{user},2022-01-0{day},1.00,deposit,,",
+    "{id},{user},2022-01-0{day},1.00,deposit,x",
+    "{id}",
+    "   ",
+    "{id},{user},2022-01-0{day},1.00,deposit",
+]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lines=st.lists(
+        st.tuples(
+            st.sampled_from(LINE_SHAPES), st.integers(1, 15), st.integers(1, 4), st.integers(1, 9)
+        ),
+        min_size=1,
+        max_size=25,
+    ),
+    quoted=st.booleans(),
+)
+def test_located_and_reference_paths_agree_on_any_mix_of_lines(
+    lines: list[tuple[str, int, int, int]], quoted: bool
+) -> None:
+    from tempfile import TemporaryDirectory
+
+    from moneylion import ingest, schema
+
+    text = "\n".join(shape.format(id=i, user=u, day=d) for shape, i, u, d in lines)
+    if quoted:  # a quoted field somewhere: the reader's lines may no longer be records
+        text = text.replace("deposit", '"deposit"', 1)
+    with TemporaryDirectory() as folder:
+        path = Path(folder) / "mix.csv"
+        path.write_text("transaction_id,user_id,transaction_date,amount,transaction_type\n" + text)
+        config = load_config(environ={}).with_overrides(
+            inbox=Path(folder) / "inbox", warehouse=Path(folder) / "w"
+        )
+
+        def load(name: str, located: bool) -> tuple[list[tuple[object, ...]], ...]:
+            conn = schema.connect(Path(folder) / f"{name}.duckdb")
+            real = ingest.append_located
+            if not located:
+                ingest.append_located = lambda *args: None
+            try:
+                ingest.ingest_file(conn, path, config)
+            finally:
+                ingest.append_located = real
+            assert verify(conn) == []
+            stored = conn.execute(
+                "SELECT * EXCLUDE (file_id) FROM transactions ORDER BY 1"
+            ).fetchall()
+            rejects = conn.execute(
+                "SELECT line_number, reason, message, raw_line FROM rejects ORDER BY 1, 2"
+            ).fetchall()
+            conn.close()
+            return stored, rejects
+
+        assert load("located", True) == load("reference", False)
