@@ -2,9 +2,9 @@
 
 Loads 1M users, then a 1M-row and a 10M-row transactions file (rows/s each), reads the
 process's peak RSS, times 1,000-row files (distinct ids) into the warehouse that now holds 11M
-transactions, and finally two 1M-row files with rows to reject: 1% bad rows of every reason
-(with quotes: the reference path), and 0.2% of rows with a wrong field count in a file
-without quotes (the located path places them by their line). Targets on the
+transactions, and finally files with rows to reject (the located path): 1M rows with 1% bad
+rows of every reason, 1M rows with 0.2% of wrong field counts, and 10M rows with 1% bad rows
+(time and peak RSS). Targets on the
 2-core machine: the 10M-row file at >= 1.5M rows/s with peak RSS <= 1.5 GB; a 1,000-row file in
 <= 50 ms whatever the warehouse holds. Inputs are generated once into bench/out/generated/.
 
@@ -46,7 +46,7 @@ BAD_RATE = 0.01
 # Id ranges never overlap: 1M-row file, 10M-row file, the bad file, the small files, the file
 # with wrong field counts.
 FIRST_ID_1M, FIRST_ID_10M, FIRST_ID_BAD, FIRST_ID_SMALL = 1, 1_000_001, 20_000_001, 30_000_001
-FIRST_ID_COUNTS = 40_000_001
+FIRST_ID_COUNTS, FIRST_ID_BAD_10M = 40_000_001, 50_000_001
 COUNTS_EVERY = 500  # every 500th row gets a wrong field count: too few, empty extras, an extra
 
 
@@ -74,7 +74,7 @@ def wrong_counts_file(source: Path) -> tuple[Path, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--small-files", type=int, default=30)
-    parser.add_argument("--skip-bad", action="store_true", help="skip the 1M-row file of 1%% bad")
+    parser.add_argument("--skip-bad", action="store_true", help="skip the files with bad rows")
     args = parser.parse_args()
 
     users_csv = cached_users(USERS, seed=1)
@@ -86,13 +86,16 @@ def main() -> None:
         cached_transactions(1_000, users=USERS, first_id=FIRST_ID_SMALL + n * 1_000, seed=100 + n)
         for n in range(args.small_files)
     ]
-    bad = counts = None
+    bad = counts = bad_10m = None
     if not args.skip_bad:
         bad = cached_transactions(
             1_000_000, users=USERS, first_id=FIRST_ID_BAD, seed=4, bad_rate=BAD_RATE
         )
         counts = wrong_counts_file(
             cached_transactions(1_000_000, users=USERS, first_id=FIRST_ID_COUNTS, seed=5)
+        )
+        bad_10m = cached_transactions(
+            10_000_000, users=USERS, first_id=FIRST_ID_BAD_10M, seed=7, bad_rate=BAD_RATE
         )
 
     folder = Path(tempfile.mkdtemp(prefix="moneylion-bench-ingest-"))
@@ -165,6 +168,24 @@ def main() -> None:
                     f"{outcome.rows_total / seconds / 1e6:.2f}M/s",
                     f"{outcome.rows_rejected:,} rejected "
                     f"({'as expected' if same else 'NOT AS EXPECTED'})",
+                ]
+            )
+        rss_before_bad_10m = peak_rss_mb()
+        if bad_10m is not None:
+            started = time.perf_counter()
+            outcome = ingest_file(conn, bad_10m, config)
+            seconds = time.perf_counter() - started
+            expected = expected_transactions_outcome(10_000_000, BAD_RATE)
+            same = dict(outcome.rejected_by_reason) == dict(expected.rejected_by_reason)
+            rows.append(
+                [
+                    "10M rows, 1% bad",
+                    f"{outcome.rows_loaded:,}",
+                    f"{seconds:.2f} s",
+                    f"{outcome.rows_total / seconds / 1e6:.2f}M/s",
+                    f"{outcome.rows_rejected:,} rejected "
+                    f"({'as expected' if same else 'NOT AS EXPECTED'}); peak RSS "
+                    f"{peak_rss_mb():,.0f} MB (before it: {rss_before_bad_10m:,.0f} MB)",
                 ]
             )
         rss_all = peak_rss_mb()

@@ -10,6 +10,8 @@ The last two share ``_resolve_staged``: copies within the file, rows already sto
 
 from __future__ import annotations
 
+import bisect
+import csv
 import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from moneylion.schema import one_row
 from moneylion.validate import (
     BATCH_ROWS,
     COLUMNS,
+    TRIM_CHARS,
     Batcher,
     FileFailure,
     FileKind,
@@ -28,7 +31,7 @@ from moneylion.validate import (
     Header,
     Reject,
     ValidatedRows,
-    lines_are_records,
+    data_lines,
     located_select_sql,
     raw_text,
     record_lines,
@@ -203,11 +206,15 @@ STAGED_COLUMNS = {
 
 # Copies of one id within the file: identical copies load once (the first), differing copies
 # are all rejected.
+# The ids seen more than once are found first (one BIGINT grouped): comparing the contents of
+# every id cost 4.4 s of a 10M-row file, those of the few repeated ones nothing.
 IN_FILE_COPIES = """
 CREATE OR REPLACE TEMP TABLE staged_copies AS
 SELECT {key} AS id, count(*) AS copies,
        count(DISTINCT ({content})) AS variants, min(line) AS first_line
-FROM staged GROUP BY {key} HAVING count(*) > 1
+FROM staged
+WHERE {key} IN (SELECT {key} FROM staged GROUP BY {key} HAVING count(*) > 1)
+GROUP BY {key}
 """
 
 STORED_TRANSACTION_CONFLICTS = """
@@ -257,18 +264,26 @@ def append_located(
     """Stage with DuckDB's reader, send only the rows failing a fast check through the
     reference rules, and find line numbers for the rejects alone.
 
-    A record's ordinal stands in for its line until the end. Records the reader set aside (a
-    wrong field count, or a blank line of spaces) are placed by their line when every line of
-    the file is one record (no quotes, carriage returns or empty lines: _place_reader_rejects);
-    otherwise None (the caller rolls back and takes the reference path).
+    A record's ordinal stands in for its line until the end. When every line after the header
+    is one record or one line the reader set aside (no record spans lines, no empty line but at
+    the end: ``_by_line``), the ordinal is simply the offset of its line, and records set aside
+    (a wrong field count, a line of spaces) are rejected by the line DuckDB reports. Otherwise
+    records are counted as validate_rows counts them, and a file with records set aside is left
+    to the reference path (None: the caller rolls back).
     """
     conn.execute(
         "CREATE OR REPLACE TEMP TABLE staged_raw AS " + located_select_sql(header),
         {"path": str(path), "skip": header.line_number},
     )
     set_aside = _reader_errors(conn, path)
-    if set_aside and not (lines_are_records(path) and _place_reader_rejects(conn, header)):
-        return None
+    by_line: bool | None = None  # decided when first needed: it reads the file
+    reader_rejects: list[Reject] = []
+    if set_aside:
+        by_line = _by_line(conn, path, header)
+        found_aside = _reader_rejects(conn, header) if by_line else None
+        if found_aside is None:
+            return None
+        reader_rejects = found_aside
     kind = header.kind
     columns = ", ".join(COLUMNS[kind])
     _create_staging(conn, kind)
@@ -292,7 +307,13 @@ def append_located(
         """SELECT s.line_number, r.raw_fields FROM staged_rejects s
            JOIN staged_raw r ON r.ordinal = s.line_number"""
     ).fetchall()
-    lines = record_lines(path, header, {ordinal for ordinal, _ in found})
+    if found and by_line is None:
+        by_line = _by_line(conn, path, header)
+    ordinals = {ordinal for ordinal, _ in found}
+    if by_line and set_aside:
+        lines = _lines_around(conn, header, ordinals)
+    else:
+        lines = record_lines(path, header, ordinals, by_line=bool(by_line))
     mapping = pa.table(
         {
             "ordinal": pa.array([o for o, _ in found], type=pa.int64()),
@@ -311,63 +332,68 @@ def append_located(
         conn.unregister("reject_lines")
     conn.execute("DROP TABLE staged_raw")
     if set_aside:
-        conn.execute(READER_REJECTS, {"fields": header.field_count})  # already by their line
+        if reader_rejects:  # already by their line
+            _append_arrow(conn, "staged_rejects", _arrow_rejects(reader_rejects))
         # The reader appends to these tables: the next file must find only its own rows.
         conn.execute("DELETE FROM ingest_csv_errors")
         conn.execute("DELETE FROM ingest_csv_scans")
     return _store_rejects(conn, file_id, applied)
 
 
-# The lines DuckDB's reader set aside (DISTINCT: a line may have several error rows), as offsets
-# after the header line; ``skipped``: how many of them come before the reader's rows numbered
-# above ``accepted`` (the rows it kept before that line).
-READER_GAPS = """
-CREATE OR REPLACE TEMP TABLE reader_gaps AS
-SELECT offset_ - k AS accepted, max(k) AS skipped
-FROM (SELECT line - $header_line AS offset_, row_number() OVER (ORDER BY line) AS k
-      FROM (SELECT DISTINCT line FROM ingest_csv_errors))
-GROUP BY ALL
-"""
-# Row n of the reader becomes the offset of its line after the header.
-PLACED_RAW = """
-CREATE OR REPLACE TEMP TABLE staged_raw_next AS
-SELECT r.* REPLACE (r.ordinal + coalesce(g.skipped, 0) AS ordinal)
-FROM staged_raw r ASOF LEFT JOIN reader_gaps g ON r.ordinal > g.accepted
-"""
-# The lines set aside are wrong_field_count rejects, in the reference's words (a line without
-# quotes has one comma fewer than fields), but for blank lines of spaces and tabs, which
-# validate_rows skips.
-READER_REJECTS = """
-INSERT INTO staged_rejects
-SELECT line, 'wrong_field_count',
-       'expected ' || $fields || ' fields, found '
-           || (length(csv_line) - length(replace(csv_line, ',', '')) + 1),
-       csv_line
-FROM (SELECT DISTINCT line, csv_line FROM ingest_csv_errors)
-WHERE trim(csv_line, ' \t') <> ''
-"""
+READER_REJECT_TYPES = ["TOO MANY COLUMNS", "MISSING COLUMNS"]
 
 
-def _place_reader_rejects(conn: duckdb.DuckDBPyConnection, header: Header) -> bool:
-    """Renumber ``staged_raw`` around the lines the reader set aside (a file of one record per
-    line); False if it set a line aside for another reason than its field count."""
+def _by_line(conn: duckdb.DuckDBPyConnection, path: Path, header: Header) -> bool:
+    """Whether every line after the header is one record the reader kept or one line it set
+    aside: then no record spans lines, and DuckDB's line numbers are the file's."""
+    kept, aside = one_row(
+        conn,
+        "SELECT (SELECT count(*) FROM staged_raw), (SELECT count(DISTINCT line) FROM "
+        "ingest_csv_errors)",
+    )
+    return int(kept) + int(aside) == data_lines(path) - header.line_number
+
+
+def _reader_rejects(conn: duckdb.DuckDBPyConnection, header: Header) -> list[Reject] | None:
+    """The lines the reader set aside as the reference path rejects them (blank lines of
+    spaces skipped); None if it set one aside for another reason than its field count, or if
+    Python's csv reads a line otherwise."""
     other = one_row(
         conn,
         "SELECT count(*) FROM ingest_csv_errors WHERE error_type NOT IN $types",
-        {"types": ["TOO MANY COLUMNS", "MISSING COLUMNS"]},
+        {"types": READER_REJECT_TYPES},
     )[0]
     if other:
-        return False
-    conn.execute(READER_GAPS, {"header_line": header.line_number})
-    conn.execute(PLACED_RAW)
-    conn.execute("DROP TABLE reader_gaps")
-    _replace_staged_raw(conn)
-    return True
+        return None
+    batcher = Batcher(header)
+    for line, text in conn.execute(
+        "SELECT DISTINCT line, csv_line FROM ingest_csv_errors ORDER BY line"
+    ).fetchall():
+        fields = next(csv.reader([text.rstrip("\r\n")]), [])
+        if not fields or (len(fields) == 1 and not fields[0].strip(TRIM_CHARS)):
+            continue  # a blank line
+        if len(fields) == header.field_count:
+            return None
+        batcher.add(int(line), fields)
+    return batcher.take().rejects
 
 
-def _replace_staged_raw(conn: duckdb.DuckDBPyConnection) -> None:
-    conn.execute("DROP TABLE staged_raw")
-    conn.execute("ALTER TABLE staged_raw_next RENAME TO staged_raw")
+def _lines_around(
+    conn: duckdb.DuckDBPyConnection, header: Header, ordinals: set[int]
+) -> dict[int, int]:
+    """The line of each of the reader's rows (``ordinals``: its row numbers) in a file of one
+    record per line, counting the lines it set aside: row n is on the n-th line after the
+    header that was not set aside."""
+    aside = [
+        int(line) - header.line_number
+        for (line,) in conn.execute(
+            "SELECT DISTINCT line FROM ingest_csv_errors ORDER BY line"
+        ).fetchall()
+    ]
+    # Rows the reader kept before each line set aside (non-decreasing): row n comes after as
+    # many set-aside lines as there are of these below n.
+    kept_before = [offset - k for k, offset in enumerate(aside, start=1)]
+    return {n: header.line_number + n + bisect.bisect_left(kept_before, n) for n in ordinals}
 
 
 def _reader_errors(conn: duckdb.DuckDBPyConnection, path: Path) -> int:

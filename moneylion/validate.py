@@ -15,7 +15,6 @@ import csv
 import datetime as dt
 import enum
 import io
-import mmap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -364,24 +363,32 @@ def validate_rows(
     yield batcher.take()
 
 
-def lines_are_records(path: Path) -> bool:
-    """Whether every line of the file is one record: no quotes, carriage returns or empty lines
-    (a whitespace-only line still counts as a line, which validate_rows skips as blank)."""
-    if path.stat().st_size == 0:
-        return True
-    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        return all(mm.find(needle) == -1 for needle in (b'"', b"\r", b"\n\n"))
+def data_lines(path: Path) -> int:
+    """The lines of the file, a last line without a line break included and the empty lines
+    at its end left out (the reader and validate_rows both skip those)."""
+    lines = 0
+    tail = b""
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            lines += chunk.count(b"\n")
+            tail = (tail + chunk)[-4096:]
+    if tail and not tail.endswith(b"\n"):
+        lines += 1
+    ending = tail[len(tail.rstrip(b"\r\n")) :]  # the line breaks after the last text
+    return lines - max(0, ending.count(b"\n") - 1)
 
 
-def record_lines(path: Path, header: Header, ordinals: set[int]) -> dict[int, int]:
+def record_lines(
+    path: Path, header: Header, ordinals: set[int], *, by_line: bool = False
+) -> dict[int, int]:
     """The line where each given record starts (record 1 is the first after the header).
 
-    Without quotes, carriage returns or blank lines in the file, record k is simply on line
+    ``by_line``: every line after the header is one record, so record k is on line
     ``header line + k``; otherwise the records are counted as validate_rows reads them.
     """
     if not ordinals:
         return {}
-    if lines_are_records(path):
+    if by_line:
         return {k: header.line_number + k for k in ordinals}
     found: dict[int, int] = {}
     ordinal = 0

@@ -339,20 +339,57 @@ def test_wrong_field_counts_in_a_file_of_plain_lines_do_not_need_the_reference_p
     assert verify(warehouse) == []
 
 
-def test_a_file_with_quotes_and_a_wrong_field_count_takes_the_reference_path(
-    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+@pytest.mark.parametrize("note", ["plain", '"a, quoted note"'])
+def test_quoted_fields_on_one_line_leave_the_lines_to_records(
+    warehouse: duckdb.DuckDBPyConnection,
+    config: Config,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    note: str,
 ) -> None:
-    """A quoted field may span lines: the reader's line numbers are not the records' there."""
+    """Quotes alone do not stop the located path from placing records by their line: every
+    line is still one record (the lines counted equal the records read plus those set aside)."""
+    from moneylion import ingest
+
+    def no_reference(*args: object) -> object:
+        raise AssertionError("the reference path was taken")
+
+    monkeypatch.setattr(ingest, "append_reference", no_reference)
     path = tmp_path / "quoted.csv"
     path.write_text(
-        "transaction_id,user_id,transaction_date,amount,transaction_type\n"
-        '1,1,2022-01-01,1.00,"deposit"\n'
+        "transaction_id,user_id,transaction_date,amount,transaction_type,note\n"
+        f'1,1,2022-01-01,"1,000",deposit,{note}\n'
         "2,1,2022-01-02\n"
-        "3,1,2022-01-03,3.00,deposit\n"
+        f"3,1,2022-01-03,3.00,deposit,{note},extra\n"
+        f"4,1,2022-01-04,4.00,deposit,{note}\n"
+    )
+    outcome = ingest.ingest_file(warehouse, path, config)
+    assert outcome.file_id is not None
+    assert rejects_of(warehouse, outcome.file_id) == [
+        (2, "bad_amount"),
+        (3, "wrong_field_count"),
+        (4, "wrong_field_count"),
+    ]
+    messages = warehouse.execute("SELECT message FROM rejects ORDER BY line_number").fetchall()
+    assert messages[1:] == [("expected 6 fields, found 3",), ("expected 6 fields, found 7",)]
+    assert outcome.rows_loaded == 1
+    assert verify(warehouse) == []
+
+
+def test_a_record_spanning_lines_and_a_wrong_field_count_take_the_reference_path(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    """A quoted field holding a line break: the reader's line numbers are not the records'."""
+    path = tmp_path / "multiline.csv"
+    path.write_text(
+        "transaction_id,user_id,transaction_date,amount,transaction_type,note\n"
+        '1,1,2022-01-01,1.00,deposit,"two\nlines"\n'
+        "2,1,2022-01-02\n"
+        "3,1,2022-01-03,3.00,deposit,x\n"
     )
     outcome = ingest_file(warehouse, path, config)
     assert outcome.file_id is not None
-    assert rejects_of(warehouse, outcome.file_id) == [(3, "wrong_field_count")]
+    assert rejects_of(warehouse, outcome.file_id) == [(4, "wrong_field_count")]
     assert outcome.rows_loaded == 2
     assert verify(warehouse) == []
 
@@ -457,18 +494,20 @@ LINE_SHAPES = [
         min_size=1,
         max_size=25,
     ),
-    quoted=st.booleans(),
+    quoting=st.sampled_from(["none", "one line", "two lines"]),
 )
 def test_located_and_reference_paths_agree_on_any_mix_of_lines(
-    lines: list[tuple[str, int, int, int]], quoted: bool
+    lines: list[tuple[str, int, int, int]], quoting: str
 ) -> None:
     from tempfile import TemporaryDirectory
 
     from moneylion import ingest, schema
 
     text = "\n".join(shape.format(id=i, user=u, day=d) for shape, i, u, d in lines)
-    if quoted:  # a quoted field somewhere: the reader's lines may no longer be records
-        text = text.replace("deposit", '"deposit"', 1)
+    if quoting == "one line":  # quotes: lines are still records
+        text = text.replace("deposit", '"de,posit"', 1)
+    elif quoting == "two lines":  # a record spanning two lines: they are not
+        text = text.replace("deposit", '"de\nposit"', 1)
     with TemporaryDirectory() as folder:
         path = Path(folder) / "mix.csv"
         path.write_text("transaction_id,user_id,transaction_date,amount,transaction_type\n" + text)
