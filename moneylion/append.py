@@ -264,12 +264,13 @@ def append_located(
     """Stage with DuckDB's reader, send only the rows failing a fast check through the
     reference rules, and find line numbers for the rejects alone.
 
-    A record's ordinal stands in for its line until the end. When every line after the header
-    is one record or one line the reader set aside (no record spans lines, no empty line but at
-    the end: ``_by_line``), the ordinal is simply the offset of its line, and records set aside
-    (a wrong field count, a line of spaces) are rejected by the line DuckDB reports. Otherwise
-    records are counted as validate_rows counts them, and a file with records set aside is left
-    to the reference path (None: the caller rolls back).
+    A record's ordinal (its row number in the reader's output) stands in for its line until
+    the end. When every line after the header is one record or one line the reader set aside
+    (no record spans lines, no empty line but at the end: ``_by_line``), lines follow from
+    ordinals and the lines set aside (``_lines_around``), and records set aside (a wrong field
+    count, a line of spaces) are rejected by the line DuckDB reports. Otherwise records are
+    counted as validate_rows counts them, and a file with records set aside is left to the
+    reference path (None: the caller rolls back, the reader's reject table with it).
     """
     conn.execute(
         "CREATE OR REPLACE TEMP TABLE staged_raw AS " + located_select_sql(header),

@@ -441,16 +441,30 @@ def test_an_empty_last_field_of_the_header_is_still_a_field(
     assert verify(warehouse) == []
 
 
+MULTILINE_WITH_WRONG_COUNT = (
+    "transaction_id,user_id,transaction_date,amount,transaction_type,note\n"
+    '1,1,2022-01-01,1.00,deposit,"two\nlines"\n'
+    "2,1,2022-01-02\n"
+)
+
+
+@pytest.mark.parametrize("spans_lines", [False, True])
 def test_a_file_after_one_with_a_wrong_field_count_takes_the_fast_path_again(
     warehouse: duckdb.DuckDBPyConnection,
     config: Config,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    spans_lines: bool,
 ) -> None:
-    """The reader's reject table is emptied once used: rows of one file never reach the next."""
+    """The reader's reject table is emptied once used, or rolled back with the path that
+    filled it (a record spanning lines: the reference path): it never holds another file's."""
     from moneylion import ingest
 
-    first = ingest.ingest_file(warehouse, CASES_DIR / "row_wrong_field_count.csv", config)
+    first_path = CASES_DIR / "row_wrong_field_count.csv"
+    if spans_lines:
+        first_path = tmp_path / "multiline.csv"
+        first_path.write_text(MULTILINE_WITH_WRONG_COUNT)
+    first = ingest.ingest_file(warehouse, first_path, config)
     assert first.rejected_by_reason == {"wrong_field_count": 1}
 
     def no_slow_path(*args: object) -> object:
