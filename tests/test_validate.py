@@ -376,17 +376,19 @@ def test_quoted_fields_on_one_line_leave_the_lines_to_records(
     assert verify(warehouse) == []
 
 
+MULTILINE_WITH_WRONG_COUNT = (
+    "transaction_id,user_id,transaction_date,amount,transaction_type,note\n"
+    '1,1,2022-01-01,1.00,deposit,"two\nlines"\n'
+    "2,1,2022-01-02\n"
+)
+
+
 def test_a_record_spanning_lines_and_a_wrong_field_count_take_the_reference_path(
     warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
 ) -> None:
     """A quoted field holding a line break: the reader's line numbers are not the records'."""
     path = tmp_path / "multiline.csv"
-    path.write_text(
-        "transaction_id,user_id,transaction_date,amount,transaction_type,note\n"
-        '1,1,2022-01-01,1.00,deposit,"two\nlines"\n'
-        "2,1,2022-01-02\n"
-        "3,1,2022-01-03,3.00,deposit,x\n"
-    )
+    path.write_text(MULTILINE_WITH_WRONG_COUNT + "3,1,2022-01-03,3.00,deposit,x\n")
     outcome = ingest_file(warehouse, path, config)
     assert outcome.file_id is not None
     assert rejects_of(warehouse, outcome.file_id) == [(4, "wrong_field_count")]
@@ -439,13 +441,6 @@ def test_an_empty_last_field_of_the_header_is_still_a_field(
     outcome = ingest_file(warehouse, path, config)
     assert (outcome.rows_loaded, outcome.rows_rejected) == (2, 0)
     assert verify(warehouse) == []
-
-
-MULTILINE_WITH_WRONG_COUNT = (
-    "transaction_id,user_id,transaction_date,amount,transaction_type,note\n"
-    '1,1,2022-01-01,1.00,deposit,"two\nlines"\n'
-    "2,1,2022-01-02\n"
-)
 
 
 @pytest.mark.parametrize("spans_lines", [False, True])
