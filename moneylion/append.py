@@ -23,7 +23,6 @@ from moneylion.schema import one_row
 from moneylion.validate import (
     BATCH_ROWS,
     COLUMNS,
-    TRIM_CHARS,
     Batcher,
     FileFailure,
     FileKind,
@@ -32,6 +31,7 @@ from moneylion.validate import (
     Reject,
     ValidatedRows,
     data_lines,
+    is_blank,
     located_select_sql,
     raw_text,
     record_lines,
@@ -276,12 +276,17 @@ def append_located(
         "CREATE OR REPLACE TEMP TABLE staged_raw AS " + located_select_sql(header),
         {"path": str(path), "skip": header.line_number},
     )
-    set_aside = _reader_errors(conn, path)
-    by_line: bool | None = None  # decided when first needed: it reads the file
+    # The lines the reader set aside (DISTINCT: a line may have an error row per column).
+    aside: list[tuple[int, str]] = []
+    if _reader_errors(conn, path):
+        aside = conn.execute(
+            "SELECT DISTINCT line, csv_line FROM ingest_csv_errors ORDER BY line"
+        ).fetchall()
     reader_rejects: list[Reject] = []
-    if set_aside:
-        by_line = _by_line(conn, path, header)
-        found_aside = _reader_rejects(conn, header) if by_line else None
+    if aside:
+        found_aside = (
+            _reader_rejects(conn, header, aside) if _by_line(conn, path, header, aside) else None
+        )
         if found_aside is None:
             return None
         reader_rejects = found_aside
@@ -308,13 +313,12 @@ def append_located(
         """SELECT s.line_number, r.raw_fields FROM staged_rejects s
            JOIN staged_raw r ON r.ordinal = s.line_number"""
     ).fetchall()
-    if found and by_line is None:
-        by_line = _by_line(conn, path, header)
     ordinals = {ordinal for ordinal, _ in found}
-    if by_line and set_aside:
-        lines = _lines_around(conn, header, ordinals)
+    if aside:  # lines are records (checked above)
+        lines = _lines_around(header, ordinals, [line for line, _ in aside])
     else:
-        lines = record_lines(path, header, ordinals, by_line=bool(by_line))
+        by_line = bool(found) and _by_line(conn, path, header, aside)
+        lines = record_lines(path, header, ordinals, by_line=by_line)
     mapping = pa.table(
         {
             "ordinal": pa.array([o for o, _ in found], type=pa.int64()),
@@ -332,7 +336,7 @@ def append_located(
     finally:
         conn.unregister("reject_lines")
     conn.execute("DROP TABLE staged_raw")
-    if set_aside:
+    if aside:
         if reader_rejects:  # already by their line
             _append_arrow(conn, "staged_rejects", _arrow_rejects(reader_rejects))
         # The reader appends to these tables: the next file must find only its own rows.
@@ -344,18 +348,18 @@ def append_located(
 READER_REJECT_TYPES = ["TOO MANY COLUMNS", "MISSING COLUMNS"]
 
 
-def _by_line(conn: duckdb.DuckDBPyConnection, path: Path, header: Header) -> bool:
-    """Whether every line after the header is one record the reader kept or one line it set
-    aside: then no record spans lines, and DuckDB's line numbers are the file's."""
-    kept, aside = one_row(
-        conn,
-        "SELECT (SELECT count(*) FROM staged_raw), (SELECT count(DISTINCT line) FROM "
-        "ingest_csv_errors)",
-    )
-    return int(kept) + int(aside) == data_lines(path) - header.line_number
+def _by_line(
+    conn: duckdb.DuckDBPyConnection, path: Path, header: Header, aside: list[tuple[int, str]]
+) -> bool:
+    """Whether every line after the header is one record the reader kept or one of the lines
+    it set aside: then no record spans lines, and DuckDB's line numbers are the file's."""
+    (kept,) = one_row(conn, "SELECT count(*) FROM staged_raw")
+    return int(kept) + len(aside) == data_lines(path) - header.line_number
 
 
-def _reader_rejects(conn: duckdb.DuckDBPyConnection, header: Header) -> list[Reject] | None:
+def _reader_rejects(
+    conn: duckdb.DuckDBPyConnection, header: Header, aside: list[tuple[int, str]]
+) -> list[Reject] | None:
     """The lines the reader set aside as the reference path rejects them (blank lines of
     spaces skipped); None if it set one aside for another reason than its field count, or if
     Python's csv reads a line otherwise."""
@@ -367,33 +371,23 @@ def _reader_rejects(conn: duckdb.DuckDBPyConnection, header: Header) -> list[Rej
     if other:
         return None
     batcher = Batcher(header)
-    for line, text in conn.execute(
-        "SELECT DISTINCT line, csv_line FROM ingest_csv_errors ORDER BY line"
-    ).fetchall():
+    for line, text in aside:
         fields = next(csv.reader([text.rstrip("\r\n")]), [])
-        if not fields or (len(fields) == 1 and not fields[0].strip(TRIM_CHARS)):
-            continue  # a blank line
+        if is_blank(fields):
+            continue
         if len(fields) == header.field_count:
             return None
         batcher.add(int(line), fields)
     return batcher.take().rejects
 
 
-def _lines_around(
-    conn: duckdb.DuckDBPyConnection, header: Header, ordinals: set[int]
-) -> dict[int, int]:
+def _lines_around(header: Header, ordinals: set[int], aside: list[int]) -> dict[int, int]:
     """The line of each of the reader's rows (``ordinals``: its row numbers) in a file of one
-    record per line, counting the lines it set aside: row n is on the n-th line after the
-    header that was not set aside."""
-    aside = [
-        int(line) - header.line_number
-        for (line,) in conn.execute(
-            "SELECT DISTINCT line FROM ingest_csv_errors ORDER BY line"
-        ).fetchall()
-    ]
+    record per line, given the lines it set aside (sorted): row n is on the n-th line after
+    the header that was not set aside."""
     # Rows the reader kept before each line set aside (non-decreasing): row n comes after as
     # many set-aside lines as there are of these below n.
-    kept_before = [offset - k for k, offset in enumerate(aside, start=1)]
+    kept_before = [line - header.line_number - k for k, line in enumerate(aside, start=1)]
     return {n: header.line_number + n + bisect.bisect_left(kept_before, n) for n in ordinals}
 
 

@@ -266,6 +266,11 @@ def parse_field(column: str, text: str) -> FieldResult:
 # --- rows -------------------------------------------------------------------------------------
 
 
+def is_blank(fields: Sequence[str]) -> bool:
+    """Whether a parsed line is blank (nothing, or one field of spaces and tabs): skipped."""
+    return not fields or (len(fields) == 1 and not fields[0].strip(TRIM_CHARS))
+
+
 def _records(handle: io.TextIOBase) -> Iterator[tuple[int, list[str]]]:
     """(line where the record starts, fields) for every non-blank record, RFC 4180."""
     reader = csv.reader(handle, strict=False)
@@ -273,8 +278,8 @@ def _records(handle: io.TextIOBase) -> Iterator[tuple[int, list[str]]]:
     for fields in reader:
         start = previous_end + 1
         previous_end = reader.line_num
-        if not fields or (len(fields) == 1 and not fields[0].strip(TRIM_CHARS)):
-            continue  # blank line
+        if is_blank(fields):
+            continue
         yield start, fields
 
 
