@@ -54,6 +54,7 @@ from moneylion.export.schema import (
 )
 from moneylion.export.snapshot import (
     DAILY_TOTALS_AS_SQLITE,
+    FILES_AS_SQLITE,
     TOP_USERS_AS_SQLITE,
     TRANSACTIONS_AS_SQLITE,
     USER_TOTALS_AS_SQLITE,
@@ -78,26 +79,21 @@ _FILE_COLUMNS = (
 # The ledger from the last exported file on: its sha256 tells whether the SQLite file belongs
 # to this warehouse; the others are the range. No ORDER BY: DuckDB's sort costs ~1 ms even for
 # a few rows, Python sorts them.
-_LEDGER = """SELECT file_id, name, sha256, kind, status, rows_total, rows_loaded, rows_duplicate,
-    rows_rejected, size_bytes, received_at::VARCHAR, finished_at::VARCHAR, seconds,
-    error_reason, error
-FROM files WHERE file_id >= $lo"""
+_LEDGER = f"SELECT {FILES_AS_SQLITE} FROM files WHERE file_id >= $lo"
 
 # Small increments: tuples in the order of the SQLite columns. Users are updated in place by
 # later files (latest file wins, file_id follows), so the users the range wrote are exactly
 # those whose file_id is in it. The transactions' extra ``cents`` column is summed, not written.
+_RANGE = "file_id > $lo AND file_id <= $hi"
 _USER_COLUMNS = "user_id, signup_date, country"
-_NEW_USERS = """SELECT user_id, signup_date::VARCHAR, country FROM users
-WHERE file_id > $lo AND file_id <= $hi"""
+_NEW_USERS = f"SELECT {USERS_AS_SQLITE} FROM users WHERE {_RANGE}"
 _TRANSACTION_COLUMNS = "transaction_id, user_id, transaction_date, amount, transaction_type"
-_NEW_TRANSACTIONS = """SELECT transaction_id, user_id, transaction_date::VARCHAR, amount::DOUBLE,
-    transaction_type::VARCHAR, (amount * 100)::BIGINT AS cents
-FROM transactions WHERE file_id > $lo AND file_id <= $hi"""
-_TOP_USERS = "SELECT rank, user_id, tx_count FROM top_users"  # 1,000 rows, replaced whole
+_NEW_TRANSACTIONS = f"""SELECT {TRANSACTIONS_AS_SQLITE}, (amount * 100)::BIGINT AS cents
+FROM transactions WHERE {_RANGE}"""
+_TOP_USERS = f"SELECT {TOP_USERS_AS_SQLITE} FROM top_users"  # 1,000 rows, replaced whole
 
 # Large increments: the side file's tables, filled by the bulk writer (columns by name), then
 # copied into the live file's.
-_RANGE = "file_id > $lo AND file_id <= $hi"
 _SIDE_USERS = (
     "users",
     f"SELECT {USERS_AS_SQLITE} FROM users WHERE {_RANGE} ORDER BY user_id",
