@@ -64,7 +64,8 @@ def rebuild(conn: duckdb.DuckDBPyConnection, sqlite_path: Path, started: float) 
     """``export_full`` with ``writer.LOCK`` held."""
     sqlite_path.parent.mkdir(parents=True, exist_ok=True)
     aside = bulk.aside_path(sqlite_path)
-    bulk.remove(bulk.side_path(aside))  # of a killed export, if any
+    side = bulk.side_path(aside)
+    bulk.remove(side)  # of a killed export, if any
     try:
         bulk.create(aside)
         with snapshot(conn) as cur:
@@ -72,22 +73,18 @@ def rebuild(conn: duckdb.DuckDBPyConnection, sqlite_path: Path, started: float) 
             (count,) = cur.execute(_TRANSACTION_COUNT, {"hi": high}).fetchall()[0]
             if count < PARALLEL_MIN_TRANSACTIONS:
                 written = bulk.append(aside, cur, (_TRANSACTIONS, *_OTHER_TABLES), {"hi": high})
+                copied_in = None
             else:
-                written = _write_in_two_threads(conn, cur, aside, high)
+                written = _write_in_two_threads(conn, cur, aside, side, high)
+                copied_in = side
         reached("rows_written")
-        lite = sqlite3.connect(aside, isolation_level=None)
-        try:
-            lite.execute("PRAGMA journal_mode=OFF")
-            lite.execute("BEGIN")
-            write_state(lite, high, high_sha)
-            lite.execute("COMMIT")
-            lite.execute("PRAGMA journal_mode=WAL")
-        finally:
-            lite.close()
+        _finish(aside, copied_in, high, high_sha)
         _fsync(aside)
     except BaseException:
         bulk.remove(aside)
         raise
+    finally:
+        bulk.remove(side)
     reached("aside_written")
     writer.drop()
     _retire_wal(sqlite_path)
@@ -109,17 +106,20 @@ def rebuild(conn: duckdb.DuckDBPyConnection, sqlite_path: Path, started: float) 
 
 
 def _write_in_two_threads(
-    conn: duckdb.DuckDBPyConnection, cur: duckdb.DuckDBPyConnection, aside: Path, high: int
+    conn: duckdb.DuckDBPyConnection,
+    cur: duckdb.DuckDBPyConnection,
+    aside: Path,
+    side: Path,
+    high: int,
 ) -> dict[str, int]:
-    """The transactions into ``aside`` on a thread of their own, the other tables into a side
-    file on this one, then copied in; the rows written per table.
+    """The transactions into ``aside`` on a thread of their own, the other tables into ``side``
+    on this one (``_finish`` copies them in); the rows written per table.
 
     The bulk writer holds no GIL, so the two use both cores (10M transactions take ~5.5 s, the
     other tables ~1.3 s, the copy ~0.3 s: SQLite moves records into empty tables undecoded). The
     thread's cursor reads outside the export's snapshot, which is the same for these rows:
     transactions are only appended, and every file up to ``high`` is committed.
     """
-    side = bulk.side_path(aside)
     transactions: dict[str, int] = {}
     failed: list[BaseException] = []
     reader = conn.cursor()
@@ -133,34 +133,36 @@ def _write_in_two_threads(
     thread = threading.Thread(target=write_transactions, name="sqlite-export-transactions")
     thread.start()
     try:
-        try:
-            bulk.create(side)
-            written = bulk.append(side, cur, _OTHER_TABLES, {"hi": high})
-        except BaseException:
-            reader.interrupt()  # the thread's DuckDB read fails, its write rolls back
-            raise
-        finally:
-            thread.join()
-            reader.close()
-        if failed:
-            raise failed[0]
-        _copy_in(aside, side)
+        bulk.create(side)
+        written = bulk.append(side, cur, _OTHER_TABLES, {"hi": high})
+    except BaseException:
+        reader.interrupt()  # the thread's DuckDB read fails, its write rolls back
+        raise
     finally:
-        bulk.remove(side)
+        thread.join()
+        reader.close()
+    if failed:
+        raise failed[0]
     return written | transactions
 
 
-def _copy_in(aside: Path, side: Path) -> None:
-    """Copy the side file's tables into the aside file's (empty) ones, in one transaction."""
+def _finish(aside: Path, side: Path | None, high: int, high_sha: str | None) -> None:
+    """In one transaction of the aside file: the side file's tables copied into its empty ones
+    (if any), and the watermark; then WAL mode, as the live file has."""
     lite = sqlite3.connect(aside, isolation_level=None)
     try:
-        lite.execute("PRAGMA journal_mode=OFF")
-        lite.execute("ATTACH DATABASE ? AS side", (str(side),))
+        lite.execute("PRAGMA journal_mode=OFF")  # nobody sees the file yet
+        if side is not None:
+            lite.execute("ATTACH DATABASE ? AS side", (str(side),))
         lite.execute("BEGIN")
-        for table, _ in _OTHER_TABLES:
-            lite.execute(f"INSERT INTO main.{table} SELECT * FROM side.{table}")
+        if side is not None:
+            for table, _ in _OTHER_TABLES:
+                lite.execute(f"INSERT INTO main.{table} SELECT * FROM side.{table}")
+        write_state(lite, high, high_sha)
         lite.execute("COMMIT")
-        lite.execute("DETACH DATABASE side")
+        if side is not None:
+            lite.execute("DETACH DATABASE side")
+        lite.execute("PRAGMA journal_mode=WAL")
     finally:
         lite.close()
 
