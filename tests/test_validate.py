@@ -41,6 +41,11 @@ ROW_REASONS = [
 ]
 
 
+def not_taken(*args: object) -> object:
+    """Stands in for an append path a test says is not taken."""
+    raise AssertionError("an append path the test rules out was taken")
+
+
 def rejects_of(conn: duckdb.DuckDBPyConnection, file_id: int) -> list[tuple[int, str]]:
     return conn.execute(
         "SELECT line_number, reason FROM rejects WHERE file_id = ? ORDER BY line_number",
@@ -329,10 +334,7 @@ def test_wrong_field_counts_in_a_file_of_plain_lines_do_not_need_the_reference_p
     (no quotes, carriage returns or empty lines) the located path places them itself."""
     from moneylion import ingest
 
-    def no_reference(*args: object) -> object:
-        raise AssertionError("the reference path was taken")
-
-    monkeypatch.setattr(ingest, "append_reference", no_reference)
+    monkeypatch.setattr(ingest, "append_reference", not_taken)
     outcome = ingest.ingest_file(warehouse, CASES_DIR / case, config)
     assert outcome.file_id is not None
     assert outcome.rejected_by_reason.get("wrong_field_count")
@@ -351,10 +353,7 @@ def test_quoted_fields_on_one_line_leave_the_lines_to_records(
     line is still one record (the lines counted equal the records read plus those set aside)."""
     from moneylion import ingest
 
-    def no_reference(*args: object) -> object:
-        raise AssertionError("the reference path was taken")
-
-    monkeypatch.setattr(ingest, "append_reference", no_reference)
+    monkeypatch.setattr(ingest, "append_reference", not_taken)
     path = tmp_path / "quoted.csv"
     path.write_text(
         "transaction_id,user_id,transaction_date,amount,transaction_type,note\n"
@@ -462,11 +461,8 @@ def test_a_file_after_one_with_a_wrong_field_count_takes_the_fast_path_again(
     first = ingest.ingest_file(warehouse, first_path, config)
     assert first.rejected_by_reason == {"wrong_field_count": 1}
 
-    def no_slow_path(*args: object) -> object:
-        raise AssertionError("a clean file left the fast path")
-
-    monkeypatch.setattr(ingest, "append_located", no_slow_path)
-    monkeypatch.setattr(ingest, "append_reference", no_slow_path)
+    monkeypatch.setattr(ingest, "append_located", not_taken)
+    monkeypatch.setattr(ingest, "append_reference", not_taken)
     path = tmp_path / "clean.csv"
     path.write_text(
         "transaction_id,user_id,transaction_date,amount,transaction_type\n"
