@@ -699,6 +699,7 @@ def test_user_totals_lookups_and_joins_read_by_key(
         ).fetchall() == [("view",)]
     finally:
         lite.close()
+    assert verify(warehouse) == []
 
 
 def test_an_export_in_the_previous_format_is_rebuilt(
@@ -718,6 +719,7 @@ def test_an_export_in_the_previous_format_is_rebuilt(
         (1, 1, "5.00", "5.00", "0.00", "0.00", "2022-01-01", "2022-01-01")
     ]
     assert_equals_full_export(warehouse, config.sqlite_path)
+    assert verify(warehouse) == []
 
 
 def test_the_base_users_bitmap_knows_only_ids_in_the_base(tmp_path: Path) -> None:
@@ -800,6 +802,7 @@ def test_a_failing_thread_fails_the_full_export_and_leaves_the_old_file_whole(
         export_full(warehouse, config.sqlite_path)
     assert dump_sqlite(config.sqlite_path) == before
     assert sorted(p.name for p in config.warehouse.glob("moneylion.sqlite.*")) == []
+    assert verify(warehouse) == []
 
 
 SEED_USER_SUMMARY = """
