@@ -79,9 +79,9 @@ def test_files_committed_but_not_moved_before_a_crash_are_moved_on_restart_not_c
     try:
         daemon.start()
         wait_for(lambda: not daemon.inbox_waiting(), 30, "the inbox to empty")
+        reason = reason_of(inbox / "failed", "bad.csv")
         assert daemon.folder("done") == ["c0.csv", "c1.csv", "c2.csv", "fresh.csv"]
         assert daemon.folder("failed") == ["bad.csv", "bad.csv.reason.json"]
-        reason = json.loads((inbox / "failed" / "bad.csv.reason.json").read_text())
         assert reason["reason"] == "unknown_header"
         assert reason["sha256"]
         assert daemon.stop() == 0
@@ -133,6 +133,15 @@ def run_worker(
     return worker
 
 
+def reason_of(failed: Path, name: str) -> dict[str, object]:
+    """The reason document of a refused file: the worker moves the file to failed/ first, then
+    writes its reason beside it, so a test that saw the inbox empty may have to wait for it."""
+    path = failed / f"{name}.reason.json"
+    wait_for(path.exists, 5, f"{path.name}")
+    document: dict[str, object] = json.loads(path.read_text())
+    return document
+
+
 def small_file(config: Config, name: str, first_id: int) -> Path:
     rows = random_transactions(random.Random(first_id), first_id, 20)
     return write_transactions(config.inbox / name, rows)
@@ -158,7 +167,7 @@ def test_a_persistent_environment_error_fails_the_file_with_a_reason_and_the_wor
     ingest = FlakyIngest(PermissionError(errno.EACCES, "Permission denied"), failures=99)
     worker = run_worker(config, warehouse, ingest, ["locked.csv"])
     assert ingest.calls == {"locked.csv": MAX_ATTEMPTS}
-    reason = json.loads((config.failed_dir / "locked.csv.reason.json").read_text())
+    reason = reason_of(config.failed_dir, "locked.csv")
     assert reason["reason"] == "unreadable"
     assert "Permission denied" in str(reason["message"])
     assert reason["sha256"]
@@ -176,7 +185,7 @@ def test_a_database_error_is_retried_then_failed_as_an_ingest_error(
     small_file(config, "b.csv", 1)
     ingest = FlakyIngest(duckdb.IOException("could not write WAL: disk full"), failures=99)
     worker = run_worker(config, warehouse, ingest, ["b.csv"])
-    reason = json.loads((config.failed_dir / "b.csv.reason.json").read_text())
+    reason = reason_of(config.failed_dir, "b.csv")
     assert reason["reason"] == "ingest_error"
     assert worker.is_alive()
     worker.stop()
@@ -209,7 +218,7 @@ def test_a_committed_file_that_cannot_be_moved_is_retried_then_set_aside_counted
     ingest = FlakyIngest(OSError(), failures=0)
     worker = run_worker(config, warehouse, ingest, ["c.csv"])
     assert ingest.calls == {"c.csv": MAX_ATTEMPTS}  # first loaded, then found in the ledger
-    reason = json.loads((config.failed_dir / "c.csv.reason.json").read_text())
+    reason = reason_of(config.failed_dir, "c.csv")
     assert reason["reason"] == "cannot_move"
     worker.stop()
     count = warehouse.execute("SELECT count(*) FROM transactions").fetchone()
