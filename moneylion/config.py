@@ -39,6 +39,7 @@ class Config:
     settle_seconds: float = 0.5
     top_users_kept: int = 1000
     sqlite_export: bool = True
+    max_file_bytes: int = 0  # larger inbox files are refused unread (too_large); 0: no limit
 
     @property
     def duckdb_path(self) -> Path:
@@ -47,6 +48,11 @@ class Config:
     @property
     def sqlite_path(self) -> Path:
         return self.warehouse / "moneylion.sqlite"
+
+    @property
+    def staging_dir(self) -> Path:
+        """Private copies of the inbox files being ingested (what every reader reads)."""
+        return self.warehouse / "staging"
 
     @property
     def log_dir(self) -> Path:

@@ -14,6 +14,9 @@ import contextlib
 import datetime as dt
 import hashlib
 import logging
+import os
+import stat
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,10 +33,11 @@ from moneylion.append import (
     utc_now,
 )
 from moneylion.config import Config
+from moneylion.errors import FileRefused
 from moneylion.schema import one_row
+from moneylion.source import StagedFile, stage
 from moneylion.validate import (
     FileKind,
-    FileRefused,
     Header,
     read_header,
 )
@@ -42,6 +46,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 HASH_CHUNK = 4 * 1024 * 1024
+WIDE_COLUMNS = 512
 DEFAULT_TOP_USERS_KEPT = 1000
 
 
@@ -51,7 +56,7 @@ class FileOutcome:
 
     name: str
     path: Path
-    sha256: str
+    sha256: str | None  # None for an entry that was never read (not a regular file, too large)
     status: str  # "loaded" | "duplicate_file" | "failed"
     file_id: int | None
     kind: str | None = None
@@ -93,10 +98,14 @@ class FileOutcome:
 
 
 def file_sha256(path: Path) -> tuple[str, int]:
-    """(hex digest, size) of the file's bytes. Raises OSError if it cannot be read."""
+    """(hex digest, size) of a regular file's bytes, never following a link nor opening anything
+    else. Raises OSError if it cannot be read (or is not a regular file)."""
     digest = hashlib.sha256()
     size = 0
-    with path.open("rb") as handle:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(f"{path.name} is not a regular file")
         while chunk := handle.read(HASH_CHUNK):
             digest.update(chunk)
             size += len(chunk)
@@ -112,24 +121,54 @@ def ingest_file(
 ) -> FileOutcome:
     """Ingest one CSV file in one DuckDB transaction; return what happened.
 
-    Bad input is never an exception: a refused file comes back with status ``failed`` and its
-    reason. OSError (file vanished, unreadable) and DuckDB errors propagate, after rollback.
+    The file is read once, into a private copy hashed on the way (source.stage), and only that
+    copy is loaded. Bad input is never an exception: a refused file comes back with status
+    ``failed`` and its reason. OSError (file vanished, unreadable, changed while read:
+    source.FileChanged) and DuckDB errors propagate, after rollback.
     """
     started = time.perf_counter()
     received_at = utc_now()
     path = Path(path)
+    with contextlib.ExitStack() as stack:
+        if config is not None:
+            staging = config.staging_dir
+        else:
+            staging = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moneylion-")))
+        try:
+            staged = stage(path, staging, max_bytes=config.max_file_bytes if config else 0)
+        except FileRefused as refused:  # never read: no bytes, no sha256
+            arrival = _Arrival(path, path.name, None, 0, received_at, started, _next_file_id(conn))
+            return _record_failure(conn, arrival, None, refused)
+        stack.callback(staged.discard)
+        return ingest_staged(
+            conn, staged, config, started=started, received_at=received_at, progress=progress
+        )
+
+
+def ingest_staged(
+    conn: duckdb.DuckDBPyConnection,
+    staged: StagedFile,
+    config: Config | None = None,
+    *,
+    started: float | None = None,
+    received_at: dt.datetime | None = None,
+    progress: Progress | None = None,
+) -> FileOutcome:
+    """``ingest_file`` of a file already staged: every reader reads ``staged.path``."""
+    started = time.perf_counter() if started is None else started
+    received_at = utc_now() if received_at is None else received_at
+    path = staged.path
     report = progress or (lambda stage: None)
     kept = config.top_users_kept if config else DEFAULT_TOP_USERS_KEPT
-
-    sha256, size = file_sha256(path)
+    sha256, size = staged.sha256, staged.size
     known = conn.execute(
         "SELECT file_id, status, error_reason, error FROM files WHERE sha256 = ?", [sha256]
     ).fetchall()
     if known:
         file_id, status, error_reason, error = known[0]
         outcome = FileOutcome(
-            name=path.name,
-            path=path,
+            name=staged.name,
+            path=staged.origin,
             sha256=sha256,
             status="duplicate_file" if status == "loaded" else "failed",
             file_id=file_id,
@@ -141,34 +180,36 @@ def ingest_file(
         )
         log.info(
             "file_seen_before",
-            extra={"fields": {"file": path.name, "file_id": file_id, "status": status}},
+            extra={"fields": {"file": staged.name, "file_id": file_id, "status": status}},
         )
         return outcome
 
     # One id per new file, taken outside the transaction: DuckDB sequences do not roll back, and
     # a file that falls back from the fast path must keep the number it started with.
-    arrival = _Arrival(path, sha256, size, received_at, started, _next_file_id(conn))
+    arrival = _Arrival(
+        staged.origin, staged.name, sha256, size, received_at, started, _next_file_id(conn)
+    )
     try:
-        header = read_header(path)
+        header = read_header(path, staged.name)
     except FileRefused as refused:
         return _record_failure(conn, arrival, None, refused)
 
     report(f"{header.kind} file, {size} bytes")
     try:
-        outcome = _load(conn, arrival, header, kept, report)
+        outcome = _load(conn, arrival, path, header, kept, report)
     except FileRefused as refused:
         return _record_failure(conn, arrival, header, refused)
     _insert_ledger_committed(conn, outcome, received_at)
     if header.extra_columns:
         log.warning(
             "extra_columns_ignored",
-            extra={"fields": {"file": path.name, "columns": list(header.extra_columns)}},
+            extra={"fields": {"file": staged.name, "columns": list(header.extra_columns)}},
         )
     log.info(
         "file_loaded",
         extra={
             "fields": {
-                "file": path.name,
+                "file": staged.name,
                 "file_id": outcome.file_id,
                 "kind": outcome.kind,
                 "loaded": outcome.rows_loaded,
@@ -185,8 +226,9 @@ def ingest_file(
 class _Arrival:
     """A new file being ingested: what is known before its rows are read."""
 
-    path: Path
-    sha256: str
+    path: Path  # the inbox entry (moved by the daemon)
+    name: str
+    sha256: str | None
     size: int
     received_at: dt.datetime
     started: float
@@ -196,17 +238,21 @@ class _Arrival:
 def _load(
     conn: duckdb.DuckDBPyConnection,
     arrival: _Arrival,
+    path: Path,
     header: Header,
     kept: int,
     report: Progress,
 ) -> FileOutcome:
-    """Stage and apply the file inside an open transaction; the caller writes the ledger row
-    and commits. Rolls back and re-raises on any error."""
-    path, file_id = arrival.path, arrival.file_id
+    """Apply the file (read from ``path``, its private copy) inside an open transaction; the
+    caller writes the ledger row and commits. Rolls back and re-raises on any error."""
+    file_id = arrival.file_id
     conn.execute("BEGIN TRANSACTION")
     try:
-        applied = append_fast(conn, path, header, file_id)
-        if applied is None:
+        # DuckDB's reader binds every column of a wide file (5,000 columns: ~0.3 s even for a
+        # few rows); past WIDE_COLUMNS the reference rules read it (no reader limit there).
+        wide = header.field_count > WIDE_COLUMNS
+        applied = None if wide else append_fast(conn, path, header, file_id)
+        if applied is None and not wide:
             conn.execute("ROLLBACK")
             report("has rows to reject or skip: checking them one by one")
             conn.execute("BEGIN TRANSACTION")
@@ -223,8 +269,8 @@ def _load(
         _rollback(conn)
         raise
     return FileOutcome(
-        name=path.name,
-        path=path,
+        name=arrival.name,
+        path=arrival.path,
         sha256=arrival.sha256,
         status="loaded",
         file_id=file_id,
@@ -300,12 +346,12 @@ def _record_failure(
     refused: FileRefused,
 ) -> FileOutcome:
     """A file-level failure: only its ledger row is written."""
-    path, file_id = arrival.path, arrival.file_id
+    file_id = arrival.file_id
     conn.execute("BEGIN TRANSACTION")
     try:
         outcome = FileOutcome(
-            name=path.name,
-            path=path,
+            name=arrival.name,
+            path=arrival.path,
             sha256=arrival.sha256,
             status="failed",
             file_id=file_id,
@@ -325,7 +371,7 @@ def _record_failure(
         "file_failed",
         extra={
             "fields": {
-                "file": path.name,
+                "file": arrival.name,
                 "file_id": file_id,
                 "reason": outcome.error_reason,
                 "message": outcome.error,

@@ -136,7 +136,7 @@ class FileEntry(msgspec.Struct):
 
     file_id: int
     name: str
-    sha256: str
+    sha256: str | None  # None for an entry refused unread (not a regular file, too large)
     kind: str | None
     status: str
     rows_total: int

@@ -170,14 +170,14 @@ def _export_increment(
             if last > 0:
                 if not ledger or ledger[0][0] != last:
                     raise RebuildNeeded(f"the warehouse has no file #{last}")
-                if ledger[0][2] != state(lite, "last_file_sha256"):
+                if (ledger[0][2] or "") != state(lite, "last_file_sha256"):
                     raise RebuildNeeded(f"file #{last} differs from the warehouse's")
                 ledger = ledger[1:]
             if not ledger:
                 return ExportResult(
                     sqlite_path, False, 0, 0, 0, last, last, time.perf_counter() - started
                 )
-            high, high_sha = int(ledger[-1][0]), str(ledger[-1][2])
+            high, high_sha = int(ledger[-1][0]), ledger[-1][2]
             loaded = _rows_loaded(ledger)
             if sum(loaded.values()) > LARGE_INCREMENT_ROWS:
                 side = bulk.side_path(sqlite_path)

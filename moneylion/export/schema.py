@@ -24,7 +24,7 @@ import time
 from typing import Final
 
 # Stored in export_state; a file of another format is rebuilt by a full export.
-EXPORT_FORMAT: Final = "moneylion-sqlite-export 2"
+EXPORT_FORMAT: Final = "moneylion-sqlite-export 3"
 
 
 def cents(text: str) -> str:
@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS transactions (
     transaction_id INTEGER PRIMARY KEY, user_id INTEGER, transaction_date TEXT,
     amount REAL, transaction_type TEXT);
 CREATE TABLE IF NOT EXISTS files (
-    file_id INTEGER PRIMARY KEY, name TEXT NOT NULL, sha256 TEXT NOT NULL, kind TEXT,
+    file_id INTEGER PRIMARY KEY, name TEXT NOT NULL, sha256 TEXT, kind TEXT,
     status TEXT NOT NULL, rows_total INTEGER, rows_loaded INTEGER, rows_duplicate INTEGER,
     rows_rejected INTEGER, size_bytes INTEGER, received_at TEXT, finished_at TEXT,
     seconds REAL, error_reason TEXT, error TEXT);
