@@ -19,15 +19,16 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from moneylion.errors import FileFailure, FileRefused
 from moneylion.schema import one_row
 from moneylion.validate import (
     BATCH_ROWS,
     COLUMNS,
+    QUOTE_CHARS,
     Batcher,
-    FileFailure,
     FileKind,
-    FileRefused,
     Header,
+    LongRecord,
     Reject,
     ValidatedRows,
     data_lines,
@@ -101,7 +102,7 @@ def append_fast(
         if NOT_CLEAN in str(exc):
             return None
         raise
-    if _reader_errors(conn, path):
+    if _reader_errors(conn, header.file_name):
         return None
     # Transaction ids must be new and unique: no copies within the file, none stored before.
     if header.kind is FileKind.TRANSACTIONS and inserted:
@@ -277,10 +278,13 @@ def append_located(
         {"path": str(path), "skip": header.line_number},
     )
     # The lines the reader set aside (DISTINCT: a line may have an error row per column).
-    aside: list[tuple[int, str]] = []
-    if _reader_errors(conn, path):
+    aside: list[tuple[int, str, str]] = []
+    if _reader_errors(conn, header.file_name):
+        # A line may have an error row per column: one per line, a too-long line's first.
         aside = conn.execute(
-            "SELECT DISTINCT line, csv_line FROM ingest_csv_errors ORDER BY line"
+            "SELECT line, arg_min(csv_line, error_type <> $long), min(error_type) "
+            "FROM ingest_csv_errors GROUP BY line ORDER BY line",
+            {"long": _TOO_LONG},
         ).fetchall()
     reader_rejects: list[Reject] = []
     if aside:
@@ -315,7 +319,7 @@ def append_located(
     ).fetchall()
     ordinals = {ordinal for ordinal, _ in found}
     if aside:  # lines are records (checked above)
-        lines = _lines_around(header, ordinals, [line for line, _ in aside])
+        lines = _lines_around(header, ordinals, [line for line, _, _ in aside])
     else:
         by_line = bool(found) and _by_line(conn, path, header, aside)
         lines = record_lines(path, header, ordinals, by_line=by_line)
@@ -345,11 +349,15 @@ def append_located(
     return _store_rejects(conn, file_id, applied)
 
 
-READER_REJECT_TYPES = ["TOO MANY COLUMNS", "MISSING COLUMNS"]
+READER_REJECT_TYPES = ["TOO MANY COLUMNS", "MISSING COLUMNS", "LINE SIZE OVER MAXIMUM"]
+_TOO_LONG = "LINE SIZE OVER MAXIMUM"
 
 
 def _by_line(
-    conn: duckdb.DuckDBPyConnection, path: Path, header: Header, aside: list[tuple[int, str]]
+    conn: duckdb.DuckDBPyConnection,
+    path: Path,
+    header: Header,
+    aside: list[tuple[int, str, str]],
 ) -> bool:
     """Whether every line after the header is one record the reader kept or one of the lines
     it set aside: then no record spans lines, and DuckDB's line numbers are the file's."""
@@ -358,11 +366,12 @@ def _by_line(
 
 
 def _reader_rejects(
-    conn: duckdb.DuckDBPyConnection, header: Header, aside: list[tuple[int, str]]
+    conn: duckdb.DuckDBPyConnection, header: Header, aside: list[tuple[int, str, str]]
 ) -> list[Reject] | None:
     """The lines the reader set aside as the reference path rejects them (blank lines of
-    spaces skipped); None if it set one aside for another reason than its field count, or if
-    Python's csv reads a line otherwise."""
+    spaces skipped, lines over LINE_MAX_BYTES rejected as too long); None if it set one aside
+    for another reason than its field count or length, or if Python's csv reads a line
+    otherwise."""
     other = one_row(
         conn,
         "SELECT count(*) FROM ingest_csv_errors WHERE error_type NOT IN $types",
@@ -371,7 +380,10 @@ def _reader_rejects(
     if other:
         return None
     batcher = Batcher(header)
-    for line, text in aside:
+    for line, text, error_type in aside:
+        if error_type == _TOO_LONG:
+            batcher.add(int(line), LongRecord(text.rstrip("\r\n")[:QUOTE_CHARS]))
+            continue
         fields = next(csv.reader([text.rstrip("\r\n")]), [])
         if is_blank(fields):
             continue
@@ -391,7 +403,7 @@ def _lines_around(header: Header, ordinals: set[int], aside: list[int]) -> dict[
     return {n: header.line_number + n + bisect.bisect_left(kept_before, n) for n in ordinals}
 
 
-def _reader_errors(conn: duckdb.DuckDBPyConnection, path: Path) -> int:
+def _reader_errors(conn: duckdb.DuckDBPyConnection, name: str) -> int:
     """Rows DuckDB's reader set aside (wrong field count); invalid UTF-8 fails the file."""
     structural, not_utf8 = one_row(
         conn,
@@ -399,7 +411,7 @@ def _reader_errors(conn: duckdb.DuckDBPyConnection, path: Path) -> int:
         "FROM ingest_csv_errors",
     )
     if not_utf8:
-        raise FileRefused(FileFailure.NOT_UTF8, f"{path.name} is not UTF-8")
+        raise FileRefused(FileFailure.NOT_UTF8, f"{name} is not UTF-8")
     return int(structural)
 
 

@@ -19,11 +19,20 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
+
+from moneylion.errors import FileFailure, FileRefused
 
 BIGINT_MAX = 2**63 - 1
 AMOUNT_MAX_INTEGER_DIGITS = 16  # DECIMAL(18,2)
 TRIM_CHARS = " \t"
 HEADER_PROBE_BYTES = 64 * 1024
+# The longest line any reader takes (DuckDB's max_line_size; the reference rules measure the same
+# bytes, line break excluded): a longer record is rejected as line_too_long, a longer header
+# refuses the file. One limit, so that every path gives a long line the same verdict.
+LINE_MAX_BYTES = 2 * 1024 * 1024
+# What a refusal or a too-long line's reject quotes of the file's own text, at most (escaped).
+QUOTE_CHARS = 80
 TRANSACTION_TYPES = ("deposit", "withdrawal", "purchase")
 
 
@@ -59,26 +68,7 @@ class RejectReason(enum.StrEnum):
     DUPLICATE_IN_FILE = "duplicate_in_file"
     CONFLICTS_WITH_STORED = "conflicts_with_stored"
     WRONG_FIELD_COUNT = "wrong_field_count"
-
-
-class FileFailure(enum.StrEnum):
-    """Why a whole file was refused (nothing of it is loaded)."""
-
-    EMPTY = "empty"
-    BINARY = "binary"
-    NOT_UTF8 = "not_utf8"
-    UNKNOWN_HEADER = "unknown_header"
-    MISSING_COLUMN = "missing_column"
-    DUPLICATE_COLUMN = "duplicate_column"
-
-
-class FileRefused(Exception):
-    """A file-level failure: carries the reason code and a message naming the file."""
-
-    def __init__(self, reason: FileFailure, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
+    LINE_TOO_LONG = "line_too_long"
 
 
 @dataclass(frozen=True)
@@ -86,6 +76,7 @@ class Header:
     """What the header line says: the kind, where each needed column is, what is extra."""
 
     kind: FileKind
+    file_name: str  # the file's name in the inbox (the ledger's), for messages
     line_number: int  # 1-based line of the header itself
     field_count: int
     positions: dict[str, int]  # canonical column -> 0-based field index
@@ -119,35 +110,61 @@ class ValidatedRows:
 # --- file level -------------------------------------------------------------------------------
 
 
-def read_header(path: Path) -> Header:
-    """Classify the file from its header, or raise FileRefused."""
+def read_header(path: Path, name: str | None = None) -> Header:
+    """Classify the file from its header, read whole (up to LINE_MAX_BYTES), or raise
+    FileRefused. ``name``: the file's name in messages (default: the path's)."""
+    name = path.name if name is None else name
     with path.open("rb") as handle:
         head = handle.read(HEADER_PROBE_BYTES)
-    if not head.strip(b" \t\r\n\xef\xbb\xbf"):
-        raise FileRefused(FileFailure.EMPTY, f"{path.name} is empty")
-    if b"\x00" in head:
-        raise FileRefused(FileFailure.BINARY, f"{path.name} holds NUL bytes: not a CSV text file")
-    try:
-        text = head.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        # A multi-byte character may be cut at the probe's end; only earlier errors count.
-        if exc.start < len(head) - 4:
-            raise FileRefused(
-                FileFailure.NOT_UTF8, f"{path.name} is not UTF-8 (byte {exc.start})"
-            ) from exc
-        text = head[: exc.start].decode("utf-8-sig")
-    lines = text.splitlines()
-    line_number = 0
-    for line_number, line in enumerate(lines, start=1):  # noqa: B007 - used after the loop
-        if line.strip(TRIM_CHARS):
-            break
-    header_line = lines[line_number - 1]
+        if b"\x00" in head:
+            raise FileRefused(FileFailure.BINARY, f"{name} holds NUL bytes: not a CSV text file")
+        try:
+            head.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            # A multi-byte character may be cut at the probe's end; only earlier errors count.
+            if exc.start < len(head) - 4:
+                raise FileRefused(
+                    FileFailure.NOT_UTF8, f"{name} is not UTF-8 (byte {exc.start})"
+                ) from exc
+        handle.seek(0)
+        line_number, header_line = _header_line(handle, name)
     names = next(csv.reader([header_line]))
-    return parse_header(names, line_number, path.name)
+    return parse_header(names, line_number, name, header_line)
 
 
-def parse_header(names: Sequence[str], line_number: int, file_name: str) -> Header:
-    """Kind from header names: any order, trimmed, case-insensitive; extras ignored."""
+def _header_line(handle: BinaryIO, name: str) -> tuple[int, str]:
+    """(1-based line number, text) of the first line that is not blank."""
+    number = 0
+    while line := handle.readline(LINE_MAX_BYTES + 1):
+        if len(line.rstrip(b"\r\n")) > LINE_MAX_BYTES:
+            raise FileRefused(
+                FileFailure.HEADER_TOO_LONG,
+                f"{name}: the header line is longer than {LINE_MAX_BYTES} bytes",
+            )
+        try:
+            text = line.decode("utf-8-sig" if number == 0 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise FileRefused(FileFailure.NOT_UTF8, f"{name} is not UTF-8 (its header)") from exc
+        # splitlines: a line ending in a lone CR holds several lines for readline.
+        for offset, part in enumerate(text.splitlines() or [""]):
+            if part.strip(TRIM_CHARS):
+                return number + offset + 1, part
+        number += max(1, len(text.splitlines()))
+    raise FileRefused(FileFailure.EMPTY, f"{name} is empty")
+
+
+def quote(text: str) -> str:
+    """At most QUOTE_CHARS of the file's own text, escaped (repr): safe in any message."""
+    return repr(text[:QUOTE_CHARS] + ("..." if len(text) > QUOTE_CHARS else ""))
+
+
+def parse_header(
+    names: Sequence[str], line_number: int, file_name: str, line: str | None = None
+) -> Header:
+    """Kind from header names: any order, trimmed, case-insensitive; extras ignored.
+
+    A refusal quotes at most a short escaped prefix of the header ``line`` (or of the names).
+    """
     cleaned = [name.strip(TRIM_CHARS).lower() for name in names]
     present = set(cleaned)
     if "transaction_id" in present or "transaction_type" in present or "amount" in present:
@@ -157,7 +174,8 @@ def parse_header(names: Sequence[str], line_number: int, file_name: str) -> Head
     else:
         raise FileRefused(
             FileFailure.UNKNOWN_HEADER,
-            f"{file_name}: header {','.join(names)[:200]!r} names neither a users file "
+            f"{file_name}: header {quote(','.join(names) if line is None else line)} names "
+            "neither a users file "
             f"({','.join(COLUMNS[FileKind.USERS])}) nor a transactions file "
             f"({','.join(COLUMNS[FileKind.TRANSACTIONS])})",
         )
@@ -176,7 +194,7 @@ def parse_header(names: Sequence[str], line_number: int, file_name: str) -> Head
         )
     positions = {name: cleaned.index(name) for name in wanted}
     extra = tuple(name for name in cleaned if name not in wanted)
-    return Header(kind, line_number, len(cleaned), positions, extra)
+    return Header(kind, file_name, line_number, len(cleaned), positions, extra)
 
 
 # --- fields -----------------------------------------------------------------------------------
@@ -271,16 +289,88 @@ def is_blank(fields: Sequence[str]) -> bool:
     return not fields or (len(fields) == 1 and not fields[0].strip(TRIM_CHARS))
 
 
-def _records(handle: io.TextIOBase) -> Iterator[tuple[int, list[str]]]:
-    """(line where the record starts, fields) for every non-blank record, RFC 4180."""
-    reader = csv.reader(handle, strict=False)
+class LongRecord(NamedTuple):
+    """A record with a line over LINE_MAX_BYTES, read to its end but not kept: its start."""
+
+    prefix: str
+
+
+Record = list[str] | LongRecord
+
+
+def long_line_reject(line_number: int, prefix: str) -> Reject:
+    """The reject of a record longer than LINE_MAX_BYTES, whichever reader found it."""
+    return Reject(
+        line_number,
+        RejectReason.LINE_TOO_LONG,
+        f"the line is longer than {LINE_MAX_BYTES} bytes (the limit of every reader)",
+        prefix[:QUOTE_CHARS] + "...",
+    )
+
+
+class _BoundedLines:
+    """The physical lines of a text stream, none kept longer than LINE_MAX_BYTES: a longer one
+    is read to its end in pieces and handed on as a one-field stand-in, its number noted."""
+
+    STAND_IN = "-\n"
+
+    def __init__(self, handle: io.TextIOBase) -> None:
+        self.handle = handle
+        self.number = 0
+        self.long: dict[int, str] = {}  # line number -> its first characters
+
+    def __iter__(self) -> Iterator[str]:
+        readline = self.handle.readline
+        while line := readline(LINE_MAX_BYTES + 1):
+            self.number += 1
+            body = line.rstrip("\r\n")
+            if len(body) == len(line) and len(line) > LINE_MAX_BYTES:  # cut: more to come
+                while (rest := readline(1 << 20)) and not rest.endswith(("\n", "\r")):
+                    pass
+            elif len(body) <= LINE_MAX_BYTES // 4 or len(body.encode()) <= LINE_MAX_BYTES:
+                yield line
+                continue
+            self.long[self.number] = body[:QUOTE_CHARS]
+            yield self.STAND_IN
+
+
+# A field can only pass this when its record spans lines; such a record is too long anyway.
+csv.field_size_limit(LINE_MAX_BYTES)
+
+
+def _records(handle: io.TextIOBase, *, bounded: bool = False) -> Iterator[tuple[int, Record]]:
+    """(line where the record starts, fields) for every non-blank record, RFC 4180.
+
+    ``bounded`` (a file larger than LINE_MAX_BYTES, which may hold a longer line): lines are
+    read in bounded pieces, and a record with a line over the limit comes as a LongRecord.
+    """
+    lines = _BoundedLines(handle) if bounded else None
+    reader = csv.reader(lines if lines is not None else handle, strict=False)
     previous_end = 0
-    for fields in reader:
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:  # a field over the limit, in a record spanning lines
+            start, previous_end = previous_end + 1, reader.line_num
+            yield start, LongRecord("")
+            continue
         start = previous_end + 1
         previous_end = reader.line_num
+        if lines is not None and lines.long:
+            cut = next((n for n in range(start, previous_end + 1) if n in lines.long), None)
+            if cut is not None:
+                yield start, LongRecord(lines.long.pop(cut))
+                continue
         if is_blank(fields):
             continue
         yield start, fields
+
+
+def may_hold_long_lines(path: Path) -> bool:
+    """Whether the file is large enough to hold a line over LINE_MAX_BYTES."""
+    return path.stat().st_size > LINE_MAX_BYTES
 
 
 def raw_text(fields: Sequence[str]) -> str:
@@ -316,9 +406,12 @@ class Batcher:
         batch, self.batch = self.batch, self._new_batch()
         return batch
 
-    def add(self, line_number: int, fields: Sequence[str]) -> None:
+    def add(self, line_number: int, fields: Sequence[str] | LongRecord) -> None:
         """Check one record (its fields untrimmed) and file it as a good row or a reject."""
         batch = self.batch
+        if isinstance(fields, LongRecord):
+            batch.rejects.append(long_line_reject(line_number, fields.prefix))
+            return
         if len(fields) != self.header.field_count:
             batch.rejects.append(
                 Reject(
@@ -357,14 +450,16 @@ def validate_rows(
     batcher = Batcher(header)
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
-            for line_number, fields in _records(handle):
+            for line_number, fields in _records(handle, bounded=may_hold_long_lines(path)):
                 if line_number <= header.line_number:
                     continue
                 if batcher.batch.rows_total >= batch_rows:
                     yield batcher.take()
                 batcher.add(line_number, fields)
     except UnicodeDecodeError as exc:
-        raise FileRefused(FileFailure.NOT_UTF8, f"{path.name} is not UTF-8: {exc.reason}") from exc
+        raise FileRefused(
+            FileFailure.NOT_UTF8, f"{header.file_name} is not UTF-8: {exc.reason}"
+        ) from exc
     yield batcher.take()
 
 
@@ -398,7 +493,7 @@ def record_lines(
     found: dict[int, int] = {}
     ordinal = 0
     with path.open(encoding="utf-8-sig", newline="") as text:
-        for line_number, _fields in _records(text):
+        for line_number, _fields in _records(text, bounded=may_hold_long_lines(path)):
             if line_number <= header.line_number:
                 continue
             ordinal += 1
@@ -428,7 +523,8 @@ def read_csv_sql(header: Header) -> str:
     columns = ", ".join(f"'c{i}': 'VARCHAR'" for i in range(header.field_count))
     return (
         "read_csv($path, header = false, skip = $skip, delim = ',', quote = '\"', escape = '\"', "
-        "auto_detect = false, strict_mode = true, null_padding = false, "
+        f"auto_detect = false, strict_mode = true, null_padding = false, "
+        f"max_line_size = {LINE_MAX_BYTES}, "
         f"nullstr = '{NULL_TEXT}', allow_quoted_nulls = false, "
         "all_varchar = true, store_rejects = true, rejects_table = 'ingest_csv_errors', "
         f"rejects_scan = 'ingest_csv_scans', columns = {{{columns}}})"

@@ -540,3 +540,88 @@ def test_located_and_reference_paths_agree_on_any_mix_of_lines(
             return stored, rejects
 
         assert load("located", True) == load("reference", False)
+
+
+LONG = "d" * (3 * 1024 * 1024)  # past LINE_MAX_BYTES (2 MiB), in a known column
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        # one record per line: the located path places DuckDB's over-long line itself
+        [
+            "1,1,2022-01-01,1.00,deposit",
+            f"2,1,2022-01-01,1.00,{LONG}",
+            "3,1,2022-01-01,2.00,purchase",
+        ],
+        # an over-long line of multi-byte characters, and one just under the limit in bytes
+        [
+            "1,1,2022-01-01,1.00,deposit",
+            "2,1,2022-01-01,1.00," + "é" * (1024 * 1024 + 10),
+            "3,1,2022-01-01,1.00," + "x" * (2 * 1024 * 1024 - 30),
+            "4,1,2022-01-01,2.00,purchase",
+        ],
+        # a record spanning lines around the long one: only the reference path reads it
+        [
+            '1,1,2022-01-01,1.00,"deposit"',
+            f'2,1,2022-01-01,1.00,"{LONG}"',
+            '3,1,2022-01-01,"2.00",purchase',
+            '4,1,2022-01-01,2.00,"with\nbreak"',
+        ],
+    ],
+    ids=["plain", "multibyte", "spanning"],
+)
+def test_a_line_over_the_limit_is_one_reject_whichever_path_reads_it(
+    config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lines: list[str]
+) -> None:
+    from moneylion import ingest, schema
+
+    path = tmp_path / "long.csv"
+    header = "transaction_id,user_id,transaction_date,amount,transaction_type"
+    path.write_text("\n".join([header, *lines]) + "\n", encoding="utf-8")
+
+    def load(folder: str) -> tuple[object, ...]:
+        conn = schema.connect(tmp_path / folder / "w.duckdb")
+        outcome = ingest.ingest_file(conn, path, config)
+        assert verify(conn) == []
+        stored = conn.execute("SELECT transaction_id FROM transactions ORDER BY 1").fetchall()
+        rejects = conn.execute(
+            "SELECT line_number, reason, message, raw_line FROM rejects ORDER BY 1"
+        ).fetchall()
+        conn.close()
+        return outcome.status, stored, rejects
+
+    first = load("first")
+    monkeypatch.setattr(ingest, "append_located", lambda *args: None)
+    reference = load("reference")
+    assert first == reference
+    status, _stored, rejects = first
+    assert status == "loaded"
+    too_long = [(line, str(raw)) for line, reason, _, raw in rejects if reason == "line_too_long"]
+    assert [line for line, _ in too_long] == [3]  # just under the limit in bytes: not too long
+    assert all(len(raw) < 100 for _, raw in too_long)
+
+
+def test_a_header_line_over_the_limit_refuses_the_file_without_quoting_it(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    path = tmp_path / "wide.csv"
+    path.write_text("transaction_id," + "x" * (3 * 1024 * 1024) + "\n1\n")
+    outcome = ingest_file(warehouse, path, config)
+    assert (outcome.status, outcome.error_reason) == ("failed", "header_too_long")
+    assert outcome.error is not None
+    assert len(outcome.error) < 200
+    assert verify(warehouse) == []
+
+
+def test_an_unknown_header_is_quoted_short_and_escaped(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    path = tmp_path / "odd.csv"
+    path.write_text("vm\x1b[31m," + "y" * 500 + "\n1,2\n")
+    outcome = ingest_file(warehouse, path, config)
+    assert outcome.error_reason == "unknown_header"
+    assert outcome.error is not None
+    assert "\x1b" not in outcome.error  # escaped, so no terminal control reaches a log or page
+    assert "y" * 100 not in outcome.error
+    assert verify(warehouse) == []
