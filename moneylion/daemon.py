@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -25,9 +26,11 @@ from typing import Any
 import duckdb
 
 from moneylion.config import NICEST, Config
+from moneylion.errors import FileChanged
 from moneylion.export import close_sqlite, export_new, interrupt_export
 from moneylion.ingest import FileOutcome, file_sha256, ingest_file
 from moneylion.schema import WarehouseLocked, one_row, open_warehouse
+from moneylion.source import clear_staging
 from moneylion.watcher import InboxQueue, InboxWatcher, TakenFile
 
 log = logging.getLogger(__name__)
@@ -39,18 +42,44 @@ STOP_GRACE_SECONDS = 2.0
 EXPORT_MIN_INTERVAL = 0.25  # seconds between two SQLite exports while commits keep coming
 
 
+# The longest name the usual file systems take (ext4, xfs, btrfs, tmpfs: 255 bytes), and what a
+# name in done/ or failed/ may have to carry besides its own: ".<n>" on a clash, ".reason.json".
+NAME_MAX_BYTES = 255
+REASON_SUFFIX = ".reason.json"
+_NAME_RESERVE = len(REASON_SUFFIX) + len(".9999")
+
+
+def safe_name(name: str) -> str:
+    """``name`` if it fits a folder of set-aside files with its suffixes, else a shortened
+    name that stays unique and traceable: a prefix of it, ``~`` and 12 hex digits of its
+    sha256, its extension. The ledger and the reason file keep the full name."""
+    raw = os.fsencode(name)
+    if len(raw) + _NAME_RESERVE <= NAME_MAX_BYTES:
+        return name
+    stem, suffix = os.path.splitext(name)
+    if len(os.fsencode(suffix)) > 16:
+        stem, suffix = name, ""
+    tag = "~" + hashlib.sha256(raw).hexdigest()[:12]
+    budget = NAME_MAX_BYTES - _NAME_RESERVE - len(tag) - len(os.fsencode(suffix))
+    prefix = os.fsencode(stem)[:budget].decode("utf-8", errors="ignore")
+    return prefix + tag + suffix
+
+
 def move_without_overwrite(path: Path, folder: Path, *, companion_suffix: str = "") -> Path:
-    """Move ``path`` into ``folder`` under its own name, or ``<stem>.<n><suffix>`` on a clash.
+    """Move ``path`` into ``folder`` under its own name (shortened by ``safe_name`` if it is
+    too long), or ``<stem>.<n><suffix>`` on a clash.
 
     With ``companion_suffix`` (".reason.json") the companion's name must be free as well. Only
-    the worker writes into done/ and failed/, so check-then-rename cannot race.
+    the worker writes into done/ and failed/, so check-then-rename cannot race. A link or a
+    pipe is moved itself (rename never follows a link).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    stem, suffix = path.stem, path.suffix
-    target = folder / path.name
+    name = safe_name(path.name)
+    stem, suffix = os.path.splitext(name)
+    target = folder / name
     n = 0
-    while target.exists() or (
-        companion_suffix and target.with_name(target.name + companion_suffix).exists()
+    while os.path.lexists(target) or (
+        companion_suffix and os.path.lexists(target.with_name(target.name + companion_suffix))
     ):
         n += 1
         target = folder / f"{stem}.{n}{suffix}"
@@ -60,7 +89,7 @@ def move_without_overwrite(path: Path, folder: Path, *, companion_suffix: str = 
 
 def write_reason(target: Path, document: dict[str, object]) -> Path:
     """Write ``<target>.reason.json`` atomically (temp file, then rename)."""
-    reason = target.with_name(target.name + ".reason.json")
+    reason = target.with_name(target.name + REASON_SUFFIX)
     temp = reason.with_name("." + reason.name + ".tmp")
     temp.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(temp, reason)
@@ -136,6 +165,11 @@ class IngestWorker(threading.Thread):
             log.info("file_vanished", extra={"fields": {"file": path.name, "stage": "ingest"}})
             self.queue.finish(path)
             return
+        except FileChanged:  # nothing was recorded: take it again once it is quiet
+            log.info("file_changed_while_reading", extra={"fields": {"file": path.name}})
+            self.queue.finish(path)
+            self.queue.file_found(path)
+            return
         except Exception as exc:
             if self.stopping.is_set():
                 log.info("file_rolled_back", extra={"fields": {"file": path.name}})
@@ -167,7 +201,7 @@ class IngestWorker(threading.Thread):
         """Loaded and duplicate files go to done/, failed ones to failed/ with their reason."""
         if outcome.status == "failed":
             target = move_without_overwrite(
-                outcome.path, self.config.failed_dir, companion_suffix=".reason.json"
+                outcome.path, self.config.failed_dir, companion_suffix=REASON_SUFFIX
             )
             try:
                 write_reason(target, outcome.reason_document())
@@ -213,10 +247,12 @@ class IngestWorker(threading.Thread):
             self.queue.finish(taken.path)
         try:
             target = move_without_overwrite(
-                taken.path, self.config.failed_dir, companion_suffix=".reason.json"
+                taken.path, self.config.failed_dir, companion_suffix=REASON_SUFFIX
             )
             write_reason(target, environment_failure(target, reason, exc))
         except OSError as move_exc:
+            # It cannot be set aside either: leave it alone (no endless retry) until it changes.
+            self.queue.give_up(taken.path)
             log.error(
                 "file_stuck",
                 extra={"fields": {"file": taken.path.name, "error": str(move_exc)}},
@@ -355,6 +391,7 @@ class Daemon:
         self._started = True
         self.config.done_dir.mkdir(parents=True, exist_ok=True)
         self.config.failed_dir.mkdir(parents=True, exist_ok=True)
+        clear_staging(self.config.staging_dir)  # this process holds the warehouse: ours only
         self.watcher.start()
         self.worker.start()
         if self.exporter is not None:
@@ -471,6 +508,7 @@ def serve(config: Config) -> int:
     import uvicorn
 
     from moneylion.api.app import create_app
+    from moneylion.api.server import BoundedHttpProtocol
     from moneylion.logs import setup_logging
 
     setup_logging(config)
@@ -497,6 +535,7 @@ def serve(config: Config) -> int:
                 access_log=False,
                 lifespan="on",
                 timeout_graceful_shutdown=1,
+                http=BoundedHttpProtocol,
             )
         )
         log.info(

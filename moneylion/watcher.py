@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -20,10 +21,12 @@ from pathlib import Path
 
 from watchdog.events import (
     FileClosedEvent,
+    FileClosedNoWriteEvent,
     FileCreatedEvent,
     FileDeletedEvent,
     FileModifiedEvent,
     FileMovedEvent,
+    FileOpenedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
 )
@@ -33,13 +36,16 @@ log = logging.getLogger(__name__)
 
 IGNORED_SUFFIXES = (".tmp", ".part")
 
-# Only the events we act on: no Opened/ClosedNoWrite, so our own reads make no noise.
+# Opened and ClosedNoWrite only count the handles open on a file: a Modified with none open (a
+# truncate(2) by path, say) is settled like a bare Created instead of waiting for a Closed.
 WATCHED_EVENTS: list[type[FileSystemEvent]] = [
     FileCreatedEvent,
     FileModifiedEvent,
     FileClosedEvent,
     FileMovedEvent,
     FileDeletedEvent,
+    FileOpenedEvent,
+    FileClosedNoWriteEvent,
 ]
 
 
@@ -53,8 +59,18 @@ def is_inbox_file(path: Path, inbox: Path) -> bool:
     )
 
 
+def is_candidate(mode: int) -> bool:
+    """Whether an inbox entry (its ``lstat`` mode) is handed to the worker: everything but a
+    directory. One rule for the events and the scans; the worker reads regular files only and
+    refuses the rest (links, pipes, sockets, devices) unread."""
+    return not stat.S_ISDIR(mode)
+
+
 def scan_inbox(inbox: Path) -> list[Path]:
-    """The files waiting in the inbox, oldest first (mtime, then name): the arrival order."""
+    """The entries waiting in the inbox, oldest first (mtime, then name): the arrival order.
+
+    Lists the inbox itself only, never ``done/`` or ``failed/``.
+    """
     found: list[tuple[int, str, Path]] = []
     try:
         entries = list(os.scandir(inbox))
@@ -65,11 +81,11 @@ def scan_inbox(inbox: Path) -> list[Path]:
         if not is_inbox_file(path, inbox):
             continue
         try:
-            if not entry.is_file(follow_symlinks=False):
-                continue
-            found.append((entry.stat().st_mtime_ns, entry.name, path))
+            st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue
+        if is_candidate(st.st_mode):
+            found.append((st.st_mtime_ns, entry.name, path))
     return [path for _, _, path in sorted(found)]
 
 
@@ -117,6 +133,8 @@ class InboxQueue:
         self.writing_timeout = writing_timeout
         self._clock = clock
         self._entries: dict[Path, _Entry] = {}  # insertion order = arrival order
+        self._open_handles: dict[Path, int] = {}  # Opened minus Closed events, per file
+        self._given_up: dict[Path, tuple[int, int]] = {}  # path -> (inode, mtime_ns) left alone
         self._in_progress: Path | None = None
         self._changed_in_progress: Arrival | None = None
         self._closed = False
@@ -126,6 +144,7 @@ class InboxQueue:
 
     def file_complete(self, path: Path) -> None:
         """Closed after writing, or renamed into place: ready now."""
+        self._closed_handle(path)
         self._note(path, Arrival.COMPLETE)
 
     def file_created(self, path: Path) -> None:
@@ -133,13 +152,43 @@ class InboxQueue:
         self._note(path, Arrival.SETTLING)
 
     def file_modified(self, path: Path) -> None:
-        """Bytes were written: a writer holds the file open, wait for its Closed."""
-        self._note(path, Arrival.WRITING)
+        """Bytes were written: while a writer holds the file open, wait for its Closed; with no
+        handle open (a truncate by path, a write through a map), wait until it is quiet."""
+        with self._cond:
+            writing = self._open_handles.get(path, 0) > 0
+        self._note(path, Arrival.WRITING if writing else Arrival.SETTLING)
+
+    def file_opened(self, path: Path) -> None:
+        """Somebody opened the file (to write, or to read: this process's own reads too)."""
+        with self._cond:
+            self._open_handles[path] = self._open_handles.get(path, 0) + 1
+
+    def file_closed_unwritten(self, path: Path) -> None:
+        """A handle that wrote nothing was closed."""
+        self._closed_handle(path)
+
+    def _closed_handle(self, path: Path) -> None:
+        """One handle fewer; with none left nobody can be writing: a file waiting for its
+        writer's Closed (it may have been this process's own read) is settled instead."""
+        with self._cond:
+            left = self._open_handles.pop(path, 0) - 1
+            if left > 0:
+                self._open_handles[path] = left
+                return
+            if path == self._in_progress and self._changed_in_progress is Arrival.WRITING:
+                self._changed_in_progress = Arrival.SETTLING
+            entry = self._entries.get(path)
+            if entry is not None and entry.arrival is Arrival.WRITING:
+                entry.arrival = Arrival.SETTLING
+                entry.since = self._clock()
+                self._cond.notify_all()
 
     def file_found(self, path: Path) -> None:
-        """Found by a scan: queue it (settling) unless it is already known."""
+        """Found by a scan: queue it (settling) unless it is already known or was given up."""
         with self._cond:
             if self._closed or path in self._entries or path == self._in_progress:
+                return
+            if path in self._given_up and not self._changed_since_given_up(path):
                 return
             self._entries[path] = _Entry(path, Arrival.SETTLING, self._clock())
             self._cond.notify_all()
@@ -148,6 +197,35 @@ class InboxQueue:
         """Deleted or renamed away: forget it."""
         with self._cond:
             self._entries.pop(path, None)
+            self._open_handles.pop(path, None)
+            self._given_up.pop(path, None)
+
+    def give_up(self, path: Path) -> None:
+        """Leave ``path`` alone (it kept failing for reasons of the environment and could not
+        be set aside either): scans skip it until it is replaced or changed."""
+        with self._cond:
+            try:
+                st = os.lstat(path)
+            except OSError:
+                return
+            self._given_up[path] = (st.st_ino, st.st_mtime_ns)
+
+    def _changed_since_given_up(self, path: Path) -> bool:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            self._given_up.pop(path, None)
+            return False
+        if self._given_up[path] == (st.st_ino, st.st_mtime_ns):
+            return False
+        del self._given_up[path]
+        return True
+
+    @property
+    def given_up(self) -> int:
+        """How many inbox files are left alone (shown in /metrics)."""
+        with self._cond:
+            return len(self._given_up)
 
     def _note(self, path: Path, arrival: Arrival) -> None:
         with self._cond:
@@ -223,14 +301,16 @@ class InboxQueue:
         if entry.arrival is Arrival.COMPLETE:
             return entry.not_before
         try:
-            stat = entry.path.stat()
+            found = os.lstat(entry.path)  # never follows a link
         except FileNotFoundError:
             return None
+        if not stat.S_ISREG(found.st_mode):  # nothing to wait for: refused unread
+            return entry.not_before
         # Settled = no write for settle_seconds (every write moves the mtime). An empty file
         # may be a writer that opened and has not written yet: watch it for settle_seconds too.
-        quiet_for = time.time() - stat.st_mtime_ns / 1e9
+        quiet_for = time.time() - found.st_mtime_ns / 1e9
         ready = now + max(self.settle_seconds - quiet_for, 0.0)
-        if stat.st_size == 0:
+        if found.st_size == 0:
             ready = max(ready, entry.since + self.settle_seconds)
         return max(ready, entry.not_before)
 
@@ -333,6 +413,16 @@ class InboxEventHandler(FileSystemEventHandler):
         path = None if event.is_directory else self._candidate(event.src_path)
         if path is not None:
             self.queue.file_gone(path)
+
+    def on_opened(self, event: FileSystemEvent) -> None:
+        path = None if event.is_directory else self._candidate(event.src_path)
+        if path is not None:
+            self.queue.file_opened(path)
+
+    def on_closed_no_write(self, event: FileSystemEvent) -> None:
+        path = None if event.is_directory else self._candidate(event.src_path)
+        if path is not None:
+            self.queue.file_closed_unwritten(path)
 
 
 class InboxWatcher:

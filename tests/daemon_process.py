@@ -57,7 +57,10 @@ class DaemonProcess:
         port: int | None = None,
         settle_seconds: float = 0.2,
         env: dict[str, str] | None = None,
+        preamble: str | None = None,
     ) -> None:
+        """``preamble``: Python run in the child before ``serve`` (a test hook, say)."""
+        self.preamble = preamble
         self.inbox = inbox
         self.warehouse = warehouse
         self.port = port or free_port()
@@ -86,8 +89,12 @@ class DaemonProcess:
         self.warehouse.mkdir(parents=True, exist_ok=True)
         self.starts += 1
         log = (self.warehouse / f"child-{self.starts}.err").open("wb")
+        command = [sys.executable, "-m", "moneylion", "serve"]
+        if self.preamble is not None:
+            main = "from moneylion.cli import main\nraise SystemExit(main(['serve']))"
+            command = [sys.executable, "-c", f"{self.preamble}\n{main}"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moneylion", "serve"],
+            command,
             cwd=REPO,
             env=self.environ(),
             stdout=subprocess.DEVNULL,
