@@ -1,7 +1,8 @@
-"""Aggregate deltas per file, and ``recompute``/``verify`` from the base tables.
+"""Aggregate deltas per commit (one file or a batch), and ``recompute``/``verify``.
 
-Deltas read only the rows one file really appended (``transactions.file_id = $file_id``; appends
-are in file-id order, so DuckDB's zone maps skip the rest), so the cost follows the file's size.
+Deltas read only the rows a commit really appended (``file_id BETWEEN $first AND $last``: a
+commit's files have consecutive ids, appends are in file-id order, so DuckDB's zone maps skip
+the rest), so the cost follows the commit's size, not the warehouse's.
 Money is DECIMAL: an incremental total equals a full recompute to the cent, always.
 """
 
@@ -20,13 +21,13 @@ SELECT user_id,
        min(transaction_date) AS first_date,
        max(transaction_date) AS last_date
 FROM transactions
-WHERE file_id = $file_id
+WHERE file_id BETWEEN $first AND $last
 GROUP BY user_id
 """
 
 # A file appends its per-user sums to the log (file_id > 0 marks rows not yet compacted).
 USER_TOTALS_APPEND = (
-    "INSERT INTO user_totals_log SELECT *, $file_id FROM (" + USER_TOTALS_OF_FILE_SELECT + ")"
+    "INSERT INTO user_totals_log SELECT *, $last FROM (" + USER_TOTALS_OF_FILE_SELECT + ")"
 )
 
 # Compaction: one row per user again, sorted by user_id so zone maps serve point lookups.
@@ -48,7 +49,7 @@ DAILY_TOTALS_DELTA = """
 INSERT INTO daily_totals
 SELECT transaction_date, transaction_type, count(*), sum(amount)
 FROM transactions
-WHERE file_id = $file_id
+WHERE file_id BETWEEN $first AND $last
 GROUP BY transaction_date, transaction_type
 ON CONFLICT (transaction_date, transaction_type) DO UPDATE SET
     tx_count = tx_count + excluded.tx_count,
@@ -68,7 +69,7 @@ FROM (
     WHERE user_id IN (
         SELECT user_id FROM top_users
         UNION
-        SELECT user_id FROM transactions WHERE file_id = $file_id
+        SELECT user_id FROM transactions WHERE file_id BETWEEN $first AND $last
     )
     GROUP BY user_id
     ORDER BY tx_count DESC, user_id
@@ -114,18 +115,23 @@ KEYS = {
 
 
 def apply_transaction_deltas(
-    conn: duckdb.DuckDBPyConnection, file_id: int, rows: int, top_users_kept: int
+    conn: duckdb.DuckDBPyConnection,
+    file_id: int,
+    rows: int,
+    top_users_kept: int,
+    *,
+    last_file_id: int | None = None,
 ) -> None:
-    """Fold the ``rows`` transactions appended by ``file_id`` into every aggregate (inside the
-    caller's transaction)."""
-    params = {"file_id": file_id}
+    """Fold the ``rows`` transactions appended by files ``file_id`` .. ``last_file_id`` (one
+    file, or a batch) into every aggregate (inside the caller's transaction)."""
+    params = {"first": file_id, "last": file_id if last_file_id is None else last_file_id}
     conn.execute(USER_TOTALS_APPEND, params)
     if rows > REBUILD_THRESHOLD or _rows_waiting(conn) > COMPACT_AFTER_ROWS:
         for statement in USER_TOTALS_COMPACT:
             conn.execute(statement)
         conn.execute(TOP_USERS_FROM_ALL, {"kept": top_users_kept})
     else:
-        conn.execute(TOP_USERS_FROM_TOUCHED, {"file_id": file_id, "kept": top_users_kept})
+        conn.execute(TOP_USERS_FROM_TOUCHED, {**params, "kept": top_users_kept})
     conn.execute(DAILY_TOTALS_DELTA, params)
     conn.execute("DELETE FROM top_users")
     conn.execute("INSERT INTO top_users SELECT rank, user_id, tx_count FROM top_users_next")

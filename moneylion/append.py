@@ -12,14 +12,22 @@ from __future__ import annotations
 
 import bisect
 import csv
-import datetime as dt
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
 from moneylion.errors import FileFailure, FileRefused
+from moneylion.resolve import (
+    Applied,
+    Stager,
+    append_arrow,
+    arrow_rejects,
+    create_staging,
+    resolve,
+    store_rejects,
+    utc_now,
+)
 from moneylion.schema import one_row
 from moneylion.validate import (
     BATCH_ROWS,
@@ -30,7 +38,6 @@ from moneylion.validate import (
     Header,
     LongRecord,
     Reject,
-    ValidatedRows,
     data_lines,
     is_blank,
     located_select_sql,
@@ -39,33 +46,6 @@ from moneylion.validate import (
     typed_select_sql,
     validate_rows,
 )
-
-ARROW_TYPES: dict[str, pa.DataType] = {
-    "transaction_id": pa.int64(),
-    "user_id": pa.int64(),
-    "transaction_date": pa.date32(),
-    "amount": pa.decimal128(18, 2),
-    "transaction_type": pa.string(),
-    "signup_date": pa.date32(),
-    "country": pa.string(),
-}
-
-
-def utc_now() -> dt.datetime:
-    """Now, in UTC, without a zone (DuckDB TIMESTAMP)."""
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
-
-
-@dataclass
-class Applied:
-    loaded: int = 0
-    duplicate: int = 0
-    rejected_by_reason: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def rejected(self) -> int:
-        return sum(self.rejected_by_reason.values())
-
 
 # --- fast path --------------------------------------------------------------------------------
 
@@ -171,92 +151,23 @@ def _stored_ids_among(conn: duckdb.DuckDBPyConnection, file_id: int, low: int, h
 # --- reference path ---------------------------------------------------------------------------
 
 
-def _arrow_rows(rows: ValidatedRows) -> pa.Table:
-    arrays = {
-        name: pa.array(values, type=ARROW_TYPES[name]) for name, values in rows.columns.items()
-    }
-    arrays["line"] = pa.array(rows.lines, type=pa.int64())
-    arrays["raw_line"] = pa.array(rows.raw_lines, type=pa.string())
-    return pa.table(arrays)
-
-
-def _arrow_rejects(rejects: list[Reject]) -> pa.Table:
-    return pa.table(
-        {
-            "line_number": pa.array([r.line_number for r in rejects], type=pa.int64()),
-            "reason": pa.array([str(r.reason) for r in rejects], type=pa.string()),
-            "message": pa.array([r.message for r in rejects], type=pa.string()),
-            "raw_line": pa.array([r.raw_line for r in rejects], type=pa.string()),
-        }
-    )
-
-
-def _append_arrow(conn: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None:
-    conn.register("arrow_batch", rows)
-    try:
-        conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM arrow_batch")
-    finally:
-        conn.unregister("arrow_batch")
-
-
-STAGED_COLUMNS = {
-    FileKind.TRANSACTIONS: "transaction_id BIGINT, user_id BIGINT, transaction_date DATE, "
-    "amount DECIMAL(18, 2), transaction_type VARCHAR",
-    FileKind.USERS: "user_id BIGINT, signup_date DATE, country VARCHAR",
-}
-
-# Copies of one id within the file: identical copies load once (the first), differing copies
-# are all rejected.
-# The ids seen more than once are found first (one BIGINT grouped): comparing the contents of
-# every id cost 4.4 s of a 10M-row file, those of the few repeated ones nothing.
-IN_FILE_COPIES = """
-CREATE OR REPLACE TEMP TABLE staged_copies AS
-SELECT {key} AS id, count(*) AS copies,
-       count(DISTINCT ({content})) AS variants, min(line) AS first_line
-FROM staged
-WHERE {key} IN (SELECT {key} FROM staged GROUP BY {key} HAVING count(*) > 1)
-GROUP BY {key}
-"""
-
-STORED_TRANSACTION_CONFLICTS = """
-INSERT INTO staged_rejects
-SELECT s.line, 'conflicts_with_stored',
-       'transaction_id ' || s.transaction_id || ' is stored (file #' || t.file_id
-           || ') with different content',
-       s.raw_line
-FROM candidates s JOIN transactions t USING (transaction_id)
-WHERE (s.user_id, s.transaction_date, s.amount, s.transaction_type)
-      IS DISTINCT FROM (t.user_id, t.transaction_date, t.amount, t.transaction_type)
-"""
-
-
-def _create_staging(conn: duckdb.DuckDBPyConnection, kind: FileKind) -> None:
-    conn.execute(
-        f"CREATE OR REPLACE TEMP TABLE staged ({STAGED_COLUMNS[kind]}, line BIGINT, "
-        "raw_line VARCHAR)"
-    )
-    conn.execute(
-        "CREATE OR REPLACE TEMP TABLE staged_rejects (line_number BIGINT, reason VARCHAR, "
-        "message VARCHAR, raw_line VARCHAR)"
-    )
-
-
-def _stage_batch(conn: duckdb.DuckDBPyConnection, batch: ValidatedRows) -> None:
-    if batch.lines:
-        _append_arrow(conn, "staged", _arrow_rows(batch))
-    if batch.rejects:
-        _append_arrow(conn, "staged_rejects", _arrow_rejects(batch.rejects))
-
-
 def append_reference(
     conn: duckdb.DuckDBPyConnection, path: Path, header: Header, file_id: int
 ) -> Applied:
     """Stage the whole file through validate_rows (Python, line numbers), then resolve it."""
-    _create_staging(conn, header.kind)
+    create_staging(conn, header.kind)
+    stager = Stager(header.kind)
     for batch in validate_rows(path, header):
-        _stage_batch(conn, batch)
-    applied = _resolve_staged(conn, header.kind, file_id)
-    return _store_rejects(conn, file_id, applied)
+        stager.add(file_id, batch)
+        stager.flush(conn)  # a batch at a time: memory stays flat
+    return _one_file(conn, header.kind, file_id)
+
+
+def _one_file(conn: duckdb.DuckDBPyConnection, kind: FileKind, file_id: int) -> Applied:
+    """``resolve`` and ``store_rejects`` for the one file staged."""
+    applied = resolve(conn, kind).get(file_id, Applied())
+    applied.rejected_by_reason = store_rejects(conn).get(file_id, {})
+    return applied
 
 
 def append_located(
@@ -296,11 +207,15 @@ def append_located(
         reader_rejects = found_aside
     kind = header.kind
     columns = ", ".join(COLUMNS[kind])
-    _create_staging(conn, kind)
-    conn.execute(f"INSERT INTO staged SELECT {columns}, ordinal, NULL FROM staged_raw WHERE ok")
+    create_staging(conn, kind)
+    conn.execute(
+        f"INSERT INTO staged SELECT $file_id, {columns}, ordinal, NULL FROM staged_raw WHERE ok",
+        {"file_id": file_id},
+    )
     # Rows failing a fast check go through the reference rules, a page at a time (a cursor
     # would not see this transaction's temp tables).
     batcher = Batcher(header)
+    stager = Stager(kind)
     after = 0
     while rows := conn.execute(
         "SELECT ordinal, raw_fields FROM staged_raw WHERE NOT ok AND ordinal > $after "
@@ -310,8 +225,9 @@ def append_located(
         for ordinal, fields in rows:
             batcher.add(ordinal, [f or "" for f in fields])
         after = rows[-1][0]
-        _stage_batch(conn, batcher.take())
-    applied = _resolve_staged(conn, kind, file_id)
+        stager.add(file_id, batcher.take())
+        stager.flush(conn)
+    applied = resolve(conn, kind).get(file_id, Applied())
     # Ordinals -> lines, for the rejects only; raw text for those found in SQL.
     found = conn.execute(
         """SELECT s.line_number, r.raw_fields FROM staged_rejects s
@@ -342,11 +258,14 @@ def append_located(
     conn.execute("DROP TABLE staged_raw")
     if aside:
         if reader_rejects:  # already by their line
-            _append_arrow(conn, "staged_rejects", _arrow_rejects(reader_rejects))
+            append_arrow(
+                conn, "staged_rejects", arrow_rejects([(file_id, r) for r in reader_rejects])
+            )
         # The reader appends to these tables: the next file must find only its own rows.
         conn.execute("DELETE FROM ingest_csv_errors")
         conn.execute("DELETE FROM ingest_csv_scans")
-    return _store_rejects(conn, file_id, applied)
+    applied.rejected_by_reason = store_rejects(conn).get(file_id, {})
+    return applied
 
 
 READER_REJECT_TYPES = ["TOO MANY COLUMNS", "MISSING COLUMNS", "LINE SIZE OVER MAXIMUM"]
@@ -413,86 +332,3 @@ def _reader_errors(conn: duckdb.DuckDBPyConnection, name: str) -> int:
     if not_utf8:
         raise FileRefused(FileFailure.NOT_UTF8, f"{name} is not UTF-8")
     return int(structural)
-
-
-def _resolve_staged(conn: duckdb.DuckDBPyConnection, kind: FileKind, file_id: int) -> Applied:
-    """From ``staged`` (good rows, with their line) to the base tables: copies within the file,
-    rows already stored, the append. Rejects go to ``staged_rejects``."""
-    key = COLUMNS[kind][0]
-    content = ", ".join(COLUMNS[kind][1:])
-    conn.execute(IN_FILE_COPIES.format(key=key, content=content))
-    conn.execute(
-        f"""INSERT INTO staged_rejects
-        SELECT s.line, 'duplicate_in_file',
-               '{key} ' || s.{key} || ' appears in this file with different content',
-               s.raw_line
-        FROM staged s JOIN staged_copies c ON s.{key} = c.id WHERE c.variants > 1"""
-    )
-    # One row per id that survives: no differing copies, first line among identical copies.
-    conn.execute(
-        f"""CREATE OR REPLACE TEMP TABLE candidates AS
-        SELECT s.* FROM staged s LEFT JOIN staged_copies c ON s.{key} = c.id
-        WHERE c.id IS NULL OR (c.variants = 1 AND s.line = c.first_line)"""
-    )
-    in_file_copies = one_row(
-        conn, "SELECT coalesce(sum(copies - 1), 0) FROM staged_copies WHERE variants = 1"
-    )
-    applied = Applied(duplicate=int(in_file_copies[0]))
-    if kind is FileKind.TRANSACTIONS:
-        _resolve_transactions(conn, file_id, applied)
-    else:
-        _resolve_users(conn, file_id, applied)
-    for table in ("staged", "staged_copies", "candidates"):
-        conn.execute(f"DROP TABLE {table}")
-    return applied
-
-
-def _store_rejects(conn: duckdb.DuckDBPyConnection, file_id: int, applied: Applied) -> Applied:
-    conn.execute(
-        "INSERT INTO rejects SELECT $file_id, line_number, reason, message, raw_line "
-        "FROM staged_rejects ORDER BY line_number",
-        {"file_id": file_id},
-    )
-    applied.rejected_by_reason = dict(
-        conn.execute("SELECT reason, count(*) FROM staged_rejects GROUP BY reason").fetchall()
-    )
-    conn.execute("DROP TABLE staged_rejects")
-    return applied
-
-
-def _resolve_transactions(conn: duckdb.DuckDBPyConnection, file_id: int, applied: Applied) -> None:
-    conflicts = conn.execute(STORED_TRANSACTION_CONFLICTS).fetchall()[0][0]
-    stored = one_row(
-        conn, "SELECT count(*) FROM candidates s SEMI JOIN transactions t USING (transaction_id)"
-    )
-    applied.duplicate += int(stored[0]) - int(conflicts)
-    inserted = conn.execute(
-        """INSERT INTO transactions
-        SELECT transaction_id, user_id, transaction_date, amount, transaction_type, $file_id
-        FROM candidates s ANTI JOIN transactions t USING (transaction_id)""",
-        {"file_id": file_id},
-    ).fetchall()
-    applied.loaded = int(inserted[0][0])
-
-
-def _resolve_users(conn: duckdb.DuckDBPyConnection, file_id: int, applied: Applied) -> None:
-    # Latest file wins; a profile identical to the stored one is a duplicate, not an update.
-    conn.execute(
-        """CREATE OR REPLACE TEMP TABLE users_identical AS
-        SELECT s.user_id FROM candidates s JOIN users u USING (user_id)
-        WHERE s.signup_date = u.signup_date AND s.country = u.country"""
-    )
-    applied.duplicate += int(one_row(conn, "SELECT count(*) FROM users_identical")[0])
-    inserted = conn.execute(
-        """INSERT INTO users
-        SELECT user_id, signup_date, country, $file_id, $now
-        FROM candidates s ANTI JOIN users_identical i USING (user_id)
-        ON CONFLICT (user_id) DO UPDATE SET
-            signup_date = excluded.signup_date,
-            country = excluded.country,
-            file_id = excluded.file_id,
-            updated_at = excluded.updated_at""",
-        {"file_id": file_id, "now": utc_now()},
-    ).fetchall()
-    applied.loaded = int(inserted[0][0])
-    conn.execute("DROP TABLE users_identical")

@@ -40,6 +40,12 @@ class Config:
     top_users_kept: int = 1000
     sqlite_export: bool = True
     max_file_bytes: int = 0  # larger inbox files are refused unread (too_large); 0: no limit
+    batch_max_files: int = 1000  # files committed together in one transaction, at most
+    batch_max_rows: int = 200_000  # records of a batch, at most (past it the rest waits)
+    batch_max_bytes: int = 64 * 1024 * 1024  # bytes of a batch, at most
+    batch_file_max_bytes: int = 1024 * 1024  # larger files are ingested alone (fast paths)
+    order_wait_seconds: float = 2.0  # how long an unfinished file holds back later ones
+    done_retention_days: int = 0  # loaded files kept in done/<day>/ this many days; 0: always
 
     @property
     def duckdb_path(self) -> Path:

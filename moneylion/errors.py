@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import enum
 
+import duckdb
+
 
 class MoneylionError(Exception):
     """Root of moneylion's own exceptions."""
@@ -44,3 +46,18 @@ class FileRefused(MoneylionError):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+# DuckDB's errors of the environment: I/O (a full disk), memory, a write conflict, a stop.
+_DUCKDB_TRANSIENT = (
+    duckdb.IOException,
+    duckdb.OutOfMemoryException,
+    duckdb.TransactionException,
+    duckdb.InterruptException,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is an error of the environment (worth retrying after a pause), not a bug
+    (which would fail the same way again)."""
+    return isinstance(exc, (Transient, OSError, *_DUCKDB_TRANSIENT))

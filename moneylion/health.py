@@ -7,7 +7,9 @@ lists OS users or processes other than our own.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +18,9 @@ import duckdb
 import psutil
 
 from moneylion.config import Config
+from moneylion.watcher import scan_inbox
 
-_IGNORED_SUFFIXES = (".tmp", ".part")
-
-# The ledger stores finished_at as a naive UTC timestamp (ingest._now), so its epoch is UTC.
+# The ledger stores finished_at as a naive UTC timestamp, so its epoch is UTC.
 _LAST_FILE_EPOCH_MS = "SELECT epoch_ms(max(finished_at)) FROM files"
 
 
@@ -34,6 +35,7 @@ class HealthReading:
     process_rss_bytes: int
     uptime_seconds: float
     inbox_backlog: int
+    inbox_backlog_bytes: int
     seconds_since_last_file: float | None
 
 
@@ -53,20 +55,22 @@ def prime() -> None:
     _self()
 
 
+def inbox_waiting(inbox: Path) -> tuple[int, int]:
+    """(entries, bytes) the daemon would take from the inbox folder: the watcher's own rule
+    (``watcher.scan_inbox``), so both count the same files. Lists the inbox alone."""
+    waiting = scan_inbox(inbox)
+    size = 0
+    for path in waiting:
+        with contextlib.suppress(OSError):
+            found = os.lstat(path)
+            if stat.S_ISREG(found.st_mode):
+                size += found.st_size
+    return len(waiting), size
+
+
 def inbox_backlog(inbox: Path) -> int:
-    """CSV files waiting directly in the inbox (not hidden, not .tmp/.part, not in done/failed/)."""
-    count = 0
-    try:
-        with os.scandir(inbox) as entries:
-            for entry in entries:
-                name = entry.name
-                if name.startswith(".") or name.endswith(_IGNORED_SUFFIXES):
-                    continue
-                if name.lower().endswith(".csv") and entry.is_file(follow_symlinks=False):
-                    count += 1
-    except FileNotFoundError:
-        return 0
-    return count
+    """How many entries wait in the inbox folder (see ``inbox_waiting``)."""
+    return inbox_waiting(inbox)[0]
 
 
 def last_file_finished(cursor: duckdb.DuckDBPyConnection) -> float | None:
@@ -93,9 +97,13 @@ def _disk_percent(path: Path) -> float:
     return float(psutil.disk_usage(str(probe)).percent)
 
 
-def read_health(config: Config, last_finished: float | None) -> HealthReading:
-    """All readings; ``last_finished`` is last_file_finished() of the ledger (epoch seconds)."""
+def read_health(
+    config: Config, last_finished: float | None, backlog: tuple[int, int] | None = None
+) -> HealthReading:
+    """All readings; ``last_finished`` is last_file_finished() of the ledger (epoch seconds),
+    ``backlog`` the (files, bytes) waiting (default: read from the inbox folder)."""
     process = _self()
+    files, size = inbox_waiting(config.inbox) if backlog is None else backlog
     return HealthReading(
         cpu_usage_percent=float(psutil.cpu_percent(interval=None)),
         num_cores=psutil.cpu_count() or 1,
@@ -103,6 +111,7 @@ def read_health(config: Config, last_finished: float | None) -> HealthReading:
         disk_usage_percent=_disk_percent(config.warehouse),
         process_rss_bytes=int(process.memory_info().rss),
         uptime_seconds=max(0.0, time.time() - float(process.create_time())),
-        inbox_backlog=inbox_backlog(config.inbox),
+        inbox_backlog=files,
+        inbox_backlog_bytes=size,
         seconds_since_last_file=seconds_since(last_finished),
     )

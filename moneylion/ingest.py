@@ -18,23 +18,24 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from moneylion import aggregates
+from moneylion import aggregates, ledger
 from moneylion.append import (
     append_fast,
     append_located,
     append_reference,
-    utc_now,
 )
 from moneylion.config import Config
 from moneylion.errors import FileRefused
-from moneylion.schema import one_row
+from moneylion.ledger import FileOutcome
+from moneylion.resolve import utc_now
+from moneylion.schema import rollback
 from moneylion.source import StagedFile, stage
 from moneylion.validate import (
     FileKind,
@@ -42,59 +43,14 @@ from moneylion.validate import (
     read_header,
 )
 
+__all__ = ["FileOutcome", "file_sha256", "ingest_file", "ingest_staged", "warehouse_status"]
+
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 HASH_CHUNK = 4 * 1024 * 1024
 WIDE_COLUMNS = 512
 DEFAULT_TOP_USERS_KEPT = 1000
-
-
-@dataclass(frozen=True)
-class FileOutcome:
-    """What happened to one file; the daemon moves the file and logs from this."""
-
-    name: str
-    path: Path
-    sha256: str | None  # None for an entry that was never read (not a regular file, too large)
-    status: str  # "loaded" | "duplicate_file" | "failed"
-    file_id: int | None
-    kind: str | None = None
-    rows_total: int = 0
-    rows_loaded: int = 0
-    rows_duplicate: int = 0
-    rows_rejected: int = 0
-    rejected_by_reason: Mapping[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-    error_reason: str | None = None
-    error: str | None = None
-    size_bytes: int = 0
-    finished_at: dt.datetime | None = None
-
-    def summary(self) -> str:
-        """One line for the CLI."""
-        if self.status == "failed":
-            return f"{self.name}: failed ({self.error_reason}): {self.error}"
-        if self.status == "duplicate_file":
-            return f"{self.name}: duplicate of file #{self.file_id}, nothing loaded"
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected_by_reason.items()))
-        return (
-            f"{self.name}: {self.kind} file #{self.file_id}: loaded {self.rows_loaded}, "
-            f"duplicate {self.rows_duplicate}, rejected {self.rows_rejected}"
-            + (f" ({reasons})" if reasons else "")
-            + f", {self.seconds:.3f} s"
-        )
-
-    def reason_document(self) -> dict[str, object]:
-        """The content of ``<name>.reason.json`` for a file moved to ``failed/``."""
-        return {
-            "file": self.name,
-            "reason": self.error_reason,
-            "message": self.error,
-            "sha256": self.sha256,
-            "file_id": self.file_id,
-            "time": (self.finished_at or dt.datetime.now(dt.UTC)).isoformat(),
-        }
 
 
 def file_sha256(path: Path) -> tuple[str, int]:
@@ -161,28 +117,17 @@ def ingest_staged(
     report = progress or (lambda stage: None)
     kept = config.top_users_kept if config else DEFAULT_TOP_USERS_KEPT
     sha256, size = staged.sha256, staged.size
-    known = conn.execute(
-        "SELECT file_id, status, error_reason, error FROM files WHERE sha256 = ?", [sha256]
-    ).fetchall()
-    if known:
-        file_id, status, error_reason, error = known[0]
-        outcome = FileOutcome(
-            name=staged.name,
-            path=staged.origin,
-            sha256=sha256,
-            status="duplicate_file" if status == "loaded" else "failed",
-            file_id=file_id,
-            error_reason=error_reason,
-            error=None if error is None else f"same bytes as file #{file_id}: {error}",
-            size_bytes=size,
-            seconds=time.perf_counter() - started,
-            finished_at=utc_now(),
+    found = ledger.known(conn, [sha256]).get(sha256)
+    if found is not None:
+        return ledger.seen_before(
+            staged.name,
+            staged.origin,
+            sha256,
+            found,
+            size,
+            time.perf_counter() - started,
+            utc_now(),
         )
-        log.info(
-            "file_seen_before",
-            extra={"fields": {"file": staged.name, "file_id": file_id, "status": status}},
-        )
-        return outcome
 
     # One id per new file, taken outside the transaction: DuckDB sequences do not roll back, and
     # a file that falls back from the fast path must keep the number it started with.
@@ -199,26 +144,8 @@ def ingest_staged(
         outcome = _load(conn, arrival, path, header, kept, report)
     except FileRefused as refused:
         return _record_failure(conn, arrival, header, refused)
-    _insert_ledger_committed(conn, outcome, received_at)
-    if header.extra_columns:
-        log.warning(
-            "extra_columns_ignored",
-            extra={"fields": {"file": staged.name, "columns": list(header.extra_columns)}},
-        )
-    log.info(
-        "file_loaded",
-        extra={
-            "fields": {
-                "file": staged.name,
-                "file_id": outcome.file_id,
-                "kind": outcome.kind,
-                "loaded": outcome.rows_loaded,
-                "duplicate": outcome.rows_duplicate,
-                "rejected": outcome.rows_rejected,
-                "seconds": round(outcome.seconds, 4),
-            }
-        },
-    )
+    _insert_ledger_committed(conn, outcome)
+    ledger.log_committed(outcome, header.extra_columns)
     return outcome
 
 
@@ -266,7 +193,7 @@ def _load(
             report(f"appended {applied.loaded} rows: updating aggregates")
             aggregates.apply_transaction_deltas(conn, file_id, applied.loaded, kept)
     except BaseException:
-        _rollback(conn)
+        rollback(conn)
         raise
     return FileOutcome(
         name=arrival.name,
@@ -283,60 +210,22 @@ def _load(
         seconds=time.perf_counter() - arrival.started,
         size_bytes=arrival.size,
         finished_at=utc_now(),
+        received_at=arrival.received_at,
     )
 
 
-def _rollback(conn: duckdb.DuckDBPyConnection) -> None:
-    """Roll back if a transaction is open (it may already be, after a failed statement)."""
-    with contextlib.suppress(duckdb.TransactionException):
-        conn.execute("ROLLBACK")
-
-
-def _insert_ledger_committed(
-    conn: duckdb.DuckDBPyConnection, outcome: FileOutcome, received_at: dt.datetime
-) -> None:
+def _insert_ledger_committed(conn: duckdb.DuckDBPyConnection, outcome: FileOutcome) -> None:
     """Write the ledger row into the open transaction and commit it."""
     try:
-        _insert_ledger(conn, outcome, received_at)
+        ledger.insert(conn, [outcome])
         conn.execute("COMMIT")
     except BaseException:
-        _rollback(conn)
+        rollback(conn)
         raise
 
 
 def _next_file_id(conn: duckdb.DuckDBPyConnection) -> int:
-    return int(one_row(conn, "SELECT nextval('file_id_seq')")[0])
-
-
-# --- ledger -----------------------------------------------------------------------------------
-
-
-def _insert_ledger(
-    conn: duckdb.DuckDBPyConnection, outcome: FileOutcome, received_at: dt.datetime
-) -> None:
-    conn.execute(
-        """INSERT INTO files (file_id, name, sha256, kind, status, rows_total, rows_loaded,
-            rows_duplicate, rows_rejected, size_bytes, received_at, finished_at, seconds,
-            error_reason, error)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-        [
-            outcome.file_id,
-            outcome.name,
-            outcome.sha256,
-            outcome.kind,
-            outcome.status,
-            outcome.rows_total,
-            outcome.rows_loaded,
-            outcome.rows_duplicate,
-            outcome.rows_rejected,
-            outcome.size_bytes,
-            received_at,
-            outcome.finished_at,
-            outcome.seconds,
-            outcome.error_reason,
-            outcome.error,
-        ],
-    )
+    return ledger.next_file_ids(conn, 1)[0]
 
 
 def _record_failure(
@@ -361,23 +250,14 @@ def _record_failure(
             error=refused.message,
             size_bytes=arrival.size,
             finished_at=utc_now(),
+            received_at=arrival.received_at,
         )
-        _insert_ledger(conn, outcome, arrival.received_at)
+        ledger.insert(conn, [outcome])
         conn.execute("COMMIT")
     except BaseException:
-        _rollback(conn)
+        rollback(conn)
         raise
-    log.warning(
-        "file_failed",
-        extra={
-            "fields": {
-                "file": arrival.name,
-                "file_id": file_id,
-                "reason": outcome.error_reason,
-                "message": outcome.error,
-            }
-        },
-    )
+    ledger.log_committed(outcome)
     return outcome
 
 

@@ -6,6 +6,7 @@ brings it up to date and opening a current one changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from importlib import resources
 from pathlib import Path
@@ -42,6 +43,12 @@ def one_row(conn: duckdb.DuckDBPyConnection, sql: str, params: object = None) ->
     if len(rows) != 1:
         raise LookupError(f"expected one row, got {len(rows)}: {sql[:80]}")
     return tuple(rows[0])
+
+
+def rollback(conn: duckdb.DuckDBPyConnection) -> None:
+    """Roll back if a transaction is open (it may already be, after a failed statement)."""
+    with contextlib.suppress(duckdb.TransactionException):
+        conn.execute("ROLLBACK")
 
 
 def schema_version(conn: duckdb.DuckDBPyConnection) -> int:

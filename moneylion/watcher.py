@@ -1,14 +1,17 @@
 """Inbox events -> an arrival-ordered queue of files ready to ingest.
 
-inotify via watchdog 7.1 tells us how a file arrived: written in place (Created, Modified...,
-Closed), renamed inside the inbox (Moved), or moved in from elsewhere (only Created). A Closed or
-Moved file is complete; a bare Created one is taken once it has stopped changing (settle), and one
-that is still being written (Modified without Closed) waits for its Closed. The startup scan and a
-periodic rescan (inotify drops events when its kernel queue overflows) find the rest.
+inotify via watchdog 7.1 tells us how a file arrived: written in place (Created, Opened,
+Modified..., Closed), renamed inside the inbox (Moved), or moved in from elsewhere on the same
+file system (Moved with no source: the observer reports unpaired moves as such). A Closed or
+Moved file is complete; a bare Created one (a link or a pipe made in place) is taken once it has
+stopped changing (settle), and one that is still being written (Modified while a handle is open)
+waits for its Closed. The watch is on the inbox alone, never on done/ or failed/. The startup
+scan and a periodic rescan (inotify drops events when its kernel queue overflows) find the rest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -31,6 +34,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +98,7 @@ class Arrival(Enum):
 
     COMPLETE = "complete"  # Closed or Moved in: take it
     SETTLING = "settling"  # bare Created or found by a scan: take it once it stops changing
-    WRITING = "writing"  # Modified and not yet Closed: wait for the Closed
+    WRITING = "writing"  # Modified while a handle is open: wait for the Closed
 
 
 @dataclass
@@ -102,6 +106,7 @@ class _Entry:
     path: Path
     arrival: Arrival
     since: float  # monotonic time of the last event or observed change
+    first_seen: float = 0.0  # monotonic time of its first event: its place in the order
     not_before: float = 0.0  # monotonic time before which a retry must not start
     attempts: int = 0
 
@@ -112,14 +117,31 @@ class TakenFile:
 
     path: Path
     attempts: int
+    size: int = 0  # bytes when it was taken (0 for what is not a regular file)
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """How much one batch may take: files, bytes, and the size from which a file goes alone
+    (through the single-file fast paths)."""
+
+    files: int = 1000
+    bytes: int = 64 * 1024 * 1024
+    alone_bytes: int = 1024 * 1024
+
+
+ONE_FILE = BatchLimits(files=1)
 
 
 class InboxQueue:
     """Files waiting to be ingested, in arrival order, each at most once (queued or in progress).
 
-    The observer thread reports events; the single worker thread ``take``s the oldest file that
-    is ready and ``finish``es it. An event for a file in progress means it changed under us: the
-    file is queued again instead of being moved away.
+    The observer thread reports events; the single worker thread ``take_batch``es the files at
+    the head of the queue that are ready, in order, and ``finish``es each. A file that is not
+    ready yet holds back the files that arrived after it, for at most ``order_wait`` seconds
+    from its first event (a file still settling, or still being written); after that they pass
+    it. A file backing off after an error holds nothing back. An event for a file in progress
+    means it changed under us: the file is queued again instead of being moved away.
     """
 
     def __init__(
@@ -127,16 +149,18 @@ class InboxQueue:
         settle_seconds: float,
         *,
         writing_timeout: float = 60.0,
+        order_wait: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settle_seconds = settle_seconds
         self.writing_timeout = writing_timeout
+        self.order_wait = order_wait
         self._clock = clock
         self._entries: dict[Path, _Entry] = {}  # insertion order = arrival order
         self._open_handles: dict[Path, int] = {}  # Opened minus Closed events, per file
         self._given_up: dict[Path, tuple[int, int]] = {}  # path -> (inode, mtime_ns) left alone
-        self._in_progress: Path | None = None
-        self._changed_in_progress: Arrival | None = None
+        # Files handed to the worker -> how they changed meanwhile (None: they did not).
+        self._in_progress: dict[Path, Arrival | None] = {}
         self._closed = False
         self._cond = threading.Condition()
 
@@ -148,7 +172,7 @@ class InboxQueue:
         self._note(path, Arrival.COMPLETE)
 
     def file_created(self, path: Path) -> None:
-        """A bare Created: moved in from elsewhere, or the start of an in-place write."""
+        """A bare Created: the start of an in-place write, or a link or pipe made in place."""
         self._note(path, Arrival.SETTLING)
 
     def file_modified(self, path: Path) -> None:
@@ -175,8 +199,8 @@ class InboxQueue:
             if left > 0:
                 self._open_handles[path] = left
                 return
-            if path == self._in_progress and self._changed_in_progress is Arrival.WRITING:
-                self._changed_in_progress = Arrival.SETTLING
+            if self._in_progress.get(path) is Arrival.WRITING:
+                self._in_progress[path] = Arrival.SETTLING
             entry = self._entries.get(path)
             if entry is not None and entry.arrival is Arrival.WRITING:
                 entry.arrival = Arrival.SETTLING
@@ -186,11 +210,12 @@ class InboxQueue:
     def file_found(self, path: Path) -> None:
         """Found by a scan: queue it (settling) unless it is already known or was given up."""
         with self._cond:
-            if self._closed or path in self._entries or path == self._in_progress:
+            if self._closed or path in self._entries or path in self._in_progress:
                 return
             if path in self._given_up and not self._changed_since_given_up(path):
                 return
-            self._entries[path] = _Entry(path, Arrival.SETTLING, self._clock())
+            now = self._clock()
+            self._entries[path] = _Entry(path, Arrival.SETTLING, now, now)
             self._cond.notify_all()
 
     def file_gone(self, path: Path) -> None:
@@ -232,12 +257,12 @@ class InboxQueue:
             if self._closed:
                 return
             now = self._clock()
-            if path == self._in_progress:
-                self._changed_in_progress = arrival
+            if path in self._in_progress:
+                self._in_progress[path] = arrival
                 return
             entry = self._entries.get(path)
             if entry is None:
-                self._entries[path] = _Entry(path, arrival, now)
+                self._entries[path] = _Entry(path, arrival, now, now)
             elif arrival is Arrival.SETTLING and entry.arrival is not Arrival.SETTLING:
                 # A late Created never downgrades what a Closed or Modified already told us.
                 entry.since = now
@@ -250,47 +275,66 @@ class InboxQueue:
 
     def take(self, timeout: float | None = None) -> TakenFile | None:
         """The oldest ready file, marked in progress; None on timeout or once closed."""
+        batch = self.take_batch(ONE_FILE, timeout)
+        return batch[0] if batch else None
+
+    def take_batch(self, limits: BatchLimits, timeout: float | None = None) -> list[TakenFile]:
+        """The ready files at the head of the queue, in arrival order, within ``limits``,
+        marked in progress; [] on timeout or once closed."""
         deadline = None if timeout is None else self._clock() + timeout
         with self._cond:
             while not self._closed:
                 now = self._clock()
-                taken, wake = self._pick_ready(now)
-                if taken is not None:
-                    del self._entries[taken.path]
-                    self._in_progress = taken.path
-                    self._changed_in_progress = None
-                    return TakenFile(taken.path, taken.attempts)
+                taken, wake = self._pick_batch(now, limits)
+                if taken:
+                    for item in taken:
+                        del self._entries[item.path]
+                        self._in_progress[item.path] = None
+                    return taken
                 if deadline is not None:
                     if now >= deadline:
-                        return None
+                        return []
                     wake = min(wake, deadline) if wake is not None else deadline
                 self._cond.wait(None if wake is None else max(wake - now, 0.001))
-            return None
+            return []
 
-    def _pick_ready(self, now: float) -> tuple[_Entry | None, float | None]:
-        """The first ready entry, or the monotonic time at which one may become ready."""
+    def _pick_batch(self, now: float, limits: BatchLimits) -> tuple[list[TakenFile], float | None]:
+        """The ready files from the head on, or the monotonic time at which to look again."""
         wake: float | None = None
         vanished: list[Path] = []
-        chosen: _Entry | None = None
+        chosen: list[TakenFile] = []
+        total = 0
         for entry in self._entries.values():
-            at = self._ready_at(entry, now)
+            at, size = self._ready_at(entry, now)
             if at is None:
                 vanished.append(entry.path)
-            elif at <= now:
-                chosen = entry
-                break
-            else:
+                continue
+            if at > now:
                 wake = at if wake is None else min(wake, at)
+                if entry.not_before > now:
+                    continue  # backing off after an error: holds nothing back
+                holds_until = entry.first_seen + self.order_wait
+                if now < holds_until:  # it came first: the ones behind it wait for it
+                    wake = min(wake, holds_until)
+                    break
+                continue  # it held the others back long enough: they pass it
+            alone = size > limits.alone_bytes
+            if chosen and (alone or len(chosen) >= limits.files or total + size > limits.bytes):
+                break
+            chosen.append(TakenFile(entry.path, entry.attempts, size))
+            total += size
+            if alone or len(chosen) >= limits.files:
+                break
         for path in vanished:
             log.info("file_vanished", extra={"fields": {"file": path.name, "stage": "queued"}})
             del self._entries[path]
         return chosen, wake
 
-    def _ready_at(self, entry: _Entry, now: float) -> float | None:
-        """When ``entry`` may be taken (monotonic), or None if its file is gone."""
+    def _ready_at(self, entry: _Entry, now: float) -> tuple[float | None, int]:
+        """(when ``entry`` may be taken (monotonic), its size); (None, 0) if its file is gone."""
         if entry.arrival is Arrival.WRITING:
             if now - entry.since < self.writing_timeout:
-                return max(entry.not_before, entry.since + self.writing_timeout)
+                return max(entry.not_before, entry.since + self.writing_timeout), 0
             # No Closed for a long time (a lost event?): fall back to the settle rule.
             log.warning(
                 "file_close_not_seen",
@@ -298,32 +342,31 @@ class InboxQueue:
             )
             entry.arrival = Arrival.SETTLING
             entry.since = now
-        if entry.arrival is Arrival.COMPLETE:
-            return entry.not_before
         try:
             found = os.lstat(entry.path)  # never follows a link
         except FileNotFoundError:
-            return None
+            # A complete file that vanished is still handed over: the worker records that.
+            return (entry.not_before, 0) if entry.arrival is Arrival.COMPLETE else (None, 0)
         if not stat.S_ISREG(found.st_mode):  # nothing to wait for: refused unread
-            return entry.not_before
+            return entry.not_before, 0
+        if entry.arrival is Arrival.COMPLETE:
+            return entry.not_before, found.st_size
         # Settled = no write for settle_seconds (every write moves the mtime). An empty file
         # may be a writer that opened and has not written yet: watch it for settle_seconds too.
         quiet_for = time.time() - found.st_mtime_ns / 1e9
         ready = now + max(self.settle_seconds - quiet_for, 0.0)
         if found.st_size == 0:
             ready = max(ready, entry.since + self.settle_seconds)
-        return max(ready, entry.not_before)
+        return max(ready, entry.not_before), found.st_size
 
     def finish(self, path: Path, then: Callable[[], None] | None = None) -> bool:
         """End the work on ``path``. If it changed meanwhile, queue it again and return False;
         otherwise run ``then`` (moving the file away) before any new event is taken in."""
         with self._cond:
-            if self._in_progress == path:
-                self._in_progress = None
-            changed = self._changed_in_progress
-            self._changed_in_progress = None
+            changed = self._in_progress.pop(path, None)
             if changed is not None and not self._closed:
-                self._entries[path] = _Entry(path, changed, self._clock())
+                now = self._clock()
+                self._entries[path] = _Entry(path, changed, now, now)
                 self._cond.notify_all()
                 return False
             if then is not None:
@@ -333,17 +376,30 @@ class InboxQueue:
     def retry(self, path: Path, attempts: int, delay: float) -> None:
         """Queue ``path`` again (at the back) after an environment error, not before ``delay``."""
         with self._cond:
-            if self._in_progress == path:
-                self._in_progress = None
-            self._changed_in_progress = None
+            self._in_progress.pop(path, None)
             if self._closed:
                 return
             now = self._clock()
             self._entries.pop(path, None)
             self._entries[path] = _Entry(
-                path, Arrival.COMPLETE, now, not_before=now + delay, attempts=attempts
+                path, Arrival.COMPLETE, now, now, not_before=now + delay, attempts=attempts
             )
             self._cond.notify_all()
+
+    def untake(self, taken: list[TakenFile]) -> None:
+        """Put files handed over but not worked on back at the head of the queue, in order."""
+        with self._cond:
+            now = self._clock()
+            head: dict[Path, _Entry] = {}
+            for item in taken:
+                changed = self._in_progress.pop(item.path, None)
+                head[item.path] = _Entry(
+                    item.path, changed or Arrival.COMPLETE, now, 0.0, attempts=item.attempts
+                )
+            if not self._closed:
+                head.update((p, e) for p, e in self._entries.items() if p not in head)
+                self._entries = head
+                self._cond.notify_all()
 
     def close(self) -> None:
         """Stop handing out files; ``take`` returns None from now on."""
@@ -358,17 +414,24 @@ class InboxQueue:
     def __len__(self) -> int:
         """Files queued or in progress."""
         with self._cond:
-            return len(self._entries) + (self._in_progress is not None)
+            return len(self._entries) + len(self._in_progress)
 
     def queued(self) -> list[Path]:
-        """The queued files in arrival order (not the one in progress)."""
+        """The queued files in arrival order (not the ones in progress)."""
         with self._cond:
             return list(self._entries)
 
-    def waiting(self) -> int:
-        """How many files are queued (not counting the one in progress)."""
+    def backlog(self) -> tuple[int, int]:
+        """(files, bytes) waiting: queued or in progress (bytes of the regular files)."""
         with self._cond:
-            return len(self._entries)
+            paths = [*self._entries, *self._in_progress]
+        size = 0
+        for path in paths:
+            with contextlib.suppress(OSError):
+                found = os.lstat(path)
+                if stat.S_ISREG(found.st_mode):
+                    size += found.st_size
+        return len(paths), size
 
 
 class InboxEventHandler(FileSystemEventHandler):
@@ -400,13 +463,14 @@ class InboxEventHandler(FileSystemEventHandler):
             self.queue.file_complete(path)
 
     def on_moved(self, event: FileSystemEvent) -> None:
+        """A rename within the inbox, or (one side empty) a move in from elsewhere or out."""
         if event.is_directory:
             return
         source = self._candidate(event.src_path)
         if source is not None:
             self.queue.file_gone(source)
         dest = self._candidate(event.dest_path)
-        if dest is not None:
+        if dest is not None:  # a rename is atomic: what arrives by one is complete
             self.queue.file_complete(dest)
 
     def on_deleted(self, event: FileSystemEvent) -> None:
@@ -425,6 +489,16 @@ class InboxEventHandler(FileSystemEventHandler):
             self.queue.file_closed_unwritten(path)
 
 
+def _observer() -> BaseObserver:
+    """inotify with unpaired moves reported as moves (a file moved in from elsewhere is
+    complete, not a bare Created to settle); the platform's default observer elsewhere."""
+    try:
+        from watchdog.observers.inotify import InotifyObserver
+    except ImportError:  # not Linux
+        return Observer()
+    return InotifyObserver(generate_full_events=True)
+
+
 class InboxWatcher:
     """The observer on the inbox, the startup scan and a periodic rescan, feeding ``queue``."""
 
@@ -432,20 +506,20 @@ class InboxWatcher:
         self.inbox = inbox
         self.queue = queue
         self.rescan_seconds = rescan_seconds
-        self._observer: Observer | None = None  # type: ignore[valid-type]
+        self._observer: BaseObserver | None = None
         self._stop = threading.Event()
         self._rescanner: threading.Thread | None = None
 
     def start(self) -> int:
         """Watch, then scan for files that arrived while we were down; returns how many."""
         self.inbox.mkdir(parents=True, exist_ok=True)
-        observer = Observer()
-        # Recursive, so that our own moves into done/ and failed/ pair up at once: an unpaired
-        # IN_MOVED_FROM is held 0.5 s by watchdog and delays every event queued behind it.
+        observer = _observer()
+        # The inbox alone: a recursive watch would walk done/ and failed/ at every start, and
+        # they hold every file ever loaded. Files leave by link + unlink (inbox.py).
         observer.schedule(
             InboxEventHandler(self.inbox, self.queue),
             str(self.inbox),
-            recursive=True,
+            recursive=False,
             event_filter=WATCHED_EVENTS,
         )
         observer.daemon = True

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -10,6 +11,7 @@ import pytest
 
 from moneylion.config import Config, load_config
 from moneylion.schema import open_warehouse
+from moneylion.stream import StreamStats
 
 SEED_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 CASES_DIR = Path(__file__).resolve().parent / "cases"
@@ -40,3 +42,26 @@ def seed_files() -> tuple[Path, Path]:
     if not (users.exists() and transactions.exists()):
         pytest.skip(f"seed data not found in {SEED_DIR} (expected ../shared/data beside the repo)")
     return users, transactions
+
+
+@dataclass
+class IngestStandIn:
+    """The daemon's view (``api.warehouse.IngestView``) for API tests without a daemon."""
+
+    is_ready: Callable[[], bool] = lambda: True
+    committed: Callable[[], int] = lambda: 0
+
+    def ready(self) -> bool:
+        return self.is_ready()
+
+    def committed_file_id(self) -> int:
+        return self.committed()
+
+    def backlog(self) -> tuple[int, int]:
+        return 0, 0
+
+    def stream(self) -> StreamStats:
+        return StreamStats(0, 0, 0.0, 0.0, 0.0, 0, 0)
+
+    def files_stuck(self) -> int:
+        return 0

@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from moneylion.inbox import set_aside_files
 from moneylion.watcher import scan_inbox
 from tests.expected import Expected
 
@@ -145,8 +146,8 @@ class DaemonProcess:
         return [p.name for p in scan_inbox(self.inbox)]
 
     def folder(self, name: str) -> list[str]:
-        path = self.inbox / name
-        return sorted(p.name for p in path.iterdir()) if path.exists() else []
+        """The names of the files set aside in done/ or failed/ (in their day folders)."""
+        return sorted(p.name for p in set_aside_files(self.inbox / name))
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -26,6 +26,7 @@ from moneylion.api import create_app
 from moneylion.config import Config, load_config
 from moneylion.ingest import ingest_file
 from moneylion.schema import open_warehouse
+from tests.conftest import IngestStandIn
 from tests.expected import Expected
 
 # Extra files beside the seed: a profile without transactions, orphan transactions, rejected
@@ -263,7 +264,12 @@ def test_seed_health_has_the_seed_fields_and_our_readings(
         "process_rss_bytes",
         "uptime_seconds",
         "inbox_backlog",
+        "inbox_backlog_bytes",
         "seconds_since_last_file",
+        "last_batch_files",
+        "last_batch_rows",
+        "files_per_second",
+        "rows_per_second",
     }
     assert 0 <= body["cpu_usage_%"] <= 100 * body["num_cores"]
     assert body["num_cores"] >= 1
@@ -592,7 +598,9 @@ def test_readiness_is_503_until_the_daemon_says_ready(
     loaded: Loaded,
 ) -> None:
     watcher_running = threading.Event()
-    app = create_app(loaded.config, loaded.conn, readiness=watcher_running.is_set)
+    app = create_app(
+        loaded.config, loaded.conn, ingest=IngestStandIn(is_ready=watcher_running.is_set)
+    )
     with TestClient(app=app) as test_client:
         response = test_client.get("/v1/health/ready")
         assert response.status_code == 503

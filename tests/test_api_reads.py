@@ -24,6 +24,7 @@ from moneylion.api.replica import SqliteReplica
 from moneylion.config import Config
 from moneylion.export import close_sqlite, export_full, export_new
 from moneylion.ingest import ingest_file
+from tests.conftest import IngestStandIn
 from tests.expected import Expected
 
 PROFILE_ONLY = "user_id,signup_date,country\n20001,2023-01-01,Norway\n"
@@ -159,7 +160,7 @@ def test_the_api_reads_the_replica_until_a_commit_it_lacks_then_duckdb(
     tmp_path: Path, seeded: int, config: Config, warehouse: duckdb.DuckDBPyConnection
 ) -> None:
     committed = [seeded]
-    app = create_app(config, warehouse, committed=lambda: committed[0])
+    app = create_app(config, warehouse, ingest=IngestStandIn(committed=lambda: committed[0]))
     ctx = app.state.moneylion
     try:
         with TestClient(app=app) as client:

@@ -18,16 +18,12 @@ import pytest
 
 from moneylion.aggregates import verify
 from moneylion.config import Config
-from moneylion.daemon import (
-    MAX_ATTEMPTS,
-    IngestWorker,
-    SqliteExporter,
-    move_without_overwrite,
-    write_reason,
-)
 from moneylion.export import export_new
+from moneylion.export.exporter import SqliteExporter
+from moneylion.inbox import move_without_overwrite, set_aside_files, write_reason
 from moneylion.ingest import FileOutcome, ingest_file
 from moneylion.watcher import InboxQueue
+from moneylion.worker import MAX_ATTEMPTS, IngestWorker
 from tests.daemon_process import (
     DaemonProcess,
     crash_trial,
@@ -136,9 +132,13 @@ def run_worker(
 def reason_of(failed: Path, name: str) -> dict[str, object]:
     """The reason document of a refused file: the worker moves the file to failed/ first, then
     writes its reason beside it, so a test that saw the inbox empty may have to wait for it."""
-    path = failed / f"{name}.reason.json"
-    wait_for(path.exists, 5, f"{path.name}")
-    document: dict[str, object] = json.loads(path.read_text())
+    wanted = f"{name}.reason.json"
+
+    def found() -> list[Path]:  # in failed/<day>/
+        return [p for p in set_aside_files(failed) if p.name == wanted]
+
+    wait_for(lambda: len(found()) == 1, 5, wanted)
+    document: dict[str, object] = json.loads(found()[0].read_text())
     return document
 
 
@@ -154,7 +154,7 @@ def test_a_transient_environment_error_is_retried_and_the_file_then_loads(
     ingest = FlakyIngest(OSError(errno.ENOSPC, "No space left on device"), failures=2)
     worker = run_worker(config, warehouse, ingest, ["a.csv"])
     assert ingest.calls == {"a.csv": 3}
-    assert [p.name for p in config.done_dir.iterdir()] == ["a.csv"]
+    assert [p.name for p in set_aside_files(config.done_dir)] == ["a.csv"]
     assert worker.is_alive()
     worker.stop()
     assert verify(warehouse) == []
@@ -175,7 +175,11 @@ def test_a_persistent_environment_error_fails_the_file_with_a_reason_and_the_wor
     ingest.failures = 0
     small_file(config, "next.csv", 100)
     worker.queue.file_complete(config.inbox / "next.csv")
-    wait_for(lambda: (config.done_dir / "next.csv").exists(), 30, "next.csv in done/")
+    wait_for(
+        lambda: "next.csv" in [p.name for p in set_aside_files(config.done_dir)],
+        30,
+        "next.csv in done/",
+    )
     worker.stop()
 
 
@@ -202,8 +206,8 @@ def test_a_file_vanishing_mid_read_is_dropped_without_a_trace(
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(p))
 
     worker = run_worker(config, warehouse, Vanishing(OSError(), 0), [path.name])
-    assert list(config.failed_dir.glob("*")) == []
-    assert not config.done_dir.exists() or list(config.done_dir.iterdir()) == []
+    assert set_aside_files(config.failed_dir) == []
+    assert set_aside_files(config.done_dir) == []
     assert worker.is_alive()
     worker.stop()
 
@@ -263,7 +267,7 @@ def test_a_failing_sqlite_export_is_retried_in_the_background_while_ingest_goes_
         small_file(config, "b.csv", 100)
         worker = run_worker(config, warehouse, FlakyIngest(OSError(), 0), ["a.csv", "b.csv"])
         worker.on_commit = exporter.poke
-        assert sorted(p.name for p in config.done_dir.iterdir()) == ["a.csv", "b.csv"]
+        assert sorted(p.name for p in set_aside_files(config.done_dir)) == ["a.csv", "b.csv"]
         worker.stop()
 
         def exported() -> int:

@@ -35,6 +35,7 @@ from moneylion.export import (
 )
 from moneylion.ingest import ingest_file
 from moneylion.schema import open_warehouse
+from tests.conftest import IngestStandIn
 from tests.expected import Expected
 
 TX_HEADER = "transaction_id,user_id,transaction_date,amount,transaction_type\n"
@@ -834,10 +835,10 @@ def test_seed_queries_on_the_export_equal_the_apis_answers_to_the_cent(
         last = outcome_of_file.file_id
         export_new(warehouse, config.sqlite_path)
     # With ``committed``, user summaries come from the export itself while it is current.
-    committed = (lambda: last) if summaries_from == "sqlite_export" else None
+    ingest = IngestStandIn(committed=lambda: last) if summaries_from == "sqlite_export" else None
     lite = sqlite3.connect(config.sqlite_path)
     try:
-        with TestClient(app=create_app(config, warehouse, committed=committed)) as client:
+        with TestClient(app=create_app(config, warehouse, ingest=ingest)) as client:
             user_ids = [row[0] for row in lite.execute("SELECT user_id FROM users ORDER BY 1")]
             for user_id in user_ids[::20]:
                 rows = lite.execute(SEED_USER_SUMMARY, (user_id,)).fetchall()

@@ -14,7 +14,9 @@ from moneylion.config import Config
 from moneylion.ingest import ingest_file
 
 
-def test_backlog_counts_only_csv_files_directly_in_the_inbox(config: Config) -> None:
+def test_backlog_counts_the_files_the_daemon_would_take_directly_in_the_inbox(
+    config: Config,
+) -> None:
     inbox = config.inbox
     for name in ("a.csv", "B.CSV", ".hidden.csv", "c.csv.tmp", "d.csv.part", "notes.txt"):
         (inbox / name).write_text("x")
@@ -22,7 +24,10 @@ def test_backlog_counts_only_csv_files_directly_in_the_inbox(config: Config) -> 
         (inbox / folder).mkdir()
     (inbox / "done" / "e.csv").write_text("x")
     (inbox / "failed" / "f.csv").write_text("x")
-    assert health.inbox_backlog(inbox) == 2
+    # One rule with the watcher's: any name but hidden and temporary ones (the kind comes from
+    # the header), never what is in done/ or failed/, never a directory.
+    assert health.inbox_backlog(inbox) == 3
+    assert health.inbox_waiting(inbox) == (3, 3)
 
 
 def test_backlog_of_a_missing_inbox_is_zero(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from moneylion.inbox import set_aside_files
 from tests.daemon_process import (
     TX_HEADER,
     DaemonProcess,
@@ -115,11 +116,9 @@ def finish(daemon: DaemonProcess, expected: Expected) -> None:
 
 def set_aside(daemon: DaemonProcess, folder: str) -> list[Path]:
     """The entries moved into done/ or failed/ (reason files left out)."""
-    found = []
-    for root, dirs, files in os.walk(daemon.inbox / folder):  # never into a linked folder
-        names = files + [d for d in dirs if os.path.islink(os.path.join(root, d))]
-        found += [Path(root, n) for n in names if not n.endswith(".reason.json")]
-    return sorted(found)
+    return [
+        p for p in set_aside_files(daemon.inbox / folder) if not p.name.endswith(".reason.json")
+    ]
 
 
 def reason_file(daemon: DaemonProcess, name: str) -> dict[str, Any]:

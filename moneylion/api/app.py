@@ -23,7 +23,7 @@ from moneylion.api.errors import log_api_error, problem_details_plugin
 from moneylion.api.metrics import MetricsController, metrics_registry, prometheus_config
 from moneylion.api.seed import seed_router
 from moneylion.api.v1 import v1_router
-from moneylion.api.warehouse import ApiContext
+from moneylion.api.warehouse import ApiContext, IngestView
 from moneylion.config import Config
 from moneylion.schema import open_warehouse
 
@@ -36,19 +36,17 @@ def create_app(
     config: Config,
     db: duckdb.DuckDBPyConnection | None = None,
     *,
-    readiness: Callable[[], bool] | None = None,
-    committed: Callable[[], int] | None = None,
+    ingest: IngestView | None = None,
     lifespan: Sequence[Lifespan] = (),
 ) -> Litestar:
     """Build the API.
 
     ``db``: the daemon's connection (used, never closed); None -> the app opens the warehouse
-    at startup and closes it at shutdown. ``readiness``: extra condition for
-    ``/v1/health/ready`` (e.g. "the watcher runs"). ``committed``: the id of the last file the
-    daemon's ingest worker committed (see ``ApiContext``). ``lifespan``: context managers entered
-    after the warehouse is open, exited before it closes.
+    at startup and closes it at shutdown. ``ingest``: the daemon writing this warehouse in this
+    process (see ``ApiContext``), None for an app reading a warehouse nobody here writes.
+    ``lifespan``: context managers entered after the warehouse is open, exited before it closes.
     """
-    ctx = ApiContext(config=config, db=db, readiness=readiness, committed=committed)
+    ctx = ApiContext(config=config, db=db, ingest=ingest)
 
     @asynccontextmanager
     async def warehouse_lifespan(app: Litestar) -> AsyncIterator[None]:

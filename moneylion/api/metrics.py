@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict
 
 from litestar import MediaType, get
 from litestar.datastructures import State
@@ -29,6 +30,18 @@ from moneylion.api.warehouse import ApiContext
 
 log = logging.getLogger(__name__)
 
+STREAM_GAUGES = {
+    "last_batch_files": "Files committed together in the last batch",
+    "last_batch_rows": "Rows loaded by the last batch",
+    "last_batch_seconds": "Seconds the last batch took",
+    "files_per_second": "Files committed per second over the last minute",
+    "rows_per_second": "Rows loaded per second over the last minute",
+    "files_stuck": "Inbox files left alone: failing, and impossible to set aside",
+}
+STREAM_COUNTERS = {
+    "commits": "Commits since the daemon started",
+    "files_set_aside": "Files set aside for errors of the environment since the daemon started",
+}
 INGEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 _FILES_BY_STATUS = "SELECT status, count(*) FROM files GROUP BY status ORDER BY status"
@@ -69,11 +82,16 @@ class WarehouseCollector:
         return []  # metrics depend on the data; nothing to pre-register
 
     def collect(self) -> Iterator[Metric]:
+        files, size = self.ctx.backlog()
         yield GaugeMetricFamily(
             "moneylion_inbox_backlog",
-            "CSV files waiting in the inbox",
-            value=health.inbox_backlog(self.ctx.config.inbox),
+            "Files waiting in the inbox (being ingested included)",
+            value=files,
         )
+        yield GaugeMetricFamily(
+            "moneylion_inbox_backlog_bytes", "Bytes of the files waiting in the inbox", value=size
+        )
+        yield from self._stream_metrics()
         up = GaugeMetricFamily("moneylion_warehouse_up", "1 when the warehouse is open")
         if self.ctx.db is None:
             up.add_metric([], 0)
@@ -87,6 +105,18 @@ class WarehouseCollector:
         else:
             up.add_metric([], 1)
         yield up
+
+    def _stream_metrics(self) -> Iterator[Metric]:
+        """The daemon's worker: its last commit, rates, files set aside or left alone."""
+        ingest = self.ctx.ingest
+        if ingest is None:
+            return
+        stream = ingest.stream()
+        values = {**asdict(stream), "files_stuck": ingest.files_stuck()}
+        for name, text in STREAM_GAUGES.items():
+            yield GaugeMetricFamily(f"moneylion_{name}", text, value=values[name])
+        for name, text in STREAM_COUNTERS.items():
+            yield CounterMetricFamily(f"moneylion_{name}", text, value=values[name])
 
     def _warehouse_metrics(self) -> Iterator[Metric]:
         with self.ctx.cursor() as cursor:

@@ -66,7 +66,14 @@ class SeedHealth(msgspec.Struct):
     process_rss_bytes: int
     uptime_seconds: float
     inbox_backlog: int
+    inbox_backlog_bytes: int
     seconds_since_last_file: float | None
+    # The daemon's worker (null when no daemon writes the warehouse in this process): its last
+    # commit, and files and rows committed per second over the last minute.
+    last_batch_files: int | None
+    last_batch_rows: int | None
+    files_per_second: float | None
+    rows_per_second: float | None
 
 
 class SeedLogCounts(msgspec.Struct):

@@ -157,7 +157,8 @@ async def api_health(state: State) -> SeedHealth:
             last = await ctx.cache.get("last_file", lambda: ctx.run(health.last_file_finished))
         except Exception as exc:  # host readings are still worth answering with
             log.warning("health_ledger_unreadable", extra={"fields": {"error": str(exc)}})
-    reading = health.read_health(ctx.config, last)
+    reading = health.read_health(ctx.config, last, ctx.backlog())
+    stream = ctx.ingest.stream() if ctx.ingest is not None else None
     return SeedHealth(
         cpu_usage=reading.cpu_usage_percent,
         num_cores=reading.num_cores,
@@ -166,11 +167,16 @@ async def api_health(state: State) -> SeedHealth:
         process_rss_bytes=reading.process_rss_bytes,
         uptime_seconds=round(reading.uptime_seconds, 3),
         inbox_backlog=reading.inbox_backlog,
+        inbox_backlog_bytes=reading.inbox_backlog_bytes,
         seconds_since_last_file=(
             round(reading.seconds_since_last_file, 3)
             if reading.seconds_since_last_file is not None
             else None
         ),
+        last_batch_files=stream.last_batch_files if stream else None,
+        last_batch_rows=stream.last_batch_rows if stream else None,
+        files_per_second=round(stream.files_per_second, 3) if stream else None,
+        rows_per_second=round(stream.rows_per_second, 3) if stream else None,
     )
 
 

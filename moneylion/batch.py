@@ -1,0 +1,238 @@
+"""A batch of small files -> one DuckDB transaction: a file is the unit of identity and outcome,
+a batch the unit of commit.
+
+Each file keeps its own ledger row, counts and rejects with line numbers, exactly as if it had
+been ingested alone: its records are checked by the reference rules (``validate_rows``: Python,
+exact line numbers; for small files that costs less than DuckDB's per-statement overhead), the
+rows of every file of the batch are staged together, and ``resolve`` applies the rules that need
+other rows in file order (the first wins, a differing later copy conflicts, the latest users file
+wins). A file refused as a whole (bad header, not UTF-8, not a regular file) fails alone: it gets
+its ledger row, the others load. The aggregate deltas run once, over the batch's file ids.
+Large files do not come here: they take ``ingest_file``'s fast paths, one at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from moneylion import aggregates, ledger
+from moneylion.config import Config
+from moneylion.errors import FileRefused
+from moneylion.ledger import FileOutcome
+from moneylion.resolve import Applied, Stager, create_staging, resolve, store_rejects, utc_now
+from moneylion.schema import rollback
+from moneylion.source import StagedFile
+from moneylion.validate import FileKind, Header, ValidatedRows, read_header, validate_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Unread:
+    """An inbox entry refused without being read (not a regular file, too large)."""
+
+    name: str
+    origin: Path
+    refused: FileRefused
+
+
+Item = StagedFile | Unread
+
+
+@dataclass
+class _New:
+    """A file of the batch that gets a ledger row."""
+
+    item: Item
+    file_id: int = 0
+    header: Header | None = None
+    refused: FileRefused | None = None
+    batches: list[ValidatedRows] = dataclasses.field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(rows.rows_total for rows in self.batches)
+
+
+def ingest_batch(
+    conn: duckdb.DuckDBPyConnection,
+    items: Sequence[Item],
+    config: Config,
+    *,
+    max_rows: int = 0,
+) -> tuple[list[FileOutcome], list[Item]]:
+    """Ingest ``items`` in order, in one transaction; (their outcomes, the items left over).
+
+    ``max_rows``: once the files read hold more records than this, the rest are left for the
+    next batch (at least one file is always taken). Bad input is never an exception; OSError
+    and DuckDB errors propagate after rollback, and then nothing of the batch is committed.
+    """
+    started = time.perf_counter()
+    received_at = utc_now()
+    shas = [item.sha256 for item in items if isinstance(item, StagedFile)]
+    in_ledger = ledger.known(conn, shas)
+    plans: list[_New | FileOutcome | tuple[Item, int]] = []  # new, seen before, or same as #k
+    first_of: dict[str, int] = {}  # sha256 -> index in plans of its first new file
+    new_items: list[Item] = []
+    rows = 0
+    taken = 0
+    for item in items:
+        if max_rows and rows > max_rows and taken:
+            break
+        taken += 1
+        if isinstance(item, StagedFile):
+            found = in_ledger.get(item.sha256)
+            if found is not None:
+                plans.append(
+                    ledger.seen_before(
+                        item.name, item.origin, item.sha256, found, item.size, 0.0, received_at
+                    )
+                )
+                continue
+            if item.sha256 in first_of:
+                plans.append((item, first_of[item.sha256]))
+                continue
+            first_of[item.sha256] = len(plans)
+        fresh = _New(item)
+        _read(fresh)
+        plans.append(fresh)
+        new_items.append(item)
+        rows += fresh.rows
+    ids = iter(ledger.next_file_ids(conn, len(new_items)))
+    stagers = {kind: Stager(kind) for kind in FileKind}
+    for plan in plans:
+        if isinstance(plan, _New):
+            plan.file_id = next(ids)
+            if plan.header is not None:
+                for validated in plan.batches:
+                    stagers[plan.header.kind].add(plan.file_id, validated)
+    outcomes = _commit(conn, plans, stagers, config, started, received_at)
+    return outcomes, list(items[taken:])
+
+
+def _read(plan: _New) -> None:
+    """The file's header and records, checked by the reference rules; or the reason it is
+    refused whole (then nothing of it is kept)."""
+    item = plan.item
+    if isinstance(item, Unread):
+        plan.refused = item.refused
+        return
+    try:
+        plan.header = read_header(item.path, item.name)
+        plan.batches = list(validate_rows(item.path, plan.header))
+    except FileRefused as refused:
+        plan.refused = refused
+        plan.batches = []
+
+
+def _commit(
+    conn: duckdb.DuckDBPyConnection,
+    plans: list[_New | FileOutcome | tuple[Item, int]],
+    stagers: dict[FileKind, Stager],
+    config: Config,
+    started: float,
+    received_at: dt.datetime,
+) -> list[FileOutcome]:
+    """One transaction: rows, rejects, deltas and ledger rows of every new file; outcomes."""
+    new = [plan for plan in plans if isinstance(plan, _New)]
+    applied: dict[int, Applied] = {}
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        for kind, stager in stagers.items():
+            if not stager.lines and not stager.rejects:
+                continue
+            create_staging(conn, kind)
+            stager.flush(conn)
+            for file_id, found in resolve(conn, kind).items():
+                applied[file_id] = found
+            for file_id, reasons in store_rejects(conn).items():
+                applied.setdefault(file_id, Applied()).rejected_by_reason = reasons
+        loaded = sum(
+            applied[p.file_id].loaded
+            for p in new
+            if p.header is not None
+            and p.header.kind is FileKind.TRANSACTIONS
+            and p.file_id in applied
+        )
+        if loaded:
+            ids = [p.file_id for p in new]
+            aggregates.apply_transaction_deltas(
+                conn, min(ids), loaded, config.top_users_kept, last_file_id=max(ids)
+            )
+        finished_at = utc_now()
+        seconds = time.perf_counter() - started
+        done = {p.file_id: _outcome(p, applied, seconds, finished_at, received_at) for p in new}
+        ledger.insert(conn, list(done.values()))
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
+    outcomes: list[FileOutcome] = []
+    for plan in plans:
+        if isinstance(plan, _New):
+            outcome = done[plan.file_id]
+            ledger.log_committed(outcome, plan.header.extra_columns if plan.header else ())
+        elif isinstance(plan, FileOutcome):
+            outcome = plan
+        else:  # the same bytes as an earlier file of this batch
+            item, first = plan
+            assert isinstance(item, StagedFile)  # only read files have bytes to repeat
+            earlier = outcomes[first]
+            outcome = ledger.seen_before(
+                item.name,
+                item.origin,
+                item.sha256,
+                (earlier.file_id or 0, earlier.status, earlier.error_reason, earlier.error),
+                item.size,
+                seconds,
+                finished_at,
+            )
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _outcome(
+    plan: _New,
+    applied: dict[int, Applied],
+    seconds: float,
+    finished_at: dt.datetime,
+    received_at: dt.datetime,
+) -> FileOutcome:
+    item = plan.item
+    read = item if isinstance(item, StagedFile) else None
+    outcome = FileOutcome(
+        name=item.name,
+        path=item.origin,
+        sha256=read.sha256 if read else None,
+        status="loaded",
+        file_id=plan.file_id,
+        kind=str(plan.header.kind) if plan.header else None,
+        size_bytes=read.size if read else 0,
+        seconds=seconds,
+        finished_at=finished_at,
+        received_at=received_at,
+    )
+    if plan.refused is not None:
+        return dataclasses.replace(
+            outcome,
+            status="failed",
+            error_reason=str(plan.refused.reason),
+            error=plan.refused.message,
+        )
+    found = applied.get(plan.file_id, Applied())
+    return dataclasses.replace(
+        outcome,
+        rows_total=found.loaded + found.duplicate + found.rejected,
+        rows_loaded=found.loaded,
+        rows_duplicate=found.duplicate,
+        rows_rejected=found.rejected,
+        rejected_by_reason=found.rejected_by_reason,
+    )

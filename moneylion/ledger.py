@@ -1,0 +1,221 @@
+"""The file ledger (``files``): one row per file whose outcome was committed, and its events.
+
+A file is the sha256 of its bytes: bytes already in the ledger change nothing. A file's ledger
+row commits in the same transaction as its rows, rejects and aggregate deltas, so the ledger is
+what counts. ``LEDGER_COLUMNS`` is the one list of its columns, in the table's order; everything
+that reads or writes a ledger row goes by these names.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from moneylion.resolve import append_arrow
+
+log = logging.getLogger(__name__)
+
+LEDGER_COLUMNS = (
+    "file_id",
+    "name",
+    "sha256",
+    "kind",
+    "status",
+    "rows_total",
+    "rows_loaded",
+    "rows_duplicate",
+    "rows_rejected",
+    "size_bytes",
+    "received_at",
+    "finished_at",
+    "seconds",
+    "error_reason",
+    "error",
+)
+_ARROW_TYPES = {
+    "file_id": pa.int64(),
+    "name": pa.string(),
+    "sha256": pa.string(),
+    "kind": pa.string(),
+    "status": pa.string(),
+    "rows_total": pa.int64(),
+    "rows_loaded": pa.int64(),
+    "rows_duplicate": pa.int64(),
+    "rows_rejected": pa.int64(),
+    "size_bytes": pa.int64(),
+    "received_at": pa.timestamp("us"),
+    "finished_at": pa.timestamp("us"),
+    "seconds": pa.float64(),
+    "error_reason": pa.string(),
+    "error": pa.string(),
+}
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    """What happened to one file; the daemon moves the file and logs from this."""
+
+    name: str
+    path: Path
+    sha256: str | None  # None for an entry that was never read (not a regular file, too large)
+    status: str  # "loaded" | "duplicate_file" | "failed"
+    file_id: int | None
+    kind: str | None = None
+    rows_total: int = 0
+    rows_loaded: int = 0
+    rows_duplicate: int = 0
+    rows_rejected: int = 0
+    rejected_by_reason: Mapping[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    error_reason: str | None = None
+    error: str | None = None
+    size_bytes: int = 0
+    finished_at: dt.datetime | None = None
+    received_at: dt.datetime | None = None
+    seen_before: bool = False  # the ledger had these bytes: nothing was written
+
+    @property
+    def committed(self) -> bool:
+        """Whether this outcome wrote a new ledger row."""
+        return not self.seen_before
+
+    def summary(self) -> str:
+        """One line for the CLI."""
+        if self.status == "failed":
+            return f"{self.name}: failed ({self.error_reason}): {self.error}"
+        if self.status == "duplicate_file":
+            return f"{self.name}: duplicate of file #{self.file_id}, nothing loaded"
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected_by_reason.items()))
+        return (
+            f"{self.name}: {self.kind} file #{self.file_id}: loaded {self.rows_loaded}, "
+            f"duplicate {self.rows_duplicate}, rejected {self.rows_rejected}"
+            + (f" ({reasons})" if reasons else "")
+            + f", {self.seconds:.3f} s"
+        )
+
+    def reason_document(self) -> dict[str, object]:
+        """The content of ``<name>.reason.json`` for a file moved to ``failed/``."""
+        return {
+            "file": self.name,
+            "reason": self.error_reason,
+            "message": self.error,
+            "sha256": self.sha256,
+            "file_id": self.file_id,
+            "time": (self.finished_at or dt.datetime.now(dt.UTC)).isoformat(),
+        }
+
+    def row(self) -> dict[str, object]:
+        """The ledger row, by LEDGER_COLUMNS."""
+        return {name: getattr(self, name) for name in LEDGER_COLUMNS}
+
+
+def insert(conn: duckdb.DuckDBPyConnection, outcomes: Sequence[FileOutcome]) -> None:
+    """Write the ledger rows of ``outcomes`` (new files) in the open transaction, one statement."""
+    if not outcomes:
+        return
+    rows = [outcome.row() for outcome in outcomes]
+    table = pa.table(
+        {
+            name: pa.array([r[name] for r in rows], type=_ARROW_TYPES[name])
+            for name in LEDGER_COLUMNS
+        }
+    )
+    append_arrow(conn, "files", table)
+
+
+Known = tuple[int, str, str | None, str | None]  # file_id, status, error_reason, error
+
+
+def known(conn: duckdb.DuckDBPyConnection, shas: Sequence[str]) -> dict[str, Known]:
+    """The ledger's file for each sha256 already in it."""
+    if not shas:
+        return {}
+    rows = conn.execute(
+        "SELECT sha256, file_id, status, error_reason, error FROM files "
+        "WHERE sha256 IN (SELECT unnest($shas))",
+        {"shas": list(shas)},
+    ).fetchall()
+    return {
+        sha: (int(file_id), status, reason, error) for sha, file_id, status, reason, error in rows
+    }
+
+
+def next_file_ids(conn: duckdb.DuckDBPyConnection, count: int) -> list[int]:
+    """``count`` new file ids, increasing, taken outside any transaction: DuckDB sequences do
+    not roll back, and a file that falls back from one path to another keeps its number."""
+    if not count:
+        return []
+    rows = conn.execute("SELECT nextval('file_id_seq') FROM range($n)", {"n": count}).fetchall()
+    return sorted(int(row[0]) for row in rows)
+
+
+def seen_before(
+    name: str,
+    path: Path,
+    sha256: str,
+    found: Known,
+    size: int,
+    seconds: float,
+    finished_at: dt.datetime,
+) -> FileOutcome:
+    """The outcome of bytes the ledger already has: nothing is written."""
+    file_id, status, error_reason, error = found
+    log.info(
+        "file_seen_before",
+        extra={"fields": {"file": name, "file_id": file_id, "status": status}},
+    )
+    return FileOutcome(
+        name=name,
+        path=path,
+        sha256=sha256,
+        status="duplicate_file" if status == "loaded" else "failed",
+        file_id=file_id,
+        error_reason=error_reason,
+        error=None if error is None else f"same bytes as file #{file_id}: {error}",
+        size_bytes=size,
+        seconds=seconds,
+        finished_at=finished_at,
+        seen_before=True,
+    )
+
+
+def log_committed(outcome: FileOutcome, extra_columns: Sequence[str] = ()) -> None:
+    """The event of a new ledger row, after its commit."""
+    if outcome.status == "failed":
+        log.warning(
+            "file_failed",
+            extra={
+                "fields": {
+                    "file": outcome.name,
+                    "file_id": outcome.file_id,
+                    "reason": outcome.error_reason,
+                    "message": outcome.error,
+                }
+            },
+        )
+        return
+    if extra_columns:
+        log.warning(
+            "extra_columns_ignored",
+            extra={"fields": {"file": outcome.name, "columns": list(extra_columns)}},
+        )
+    log.info(
+        "file_loaded",
+        extra={
+            "fields": {
+                "file": outcome.name,
+                "file_id": outcome.file_id,
+                "kind": outcome.kind,
+                "loaded": outcome.rows_loaded,
+                "duplicate": outcome.rows_duplicate,
+                "rejected": outcome.rows_rejected,
+                "seconds": round(outcome.seconds, 4),
+            }
+        },
+    )

@@ -1,0 +1,299 @@
+"""The rules that need other rows: copies within a file, rows already stored, and files in order.
+
+Rows that passed their own field rules are staged (``staged``: one row per record, with its file
+and line) by whichever path read them, for one file or for a batch of files; ``resolve`` then
+decides every staged row's verdict in one set of statements and appends the rows that load:
+
+* within a file, identical copies of an id load once (the first), differing copies are all
+  rejected (``duplicate_in_file``);
+* transactions are immutable: an id already stored, or already loaded by an earlier file of the
+  batch, is a ``duplicate`` with the same content and ``conflicts_with_stored`` otherwise;
+* users: the latest file wins; a profile identical to the one it would replace (stored, or left
+  by an earlier file of the batch) is a ``duplicate``.
+
+So a batch of files gives exactly what the same files one after the other give. Ids staged only
+once (nearly all of them) are decided by one join with the stored rows; only the few ids staged
+more than once go through the ordering rules.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import duckdb
+import pyarrow as pa
+
+from moneylion.validate import COLUMNS, FileKind, Reject, ValidatedRows
+
+ARROW_TYPES: dict[str, pa.DataType] = {
+    "transaction_id": pa.int64(),
+    "user_id": pa.int64(),
+    "transaction_date": pa.date32(),
+    "amount": pa.decimal128(18, 2),
+    "transaction_type": pa.string(),
+    "signup_date": pa.date32(),
+    "country": pa.string(),
+}
+
+STAGED_COLUMNS = {
+    FileKind.TRANSACTIONS: "transaction_id BIGINT, user_id BIGINT, transaction_date DATE, "
+    "amount DECIMAL(18, 2), transaction_type VARCHAR",
+    FileKind.USERS: "user_id BIGINT, signup_date DATE, country VARCHAR",
+}
+TABLES = {FileKind.TRANSACTIONS: "transactions", FileKind.USERS: "users"}
+REJECTED_HERE = ("duplicate_in_file", "conflicts_with_stored")
+DUPLICATES = ("duplicate", "copy")  # the same row again: stored, earlier in the batch, or a copy
+
+
+def utc_now() -> dt.datetime:
+    """Now, in UTC, without a zone (DuckDB TIMESTAMP)."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+@dataclass
+class Applied:
+    loaded: int = 0
+    duplicate: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.rejected_by_reason.values())
+
+
+# --- staging ----------------------------------------------------------------------------------
+
+
+def create_staging(conn: duckdb.DuckDBPyConnection, kind: FileKind) -> None:
+    """Empty ``staged`` and ``staged_rejects`` temp tables for rows of ``kind``."""
+    conn.execute(
+        f"CREATE OR REPLACE TEMP TABLE staged (file_id BIGINT, {STAGED_COLUMNS[kind]}, "
+        "line BIGINT, raw_line VARCHAR)"
+    )
+    conn.execute(
+        "CREATE OR REPLACE TEMP TABLE staged_rejects (file_id BIGINT, line_number BIGINT, "
+        "reason VARCHAR, message VARCHAR, raw_line VARCHAR)"
+    )
+
+
+class Stager:
+    """Good rows and rejects of any number of files of one kind, gathered in Python and staged
+    in one Arrow append each (a batch of small files costs two statements, not two per file)."""
+
+    def __init__(self, kind: FileKind) -> None:
+        self.kind = kind
+        self._reset()
+
+    def _reset(self) -> None:
+        kind = self.kind
+        self.columns: dict[str, list[object]] = {name: [] for name in COLUMNS[kind]}
+        self.file_ids: list[int] = []
+        self.lines: list[int] = []
+        self.raw_lines: list[str] = []
+        self.rejects: list[tuple[int, Reject]] = []
+
+    def add(self, file_id: int, rows: ValidatedRows) -> None:
+        for name, values in rows.columns.items():
+            self.columns[name].extend(values)
+        self.file_ids.extend([file_id] * len(rows.lines))
+        self.lines.extend(rows.lines)
+        self.raw_lines.extend(rows.raw_lines)
+        self.rejects.extend((file_id, reject) for reject in rows.rejects)
+
+    def flush(self, conn: duckdb.DuckDBPyConnection) -> None:
+        """Append what was gathered to ``staged`` / ``staged_rejects``; start afresh."""
+        if self.lines:
+            arrays = {"file_id": pa.array(self.file_ids, type=pa.int64())}
+            for name, values in self.columns.items():
+                arrays[name] = pa.array(values, type=ARROW_TYPES[name])
+            arrays["line"] = pa.array(self.lines, type=pa.int64())
+            arrays["raw_line"] = pa.array(self.raw_lines, type=pa.string())
+            append_arrow(conn, "staged", pa.table(arrays))
+        if self.rejects:
+            append_arrow(conn, "staged_rejects", arrow_rejects(self.rejects))
+        self._reset()
+
+
+def arrow_rejects(rejects: list[tuple[int, Reject]]) -> pa.Table:
+    """(file id, Reject) pairs as a table of ``staged_rejects``' columns."""
+    return pa.table(
+        {
+            "file_id": pa.array([f for f, _ in rejects], type=pa.int64()),
+            "line_number": pa.array([r.line_number for _, r in rejects], type=pa.int64()),
+            "reason": pa.array([str(r.reason) for _, r in rejects], type=pa.string()),
+            "message": pa.array([r.message for _, r in rejects], type=pa.string()),
+            "raw_line": pa.array([r.raw_line for _, r in rejects], type=pa.string()),
+        }
+    )
+
+
+def append_arrow(conn: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None:
+    conn.register("arrow_batch", rows)
+    try:
+        conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM arrow_batch")
+    finally:
+        conn.unregister("arrow_batch")
+
+
+# --- verdicts ---------------------------------------------------------------------------------
+
+# Ids staged more than once (in one file or in several): comparing the contents of every id
+# would cost seconds for a large file, those of the few repeated ones nothing.
+_REPEATED = """
+CREATE OR REPLACE TEMP TABLE staged_repeated AS
+SELECT {key} AS id FROM staged GROUP BY ALL HAVING count(*) > 1
+"""
+# Per file and repeated id: how many variants its copies in that file have, the first line.
+_COPIES = """
+CREATE OR REPLACE TEMP TABLE staged_copies AS
+SELECT file_id, {key} AS id, count(DISTINCT ({content})) AS variants, min(line) AS first_line
+FROM staged WHERE {key} IN (SELECT id FROM staged_repeated) GROUP BY ALL
+"""
+_STORED = """
+CREATE OR REPLACE TEMP TABLE staged_stored AS
+SELECT {key} AS id, {content}, file_id FROM {table}
+WHERE {key} IN (SELECT {key} FROM staged)
+"""
+# The copy of a repeated id that survives each file's copies, its place among the files (nth)
+# and the surviving copy of the file before it (previous).
+_SURVIVORS = """
+SELECT s.file_id, s.line, s.{key} AS id,
+       row_number() OVER (PARTITION BY s.{key} ORDER BY s.file_id) AS nth,
+       lag(({content})) OVER (PARTITION BY s.{key} ORDER BY s.file_id) AS previous
+FROM staged s JOIN staged_copies p ON p.file_id = s.file_id AND p.id = s.{key}
+WHERE p.variants = 1 AND s.line = p.first_line
+"""
+_VERDICTS = {
+    FileKind.TRANSACTIONS: """
+CREATE OR REPLACE TEMP TABLE staged_verdicts AS
+WITH survivors AS ({survivors})
+SELECT s.*,
+       CASE WHEN t.id IS NULL THEN 'load'
+            WHEN ({s_content}) IS NOT DISTINCT FROM ({t_content}) THEN 'duplicate'
+            ELSE 'conflicts_with_stored' END AS verdict,
+       t.file_id AS against
+FROM staged s LEFT JOIN staged_stored t ON t.id = s.{key}
+WHERE s.{key} NOT IN (SELECT id FROM staged_repeated)
+UNION ALL
+SELECT s.*,
+       CASE WHEN c.variants > 1 THEN 'duplicate_in_file'
+            WHEN s.line <> c.first_line THEN 'copy'
+            WHEN t.id IS NOT NULL AND ({s_content}) IS NOT DISTINCT FROM ({t_content})
+                THEN 'duplicate'
+            WHEN t.id IS NOT NULL THEN 'conflicts_with_stored'
+            WHEN v.nth = 1 THEN 'load'
+            WHEN ({s_content}) IS NOT DISTINCT FROM ({f_content}) THEN 'duplicate'
+            ELSE 'conflicts_with_stored' END AS verdict,
+       coalesce(t.file_id, f.file_id) AS against
+FROM staged s
+JOIN staged_copies c ON c.file_id = s.file_id AND c.id = s.{key}
+LEFT JOIN survivors v ON v.file_id = s.file_id AND v.line = s.line
+LEFT JOIN survivors fv ON fv.id = s.{key} AND fv.nth = 1
+LEFT JOIN staged f ON f.file_id = fv.file_id AND f.line = fv.line
+LEFT JOIN staged_stored t ON t.id = s.{key}
+""",
+    FileKind.USERS: """
+CREATE OR REPLACE TEMP TABLE staged_verdicts AS
+WITH survivors AS ({survivors})
+SELECT s.*,
+       CASE WHEN t.id IS NOT NULL AND ({s_content}) IS NOT DISTINCT FROM ({t_content})
+            THEN 'duplicate' ELSE 'load' END AS verdict,
+       t.file_id AS against
+FROM staged s LEFT JOIN staged_stored t ON t.id = s.{key}
+WHERE s.{key} NOT IN (SELECT id FROM staged_repeated)
+UNION ALL
+SELECT s.*,
+       CASE WHEN c.variants > 1 THEN 'duplicate_in_file'
+            WHEN s.line <> c.first_line THEN 'copy'
+            WHEN ({s_content}) IS NOT DISTINCT FROM coalesce(v.previous, ({t_content}))
+                THEN 'duplicate'
+            ELSE 'load' END AS verdict,
+       t.file_id AS against
+FROM staged s
+JOIN staged_copies c ON c.file_id = s.file_id AND c.id = s.{key}
+LEFT JOIN survivors v ON v.file_id = s.file_id AND v.line = s.line
+LEFT JOIN staged_stored t ON t.id = s.{key}
+""",
+}
+_REJECTS = """
+INSERT INTO staged_rejects
+SELECT file_id, line, verdict,
+       CASE verdict
+           WHEN 'duplicate_in_file'
+               THEN '{key} ' || {key} || ' appears in this file with different content'
+           ELSE '{key} ' || {key} || ' is stored (file #' || against || ') with different content'
+       END,
+       raw_line
+FROM staged_verdicts WHERE verdict IN $rejected
+"""
+_APPEND = {
+    FileKind.TRANSACTIONS: """
+INSERT INTO transactions
+SELECT transaction_id, user_id, transaction_date, amount, transaction_type, file_id
+FROM staged_verdicts WHERE verdict = 'load'
+""",
+    # The latest file's profile of each user lands; earlier ones of the batch were overwritten.
+    FileKind.USERS: """
+INSERT INTO users
+SELECT user_id, signup_date, country, file_id, $now FROM staged_verdicts
+WHERE verdict = 'load'
+QUALIFY row_number() OVER (PARTITION BY user_id ORDER BY file_id DESC) = 1
+ON CONFLICT (user_id) DO UPDATE SET
+    signup_date = excluded.signup_date,
+    country = excluded.country,
+    file_id = excluded.file_id,
+    updated_at = excluded.updated_at
+""",
+}
+_COUNTS = "SELECT file_id, verdict, count(*) FROM staged_verdicts GROUP BY ALL"
+_TEMPORARY = ("staged", "staged_repeated", "staged_copies", "staged_stored", "staged_verdicts")
+
+
+def _sql(template: str, kind: FileKind) -> str:
+    key, *rest = COLUMNS[kind]
+    return template.format(
+        key=key,
+        table=TABLES[kind],
+        content=", ".join(rest),
+        s_content=", ".join(f"s.{c}" for c in rest),
+        t_content=", ".join(f"t.{c}" for c in rest),
+        f_content=", ".join(f"f.{c}" for c in rest),
+        survivors=_SURVIVORS.format(key=key, content=", ".join(rest)),
+    )
+
+
+def resolve(conn: duckdb.DuckDBPyConnection, kind: FileKind) -> dict[int, Applied]:
+    """Decide every staged row, append those that load, put the rejects found here in
+    ``staged_rejects``; per file id, what was loaded and duplicated (rejects: ``store_rejects``)."""
+    conn.execute(_sql(_REPEATED, kind))
+    conn.execute(_sql(_COPIES, kind))
+    conn.execute(_sql(_STORED, kind))
+    conn.execute(_sql(_VERDICTS[kind], kind))
+    conn.execute(_sql(_REJECTS, kind), {"rejected": list(REJECTED_HERE)})
+    params = {"now": utc_now()} if kind is FileKind.USERS else None
+    conn.execute(_sql(_APPEND[kind], kind), params)
+    applied: dict[int, Applied] = defaultdict(Applied)
+    for file_id, verdict, count in conn.execute(_COUNTS).fetchall():
+        if verdict == "load":
+            applied[file_id].loaded += int(count)
+        elif verdict in DUPLICATES:
+            applied[file_id].duplicate += int(count)
+    conn.execute("; ".join(f"DROP TABLE {table}" for table in _TEMPORARY))
+    return dict(applied)
+
+
+def store_rejects(conn: duckdb.DuckDBPyConnection) -> dict[int, dict[str, int]]:
+    """``staged_rejects`` into ``rejects`` (in line order); per file id, rejects by reason."""
+    conn.execute(
+        "INSERT INTO rejects SELECT file_id, line_number, reason, message, raw_line "
+        "FROM staged_rejects ORDER BY file_id, line_number"
+    )
+    by_file: dict[int, dict[str, int]] = defaultdict(dict)
+    for file_id, reason, count in conn.execute(
+        "SELECT file_id, reason, count(*) FROM staged_rejects GROUP BY ALL"
+    ).fetchall():
+        by_file[file_id][reason] = int(count)
+    conn.execute("DROP TABLE staged_rejects")
+    return dict(by_file)

@@ -1,0 +1,341 @@
+"""The ingest worker: the one DuckDB writer. It takes the ready files at the head of the inbox
+queue, commits them (small ones together in one batch, a large one alone), moves each out, and
+pokes the exporter after every commit.
+
+Commit first, then move: a crash in between leaves committed files in the inbox, which the
+ledger recognises on restart (seen before) and which are then only moved. Errors of the
+environment (``errors.is_transient``) are retried with backoff, a bounded number of times; a
+bug fails the file at once. A batch that fails is retried file by file, so one bad file never
+holds back the others.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from moneylion import inbox
+from moneylion.batch import Item, Unread, ingest_batch
+from moneylion.config import Config
+from moneylion.errors import FileChanged, FileRefused, is_transient
+from moneylion.ingest import FileOutcome, file_sha256, ingest_file
+from moneylion.priority import lower_thread_priority
+from moneylion.schema import one_row
+from moneylion.source import StagedFile, stage
+from moneylion.stream import IngestStats
+from moneylion.watcher import ONE_FILE, BatchLimits, InboxQueue, TakenFile
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 5  # tries per file for errors of the environment before it goes to failed/
+BACKOFF_SECONDS = (0.5, 1.0, 2.0, 4.0)
+# Let the current batch finish this long; after that it is interrupted and rolled back.
+STOP_GRACE_SECONDS = 2.0
+
+IngestOne = Callable[[duckdb.DuckDBPyConnection, Path, Config], FileOutcome]
+IngestBatch = Callable[..., tuple[list[FileOutcome], list[Item]]]
+
+
+_DEFAULT_BATCH: Any = object()
+
+
+class IngestWorker(threading.Thread):
+    """Takes files from the queue in arrival order, commits them, moves them out, and pokes the
+    exporter after every commit.
+
+    ``ingest`` ingests one file; ``batch`` (``ingest_batch`` unless a stand-in ``ingest`` is
+    given, or None: one file at a time) commits several small files together.
+    """
+
+    def __init__(
+        self,
+        conn: duckdb.DuckDBPyConnection,
+        config: Config,
+        queue: InboxQueue,
+        on_commit: Callable[[], None] | None = None,
+        *,
+        ingest: IngestOne = ingest_file,
+        batch: IngestBatch | None = _DEFAULT_BATCH,
+        backoff: tuple[float, ...] = BACKOFF_SECONDS,
+    ) -> None:
+        super().__init__(name="ingest-worker", daemon=True)
+        self.ingest = ingest
+        if batch is _DEFAULT_BATCH:
+            batch = ingest_batch if ingest is ingest_file else None
+        self.batch = batch
+        self.limits = (
+            BatchLimits(config.batch_max_files, config.batch_max_bytes, config.batch_file_max_bytes)
+            if batch is not None
+            else ONE_FILE
+        )
+        self.backoff = backoff
+        self.conn = conn
+        self.config = config
+        self.queue = queue
+        self.on_commit = on_commit
+        self.stopping = threading.Event()
+        self.stats = IngestStats()
+        self.files_done = 0
+        self.last_file_at: float | None = None
+        # The id of the last file committed in DuckDB: the API's change token and the mark the
+        # SQLite export must reach before user summaries are read from it.
+        self.committed_file_id = last_file_id(conn)
+
+    def run(self) -> None:
+        lower_thread_priority(self.config.ingest_nice)
+        log.info("worker_started", extra={"fields": {"inbox": str(self.config.inbox)}})
+        while taken := self.queue.take_batch(self.limits):
+            try:
+                if self.batch is None or taken[0].size > self.limits.alone_bytes:
+                    for one in taken:
+                        self._handle(one)
+                else:
+                    self._handle_batch(taken)
+            except Exception:  # a bug: log it with context, keep the daemon up
+                log.exception(
+                    "worker_error", extra={"fields": {"files": [t.path.name for t in taken]}}
+                )
+                for one in taken:
+                    self.queue.finish(one.path)
+        log.info("worker_stopped", extra={"fields": {"files": self.files_done}})
+
+    # -- one file alone (large files, and stand-in ingests) -----------------------------------
+
+    def _handle(self, taken: TakenFile) -> None:
+        path = taken.path
+        log.info(
+            "file_started", extra={"fields": {"file": path.name, "attempt": taken.attempts + 1}}
+        )
+        try:
+            outcome = self.ingest(self.conn, path, self.config)
+        except Exception as exc:
+            self._failed(taken, exc)
+            return
+        self._committed([outcome])
+        self._settle(taken, outcome)
+
+    def _failed(self, taken: TakenFile, exc: Exception) -> None:
+        """What an exception while ingesting ``taken`` means for it."""
+        path = taken.path
+        if isinstance(exc, FileNotFoundError):
+            log.info("file_vanished", extra={"fields": {"file": path.name, "stage": "ingest"}})
+            self.queue.finish(path)
+        elif isinstance(exc, FileChanged):  # nothing was recorded: take it again once quiet
+            log.info("file_changed_while_reading", extra={"fields": {"file": path.name}})
+            self.queue.finish(path)
+            self.queue.file_found(path)
+        elif self.stopping.is_set():
+            log.info("file_rolled_back", extra={"fields": {"file": path.name}})
+            self.queue.finish(path)
+        else:
+            reason = "unreadable" if isinstance(exc, OSError) else "ingest_error"
+            self._retry_or_fail(taken, reason, exc)
+
+    # -- a batch of small files ---------------------------------------------------------------
+
+    def _handle_batch(self, taken: list[TakenFile]) -> None:
+        assert self.batch is not None
+        of: dict[Path, TakenFile] = {t.path: t for t in taken}
+        items: list[Item] = []
+        for one in taken:
+            try:
+                items.append(stage(one.path, self.config.staging_dir, max_bytes=self._max_bytes))
+            except FileRefused as refused:  # not a regular file, too large: never read
+                items.append(Unread(one.path.name, one.path, refused))
+            except Exception as exc:
+                self._failed(one, exc)
+        try:
+            try:
+                outcomes, left = self.batch(
+                    self.conn, items, self.config, max_rows=self.config.batch_max_rows
+                )
+            except Exception as exc:
+                if self.stopping.is_set():
+                    log.info("batch_rolled_back", extra={"fields": {"files": len(items)}})
+                    for item in items:
+                        self.queue.finish(item.origin)
+                    return
+                log.warning(
+                    "batch_failed",
+                    extra={
+                        "fields": {"files": len(items), "error": f"{type(exc).__name__}: {exc}"}
+                    },
+                )
+                self._one_by_one(items, of)
+                return
+            self._committed(outcomes)
+            for outcome in outcomes:
+                self._settle(of[outcome.path], outcome)
+            self.queue.untake([of[item.origin] for item in left])
+        finally:
+            for item in items:
+                if isinstance(item, StagedFile):
+                    item.discard()
+
+    def _one_by_one(self, items: Sequence[Item], of: dict[Path, TakenFile]) -> None:
+        """After a failed batch: each file in its own batch, so a bad one fails alone."""
+        assert self.batch is not None
+        for item in items:
+            try:
+                outcomes, _ = self.batch(self.conn, [item], self.config)
+            except Exception as exc:
+                self._failed(of[item.origin], exc)
+                continue
+            self._committed(outcomes)
+            self._settle(of[item.origin], outcomes[0])
+
+    @property
+    def _max_bytes(self) -> int:
+        return self.config.max_file_bytes
+
+    # -- after a commit -----------------------------------------------------------------------
+
+    def _committed(self, outcomes: Sequence[FileOutcome]) -> None:
+        """Bookkeeping after a commit: the change token, the exporter, the rates."""
+        new = [o for o in outcomes if o.committed]
+        if not new:
+            return
+        ids = [o.file_id for o in new if o.file_id is not None]
+        if ids:
+            self.committed_file_id = max(self.committed_file_id, *ids)
+        self.stats.committed(len(new), sum(o.rows_loaded for o in new), max(o.seconds for o in new))
+        if self.on_commit is not None:
+            self.on_commit()  # there is something to export
+
+    def _settle(self, taken: TakenFile, outcome: FileOutcome) -> None:
+        """Move a committed file out of the inbox (unless it changed meanwhile)."""
+        path = taken.path
+        try:
+            moved = self.queue.finish(path, then=lambda: self._move(outcome))
+        except OSError as exc:
+            if not path.exists():
+                log.info("file_vanished", extra={"fields": {"file": path.name, "stage": "move"}})
+                return
+            # Committed but still in the inbox: the next try finds it in the ledger and moves it.
+            self._retry_or_fail(taken, "cannot_move", exc, finished=True)
+            return
+        if not moved:
+            log.info("file_changed_while_ingesting", extra={"fields": {"file": path.name}})
+        self.files_done += 1
+        self.last_file_at = time.time()
+
+    def _move(self, outcome: FileOutcome) -> None:
+        """Loaded and duplicate files go to done/<day>/, failed ones to failed/<day>/ with their
+        reason."""
+        if outcome.status == "failed":
+            target = inbox.move_without_overwrite(
+                outcome.path,
+                inbox.day_folder(self.config.failed_dir),
+                companion_suffix=inbox.REASON_SUFFIX,
+            )
+            try:
+                inbox.write_reason(target, outcome.reason_document())
+            except OSError as exc:  # the file is set aside; the ledger still has the reason
+                log.error(
+                    "reason_not_written",
+                    extra={"fields": {"file": outcome.name, "error": str(exc)}},
+                )
+        else:
+            target = inbox.move_without_overwrite(
+                outcome.path, inbox.day_folder(self.config.done_dir)
+            )
+        log.info(
+            "file_moved",
+            extra={
+                "fields": {
+                    "file": outcome.name,
+                    "status": outcome.status,
+                    "file_id": outcome.file_id,
+                    "to": str(target.relative_to(self.config.inbox)),
+                }
+            },
+        )
+
+    # -- errors -------------------------------------------------------------------------------
+
+    def _retry_or_fail(
+        self, taken: TakenFile, reason: str, exc: BaseException, *, finished: bool = False
+    ) -> None:
+        """An error of the environment is retried with backoff a bounded number of times; a bug
+        is not (it would fail the same way): then the file is set aside in failed/."""
+        attempts = taken.attempts + 1
+        fields: dict[str, Any] = {
+            "file": taken.path.name,
+            "reason": reason,
+            "error": f"{type(exc).__name__}: {exc}",
+            "attempt": attempts,
+        }
+        if isinstance(exc, OSError) and exc.errno is not None:
+            fields["errno"] = errno.errorcode.get(exc.errno, exc.errno)
+        transient = is_transient(exc)
+        if transient and attempts < MAX_ATTEMPTS:
+            delay = self.backoff[min(attempts - 1, len(self.backoff) - 1)]
+            log.warning("file_retry", extra={"fields": {**fields, "delay": delay}})
+            self.queue.retry(taken.path, attempts, delay)
+            return
+        if transient:
+            log.error("file_given_up", extra={"fields": fields})
+        else:
+            log.exception("file_failed_by_a_bug", exc_info=exc, extra={"fields": fields})
+        if not finished:
+            self.queue.finish(taken.path)
+        self.stats.set_aside()
+        try:
+            target = inbox.move_without_overwrite(
+                taken.path,
+                inbox.day_folder(self.config.failed_dir),
+                companion_suffix=inbox.REASON_SUFFIX,
+            )
+            inbox.write_reason(target, environment_failure(target, reason, exc))
+        except OSError as move_exc:
+            # It cannot be set aside either: leave it alone (no endless retry) until it changes.
+            self.queue.give_up(taken.path)
+            log.error(
+                "file_stuck",
+                extra={"fields": {"file": taken.path.name, "error": str(move_exc)}},
+            )
+
+    def stop(self, grace: float = STOP_GRACE_SECONDS) -> bool:
+        """Stop taking files, let the current batch finish within ``grace`` seconds, otherwise
+        interrupt it (its transaction rolls back, the files stay in the inbox). True if stopped."""
+        self.stopping.set()
+        self.queue.close()
+        self.join(grace)
+        if self.is_alive():
+            log.warning("worker_interrupting", extra={"fields": {"grace": grace}})
+            self.conn.interrupt()
+            self.join(1.0)
+        return not self.is_alive()
+
+
+def environment_failure(path: Path, reason: str, exc: BaseException) -> dict[str, object]:
+    """A reason document for a file that kept failing for reasons of the environment."""
+    try:
+        sha256: str | None = file_sha256(path)[0]
+    except OSError:
+        sha256 = None
+    return {
+        "file": path.name,
+        "reason": reason,
+        "message": f"{type(exc).__name__}: {exc}",
+        "sha256": sha256,
+        "file_id": None,
+        "time": dt.datetime.now(dt.UTC).isoformat(),
+    }
+
+
+def last_file_id(conn: duckdb.DuckDBPyConnection) -> int:
+    """The highest file id in the ledger (0 for an empty one)."""
+    cursor = conn.cursor()
+    try:
+        return int(one_row(cursor, "SELECT coalesce(max(file_id), 0) FROM files")[0])
+    finally:
+        cursor.close()
