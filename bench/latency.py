@@ -165,6 +165,14 @@ def main() -> None:
     # From the JSON log (millisecond timestamps): rename -> worker starts -> file committed+moved.
     seen: dict[tuple[str, str], float] = {}
     for event in logged_events(run / "warehouse"):
+        if event.get("event") == "batch_started":  # small files: the batch that took them
+            for name in event.get("files", []):
+                if name in dropped_at:
+                    seen.setdefault(
+                        (name, "file_started"),
+                        dt.datetime.fromisoformat(str(event["ts"])).timestamp(),
+                    )
+            continue
         name = str(event.get("file"))
         if name in dropped_at and event.get("event") in ("file_started", "file_moved"):
             seen[(name, str(event["event"]))] = dt.datetime.fromisoformat(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bisect
 import csv
-from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -38,6 +37,7 @@ from moneylion.validate import (
     Header,
     LongRecord,
     Reject,
+    Source,
     data_lines,
     is_blank,
     located_select_sql,
@@ -54,7 +54,7 @@ NOT_CLEAN = "moneylion: row needs the reference path"
 
 
 def append_fast(
-    conn: duckdb.DuckDBPyConnection, path: Path, header: Header, file_id: int
+    conn: duckdb.DuckDBPyConnection, source: Source, header: Header, file_id: int
 ) -> Applied | None:
     """Append a clean, new file straight from DuckDB's reader in one statement.
 
@@ -68,7 +68,11 @@ def append_fast(
     guarded = columns.replace(key, f"CASE WHEN ok THEN {key} ELSE error('{NOT_CLEAN}') END", 1)
     table = "transactions" if header.kind is FileKind.TRANSACTIONS else "users"
     extra = "$file_id" if header.kind is FileKind.TRANSACTIONS else "$file_id, $now"
-    params: dict[str, object] = {"path": str(path), "skip": header.line_number, "file_id": file_id}
+    params: dict[str, object] = {
+        "path": str(source.disk_path()),
+        "skip": header.line_number,
+        "file_id": file_id,
+    }
     if header.kind is FileKind.USERS:
         params["now"] = utc_now()
     try:
@@ -152,12 +156,12 @@ def _stored_ids_among(conn: duckdb.DuckDBPyConnection, file_id: int, low: int, h
 
 
 def append_reference(
-    conn: duckdb.DuckDBPyConnection, path: Path, header: Header, file_id: int
+    conn: duckdb.DuckDBPyConnection, source: Source, header: Header, file_id: int
 ) -> Applied:
     """Stage the whole file through validate_rows (Python, line numbers), then resolve it."""
     create_staging(conn, header.kind)
     stager = Stager(header.kind)
-    for batch in validate_rows(path, header):
+    for batch in validate_rows(source, header):
         stager.add(file_id, batch)
         stager.flush(conn)  # a batch at a time: memory stays flat
     return _one_file(conn, header.kind, file_id)
@@ -171,7 +175,7 @@ def _one_file(conn: duckdb.DuckDBPyConnection, kind: FileKind, file_id: int) -> 
 
 
 def append_located(
-    conn: duckdb.DuckDBPyConnection, path: Path, header: Header, file_id: int
+    conn: duckdb.DuckDBPyConnection, source: Source, header: Header, file_id: int
 ) -> Applied | None:
     """Stage with DuckDB's reader, send only the rows failing a fast check through the
     reference rules, and find line numbers for the rejects alone.
@@ -186,7 +190,7 @@ def append_located(
     """
     conn.execute(
         "CREATE OR REPLACE TEMP TABLE staged_raw AS " + located_select_sql(header),
-        {"path": str(path), "skip": header.line_number},
+        {"path": str(source.disk_path()), "skip": header.line_number},
     )
     # The lines the reader set aside (DISTINCT: a line may have an error row per column).
     aside: list[tuple[int, str, str]] = []
@@ -200,7 +204,7 @@ def append_located(
     reader_rejects: list[Reject] = []
     if aside:
         found_aside = (
-            _reader_rejects(conn, header, aside) if _by_line(conn, path, header, aside) else None
+            _reader_rejects(conn, header, aside) if _by_line(conn, source, header, aside) else None
         )
         if found_aside is None:
             return None
@@ -237,8 +241,8 @@ def append_located(
     if aside:  # lines are records (checked above)
         lines = _lines_around(header, ordinals, [line for line, _, _ in aside])
     else:
-        by_line = bool(found) and _by_line(conn, path, header, aside)
-        lines = record_lines(path, header, ordinals, by_line=by_line)
+        by_line = bool(found) and _by_line(conn, source, header, aside)
+        lines = record_lines(source, header, ordinals, by_line=by_line)
     mapping = pa.table(
         {
             "ordinal": pa.array([o for o, _ in found], type=pa.int64()),
@@ -274,14 +278,14 @@ _TOO_LONG = "LINE SIZE OVER MAXIMUM"
 
 def _by_line(
     conn: duckdb.DuckDBPyConnection,
-    path: Path,
+    source: Source,
     header: Header,
     aside: list[tuple[int, str, str]],
 ) -> bool:
     """Whether every line after the header is one record the reader kept or one of the lines
     it set aside: then no record spans lines, and DuckDB's line numbers are the file's."""
     (kept,) = one_row(conn, "SELECT count(*) FROM staged_raw")
-    return int(kept) + len(aside) == data_lines(path) - header.line_number
+    return int(kept) + len(aside) == data_lines(source) - header.line_number
 
 
 def _reader_rejects(

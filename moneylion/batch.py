@@ -126,8 +126,8 @@ def _read(plan: _New) -> None:
         plan.refused = item.refused
         return
     try:
-        plan.header = read_header(item.path, item.name)
-        plan.batches = list(validate_rows(item.path, plan.header))
+        plan.header = read_header(item)
+        plan.batches = list(validate_rows(item, plan.header))
     except FileRefused as refused:
         plan.refused = refused
         plan.batches = []

@@ -110,10 +110,9 @@ def ingest_staged(
     received_at: dt.datetime | None = None,
     progress: Progress | None = None,
 ) -> FileOutcome:
-    """``ingest_file`` of a file already staged: every reader reads ``staged.path``."""
+    """``ingest_file`` of a file already read (``source.stage``): every reader reads ``staged``."""
     started = time.perf_counter() if started is None else started
     received_at = utc_now() if received_at is None else received_at
-    path = staged.path
     report = progress or (lambda stage: None)
     kept = config.top_users_kept if config else DEFAULT_TOP_USERS_KEPT
     sha256, size = staged.sha256, staged.size
@@ -135,13 +134,13 @@ def ingest_staged(
         staged.origin, staged.name, sha256, size, received_at, started, _next_file_id(conn)
     )
     try:
-        header = read_header(path, staged.name)
+        header = read_header(staged)
     except FileRefused as refused:
         return _record_failure(conn, arrival, None, refused)
 
     report(f"{header.kind} file, {size} bytes")
     try:
-        outcome = _load(conn, arrival, path, header, kept, report)
+        outcome = _load(conn, arrival, staged, header, kept, report)
     except FileRefused as refused:
         return _record_failure(conn, arrival, header, refused)
     _insert_ledger_committed(conn, outcome)
@@ -165,30 +164,31 @@ class _Arrival:
 def _load(
     conn: duckdb.DuckDBPyConnection,
     arrival: _Arrival,
-    path: Path,
+    source: StagedFile,
     header: Header,
     kept: int,
     report: Progress,
 ) -> FileOutcome:
-    """Apply the file (read from ``path``, its private copy) inside an open transaction; the
-    caller writes the ledger row and commits. Rolls back and re-raises on any error."""
+    """Apply the file (read from ``source``, its bytes as read once) inside an open
+    transaction; the caller writes the ledger row and commits. Rolls back and re-raises on any
+    error."""
     file_id = arrival.file_id
     conn.execute("BEGIN TRANSACTION")
     try:
         # DuckDB's reader binds every column of a wide file (5,000 columns: ~0.3 s even for a
         # few rows); past WIDE_COLUMNS the reference rules read it (no reader limit there).
         wide = header.field_count > WIDE_COLUMNS
-        applied = None if wide else append_fast(conn, path, header, file_id)
+        applied = None if wide else append_fast(conn, source, header, file_id)
         if applied is None and not wide:
             conn.execute("ROLLBACK")
             report("has rows to reject or skip: checking them one by one")
             conn.execute("BEGIN TRANSACTION")
-            applied = append_located(conn, path, header, file_id)
+            applied = append_located(conn, source, header, file_id)
         if applied is None:
             conn.execute("ROLLBACK")
             report("has rows with a wrong field count: validating every row")
             conn.execute("BEGIN TRANSACTION")
-            applied = append_reference(conn, path, header, file_id)
+            applied = append_reference(conn, source, header, file_id)
         if header.kind is FileKind.TRANSACTIONS and applied.loaded:
             report(f"appended {applied.loaded} rows: updating aggregates")
             aggregates.apply_transaction_deltas(conn, file_id, applied.loaded, kept)

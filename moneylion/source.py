@@ -3,26 +3,32 @@
 An entry is read only if ``lstat`` says it is a regular file: symbolic links are never followed
 (``O_NOFOLLOW``), and a FIFO, socket or device is refused without being opened, so nothing in the
 inbox can block the worker or make it read outside the inbox. ``O_NONBLOCK`` guards the window
-between the check and the open. The bytes are copied into a private staging file while they are
-hashed, and every reader (the header, DuckDB, the reference rules, the line counts) reads that
-copy: a file's identity is the sha256 of exactly the bytes that were loaded, whatever its producer
-does to the inbox file meanwhile. A file whose size or times moved while it was copied raises
-``FileChanged``, and is taken again once it is quiet: never half recorded.
+between the check and the open. The bytes are hashed as they are read, and every reader (the
+header, DuckDB, the reference rules, the line counts) reads what was hashed: a small file held in
+memory, a larger one copied into a private staging file. A file's identity is the sha256 of
+exactly the bytes that were loaded, whatever its producer does to the inbox file meanwhile. A file
+whose size or times moved while it was read raises ``FileChanged``, and is taken again once it is
+quiet: never half recorded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from moneylion.errors import FileChanged, FileFailure, FileRefused
 
 CHUNK_BYTES = 4 * 1024 * 1024
+# Files up to this size are read into memory rather than copied: creating the private file
+# costs more than the whole read of a small one (the bench figures are in docs/performance.md).
+MEMORY_BYTES = 1024 * 1024
 # What is known of a file before and after the copy: any write, truncation or replacement moves
 # one of these (size, modification and change times, the inode itself).
 _Identity = tuple[int, int, int, int, int]
@@ -34,20 +40,47 @@ fault_hook: Callable[[str, Path], None] | None = None
 _counter = itertools.count()
 
 
-@dataclass(frozen=True)
+@dataclass
 class StagedFile:
-    """An inbox file's bytes in a private copy, with their sha256: what every reader reads."""
+    """An inbox file's bytes, read once, with their sha256: what every reader reads.
+
+    A small file is held in memory (creating a file costs more than reading a small one); a
+    large one in a private copy under ``staging``. DuckDB's reader needs a path:
+    ``disk_path`` writes the private copy on first need.
+    """
 
     name: str  # the name in the inbox (the ledger's)
     origin: Path  # the inbox entry it came from
-    path: Path  # the private copy
     sha256: str
     size: int
+    staging: Path
+    data: bytes | None = None  # the bytes, for a file held in memory
+    path: Path | None = None  # the private copy, once there is one
+
+    def open_binary(self) -> BinaryIO:
+        """A fresh stream of the bytes (in memory, or the private copy)."""
+        if self.data is not None:
+            return io.BytesIO(self.data)
+        return self.disk_path().open("rb")
+
+    def disk_path(self) -> Path:
+        """The private copy's path (written now if the bytes are in memory)."""
+        if self.path is None:
+            assert self.data is not None
+            self.path = _private_name(self.staging, self.name)
+            self.path.write_bytes(self.data)
+        return self.path
 
     def discard(self) -> None:
-        """Remove the private copy (the ingest is over, committed or not)."""
-        if self.path != self.origin:
+        """Remove the private copy, if any (the ingest is over, committed or not)."""
+        if self.path is not None:
             self.path.unlink(missing_ok=True)
+            self.path = None
+
+
+def _private_name(staging: Path, name: str) -> Path:
+    staging.mkdir(parents=True, exist_ok=True)
+    return staging / f"{os.getpid()}-{next(_counter)}{_suffixes(name)}"
 
 
 def describe(mode: int) -> str:
@@ -83,8 +116,11 @@ def refuse_unless_regular(path: Path) -> os.stat_result:
     return st
 
 
-def stage(origin: Path, staging: Path, *, max_bytes: int = 0) -> StagedFile:
-    """Copy the inbox file ``origin`` into ``staging`` while hashing it.
+def stage(
+    origin: Path, staging: Path, *, max_bytes: int = 0, memory_bytes: int = MEMORY_BYTES
+) -> StagedFile:
+    """Read the inbox file ``origin`` once while hashing it: into memory when it holds at most
+    ``memory_bytes``, else into a private copy in ``staging``.
 
     Raises FileRefused (not a regular file, larger than ``max_bytes`` when that is set),
     FileChanged (it moved while being read), or OSError (vanished, unreadable).
@@ -106,19 +142,25 @@ def stage(origin: Path, staging: Path, *, max_bytes: int = 0) -> StagedFile:
             )
         if fault_hook is not None:
             fault_hook("opened", origin)
-        staging.mkdir(parents=True, exist_ok=True)
-        copy = staging / f"{os.getpid()}-{next(_counter)}{_suffixes(origin.name)}"
+        data: bytes | None = None
+        copy: Path | None = None
         try:
-            sha256, size = _copy_hashing(fd, copy)
+            if before.st_size <= memory_bytes:
+                data = _read_all(fd, before.st_size)
+                sha256, size = hashlib.sha256(data).hexdigest(), len(data)
+            else:
+                copy = _private_name(staging, origin.name)
+                sha256, size = _copy_hashing(fd, copy, before.st_size)
             after = os.fstat(fd)
             if size != before.st_size or _identity(after) != _identity(before):
                 raise FileChanged(f"{origin.name} changed while it was being read")
         except BaseException:
-            copy.unlink(missing_ok=True)
+            if copy is not None:
+                copy.unlink(missing_ok=True)
             raise
     finally:
         os.close(fd)
-    staged = StagedFile(origin.name, origin, copy, sha256, size)
+    staged = StagedFile(origin.name, origin, sha256, size, staging, data, copy)
     if fault_hook is not None:
         fault_hook("staged", origin)
     return staged
@@ -131,10 +173,20 @@ def _suffixes(name: str) -> str:
     return suffix if suffix.isascii() and suffix[1:].isalnum() and len(suffix) <= 8 else ".csv"
 
 
-def _copy_hashing(fd: int, copy: Path) -> tuple[str, int]:
+def _read_all(fd: int, expected: int) -> bytes:
+    """Everything ``fd`` holds (``expected`` bytes, or what it turns out to hold)."""
+    chunks = []
+    while chunk := os.read(fd, max(expected + 1, 65536)):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _copy_hashing(fd: int, copy: Path, expected: int) -> tuple[str, int]:
     """(sha256, bytes) of everything read from ``fd``, written to the new file ``copy``."""
     digest = hashlib.sha256()
-    buffer = bytearray(CHUNK_BYTES)
+    # Sized to the file (a small file must not pay for zeroing a large buffer), plus a byte to
+    # see the end at once.
+    buffer = bytearray(min(CHUNK_BYTES, expected + 1))
     view = memoryview(buffer)
     size = 0
     out = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

@@ -19,9 +19,37 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, Protocol
 
 from moneylion.errors import FileFailure, FileRefused
+
+
+class Source(Protocol):
+    """One input, read once (``source.StagedFile``): every reader here opens it through this."""
+
+    @property
+    def name(self) -> str:
+        """The file's name in the inbox (for messages)."""
+        ...
+
+    @property
+    def size(self) -> int:
+        """Its bytes, as they arrived."""
+        ...
+
+    def open_binary(self) -> BinaryIO:
+        """A fresh stream of the file's bytes (as a CSV: decompressed, if it was compressed)."""
+        ...
+
+    def disk_path(self) -> Path:
+        """A path holding the bytes, for DuckDB's reader."""
+        ...
+
+
+def open_text(source: Source) -> io.TextIOWrapper:
+    """The source as RFC 4180 text: UTF-8 with or without BOM, line breaks untranslated."""
+    return io.TextIOWrapper(source.open_binary(), encoding="utf-8-sig", newline="")
+
 
 BIGINT_MAX = 2**63 - 1
 AMOUNT_MAX_INTEGER_DIGITS = 16  # DECIMAL(18,2)
@@ -110,11 +138,11 @@ class ValidatedRows:
 # --- file level -------------------------------------------------------------------------------
 
 
-def read_header(path: Path, name: str | None = None) -> Header:
+def read_header(source: Source) -> Header:
     """Classify the file from its header, read whole (up to LINE_MAX_BYTES), or raise
-    FileRefused. ``name``: the file's name in messages (default: the path's)."""
-    name = path.name if name is None else name
-    with path.open("rb") as handle:
+    FileRefused."""
+    name = source.name
+    with source.open_binary() as handle:
         head = handle.read(HEADER_PROBE_BYTES)
         if b"\x00" in head:
             raise FileRefused(FileFailure.BINARY, f"{name} holds NUL bytes: not a CSV text file")
@@ -368,9 +396,9 @@ def _records(handle: io.TextIOBase, *, bounded: bool = False) -> Iterator[tuple[
         yield start, fields
 
 
-def may_hold_long_lines(path: Path) -> bool:
+def may_hold_long_lines(source: Source) -> bool:
     """Whether the file is large enough to hold a line over LINE_MAX_BYTES."""
-    return path.stat().st_size > LINE_MAX_BYTES
+    return source.size > LINE_MAX_BYTES
 
 
 def raw_text(fields: Sequence[str]) -> str:
@@ -439,7 +467,7 @@ class Batcher:
 
 
 def validate_rows(
-    path: Path, header: Header, batch_rows: int | None = None
+    source: Source, header: Header, batch_rows: int | None = None
 ) -> Iterator[ValidatedRows]:
     """Every record after the header -> typed good rows or a Reject, in file order, in batches
     of at most ``batch_rows`` records (memory stays flat whatever the file's size).
@@ -449,8 +477,8 @@ def validate_rows(
     batch_rows = batch_rows or BATCH_ROWS
     batcher = Batcher(header)
     try:
-        with path.open(encoding="utf-8-sig", newline="") as handle:
-            for line_number, fields in _records(handle, bounded=may_hold_long_lines(path)):
+        with open_text(source) as handle:
+            for line_number, fields in _records(handle, bounded=may_hold_long_lines(source)):
                 if line_number <= header.line_number:
                     continue
                 if batcher.batch.rows_total >= batch_rows:
@@ -463,12 +491,12 @@ def validate_rows(
     yield batcher.take()
 
 
-def data_lines(path: Path) -> int:
+def data_lines(source: Source) -> int:
     """The lines of the file, a last line without a line break included and the empty lines
     at its end left out (the reader and validate_rows both skip those)."""
     lines = 0
     tail = b""
-    with path.open("rb") as handle:
+    with source.open_binary() as handle:
         while chunk := handle.read(1 << 20):
             lines += chunk.count(b"\n")
             tail = (tail + chunk)[-4096:]
@@ -479,7 +507,7 @@ def data_lines(path: Path) -> int:
 
 
 def record_lines(
-    path: Path, header: Header, ordinals: set[int], *, by_line: bool = False
+    source: Source, header: Header, ordinals: set[int], *, by_line: bool = False
 ) -> dict[int, int]:
     """The line where each given record starts (record 1 is the first after the header).
 
@@ -492,8 +520,8 @@ def record_lines(
         return {k: header.line_number + k for k in ordinals}
     found: dict[int, int] = {}
     ordinal = 0
-    with path.open(encoding="utf-8-sig", newline="") as text:
-        for line_number, _fields in _records(text, bounded=may_hold_long_lines(path)):
+    with open_text(source) as text:
+        for line_number, _fields in _records(text, bounded=may_hold_long_lines(source)):
             if line_number <= header.line_number:
                 continue
             ordinal += 1

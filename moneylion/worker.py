@@ -144,10 +144,19 @@ class IngestWorker(threading.Thread):
     def _handle_batch(self, taken: list[TakenFile]) -> None:
         assert self.batch is not None
         of: dict[Path, TakenFile] = {t.path: t for t in taken}
+        started = time.monotonic()
+        log.info("batch_started", extra={"fields": {"files": [t.path.name for t in taken]}})
         items: list[Item] = []
         for one in taken:
             try:
-                items.append(stage(one.path, self.config.staging_dir, max_bytes=self._max_bytes))
+                items.append(
+                    stage(
+                        one.path,
+                        self.config.staging_dir,
+                        max_bytes=self._max_bytes,
+                        memory_bytes=self.config.batch_file_max_bytes,
+                    )
+                )
             except FileRefused as refused:  # not a regular file, too large: never read
                 items.append(Unread(one.path.name, one.path, refused))
             except Exception as exc:
@@ -172,6 +181,16 @@ class IngestWorker(threading.Thread):
                 self._one_by_one(items, of)
                 return
             self._committed(outcomes)
+            log.info(
+                "batch_committed",
+                extra={
+                    "fields": {
+                        "files": len(outcomes),
+                        "rows": sum(o.rows_loaded for o in outcomes),
+                        "seconds": round(time.monotonic() - started, 4),
+                    }
+                },
+            )
             for outcome in outcomes:
                 self._settle(of[outcome.path], outcome)
             self.queue.untake([of[item.origin] for item in left])
