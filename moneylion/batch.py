@@ -4,10 +4,11 @@ a batch the unit of commit.
 Each file keeps its own ledger row, counts and rejects with line numbers, exactly as if it had
 been ingested alone: its records are checked by the reference rules (``validate_rows``: Python,
 exact line numbers; for small files that costs less than DuckDB's per-statement overhead), the
-rows of every file of the batch are staged together, and ``resolve`` applies the rules that need
-other rows in file order (the first wins, a differing later copy conflicts, the latest users file
-wins). A file refused as a whole (bad header, not UTF-8, not a regular file) fails alone: it gets
-its ledger row, the others load. The aggregate deltas run once, over the batch's file ids.
+rows of every file of the batch are gathered in memory, and ``resolve_gathered`` applies the
+rules that need other rows in file order (the first wins, a differing later copy conflicts, the
+latest users file wins). A file refused as a whole (bad header, not UTF-8, not a regular file)
+fails alone: it gets its ledger row, the others load. The aggregate deltas run once, over the
+batch's file ids.
 Large files do not come here: they take ``ingest_file``'s fast paths, one at a time.
 """
 
@@ -27,7 +28,7 @@ from moneylion import aggregates, ledger
 from moneylion.config import Config
 from moneylion.errors import FileRefused
 from moneylion.ledger import FileOutcome
-from moneylion.resolve import Applied, Stager, create_staging, resolve, store_rejects, utc_now
+from moneylion.resolve import Applied, Stager, resolve_gathered, utc_now
 from moneylion.schema import rollback
 from moneylion.source import StagedFile
 from moneylion.validate import FileKind, Header, ValidatedRows, read_header, validate_rows
@@ -146,15 +147,9 @@ def _commit(
     applied: dict[int, Applied] = {}
     conn.execute("BEGIN TRANSACTION")
     try:
-        for kind, stager in stagers.items():
-            if not stager.lines and not stager.rejects:
-                continue
-            create_staging(conn, kind)
-            stager.flush(conn)
-            for file_id, found in resolve(conn, kind).items():
-                applied[file_id] = found
-            for file_id, reasons in store_rejects(conn).items():
-                applied.setdefault(file_id, Applied()).rejected_by_reason = reasons
+        for stager in stagers.values():
+            if stager.lines or stager.rejects:
+                applied.update(resolve_gathered(conn, stager, utc_now()))
         loaded = sum(
             applied[p.file_id].loaded
             for p in new

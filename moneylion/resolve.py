@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import duckdb
 import pyarrow as pa
 
-from moneylion.validate import COLUMNS, FileKind, Reject, ValidatedRows
+from moneylion.validate import COLUMNS, FileKind, Reject, RejectReason, ValidatedRows
 
 ARROW_TYPES: dict[str, pa.DataType] = {
     "transaction_id": pa.int64(),
@@ -113,6 +113,9 @@ class Stager:
             append_arrow(conn, "staged", pa.table(arrays))
         if self.rejects:
             append_arrow(conn, "staged_rejects", arrow_rejects(self.rejects))
+        self._reset()
+
+    def clear(self) -> None:
         self._reset()
 
 
@@ -297,3 +300,124 @@ def store_rejects(conn: duckdb.DuckDBPyConnection) -> dict[int, dict[str, int]]:
         by_file[file_id][reason] = int(count)
     conn.execute("DROP TABLE staged_rejects")
     return dict(by_file)
+
+
+# --- the same rules over rows held in memory (a batch of small files) --------------------------
+
+# What ``resolve`` decides with a dozen statements, decided here in Python over the gathered rows
+# with one lookup of the stored copies: for a batch of small files each statement's fixed cost,
+# not the rows, is what a batch pays. tests/test_batch.py's property test holds
+# these verdicts to the single-file paths', which use ``resolve``.
+
+
+def resolve_gathered(
+    conn: duckdb.DuckDBPyConnection, stager: Stager, now: dt.datetime
+) -> dict[int, Applied]:
+    """Decide the rows gathered in ``stager`` (files in order), append those that load, store
+    every reject (the field rules' and these) in line order; per file id, what was applied."""
+    kind = stager.kind
+    key, *rest = COLUMNS[kind]
+    ids = stager.columns[key]
+    contents = list(zip(*(stager.columns[name] for name in rest), strict=True))
+    stored = _stored(conn, kind, ids)
+    variants: dict[tuple[int, object], set[tuple[object, ...]]] = defaultdict(set)
+    first_line: dict[tuple[int, object], int] = {}
+    for i, (file_id, row_id) in enumerate(zip(stager.file_ids, ids, strict=True)):
+        variants[file_id, row_id].add(contents[i])
+        first_line.setdefault((file_id, row_id), i)
+    earlier: dict[object, tuple[tuple[object, ...], int]] = {}  # id -> the batch's survivor
+    applied: dict[int, Applied] = defaultdict(Applied)
+    loaded: list[int] = []
+    rejects = list(stager.rejects)
+    for i, (file_id, row_id) in enumerate(zip(stager.file_ids, ids, strict=True)):
+        content = contents[i]
+        if len(variants[file_id, row_id]) > 1:
+            verdict, against = "duplicate_in_file", None
+        elif first_line[file_id, row_id] != i:
+            verdict, against = "copy", None
+        elif kind is FileKind.TRANSACTIONS:
+            # Immutable: the stored copy, else the batch's first, decides.
+            reference = stored.get(row_id) or earlier.get(row_id)
+            if reference is None:
+                verdict, against = "load", None
+                earlier[row_id] = (content, file_id)
+            elif reference[0] == content:
+                verdict, against = "duplicate", reference[1]
+            else:
+                verdict, against = "conflicts_with_stored", reference[1]
+        else:
+            # Users: the latest wins; the same profile as the one it replaces is a duplicate.
+            reference = earlier.get(row_id) or stored.get(row_id)
+            verdict = "duplicate" if reference and reference[0] == content else "load"
+            earlier[row_id] = (content, file_id)
+        if verdict == "load":
+            applied[file_id].loaded += 1
+            loaded.append(i)
+        elif verdict in DUPLICATES:
+            applied[file_id].duplicate += 1
+        else:
+            message = (
+                f"{key} {row_id} appears in this file with different content"
+                if against is None
+                else f"{key} {row_id} is stored (file #{against}) with different content"
+            )
+            reject = Reject(stager.lines[i], RejectReason(verdict), message, stager.raw_lines[i])
+            rejects.append((file_id, reject))
+    if kind is FileKind.USERS:  # the latest file's profile of each user lands
+        latest = {ids[i]: i for i in loaded}
+        loaded = sorted(latest.values())
+    if loaded:
+        _append_loaded(conn, stager, loaded, now)
+    if rejects:
+        rejects.sort(key=lambda pair: (pair[0], pair[1].line_number))
+        append_arrow(conn, "rejects", arrow_rejects(rejects))
+        for file_id, reject in rejects:
+            reasons = applied[file_id].rejected_by_reason
+            reasons[reject.reason] = reasons.get(reject.reason, 0) + 1
+    stager.clear()
+    return dict(applied)
+
+
+def _stored(
+    conn: duckdb.DuckDBPyConnection, kind: FileKind, ids: list[object]
+) -> dict[object, tuple[tuple[object, ...], int]]:
+    """id -> (stored content, file id) for the ``ids`` already stored."""
+    key, *rest = COLUMNS[kind]
+    conn.register("batch_ids", pa.table({"id": pa.array(ids, type=ARROW_TYPES[key])}))
+    try:
+        found = conn.execute(
+            f"SELECT {key}, {', '.join(rest)}, file_id FROM {TABLES[kind]} "
+            f"WHERE {key} IN (SELECT id FROM batch_ids)"
+        ).fetchall()
+    finally:
+        conn.unregister("batch_ids")
+    return {row[0]: (tuple(row[1:-1]), row[-1]) for row in found}
+
+
+def _append_loaded(
+    conn: duckdb.DuckDBPyConnection, stager: Stager, rows: list[int], now: dt.datetime
+) -> None:
+    arrays = {
+        name: pa.array([values[i] for i in rows], type=ARROW_TYPES[name])
+        for name, values in stager.columns.items()
+    }
+    arrays["file_id"] = pa.array([stager.file_ids[i] for i in rows], type=pa.int64())
+    if stager.kind is FileKind.TRANSACTIONS:
+        append_arrow(conn, "transactions", pa.table(arrays))
+        return
+    conn.register("arrow_batch", pa.table(arrays))
+    try:
+        conn.execute(_USERS_UPSERT, {"now": now})
+    finally:
+        conn.unregister("arrow_batch")
+
+
+_USERS_UPSERT = """
+INSERT INTO users
+SELECT user_id, signup_date, country, file_id, $now FROM arrow_batch
+ON CONFLICT (user_id) DO UPDATE SET
+    signup_date = excluded.signup_date,
+    country = excluded.country,
+    file_id = excluded.file_id,
+    updated_at = excluded.updated_at
+"""
