@@ -39,6 +39,9 @@ USER_TOTALS_COMPACT = (
     "DROP TABLE user_totals_log",
     "ALTER TABLE user_totals_log_compacted RENAME TO user_totals_log",
 )
+# The log's indexes (sql/004) are dropped before a compaction's large append and made again on
+# the compacted table, as the catalog describes them.
+LOG_INDEXES = "SELECT index_name, sql FROM duckdb_indexes() WHERE table_name = 'user_totals_log'"
 # Compact once this many rows wait in the log (a few hundred 1,000-row files), so a user's
 # totals stay a handful of rows and compaction (~0.5 s per 1M users) stays rare; and right
 # after a file of more rows than REBUILD_THRESHOLD (its delta touches many users anyway).
@@ -56,25 +59,14 @@ ON CONFLICT (transaction_date, transaction_type) DO UPDATE SET
     total_amount = total_amount + excluded.total_amount
 """
 
-# Counts only grow: a user neither in the old top list nor touched by this file still ranks
-# below every user of the old list, so the new list is drawn from those two sets alone (their
-# counts summed from the log's few rows each, reading two narrow columns).
-TOP_USERS_FROM_TOUCHED = """
-CREATE OR REPLACE TEMP TABLE top_users_next AS
-SELECT CAST(row_number() OVER (ORDER BY tx_count DESC, user_id) AS INTEGER) AS rank,
-       user_id, tx_count
-FROM (
-    SELECT user_id, CAST(sum(tx_count) AS BIGINT) AS tx_count
-    FROM user_totals_log
-    WHERE user_id IN (
-        SELECT user_id FROM top_users
-        UNION
-        SELECT user_id FROM transactions WHERE file_id BETWEEN $first AND $last
-    )
-    GROUP BY user_id
-    ORDER BY tx_count DESC, user_id
-    LIMIT $kept
-)
+# Counts only grow: a user neither in the old top list nor touched by this commit still ranks
+# below every user of the old list, so the new list is drawn from those two sets alone. The old
+# list's counts are exact and the commit's per-user counts come back from its log append; only
+# the touched users outside the list are looked up, through the log's index on user_id (a
+# constant list, which DuckDB serves from the index rather than by a scan).
+TOUCHED_COUNTS = """
+SELECT user_id, CAST(sum(tx_count) AS BIGINT) FROM user_totals_log
+WHERE user_id IN ({ids}) GROUP BY user_id
 """
 # Right after a compaction the log has one row per user: rank it whole (a top-N, ~10 ms per
 # 1M users).
@@ -125,17 +117,71 @@ def apply_transaction_deltas(
     """Fold the ``rows`` transactions appended by files ``file_id`` .. ``last_file_id`` (one
     file, or a batch) into every aggregate (inside the caller's transaction)."""
     params = {"first": file_id, "last": file_id if last_file_id is None else last_file_id}
-    conn.execute(USER_TOTALS_APPEND, params)
-    if rows > REBUILD_THRESHOLD or _rows_waiting(conn) > COMPACT_AFTER_ROWS:
+    large = rows > REBUILD_THRESHOLD
+    indexes = _drop_log_indexes(conn) if large else []
+    if large:
+        conn.execute(USER_TOTALS_APPEND, params)
+    else:
+        appended = conn.execute(USER_TOTALS_APPEND + " RETURNING user_id, tx_count", params)
+        touched = dict(appended.fetchall())
+    if large or _rows_waiting(conn) > COMPACT_AFTER_ROWS:
+        indexes = indexes or _drop_log_indexes(conn)
         for statement in USER_TOTALS_COMPACT:
             conn.execute(statement)
+        for sql in indexes:
+            conn.execute(sql)
         conn.execute(TOP_USERS_FROM_ALL, {"kept": top_users_kept})
+        conn.execute("DELETE FROM top_users")
+        conn.execute("INSERT INTO top_users SELECT rank, user_id, tx_count FROM top_users_next")
+        conn.execute("DROP TABLE top_users_next")
     else:
-        conn.execute(TOP_USERS_FROM_TOUCHED, {**params, "kept": top_users_kept})
+        _rerank(conn, touched, top_users_kept)
     conn.execute(DAILY_TOTALS_DELTA, params)
-    conn.execute("DELETE FROM top_users")
-    conn.execute("INSERT INTO top_users SELECT rank, user_id, tx_count FROM top_users_next")
-    conn.execute("DROP TABLE top_users_next")
+
+
+def _drop_log_indexes(conn: duckdb.DuckDBPyConnection) -> list[str]:
+    """Drop the log's indexes (before a large append or a compaction); the SQL that makes
+    each again."""
+    indexes = conn.execute(LOG_INDEXES).fetchall()
+    for name, _ in indexes:
+        conn.execute(f'DROP INDEX "{name}"')
+    return [sql for _, sql in indexes]
+
+
+def _rerank(conn: duckdb.DuckDBPyConnection, touched: dict[int, int], kept: int) -> None:
+    """The top list after a commit that added ``touched`` (user -> transactions) to counts;
+    only the ranks that changed are written (usually none: few commits touch a top user)."""
+    old: list[tuple[int, int]] = conn.execute(
+        "SELECT user_id, tx_count FROM top_users ORDER BY rank"
+    ).fetchall()
+    counts = dict(old)
+    outside = [user for user in touched if user not in counts]
+    for user, added in touched.items():
+        if user in counts:
+            counts[user] += added
+    if outside:
+        ids = ",".join(str(int(user)) for user in outside)
+        counts.update(conn.execute(TOUCHED_COUNTS.format(ids=ids)).fetchall())
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:kept]
+    changed = [n for n in range(max(len(ranked), len(old))) if _at(ranked, n) != _at(old, n)]
+    if not changed:
+        return
+    first, last = changed[0], changed[-1]
+    conn.execute(
+        "DELETE FROM top_users WHERE rank BETWEEN $first AND $last",
+        {"first": first + 1, "last": last + 1},
+    )
+    rows = ranked[first : last + 1]
+    if rows:  # ints only: written into the statement
+        values = ",".join(
+            f"({rank}, {int(user)}, {int(count)})"
+            for rank, (user, count) in enumerate(rows, start=first + 1)
+        )
+        conn.execute(f"INSERT INTO top_users VALUES {values}")
+
+
+def _at(ranked: list[tuple[int, int]], n: int) -> tuple[int, int] | None:
+    return ranked[n] if n < len(ranked) else None
 
 
 def _rows_waiting(conn: duckdb.DuckDBPyConnection) -> int:

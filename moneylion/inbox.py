@@ -64,30 +64,42 @@ def move_without_overwrite(path: Path, folder: Path, *, companion_suffix: str = 
     With ``companion_suffix`` (".reason.json") the companion's name must be free as well. A
     link or a pipe is moved itself (neither link nor rename follows a link). If a crash came
     between the link and the unlink, the file is found under its own name already and only the
-    inbox's name is removed.
+    inbox's name is removed. The link itself is the test for a free name (it never replaces
+    one), and ``folder`` is made only when the link says it is missing: a stream of files pays
+    two system calls a file.
     """
-    folder.mkdir(parents=True, exist_ok=True)
     name = safe_name(path.name)
     stem, suffix = os.path.splitext(name)
-    target = folder / name
     n = 0
-    while os.path.lexists(target) or (
-        companion_suffix and os.path.lexists(target.with_name(target.name + companion_suffix))
-    ):
-        if _same_file(path, target):
-            os.unlink(path)
+    while True:
+        target = folder / (f"{stem}.{n}{suffix}" if n else name)
+        if companion_suffix and os.path.lexists(target.with_name(target.name + companion_suffix)):
+            n += 1
+            continue
+        try:
+            os.link(path, target, follow_symlinks=False)
+        except FileExistsError:
+            if _same_file(path, target):
+                os.unlink(path)
+                return target
+            n += 1
+            continue
+        except FileNotFoundError:
+            if folder.is_dir():
+                raise  # the file itself is gone
+            folder.mkdir(parents=True, exist_ok=True)
+            continue
+        except OSError as exc:
+            if exc.errno not in _NO_LINK:
+                raise
+            if os.path.lexists(target):  # a rename would replace it
+                n += 1
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            os.rename(path, target)
             return target
-        n += 1
-        target = folder / f"{stem}.{n}{suffix}"
-    try:
-        os.link(path, target, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno not in _NO_LINK:
-            raise
-        os.rename(path, target)
+        os.unlink(path)
         return target
-    os.unlink(path)
-    return target
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -285,6 +285,8 @@ def test_the_user_totals_log_compacts_to_one_row_per_user_with_the_same_totals(
         "SELECT count(*), count(*) FILTER (WHERE file_id > 0) FROM user_totals_log"
     ).fetchall()
     assert log_rows == [(4, 0)]
+    indexes = "SELECT index_name FROM duckdb_indexes() WHERE table_name = 'user_totals_log'"
+    assert warehouse.execute(indexes).fetchall() == [("user_totals_log_user",)]  # made again
     assert warehouse.execute("SELECT sum(total_amount) FROM user_totals").fetchall() == [
         (sum(Decimal(r.split(",")[3]) for r in rows),)
     ]
