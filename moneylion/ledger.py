@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ import pyarrow as pa
 from moneylion.resolve import append_arrow
 
 log = logging.getLogger(__name__)
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 LEDGER_COLUMNS = (
     "file_id",
@@ -136,10 +139,13 @@ def known(conn: duckdb.DuckDBPyConnection, shas: Sequence[str]) -> dict[str, Kno
     """The ledger's file for each sha256 already in it."""
     if not shas:
         return {}
+    # Written into the statement (hex digits only): a list of constants is looked up in the
+    # UNIQUE index on sha256, where a joined list would scan a ledger that grows for ever.
+    if not all(_SHA256.fullmatch(sha) for sha in shas):
+        raise ValueError("not a sha256 hex digest")
+    listed = ", ".join(f"'{sha}'" for sha in shas)
     rows = conn.execute(
-        "SELECT sha256, file_id, status, error_reason, error FROM files "
-        "WHERE sha256 IN (SELECT unnest($shas))",
-        {"shas": list(shas)},
+        f"SELECT sha256, file_id, status, error_reason, error FROM files WHERE sha256 IN ({listed})"
     ).fetchall()
     return {
         sha: (int(file_id), status, reason, error) for sha, file_id, status, reason, error in rows

@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import cast
 
 import duckdb
 import pyarrow as pa
@@ -378,19 +379,27 @@ def resolve_gathered(
     return dict(applied)
 
 
+# Up to this many ids are looked up as a list of constants (an index scan), more by a join.
+_INDEXED_LOOKUP_MAX = 2000
+
+
 def _stored(
     conn: duckdb.DuckDBPyConnection, kind: FileKind, ids: list[object]
 ) -> dict[object, tuple[tuple[object, ...], int]]:
     """id -> (stored content, file id) for the ``ids`` already stored."""
     key, *rest = COLUMNS[kind]
-    conn.register("batch_ids", pa.table({"id": pa.array(ids, type=ARROW_TYPES[key])}))
-    try:
-        found = conn.execute(
-            f"SELECT {key}, {', '.join(rest)}, file_id FROM {TABLES[kind]} "
-            f"WHERE {key} IN (SELECT id FROM batch_ids)"
-        ).fetchall()
-    finally:
-        conn.unregister("batch_ids")
+    select = f"SELECT {key}, {', '.join(rest)}, file_id FROM {TABLES[kind]}"
+    if kind is FileKind.USERS and len(ids) <= _INDEXED_LOOKUP_MAX:
+        # Integers written into the statement: a list of constants is looked up in the users'
+        # primary key index, where a joined list would scan every stored user.
+        listed = ", ".join(str(int(cast(int, i))) for i in ids)
+        found = conn.execute(f"{select} WHERE {key} IN ({listed})").fetchall()
+    else:  # transactions have no index: the join's bounds on the ids prune by zone maps
+        conn.register("batch_ids", pa.table({"id": pa.array(ids, type=ARROW_TYPES[key])}))
+        try:
+            found = conn.execute(f"{select} WHERE {key} IN (SELECT id FROM batch_ids)").fetchall()
+        finally:
+            conn.unregister("batch_ids")
     return {row[0]: (tuple(row[1:-1]), row[-1]) for row in found}
 
 
