@@ -9,6 +9,7 @@ Money is DECIMAL: an incremental total equals a full recompute to the cent, alwa
 from __future__ import annotations
 
 import duckdb
+import pyarrow as pa
 
 # Per-user totals of the rows one file appended.
 USER_TOTALS_OF_FILE_SELECT = """
@@ -62,12 +63,14 @@ ON CONFLICT (transaction_date, transaction_type) DO UPDATE SET
 # Counts only grow: a user neither in the old top list nor touched by this commit still ranks
 # below every user of the old list, so the new list is drawn from those two sets alone. The old
 # list's counts are exact and the commit's per-user counts come back from its log append; only
-# the touched users outside the list are looked up, through the log's index on user_id (a
-# constant list, which DuckDB serves from the index rather than by a scan).
+# the touched users outside the list are looked up: a few through the log's index on user_id
+# (a list of constants, which DuckDB serves from the index), many by one join (a scan of the
+# log's two columns costs less than a long list of constants).
 TOUCHED_COUNTS = """
 SELECT user_id, CAST(sum(tx_count) AS BIGINT) FROM user_totals_log
 WHERE user_id IN ({ids}) GROUP BY user_id
 """
+TOUCHED_BY_INDEX_MAX = 256
 # Right after a compaction the log has one row per user: rank it whole (a top-N, ~10 ms per
 # 1M users).
 TOP_USERS_FROM_ALL = """
@@ -160,8 +163,7 @@ def _rerank(conn: duckdb.DuckDBPyConnection, touched: dict[int, int], kept: int)
         if user in counts:
             counts[user] += added
     if outside:
-        ids = ",".join(str(int(user)) for user in outside)
-        counts.update(conn.execute(TOUCHED_COUNTS.format(ids=ids)).fetchall())
+        counts.update(_counts_of(conn, outside))
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:kept]
     changed = [n for n in range(max(len(ranked), len(old))) if _at(ranked, n) != _at(old, n)]
     if not changed:
@@ -172,12 +174,33 @@ def _rerank(conn: duckdb.DuckDBPyConnection, touched: dict[int, int], kept: int)
         {"first": first + 1, "last": last + 1},
     )
     rows = ranked[first : last + 1]
-    if rows:  # ints only: written into the statement
-        values = ",".join(
-            f"({rank}, {int(user)}, {int(count)})"
-            for rank, (user, count) in enumerate(rows, start=first + 1)
+    if rows:
+        ranks = pa.table(
+            {
+                "rank": pa.array(range(first + 1, first + 1 + len(rows)), type=pa.int32()),
+                "user_id": pa.array([user for user, _ in rows], type=pa.int64()),
+                "tx_count": pa.array([count for _, count in rows], type=pa.int64()),
+            }
         )
-        conn.execute(f"INSERT INTO top_users VALUES {values}")
+        conn.register("top_users_changed", ranks)
+        try:
+            conn.execute("INSERT INTO top_users BY NAME SELECT * FROM top_users_changed")
+        finally:
+            conn.unregister("top_users_changed")
+
+
+def _counts_of(conn: duckdb.DuckDBPyConnection, users: list[int]) -> list[tuple[int, int]]:
+    """Each user's transaction count, summed from the log."""
+    if len(users) <= TOUCHED_BY_INDEX_MAX:  # ints only: written into the statement
+        ids = ",".join(str(int(user)) for user in users)
+        return conn.execute(TOUCHED_COUNTS.format(ids=ids)).fetchall()
+    conn.register("touched_users", pa.table({"user_id": pa.array(users, type=pa.int64())}))
+    try:
+        return conn.execute(
+            TOUCHED_COUNTS.format(ids="SELECT user_id FROM touched_users")
+        ).fetchall()
+    finally:
+        conn.unregister("touched_users")
 
 
 def _at(ranked: list[tuple[int, int]], n: int) -> tuple[int, int] | None:

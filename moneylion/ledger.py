@@ -23,6 +23,7 @@ from moneylion.resolve import append_arrow
 log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_BY_INDEX_MAX = 64  # sha256s looked up as constants (index), more by a join
 
 LEDGER_COLUMNS = (
     "file_id",
@@ -139,14 +140,17 @@ def known(conn: duckdb.DuckDBPyConnection, shas: Sequence[str]) -> dict[str, Kno
     """The ledger's file for each sha256 already in it."""
     if not shas:
         return {}
-    # Written into the statement (hex digits only): a list of constants is looked up in the
-    # UNIQUE index on sha256, where a joined list would scan a ledger that grows for ever.
-    if not all(_SHA256.fullmatch(sha) for sha in shas):
-        raise ValueError("not a sha256 hex digest")
-    listed = ", ".join(f"'{sha}'" for sha in shas)
-    rows = conn.execute(
-        f"SELECT sha256, file_id, status, error_reason, error FROM files WHERE sha256 IN ({listed})"
-    ).fetchall()
+    query = "SELECT sha256, file_id, status, error_reason, error FROM files WHERE sha256 IN "
+    if len(shas) <= _BY_INDEX_MAX:
+        # Written into the statement (hex digits only): a few constants are looked up in the
+        # UNIQUE index on sha256, where a joined list scans the whole ledger (many files
+        # share that scan; a long list of constants costs more than it).
+        if not all(_SHA256.fullmatch(sha) for sha in shas):
+            raise ValueError("not a sha256 hex digest")
+        listed = ", ".join(f"'{sha}'" for sha in shas)
+        rows = conn.execute(f"{query}({listed})").fetchall()
+    else:
+        rows = conn.execute(f"{query}(SELECT unnest($shas))", {"shas": list(shas)}).fetchall()
     return {
         sha: (int(file_id), status, reason, error) for sha, file_id, status, reason, error in rows
     }

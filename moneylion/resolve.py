@@ -321,18 +321,21 @@ def resolve_gathered(
     ids = stager.columns[key]
     contents = list(zip(*(stager.columns[name] for name in rest), strict=True))
     stored = _stored(conn, kind, ids)
-    variants: dict[tuple[int, object], set[tuple[object, ...]]] = defaultdict(set)
+    # (file, id) -> its first row; the pairs seen again, and those whose copies differ.
     first_line: dict[tuple[int, object], int] = {}
-    for i, (file_id, row_id) in enumerate(zip(stager.file_ids, ids, strict=True)):
-        variants[file_id, row_id].add(contents[i])
-        first_line.setdefault((file_id, row_id), i)
+    repeated: dict[tuple[int, object], set[tuple[object, ...]]] = {}
+    for i, pair in enumerate(zip(stager.file_ids, ids, strict=True)):
+        first = first_line.setdefault(pair, i)
+        if first != i:
+            repeated.setdefault(pair, {contents[first]}).add(contents[i])
+    differing = {pair for pair, copies in repeated.items() if len(copies) > 1}
     earlier: dict[object, tuple[tuple[object, ...], int]] = {}  # id -> the batch's survivor
     applied: dict[int, Applied] = defaultdict(Applied)
     loaded: list[int] = []
     rejects = list(stager.rejects)
     for i, (file_id, row_id) in enumerate(zip(stager.file_ids, ids, strict=True)):
         content = contents[i]
-        if len(variants[file_id, row_id]) > 1:
+        if (file_id, row_id) in differing:
             verdict, against = "duplicate_in_file", None
         elif first_line[file_id, row_id] != i:
             verdict, against = "copy", None
@@ -380,7 +383,7 @@ def resolve_gathered(
 
 
 # Up to this many ids are looked up as a list of constants (an index scan), more by a join.
-_INDEXED_LOOKUP_MAX = 2000
+_INDEXED_LOOKUP_MAX = 256
 
 
 def _stored(
