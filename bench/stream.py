@@ -20,9 +20,11 @@ Targets on the 2-core machine: >= 1,000 files/s drained; at 200 files/s p50 <= 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
+import sqlite3
 import statistics
 import sys
 import threading
@@ -108,6 +110,20 @@ def wait_seen(poller: LedgerPoller, names: list[str], timeout: float) -> bool:
     return False
 
 
+def wait_quiet(daemon: DaemonProcess, sqlite: Path, timeout: float = 120.0) -> None:
+    """Until the SQLite export holds every committed file, then one more second: each phase
+    starts on an idle daemon, not in the tail of the previous one's export."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        total = daemon.get("/v1/files", limit=1)["total"]
+        with contextlib.closing(sqlite3.connect(f"file:{sqlite}?mode=ro", uri=True)) as lite:
+            row = lite.execute("SELECT count(*) FROM files").fetchone()
+        if row and row[0] >= total:
+            break
+        time.sleep(0.05)
+    time.sleep(1.0)
+
+
 def backlog_peak(dropped: dict[str, float], seen: dict[str, float]) -> int:
     """The most files dropped and not yet visible at any moment."""
     events = [(t, 1) for t in dropped.values()] + [(seen[n], -1) for n in dropped if n in seen]
@@ -172,6 +188,7 @@ def main() -> None:
             )
         )
         for rate, paths in phases:
+            wait_quiet(daemon, run / "warehouse" / "moneylion.sqlite")
             dropped = drop_at_rate(paths, daemon.inbox, rate)
             names = list(dropped)
             complete = wait_seen(poller, names, 120)
