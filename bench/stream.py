@@ -31,6 +31,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -110,18 +112,30 @@ def wait_seen(poller: LedgerPoller, names: list[str], timeout: float) -> bool:
     return False
 
 
-def wait_quiet(daemon: DaemonProcess, sqlite: Path, timeout: float = 120.0) -> None:
-    """Until the SQLite export holds every committed file, then one more second: each phase
-    starts on an idle daemon, not in the tail of the previous one's export."""
+def wait_exported(daemon: DaemonProcess, sqlite: Path, timeout: float = 120.0) -> None:
+    """Until the SQLite export holds every file committed so far."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         total = daemon.get("/v1/files", limit=1)["total"]
         with contextlib.closing(sqlite3.connect(f"file:{sqlite}?mode=ro", uri=True)) as lite:
             row = lite.execute("SELECT count(*) FROM files").fetchone()
         if row and row[0] >= total:
-            break
+            return
         time.sleep(0.05)
-    time.sleep(1.0)
+
+
+def wait_idle(daemon: DaemonProcess, timeout: float = 120.0) -> None:
+    """Until the daemon's CPU is idle (its start-up reads, a previous phase's export): each
+    phase starts on an idle daemon."""
+    process = psutil.Process(daemon.proc.pid if daemon.proc else 0)
+    deadline = time.monotonic() + timeout
+    used = sum(process.cpu_times()[:2])
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = sum(process.cpu_times()[:2])
+        if now - used < 0.15:  # under 30 % of a core: the poller's requests, no more
+            return
+        used = now
 
 
 def backlog_peak(dropped: dict[str, float], seen: dict[str, float]) -> int:
@@ -171,6 +185,9 @@ def main() -> None:
         poller = LedgerPoller(daemon, args.poll_ms / 1000)
         poller.start()
 
+        wait_idle(daemon)
+        process = psutil.Process(daemon.proc.pid if daemon.proc else 0)
+        cpu_before = sum(process.cpu_times()[:2])
         started = time.perf_counter()
         for path in burst:
             os.rename(path, daemon.inbox / path.name)
@@ -187,8 +204,18 @@ def main() -> None:
                 f"(moving them in took {moved_in:.2f} s)",
             )
         )
+        wait_exported(daemon, run / "warehouse" / "moneylion.sqlite")
+        cpu = sum(process.cpu_times()[:2]) - cpu_before
+        rows.append(
+            (
+                "  daemon CPU for that burst (ingest, export, the poller's requests)",
+                f"{cpu:.2f} s = {cpu / args.burst * 1000:.2f} ms a file "
+                "(less sensitive than wall time to other load on the machine)",
+            )
+        )
         for rate, paths in phases:
-            wait_quiet(daemon, run / "warehouse" / "moneylion.sqlite")
+            wait_exported(daemon, run / "warehouse" / "moneylion.sqlite")
+            wait_idle(daemon)
             dropped = drop_at_rate(paths, daemon.inbox, rate)
             names = list(dropped)
             complete = wait_seen(poller, names, 120)

@@ -40,7 +40,7 @@ USER_TOTALS_COMPACT = (
     "DROP TABLE user_totals_log",
     "ALTER TABLE user_totals_log_compacted RENAME TO user_totals_log",
 )
-# The log's indexes (sql/004) are dropped before a compaction's large append and made again on
+# The log's indexes (sql/005) are dropped before a compaction's large append and made again on
 # the compacted table, as the catalog describes them.
 LOG_INDEXES = "SELECT index_name, sql FROM duckdb_indexes() WHERE table_name = 'user_totals_log'"
 # Compact once this many rows wait in the log (a few hundred 1,000-row files), so a user's
