@@ -27,7 +27,7 @@ from moneylion.api import create_app
 from moneylion.config import load_config
 from tests.test_api import Loaded, build_loaded
 
-TOKEN = "schemathesis-token-0123456789"
+TOKEN = "schemathesis-token-0123456789"  # noqa: S105 - a test token
 
 
 def _cases() -> list[tuple[str, GenerationMode]]:
