@@ -19,7 +19,7 @@ from moneylion.api.models import money
 from moneylion.api.queries import TRANSACTION_TYPES, DailyTotal
 
 WIDTH, HEIGHT = 800, 280
-LEFT, RIGHT, TOP, BOTTOM = 96, 12, 12, 36  # margins for the axes' labels
+LEFT, RIGHT, TOP, BOTTOM = 110, 12, 12, 36  # margins for the axes' labels
 # (CSS class, dash pattern) per type: told apart without colour too.
 SERIES = {
     "deposit": ("s-deposit", ""),

@@ -167,6 +167,7 @@ async def _receive_form(request: Request[Any, Any, Any], staged: _Staged, bounda
     if not boundary:
         raise problem(400, "multipart/form-data without a boundary")
     taking = taken = False
+    other_bytes = 0
     try:
         with PushMultipartParser(boundary, max_segment_count=16) as parser:
             async for chunk in request.stream():
@@ -175,13 +176,17 @@ async def _receive_form(request: Request[Any, Any, Any], staged: _Staged, bounda
                         taking = not taken and (event.filename is not None or event.name == "file")
                         if taking:
                             staged.name = event.filename
-                        elif event.size > MULTIPART_OVERHEAD_BYTES:
-                            raise problem(400, "a form field other than the file is too large")
                     elif event is None:
                         taken = taken or taking
                         taking = False
                     elif taking:
                         staged.write(bytes(event))
+                    else:
+                        other_bytes += len(event)
+                        if other_bytes > MULTIPART_OVERHEAD_BYTES:
+                            raise problem(
+                                400, "the form's fields other than the file are too large"
+                            )
     except MultipartError as exc:
         raise problem(400, f"malformed multipart/form-data: {exc}") from None
     if not taken:
