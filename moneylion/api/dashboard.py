@@ -50,6 +50,7 @@ MAX_DAYS = 366  # a longer range is cut to its last MAX_DAYS days
 FILES_SHOWN = (10, 20, 50, 100)
 TOP_SHOWN = (5, 10, 20, 50)
 REJECTS_PAGE = 50
+ONE_DAY = dt.timedelta(days=1)
 Text = Annotated[str | None, QueryParameter(required=False)]
 
 
@@ -131,32 +132,42 @@ async def daily_section(ctx: ApiContext, params: Mapping[str, str]) -> dict[str,
     if params.get("from") and first is None:
         notes.append(f"'from' is not a YYYY-MM-DD date: {params['from']}")
     last = last or latest
-    first = first or last - dt.timedelta(DEFAULT_DAYS - 1)
+    first = first or _days_before(last, DEFAULT_DAYS - 1)
     if first > last:
         notes.append("'from' is after 'to': the range is empty")
     elif (last - first).days + 1 > MAX_DAYS:
-        first = last - dt.timedelta(MAX_DAYS - 1)
+        first = _days_before(last, MAX_DAYS - 1)
         notes.append(f"ranges are at most {MAX_DAYS} days: showing {first} to {last}")
-    rows = await ctx.cache.get(
-        ("daily", first, last, None), lambda: ctx.run(lambda c: daily_totals(c, first, last))
-    )
-    series = (
-        series_of(rows, first, last)
-        if first <= last
-        else series_of([], last, first - dt.timedelta(1))
-    )
-    sums = {k: money(sum(v, Decimal(0))) for k, v in series.totals.items()}
+    built = await ctx.cache.get(("dashboard_daily", first, last), lambda: _daily(ctx, first, last))
     return {
         "date_from": first,
         "date_to": last,
         "data_range": bounds,
+        "daily_notes": notes,
+        **built,
+    }
+
+
+def _days_before(day: dt.date, days: int) -> dt.date:
+    try:
+        return day - dt.timedelta(days)
+    except OverflowError:  # before year 1
+        return dt.date.min
+
+
+def _daily(ctx: ApiContext, first: dt.date, last: dt.date) -> dict[str, Any]:
+    """The range's rows, sums and chart: built once per commit (in a worker thread)."""
+    rows = ctx.run(lambda c: daily_totals(c, first, last)) if first <= last else []
+    series = (
+        series_of(rows, first, last) if first <= last else series_of([], first, first - ONE_DAY)
+    )
+    return {
         "daily_rows": [
             (r.transaction_date, r.transaction_type, r.tx_count, money(r.total_amount))
             for r in rows
         ],
-        "daily_sums": sums,
+        "daily_sums": {k: money(sum(v, Decimal(0))) for k, v in series.totals.items()},
         "chart": Markup(daily_chart(series)),  # noqa: S704 - built from escaped, numeric parts
-        "daily_notes": notes,
     }
 
 
