@@ -345,7 +345,9 @@ def test_no_console_errors_and_nothing_from_another_origin(
 ) -> None:
     requested: list[str] = []
     page.on("request", lambda r: requested.append(r.url))
-    page.goto(url(daemon, "/"))
+    response = page.goto(url(daemon, "/"))
+    # No inline script or style is allowed, so a CSP violation would show in the console.
+    assert "script-src 'self'; style-src 'self'" in response.headers["content-security-policy"]
     page.wait_for_timeout(2_500)  # at least one round of polling
     origin = url(daemon, "/")
     assert requested, "the page made no request"

@@ -34,7 +34,7 @@ from litestar.types import Middleware
 
 from moneylion import health
 from moneylion.api.access import LIVENESS_PATH, TokenMiddleware
-from moneylion.api.dashboard import dashboard_router
+from moneylion.api.dashboard import dashboard_router, static_router
 from moneylion.api.errors import PROBLEM_MEDIA_TYPE, log_api_error, problem_details_plugin
 from moneylion.api.metrics import MetricsController, metrics_registry, prometheus_config
 from moneylion.api.seed import seed_router
@@ -98,7 +98,7 @@ def create_app(
             ),
         )
     app = Litestar(
-        route_handlers=[seed_router, v1_router, MetricsController, dashboard_router],
+        route_handlers=[seed_router, v1_router, MetricsController, dashboard_router, static_router],
         state=State({"moneylion": ctx, "metrics_registry": metrics_registry(ctx)}),
         lifespan=[warehouse_lifespan, *lifespan],
         plugins=[problem_details_plugin()],
