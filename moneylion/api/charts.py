@@ -108,3 +108,13 @@ def daily_chart(series: DailySeries) -> str:
                 )
     parts.append("</svg>")
     return "".join(parts)
+
+
+def daily_table_rows(rows: Sequence[DailyTotal]) -> str:
+    """The chart's figures as ``<tr>`` rows (date, type, count, exact total), escaped: built once
+    per commit with the chart rather than by the template at every request."""
+    return "".join(
+        f"<tr><td>{r.transaction_date.isoformat()}</td><td>{escape(r.transaction_type)}</td>"
+        f'<td class="num">{r.tx_count}</td><td class="num">{money(r.total_amount)}</td></tr>'
+        for r in rows
+    )

@@ -27,7 +27,7 @@ from markupsafe import Markup
 
 from moneylion import health
 from moneylion.api.access import SESSION_COOKIE, session_value, token_matches
-from moneylion.api.charts import daily_chart, series_of
+from moneylion.api.charts import daily_chart, daily_table_rows, series_of
 from moneylion.api.models import money
 from moneylion.api.queries import (
     daily_range,
@@ -162,10 +162,8 @@ def _daily(ctx: ApiContext, first: dt.date, last: dt.date) -> dict[str, Any]:
         series_of(rows, first, last) if first <= last else series_of([], first, first - ONE_DAY)
     )
     return {
-        "daily_rows": [
-            (r.transaction_date, r.transaction_type, r.tx_count, money(r.total_amount))
-            for r in rows
-        ],
+        "daily_count": len(rows),
+        "daily_table": Markup(daily_table_rows(rows)),  # noqa: S704 - escaped in charts.py
         "daily_sums": {k: money(sum(v, Decimal(0))) for k, v in series.totals.items()},
         "chart": Markup(daily_chart(series)),  # noqa: S704 - built from escaped, numeric parts
     }
