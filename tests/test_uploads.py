@@ -228,3 +228,21 @@ def test_a_kill_during_an_upload_leaves_no_partial_file_in_the_inbox(tmp_path: P
 )
 def test_upload_names_are_made_safe_for_the_inbox(requested: str | None, expected: str) -> None:
     assert inbox_name(requested, "0123456789ab" + "0" * 52) == expected
+
+
+def test_the_dashboard_form_takes_the_same_path(daemon: DaemonProcess) -> None:
+    body = transactions(12000, 3)
+    plain = daemon.client.post("/upload", files={"file": ("form.csv", body)})
+    assert plain.status_code == 303  # a form posted without htmx goes back to the dashboard
+    assert plain.headers["location"] == "/"
+    sha256 = hashlib.sha256(body).hexdigest()
+    wait_for(
+        lambda: daemon.client.get(f"/v1/files/sha256/{sha256}").status_code == 200, 30, "form.csv"
+    )
+    again = daemon.client.post(
+        "/upload", files={"file": ("form.csv", body)}, headers={"HX-Request": "true"}
+    )
+    assert again.status_code == 200
+    file_id = daemon.get(f"/v1/files/sha256/{sha256}")["file_id"]
+    assert 'data-upload="known"' in again.text
+    assert f'href="/files/{file_id}"' in again.text
