@@ -246,3 +246,24 @@ def test_the_dashboard_form_takes_the_same_path(daemon: DaemonProcess) -> None:
     file_id = daemon.get(f"/v1/files/sha256/{sha256}")["file_id"]
     assert 'data-upload="known"' in again.text
     assert f'href="/files/{file_id}"' in again.text
+
+
+def test_without_hard_links_a_finished_upload_is_renamed_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moneylion.api import uploads
+
+    def no_links(source: object, target: object) -> None:
+        raise PermissionError("no hard links here")
+
+    inbox = tmp_path / "inbox"
+    (inbox / ".uploads").mkdir(parents=True)
+    (inbox / "taken.csv").write_bytes(b"another file\n")
+    staged = inbox / ".uploads" / "upload-1.part"
+    staged.write_bytes(b"user_id,signup_date,country\n")
+    monkeypatch.setattr(uploads.os, "link", no_links)
+    name = uploads._publish(staged, inbox, "taken.csv", "ab" * 32)
+    assert name == "taken-abababababab.csv"
+    assert (inbox / name).read_bytes() == b"user_id,signup_date,country\n"
+    assert (inbox / "taken.csv").read_bytes() == b"another file\n"  # never replaced
+    assert not staged.exists()

@@ -200,11 +200,17 @@ def _publish(staged: Path, inbox: Path, requested: str | None, sha256: str) -> s
     stem, dot, suffix = name.rpartition(".")
     candidates = [name, f"{stem}-{sha256[:12]}{dot}{suffix}" if dot else f"{name}-{sha256[:12]}"]
     for candidate in candidates:
+        target = inbox / candidate
         try:
-            os.link(staged, inbox / candidate)
+            os.link(staged, target)
         except FileExistsError:
             continue
-        staged.unlink()
+        except OSError:  # a filesystem without hard links: rename, after a check that can race
+            if target.exists():
+                continue
+            os.rename(staged, target)
+        else:
+            staged.unlink()
         _fsync_dir(inbox)
         return candidate
     # Both names are taken: the second holds these very bytes (its name carries their hash).
