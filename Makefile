@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint format bench clean
+.PHONY: help install run test test-fast lint format bench screenshots clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ bench: $(STAMP) ## run the benchmarks and print their figures (takes minutes)
 	$(BIN)/python bench/stream.py
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/crash.py
+
+screenshots: $(STAMP) ## retake docs/dashboard-{desktop,phone}.png with the browser tests (needs chromium)
+	MONEYLION_SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/test_dashboard_browser.py -k screenshot
 
 clean: ## remove the venv and caches (never inbox/ or warehouse/)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

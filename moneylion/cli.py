@@ -125,9 +125,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the daemon: watcher, ingest worker, exporter and API in one process."""
+    from moneylion.api.access import exposure_refusal
     from moneylion.daemon import serve
 
-    return serve(_config(args))
+    config = _config(args)
+    refusal = exposure_refusal(config)
+    if refusal is not None:
+        print(f"moneylion: {refusal}", file=sys.stderr)
+        return 2
+    return serve(config)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ from typing import Any
 ENV_PREFIX = "MONEYLION_"
 DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / "config.toml"
 NICEST = 19  # the lowest CPU priority Linux gives a thread
+MIN_TOKEN_LENGTH = 16  # a shorter api_token is refused (guessable)
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,9 @@ class Config:
     batch_file_max_bytes: int = 1024 * 1024  # larger files are ingested alone (fast paths)
     order_wait_seconds: float = 2.0  # how long an unfinished file holds back later ones
     done_retention_days: int = 0  # loaded files kept in done/<day>/ this many days; 0: always
+    # Bearer token every route but liveness requires; "" (unset) is allowed on loopback only.
+    api_token: str = dataclasses.field(default="", repr=False)
+    max_upload_bytes: int = 64 * 1024 * 1024  # larger bodies of POST /v1/files answer 413
 
     @property
     def duckdb_path(self) -> Path:
@@ -59,6 +63,12 @@ class Config:
     def staging_dir(self) -> Path:
         """Private copies of the inbox files being ingested (what every reader reads)."""
         return self.warehouse / "staging"
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Uploads being received: hidden (the watcher ignores it), on the inbox's filesystem
+        so a finished upload is renamed into the inbox whole."""
+        return self.inbox / ".uploads"
 
     @property
     def log_dir(self) -> Path:
@@ -134,4 +144,10 @@ def load_config(
         typed[key] = (base / typed[key]).resolve()
     if not 0 <= typed.get("ingest_nice", 0) <= NICEST:
         raise ConfigError(f"config key 'ingest_nice': {typed['ingest_nice']} is not in 0..{NICEST}")
+    token = typed.get("api_token", "")
+    if token and (len(token) < MIN_TOKEN_LENGTH or token != token.strip()):
+        raise ConfigError(
+            f"config key 'api_token': use at least {MIN_TOKEN_LENGTH} characters, "
+            "without surrounding spaces"
+        )
     return Config(**typed)

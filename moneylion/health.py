@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ class HealthReading:
     memory_usage_percent: float
     disk_usage_percent: float
     process_rss_bytes: int
+    process_cpu_percent: float  # this process, of one core (2 busy cores: 200)
     uptime_seconds: float
     inbox_backlog: int
     inbox_backlog_bytes: int
@@ -40,6 +42,10 @@ class HealthReading:
 
 
 _process: psutil.Process | None = None
+_cpu_lock = threading.Lock()
+_cpu_sample: tuple[float, float] | None = None  # (monotonic time, CPU seconds used)
+_cpu_percent = 0.0
+CPU_WINDOW_SECONDS = 1.0  # the process's CPU usage is measured over at least this long
 
 
 def _self() -> psutil.Process:
@@ -53,6 +59,23 @@ def prime() -> None:
     """Start the CPU-usage interval so later non-blocking readings are meaningful."""
     psutil.cpu_percent(interval=None)
     _self()
+    process_cpu_percent()
+
+
+def process_cpu_percent() -> float:
+    """This process's CPU usage over the last CPU_WINDOW_SECONDS or more (never waits): a
+    reading per window, so frequent callers all see the same figure rather than noise."""
+    global _cpu_sample, _cpu_percent
+    now = time.monotonic()
+    times = _self().cpu_times()
+    used = float(times.user + times.system)
+    with _cpu_lock:
+        if _cpu_sample is None:
+            _cpu_sample = (now, used)
+        elif now - _cpu_sample[0] >= CPU_WINDOW_SECONDS:
+            _cpu_percent = max(0.0, (used - _cpu_sample[1]) / (now - _cpu_sample[0]) * 100)
+            _cpu_sample = (now, used)
+        return _cpu_percent
 
 
 def inbox_waiting(inbox: Path) -> tuple[int, int]:
@@ -110,6 +133,7 @@ def read_health(
         memory_usage_percent=float(psutil.virtual_memory().percent),
         disk_usage_percent=_disk_percent(config.warehouse),
         process_rss_bytes=int(process.memory_info().rss),
+        process_cpu_percent=process_cpu_percent(),
         uptime_seconds=max(0.0, time.time() - float(process.create_time())),
         inbox_backlog=files,
         inbox_backlog_bytes=size,

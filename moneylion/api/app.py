@@ -1,4 +1,5 @@
-"""The Litestar application: seed-compatible ``/api``, versioned ``/v1``, ``/metrics``, ``/schema``.
+"""The Litestar application: seed-compatible ``/api``, versioned ``/v1``, ``/metrics``, ``/schema``,
+and the dashboard at ``/`` (``dashboard.py``); with ``api_token`` set, ``access.py`` guards them.
 
 ``create_app`` either borrows the daemon's open connection (and never closes it) or opens the
 warehouse itself in its lifespan. Handlers are synchronous and run in worker threads, each on a
@@ -13,15 +14,31 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import duckdb
+from jinja2 import Environment, PackageLoader, StrictUndefined
 from litestar import Litestar
 from litestar.datastructures import State
+from litestar.middleware import ASGIMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import (
+    Components,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    Operation,
+    Reference,
+    SecurityScheme,
+)
+from litestar.plugins.jinja import JinjaTemplateEngine
+from litestar.template import TemplateConfig
+from litestar.types import Middleware
 
 from moneylion import health
-from moneylion.api.errors import log_api_error, problem_details_plugin
+from moneylion.api.access import LIVENESS_PATH, TokenMiddleware
+from moneylion.api.dashboard import dashboard_router, static_router
+from moneylion.api.errors import PROBLEM_MEDIA_TYPE, log_api_error, problem_details_plugin
 from moneylion.api.metrics import MetricsController, metrics_registry, prometheus_config
 from moneylion.api.seed import seed_router
+from moneylion.api.uploads import clear_uploads
 from moneylion.api.v1 import v1_router
 from moneylion.api.warehouse import ApiContext, IngestView
 from moneylion.config import Config
@@ -52,6 +69,7 @@ def create_app(
     async def warehouse_lifespan(app: Litestar) -> AsyncIterator[None]:
         health.prime()
         owned = ctx.db is None
+        await asyncio.to_thread(clear_uploads, config)
         if owned:
             ctx.db = await asyncio.to_thread(open_warehouse, config)
         log.info(
@@ -69,19 +87,72 @@ def create_app(
             log.info("api_stopped")
 
     prometheus = prometheus_config()
-    return Litestar(
-        route_handlers=[seed_router, v1_router, MetricsController],
+    templates = templates_environment()
+    middleware: list[Middleware | ASGIMiddleware] = [prometheus.middleware]
+    if config.api_token:
+        login = templates.get_template("login.html")
+        middleware.insert(
+            0,
+            TokenMiddleware(
+                config.api_token, lambda target, status: login.render(next=target, error=None)
+            ),
+        )
+    app = Litestar(
+        route_handlers=[seed_router, v1_router, MetricsController, dashboard_router, static_router],
         state=State({"moneylion": ctx, "metrics_registry": metrics_registry(ctx)}),
         lifespan=[warehouse_lifespan, *lifespan],
         plugins=[problem_details_plugin()],
-        middleware=[prometheus.middleware],
+        middleware=middleware,
         after_exception=[log_api_error],
+        template_config=TemplateConfig(engine=JinjaTemplateEngine.from_environment(templates)),
         openapi_config=OpenAPIConfig(
             title="moneylion",
             version="1",
             description="Exact aggregates over CSV files dropped in an inbox.",
             path="/schema",
             render_plugins=[SwaggerRenderPlugin()],
+            security=[{"bearer": []}] if config.api_token else None,
+            components=Components(
+                security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}
+            )
+            if config.api_token
+            else Components(),
         ),
         logging_config=None,
+    )
+    if config.api_token:
+        document_token(app)
+    return app
+
+
+def document_token(app: Litestar) -> None:
+    """Say in the OpenAPI schema (built now, then served as is) that every operation but
+    liveness needs the bearer token and may answer 401."""
+    unauthorized = OpenAPIResponse(
+        description="No token, or not the api_token",
+        content={
+            PROBLEM_MEDIA_TYPE: OpenAPIMediaType(
+                schema=Reference(ref="#/components/schemas/Problem")
+            )
+        },
+    )
+    for path, item in (app.openapi_schema.paths or {}).items():
+        for method in ("get", "post", "put", "patch", "delete"):
+            operation: Operation | None = getattr(item, method)
+            if operation is None:
+                continue
+            if path == LIVENESS_PATH:
+                operation.security = [{}]  # no requirement: liveness answers anyone
+            elif operation.responses is not None:
+                operation.responses["401"] = unauthorized
+
+
+def templates_environment() -> Environment:
+    """The dashboard's Jinja templates (``api/templates/``), HTML-escaped by default."""
+    return Environment(
+        loader=PackageLoader("moneylion.api", "templates"),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
     )

@@ -26,6 +26,7 @@ from prometheus_client.core import (
 )
 
 from moneylion import health
+from moneylion.api.queries import failed_files_by_reason, rejects_by_reason
 from moneylion.api.warehouse import ApiContext
 
 log = logging.getLogger(__name__)
@@ -45,16 +46,11 @@ STREAM_COUNTERS = {
 INGEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 _FILES_BY_STATUS = "SELECT status, count(*) FROM files GROUP BY status ORDER BY status"
-_FAILED_BY_REASON = """
-SELECT coalesce(error_reason, 'unknown'), count(*) FROM files
-WHERE status = 'failed' GROUP BY ALL ORDER BY 1
-"""
 _ROWS_BY_OUTCOME = """
 SELECT coalesce(sum(rows_loaded), 0), coalesce(sum(rows_duplicate), 0),
        coalesce(sum(rows_rejected), 0)
 FROM files
 """
-_REJECTS_BY_REASON = "SELECT reason, count(*) FROM rejects GROUP BY reason ORDER BY reason"
 _INGEST_SECONDS = (
     "SELECT "
     + ", ".join(f"count(*) FILTER (WHERE seconds <= {bound})" for bound in INGEST_BUCKETS)
@@ -123,9 +119,9 @@ class WarehouseCollector:
             cursor.execute("BEGIN TRANSACTION")
             try:
                 files = cursor.execute(_FILES_BY_STATUS).fetchall()
-                failed = cursor.execute(_FAILED_BY_REASON).fetchall()
+                failed = failed_files_by_reason(cursor)
                 rows = cursor.execute(_ROWS_BY_OUTCOME).fetchone()
-                rejects = cursor.execute(_REJECTS_BY_REASON).fetchall()
+                rejects = rejects_by_reason(cursor)
                 seconds = cursor.execute(_INGEST_SECONDS).fetchone()
                 age = health.seconds_since_last_file(cursor)
             finally:

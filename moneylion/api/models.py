@@ -199,3 +199,15 @@ class LogStats(msgspec.Struct):
     warning: int
     error: int
     critical: int
+
+
+class UploadAnswer(msgspec.Struct):
+    """``POST /v1/files``: ``queued`` (202: in the inbox, poll ``poll`` until it is in the
+    ledger) or ``known`` (200: these bytes are in the ledger already, ``file`` says how)."""
+
+    status: str
+    sha256: str
+    name: str
+    size_bytes: int
+    poll: str
+    file: FileDetail | None = None

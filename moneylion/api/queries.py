@@ -172,7 +172,9 @@ size_bytes, received_at, finished_at, seconds, error_reason, error
 """
 _FILE_NAMES = [name.strip() for name in _FILE_COLUMNS.split(",")]
 _FILES_PAGE = f"SELECT {_FILE_COLUMNS} FROM files ORDER BY file_id LIMIT $limit OFFSET $offset"
+_LATEST_FILES = f"SELECT {_FILE_COLUMNS} FROM files ORDER BY file_id DESC LIMIT $limit"
 _FILES_COUNT = "SELECT count(*) FROM files"
+_FILE_BY_SHA256 = "SELECT file_id FROM files WHERE sha256 = $sha256"
 _FILE = f"SELECT {_FILE_COLUMNS} FROM files WHERE file_id = $id"
 _FILE_REJECT_REASONS = """
 SELECT reason, count(*) FROM rejects WHERE file_id = $id GROUP BY reason ORDER BY reason
@@ -187,6 +189,18 @@ def files_page(
         total = _count(cursor.execute(_FILES_COUNT).fetchone())
         rows = cursor.execute(_FILES_PAGE, {"limit": limit, "offset": offset}).fetchall()
     return total, [dict(zip(_FILE_NAMES, row, strict=True)) for row in rows]
+
+
+def latest_files(cursor: duckdb.DuckDBPyConnection, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` ledger rows, newest first."""
+    rows = cursor.execute(_LATEST_FILES, {"limit": limit}).fetchall()
+    return [dict(zip(_FILE_NAMES, row, strict=True)) for row in rows]
+
+
+def file_id_of(cursor: duckdb.DuckDBPyConnection, sha256: str) -> int | None:
+    """The ledger's file id for these bytes (their sha256, lower-case hex), or None."""
+    row = cursor.execute(_FILE_BY_SHA256, {"sha256": sha256}).fetchone()
+    return None if row is None else int(row[0])
 
 
 def file_detail(
@@ -231,6 +245,34 @@ def rejects_page(
     return total, [
         RejectRow(int(line), reason, message, raw) for line, reason, message, raw in rows
     ]
+
+
+FAILED_BY_REASON = """
+SELECT coalesce(error_reason, 'unknown'), count(*) FROM files
+WHERE status = 'failed' GROUP BY ALL ORDER BY 1
+"""
+REJECTS_BY_REASON = "SELECT reason, count(*) FROM rejects GROUP BY reason ORDER BY reason"
+
+
+def failed_files_by_reason(cursor: duckdb.DuckDBPyConnection) -> list[tuple[str, int]]:
+    """(reason, files) of the files refused whole, by reason."""
+    return [(r, int(n)) for r, n in cursor.execute(FAILED_BY_REASON).fetchall()]
+
+
+def rejects_by_reason(cursor: duckdb.DuckDBPyConnection) -> list[tuple[str, int]]:
+    """(reason, rows) of the rejected rows of every file, by reason."""
+    return [(r, int(n)) for r, n in cursor.execute(REJECTS_BY_REASON).fetchall()]
+
+
+_DAILY_RANGE = "SELECT min(transaction_date), max(transaction_date) FROM daily_totals"
+
+
+def daily_range(cursor: duckdb.DuckDBPyConnection) -> tuple[dt.date, dt.date] | None:
+    """(first, last) day with any transaction, None when there is none."""
+    row = cursor.execute(_DAILY_RANGE).fetchone()
+    if row is None or row[0] is None:
+        return None
+    return row[0], row[1]
 
 
 def _count(row: tuple[Any, ...] | None) -> int:

@@ -79,6 +79,20 @@ class SqliteReplica:
             else (totals[0], *map(Decimal, totals[1:5]), *map(_date, totals[5:])),
         )
 
+    def exported_file_id(self) -> int | None:
+        """The last file id the export holds (its watermark), None if it cannot be read."""
+        lite = self._connection()
+        if lite is None:
+            return None
+        try:
+            state = dict(lite.execute(_STATE).fetchall())
+            if state.get("format") != EXPORT_FORMAT:
+                return None
+            return int(state["last_file_id"])
+        except (sqlite3.Error, KeyError, ValueError) as exc:
+            self._failed(exc)
+            return None
+
     def close(self) -> None:
         """Close this thread's connection (others close with their threads)."""
         opened = getattr(self._local, "opened", None)

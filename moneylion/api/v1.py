@@ -21,8 +21,9 @@ from typing import Annotated, Any, Literal
 
 import anyio.to_thread
 import duckdb
-from litestar import Router, get
+from litestar import Request, Response, Router, get, post
 from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import PathParameter, QueryParameter
 
 from moneylion import logs
@@ -40,17 +41,20 @@ from moneylion.api.models import (
     RejectsPage,
     TopUser,
     TopUsers,
+    UploadAnswer,
     UserSummary,
     money,
 )
 from moneylion.api.queries import (
     daily_totals,
     file_detail,
+    file_id_of,
     files_page,
     ranked_users,
     rejects_page,
     top_of,
 )
+from moneylion.api.uploads import receive_upload
 from moneylion.api.warehouse import ApiContext
 
 log = logging.getLogger(__name__)
@@ -64,7 +68,11 @@ MAX_PAGE = 1000
 EARLIEST = dt.date(1, 1, 1)
 LATEST = dt.date(9999, 12, 31)
 
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
 Id = Annotated[str, PathParameter(pattern=ID_PATTERN, description="a positive integer")]
+Sha256 = Annotated[
+    str, PathParameter(pattern=SHA256_PATTERN, description="sha256 of the bytes, lower-case hex")
+]
 Limit = Annotated[int, QueryParameter(ge=1, le=MAX_PAGE, description="page size (1-1000)")]
 Offset = Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET, description="rows to skip")]
 TransactionType = Literal["deposit", "withdrawal", "purchase"]
@@ -172,11 +180,61 @@ def files_v1(state: State, limit: Limit = 100, offset: Offset = 0) -> FilesPage:
 def file_v1(state: State, file_id: Id) -> FileDetail:
     """One ledger row, with its rejected rows counted per reason."""
     with context(state).cursor() as cursor:
-        found = file_detail(cursor, int(file_id))
+        found = file_detail_of(cursor, int(file_id))
     if found is None:
         raise problem(404, f"no file {file_id} in the ledger")
+    return found
+
+
+def file_detail_of(cursor: duckdb.DuckDBPyConnection, file_id: int) -> FileDetail | None:
+    found = file_detail(cursor, file_id)
+    if found is None:
+        return None
     row, reasons = found
     return FileDetail(**utc(row), rejected_by_reason=reasons)
+
+
+@get(
+    "/files/sha256/{sha256:str}",
+    sync_to_thread=True,
+    responses={400: _BAD_REQUEST, 404: problem_spec("No file with these bytes in the ledger yet")},
+)
+def file_by_sha256_v1(state: State, sha256: Sha256) -> FileDetail:
+    """The ledger row of the file with these bytes: what an upload's ``poll`` URL answers
+    (404 while the file waits in the inbox)."""
+    with context(state).cursor() as cursor:
+        file_id = file_id_of(cursor, sha256)
+        found = None if file_id is None else file_detail_of(cursor, file_id)
+    if found is None:
+        raise problem(404, f"no file with sha256 {sha256} in the ledger (yet)")
+    return found
+
+
+@post(
+    "/files",
+    request_max_body_size=None,  # receive_upload counts the bytes against max_upload_bytes
+    responses={
+        200: ResponseSpec(UploadAnswer, description="These bytes are in the ledger already"),
+        400: _BAD_REQUEST,
+        413: problem_spec("Larger than max_upload_bytes"),
+    },
+    status_code=202,
+)
+async def upload_v1(request: Request[Any, Any, Any], state: State) -> Response[UploadAnswer]:
+    """Upload a CSV into the inbox: the raw body (``?name=`` names it) or the first file of a
+    multipart form. 202 with the sha256 and a URL to poll; it is then ingested like a dropped
+    file. Bytes already in the ledger are not written again: 200 with their ledger row."""
+    ctx = context(state)
+    upload = await receive_upload(request, ctx)
+    if upload.known_file_id is not None:
+        known = upload.known_file_id
+        found = await anyio.to_thread.run_sync(lambda: ctx.run(lambda c: file_detail_of(c, known)))
+        poll = f"/v1/files/{known}"
+        answer = UploadAnswer("known", upload.sha256, upload.name, upload.size_bytes, poll, found)
+        return Response(answer, status_code=200, headers={"location": poll})
+    poll = f"/v1/files/sha256/{upload.sha256}"
+    answer = UploadAnswer("queued", upload.sha256, upload.name, upload.size_bytes, poll)
+    return Response(answer, status_code=202, headers={"location": poll})
 
 
 @get(
@@ -249,7 +307,9 @@ v1_router = Router(
         top_users_v1,
         daily_v1,
         files_v1,
+        file_by_sha256_v1,
         file_v1,
+        upload_v1,
         rejects_v1,
         live,
         ready,

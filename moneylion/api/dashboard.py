@@ -1,0 +1,395 @@
+"""The dashboard at ``/``: server-rendered HTML (Jinja) that refreshes its sections with htmx.
+
+Each section is a partial (``/partials/<name>``) that the page includes once and then polls
+(``hx-trigger="every 2s"``, swapping itself). Every view is a URL: the page's query parameters
+(``from``, ``to``, ``top``, ``files``, ``user_id``) are carried into the partials' polling URLs,
+and a file's page is ``/files/{id}`` (``offset``, ``limit``). The figures come from the same
+query functions as the JSON API (``queries.py``), through the same commit-keyed cache, so a
+page costs no DuckDB statement while nothing commits. htmx is vendored in ``static/``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from litestar import Request, Response, Router, get, post
+from litestar.datastructures import CacheControlHeader, Cookie, ResponseHeader, State
+from litestar.enums import RequestEncodingType
+from litestar.params import Body, PathParameter, QueryParameter
+from litestar.response import Redirect, Template
+from litestar.static_files import create_static_files_router
+from markupsafe import Markup
+
+from moneylion import health
+from moneylion.api.access import SESSION_COOKIE, session_value, token_matches
+from moneylion.api.charts import daily_chart, daily_table_rows, series_of
+from moneylion.api.models import money
+from moneylion.api.queries import (
+    daily_range,
+    daily_totals,
+    failed_files_by_reason,
+    file_detail,
+    latest_files,
+    ranked_users,
+    rejects_by_reason,
+    rejects_page,
+    top_of,
+)
+from moneylion.api.uploads import receive_upload
+from moneylion.api.warehouse import ApiContext
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+REFRESH_SECONDS = 2
+DEFAULT_DAYS = 31  # the chart's range when none is chosen: the last month with data
+MAX_DAYS = 366  # a longer range is cut to its last MAX_DAYS days
+FILES_SHOWN = (10, 20, 50, 100)
+TOP_SHOWN = (5, 10, 20, 50)
+REJECTS_PAGE = 50
+ONE_DAY = dt.timedelta(days=1)
+Text = Annotated[str | None, QueryParameter(required=False)]
+
+
+def context(state: State) -> ApiContext:
+    ctx: ApiContext = state.moneylion
+    return ctx
+
+
+def _choice(raw: str | None, allowed: tuple[int, ...], default: int) -> int:
+    return int(raw) if raw is not None and raw.isdigit() and int(raw) in allowed else default
+
+
+def _date(raw: str | None) -> dt.date | None:
+    try:
+        return dt.date.fromisoformat(raw) if raw else None
+    except ValueError:
+        return None
+
+
+class View:
+    """The page's parameters as given (kept for the URLs) and as used."""
+
+    def __init__(self, params: Mapping[str, str]) -> None:
+        self.params = {k: v for k, v in params.items() if v}
+        self.files = _choice(params.get("files"), FILES_SHOWN, 20)
+        self.top = _choice(params.get("top"), TOP_SHOWN, 10)
+        self.user_id = (params.get("user_id") or "").strip()
+
+    def url(self, path: str, **changes: str | None) -> str:
+        merged = {**self.params, **changes}
+        query = urlencode({k: v for k, v in merged.items() if v})
+        return f"{path}?{query}" if query else path
+
+
+# --- what each section shows -------------------------------------------------------------------
+
+
+async def state_section(ctx: ApiContext) -> dict[str, Any]:
+    last = None
+    if ctx.db is not None:
+        last = await ctx.cache.get("last_file", lambda: ctx.run(health.last_file_finished))
+    reading = health.read_health(ctx.config, last, ctx.backlog())
+    stream = ctx.ingest.stream() if ctx.ingest is not None else None
+    committed = ctx.ingest.committed_file_id() if ctx.ingest is not None else None
+    exported = ctx.replica.exported_file_id() if ctx.replica is not None else None
+    lag = None if committed is None or exported is None else max(committed - exported, 0)
+    return {
+        "ready": ctx.ready(),
+        "reading": reading,
+        "stream": stream,
+        "sqlite_export": ctx.config.sqlite_export,
+        "exported": exported,
+        "committed": committed,
+        "export_lag": lag,
+    }
+
+
+async def files_section(ctx: ApiContext, limit: int) -> dict[str, Any]:
+    rows = await ctx.cache.get(
+        ("latest_files", limit), lambda: ctx.run(lambda c: latest_files(c, limit))
+    )
+    return {"files": rows, "files_limit": limit}
+
+
+async def reasons_section(ctx: ApiContext) -> dict[str, Any]:
+    rejects = await ctx.cache.get("rejects_by_reason", lambda: ctx.run(rejects_by_reason))
+    failed = await ctx.cache.get("failed_by_reason", lambda: ctx.run(failed_files_by_reason))
+    return {"rejects_by_reason": rejects, "failed_by_reason": failed}
+
+
+async def daily_section(ctx: ApiContext, params: Mapping[str, str]) -> dict[str, Any]:
+    notes = []
+    bounds = await ctx.cache.get("daily_range", lambda: ctx.run(daily_range))
+    latest = bounds[1] if bounds is not None else dt.datetime.now(dt.UTC).date()
+    last = _date(params.get("to"))
+    first = _date(params.get("from"))
+    if params.get("to") and last is None:
+        notes.append(f"'to' is not a YYYY-MM-DD date: {params['to']}")
+    if params.get("from") and first is None:
+        notes.append(f"'from' is not a YYYY-MM-DD date: {params['from']}")
+    last = last or latest
+    first = first or _days_before(last, DEFAULT_DAYS - 1)
+    if first > last:
+        notes.append("'from' is after 'to': the range is empty")
+    elif (last - first).days + 1 > MAX_DAYS:
+        first = _days_before(last, MAX_DAYS - 1)
+        notes.append(f"ranges are at most {MAX_DAYS} days: showing {first} to {last}")
+    built = await ctx.cache.get(("dashboard_daily", first, last), lambda: _daily(ctx, first, last))
+    return {
+        "date_from": first,
+        "date_to": last,
+        "data_range": bounds,
+        "daily_notes": notes,
+        **built,
+    }
+
+
+def _days_before(day: dt.date, days: int) -> dt.date:
+    try:
+        return day - dt.timedelta(days)
+    except OverflowError:  # before year 1
+        return dt.date.min
+
+
+def _daily(ctx: ApiContext, first: dt.date, last: dt.date) -> dict[str, Any]:
+    """The range's rows, sums and chart: built once per commit (in a worker thread)."""
+    rows = ctx.run(lambda c: daily_totals(c, first, last)) if first <= last else []
+    series = (
+        series_of(rows, first, last) if first <= last else series_of([], first, first - ONE_DAY)
+    )
+    return {
+        "daily_count": len(rows),
+        "daily_table": Markup(daily_table_rows(rows)),  # noqa: S704 - escaped in charts.py
+        "daily_sums": {k: money(sum(v, Decimal(0))) for k, v in series.totals.items()},
+        "chart": Markup(daily_chart(series)),  # noqa: S704 - built from escaped, numeric parts
+    }
+
+
+async def top_section(ctx: ApiContext, limit: int) -> dict[str, Any]:
+    ranked = await ctx.cache.get("top_users", lambda: ctx.run(ranked_users))
+    return {"top": top_of(ranked, limit), "top_limit": limit}
+
+
+async def user_section(ctx: ApiContext, raw: str) -> dict[str, Any]:
+    if not raw:
+        return {"user_query": "", "user": None, "user_error": None}
+    if not (raw.isdigit() and len(raw) <= 18 and int(raw) > 0):
+        return {"user_query": raw, "user": None, "user_error": "a user id is a positive integer"}
+    found = await ctx.user_summary(int(raw))
+    error = None if found is not None else f"no user {raw} (no profile and no transactions)"
+    return {"user_query": raw, "user": found, "user_error": error}
+
+
+def _base(ctx: ApiContext, view: View) -> dict[str, Any]:
+    return {
+        "view": view,
+        "refresh": REFRESH_SECONDS,
+        "auth": bool(ctx.config.api_token),
+        "money": money,
+        "files_choices": FILES_SHOWN,
+        "top_choices": TOP_SHOWN,
+    }
+
+
+# --- routes ----------------------------------------------------------------------------------
+
+
+@get("/", include_in_schema=False)
+async def dashboard_page(request: Request[Any, Any, Any], state: State) -> Template:
+    """The whole dashboard, each section as its partial renders it."""
+    ctx = context(state)
+    view = _view(request)
+    page = _base(ctx, view)
+    page.update(await state_section(ctx))
+    page.update(await files_section(ctx, view.files))
+    page.update(await reasons_section(ctx))
+    page.update(await daily_section(ctx, view.params))
+    page.update(await top_section(ctx, view.top))
+    page.update(await user_section(ctx, view.user_id))
+    return Template(template_name="dashboard.html", context=page)
+
+
+def _view(request: Request[Any, Any, Any]) -> View:
+    return View({k: request.query_params.get(k, "") for k in request.query_params})
+
+
+@get("/partials/state", include_in_schema=False)
+async def state_partial(request: Request[Any, Any, Any], state: State) -> Template:
+    ctx = context(state)
+    page = {**_base(ctx, _view(request)), **await state_section(ctx)}
+    return Template(template_name="partials/state.html", context=page)
+
+
+@get("/partials/files", include_in_schema=False)
+async def files_partial(request: Request[Any, Any, Any], state: State) -> Template:
+    ctx, view = context(state), _view(request)
+    page = {**_base(ctx, view), **await files_section(ctx, view.files)}
+    return Template(template_name="partials/files.html", context=page)
+
+
+@get("/partials/reasons", include_in_schema=False)
+async def reasons_partial(request: Request[Any, Any, Any], state: State) -> Template:
+    ctx = context(state)
+    page = {**_base(ctx, _view(request)), **await reasons_section(ctx)}
+    return Template(template_name="partials/reasons.html", context=page)
+
+
+@get("/partials/daily", include_in_schema=False)
+async def daily_partial(request: Request[Any, Any, Any], state: State) -> Template:
+    ctx, view = context(state), _view(request)
+    page = {**_base(ctx, view), **await daily_section(ctx, view.params)}
+    return Template(template_name="partials/daily.html", context=page)
+
+
+@get("/partials/top", include_in_schema=False)
+async def top_partial(request: Request[Any, Any, Any], state: State) -> Template:
+    ctx, view = context(state), _view(request)
+    page = {**_base(ctx, view), **await top_section(ctx, view.top)}
+    return Template(template_name="partials/top.html", context=page)
+
+
+@get("/partials/user", include_in_schema=False)
+async def user_partial(request: Request[Any, Any, Any], state: State) -> Template:
+    ctx, view = context(state), _view(request)
+    page = {**_base(ctx, view), **await user_section(ctx, view.user_id)}
+    return Template(template_name="partials/user.html", context=page)
+
+
+@get("/files/{file_id:int}", include_in_schema=False)
+async def file_page(
+    request: Request[Any, Any, Any],
+    state: State,
+    file_id: Annotated[int, PathParameter()],
+    offset: Text = None,
+) -> Template:
+    """One file: its ledger row, its reason if refused, its rejected rows (paged)."""
+    ctx, view = context(state), _view(request)
+    start = int(offset) if offset is not None and offset.isdigit() and len(offset) < 16 else 0
+    found = await ctx.cache.get(
+        ("file", file_id), lambda: ctx.run(lambda c: file_detail(c, file_id))
+    )
+    rejects = await ctx.cache.get(
+        ("rejects", file_id, REJECTS_PAGE, start),
+        lambda: ctx.run(lambda c: rejects_page(c, file_id, REJECTS_PAGE, start)),
+    )
+    page = _base(ctx, view)
+    page.update(
+        {
+            "file_id": file_id,
+            "file": found[0] if found else None,
+            "reasons": found[1] if found else {},
+            "rejects_total": rejects[0] if rejects else 0,
+            "rejects": rejects[1] if rejects else [],
+            "offset": start,
+            "page_size": REJECTS_PAGE,
+        }
+    )
+    return Template(template_name="file.html", context=page, status_code=200 if found else 404)
+
+
+@post("/upload", include_in_schema=False, request_max_body_size=None, status_code=200)
+async def upload_form(request: Request[Any, Any, Any], state: State) -> Response[Any]:
+    """The dashboard's upload form: the same path as ``POST /v1/files``; htmx gets a partial,
+    a plain form post goes back to the dashboard."""
+    ctx = context(state)
+    upload = await receive_upload(request, ctx)
+    if request.headers.get("hx-request") != "true":
+        return Redirect("/", status_code=303)
+    page = {**_base(ctx, _view(request)), "upload": upload}
+    return Template(template_name="partials/uploaded.html", context=page)
+
+
+@get("/login", include_in_schema=False)
+async def login_form(state: State, next: Text = None) -> Response[Any]:
+    if not context(state).config.api_token:
+        return Redirect("/", status_code=303)
+    return Template(template_name="login.html", context={"next": _local(next), "error": None})
+
+
+@post("/login", include_in_schema=False, status_code=303)
+async def login(
+    state: State,
+    data: Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)],
+) -> Response[Any]:
+    """Check the token; set the session cookie (HttpOnly, SameSite=Strict) and go on."""
+    token = context(state).config.api_token
+    target = _local(data.get("next"))
+    if not token or not token_matches(data.get("token", ""), token):
+        return Template(
+            template_name="login.html",
+            context={"next": target, "error": "That is not the token."},
+            status_code=401,
+        )
+    return Redirect(
+        target,
+        status_code=303,
+        cookies=[
+            Cookie(
+                key=SESSION_COOKIE,
+                value=session_value(token),
+                httponly=True,
+                samesite="strict",
+                path="/",
+            )
+        ],
+    )
+
+
+@post("/logout", include_in_schema=False, status_code=303)
+async def logout() -> Redirect:
+    return Redirect(
+        "/login",
+        status_code=303,
+        cookies=[Cookie(key=SESSION_COOKIE, value="", max_age=0, path="/")],
+    )
+
+
+def _local(target: str | None) -> str:
+    """Only a path on this site (``/...``, not ``//host``) is followed after the login."""
+    if target and target.startswith("/") and not target.startswith(("//", "/\\")):
+        return target
+    return "/"
+
+
+static_router = create_static_files_router(
+    path="/static",
+    directories=[STATIC_DIR],
+    include_in_schema=False,
+    cache_control=CacheControlHeader(max_age=300),
+)
+
+# Everything the pages use comes from here; no inline script or style (htmx is told not to add its
+# indicator styles in base.html), so nothing injected into a page could run.
+SECURITY_HEADERS = [
+    ResponseHeader(
+        name="content-security-policy",
+        value="default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    ),
+    ResponseHeader(name="x-content-type-options", value="nosniff"),
+    ResponseHeader(name="referrer-policy", value="same-origin"),
+    ResponseHeader(name="cache-control", value="no-store"),
+]
+
+dashboard_router = Router(
+    path="/",
+    response_headers=SECURITY_HEADERS,
+    route_handlers=[
+        dashboard_page,
+        state_partial,
+        files_partial,
+        reasons_partial,
+        daily_partial,
+        top_partial,
+        user_partial,
+        file_page,
+        upload_form,
+        login_form,
+        login,
+        logout,
+    ],
+)
