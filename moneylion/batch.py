@@ -123,7 +123,7 @@ def _read(plan: _New) -> None:
     """The file's header and records, checked by the reference rules; or the reason it is
     refused whole (then nothing of it is kept)."""
     item = plan.item
-    if isinstance(item, Unread):
+    if isinstance(item, Unread) or item.refused is not None:
         plan.refused = item.refused
         return
     try:

@@ -133,6 +133,8 @@ def ingest_staged(
     arrival = _Arrival(
         staged.origin, staged.name, sha256, size, received_at, started, _next_file_id(conn)
     )
+    if staged.refused is not None:  # read and hashed, refused whole (a broken archive)
+        return _record_failure(conn, arrival, None, staged.refused)
     try:
         header = read_header(staged)
     except FileRefused as refused:
