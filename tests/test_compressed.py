@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
+import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,16 @@ from moneylion.ingest import FileOutcome, ingest_file
 from moneylion.schema import connect
 from moneylion.source import csv_name, stage
 from moneylion.validate import LINE_MAX_BYTES
+from tests.daemon_process import (
+    DaemonProcess,
+    random_transactions,
+    run_cli,
+    wait_for,
+    write_transactions,
+)
+from tests.expected import Expected
 from tests.test_cli import run
+from tests.test_end_to_end import assert_api_totals
 
 TX = "transaction_id,user_id,transaction_date,amount,transaction_type"
 # Stored first: what the file conflicts with, and a row it repeats.
@@ -310,3 +322,49 @@ def test_moneylion_ingest_reads_gzip_and_zstd_files(tmp_path: Path, config: Conf
 )
 def test_the_csv_name_is_the_name_without_its_compression_suffix(name: str, plain: str) -> None:
     assert csv_name(name) == plain
+
+
+@pytest.mark.slow
+def test_the_daemon_ingests_compressed_files_dropped_in_the_inbox(tmp_path: Path) -> None:
+    rng = random.Random(12)
+    parts = tmp_path / "parts"
+    plain = write_transactions(write(parts, "plain.csv", b""), random_transactions(rng, 1, 3000))
+    zst_text = write_transactions(
+        write(parts, "zst.csv", b""), random_transactions(rng, 10_001, 3000)
+    ).read_bytes()
+    expected = Expected()
+    expected.add_transactions_file(plain)
+    expected.add_transactions(zst_text.decode())
+    users = b"user_id,signup_date,country\n1,2023-01-01,France\n2,2023-01-02,Chile\n"
+    expected.add_users(users.decode())
+    gz_bytes = gzip.compress(plain.read_bytes())
+    daemon = DaemonProcess(tmp_path / "inbox", tmp_path / "warehouse", settle_seconds=0.2)
+    daemon.inbox.mkdir()
+    inbox = daemon.inbox
+    try:
+        daemon.start()
+        (inbox / "tx.csv.gz").write_bytes(gz_bytes)  # written in place
+        os.rename(write(parts, "tx.csv.zst", compress("zst", zst_text)), inbox / "tx.csv.zst")
+        (inbox / "users.csv.gz.part").write_bytes(gzip.compress(users))  # a temp name, then
+        os.rename(inbox / "users.csv.gz.part", inbox / "users.csv.gz")  # renamed in place
+        (inbox / "broken.csv.gz").write_bytes(gz_bytes[:-10])
+        wait_for(
+            lambda: daemon.get("/v1/files", limit=1)["total"] >= 4 and not daemon.inbox_waiting(),
+            60,
+            "the compressed files ingested and moved",
+        )
+        assert daemon.folder("done") == ["tx.csv.gz", "tx.csv.zst", "users.csv.gz"]
+        assert daemon.folder("failed") == ["broken.csv.gz", "broken.csv.gz.reason.json"]
+        reason = json.loads(next((inbox / "failed").rglob("*.reason.json")).read_text())
+        assert reason["reason"] == "bad_compression"
+        rows = {r["name"]: r for r in daemon.get("/v1/files", limit=10)["items"]}
+        assert rows["tx.csv.gz"]["sha256"] == hashlib.sha256(gz_bytes).hexdigest()
+        assert rows["tx.csv.gz"]["rows_loaded"] == 3000
+        assert_api_totals(daemon, expected)
+        summary = daemon.get("/v1/users/1/summary")
+        assert summary["country"] == "France"
+        assert daemon.stop() == 0
+        result = run_cli("verify", env=daemon.environ())
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        daemon.close()
