@@ -28,6 +28,7 @@ from moneylion.source import csv_name, stage
 from moneylion.validate import LINE_MAX_BYTES
 from tests.daemon_process import (
     DaemonProcess,
+    logged_events,
     random_transactions,
     run_cli,
     wait_for,
@@ -338,7 +339,19 @@ def test_the_daemon_ingests_compressed_files_dropped_in_the_inbox(tmp_path: Path
     users = b"user_id,signup_date,country\n1,2023-01-01,France\n2,2023-01-02,Chile\n"
     expected.add_users(users.decode())
     gz_bytes = gzip.compress(plain.read_bytes())
-    daemon = DaemonProcess(tmp_path / "inbox", tmp_path / "warehouse", settle_seconds=0.2)
+    # Under 1 MiB compressed (a batch's file), over it as CSV: ingested alone, on the fast paths.
+    large = write_transactions(
+        write(parts, "large.csv", b""), random_transactions(rng, 20_001, 40_000)
+    )
+    expected.add_transactions_file(large)
+    large_gz = gzip.compress(large.read_bytes())
+    assert len(large_gz) < 1024 * 1024 < large.stat().st_size
+    daemon = DaemonProcess(
+        tmp_path / "inbox",
+        tmp_path / "warehouse",
+        settle_seconds=0.2,
+        env={"MONEYLION_LOG_LEVEL": "INFO"},  # file_started: a file ingested alone
+    )
     daemon.inbox.mkdir()
     inbox = daemon.inbox
     try:
@@ -348,12 +361,13 @@ def test_the_daemon_ingests_compressed_files_dropped_in_the_inbox(tmp_path: Path
         (inbox / "users.csv.gz.part").write_bytes(gzip.compress(users))  # a temp name, then
         os.rename(inbox / "users.csv.gz.part", inbox / "users.csv.gz")  # renamed in place
         (inbox / "broken.csv.gz").write_bytes(gz_bytes[:-10])
+        (inbox / "large.csv.gz").write_bytes(large_gz)
         wait_for(
-            lambda: daemon.get("/v1/files", limit=1)["total"] >= 4 and not daemon.inbox_waiting(),
+            lambda: daemon.get("/v1/files", limit=1)["total"] >= 5 and not daemon.inbox_waiting(),
             60,
             "the compressed files ingested and moved",
         )
-        assert daemon.folder("done") == ["tx.csv.gz", "tx.csv.zst", "users.csv.gz"]
+        assert daemon.folder("done") == ["large.csv.gz", "tx.csv.gz", "tx.csv.zst", "users.csv.gz"]
         assert daemon.folder("failed") == ["broken.csv.gz", "broken.csv.gz.reason.json"]
         reason = json.loads(next((inbox / "failed").rglob("*.reason.json")).read_text())
         assert reason["reason"] == "bad_compression"
@@ -363,6 +377,8 @@ def test_the_daemon_ingests_compressed_files_dropped_in_the_inbox(tmp_path: Path
         assert_api_totals(daemon, expected)
         summary = daemon.get("/v1/users/1/summary")
         assert summary["country"] == "France"
+        alone = [e for e in logged_events(daemon.warehouse) if e["event"] == "file_started"]
+        assert [e["file"] for e in alone] == ["large.csv.gz"]
         assert daemon.stop() == 0
         result = run_cli("verify", env=daemon.environ())
         assert result.returncode == 0, result.stdout + result.stderr

@@ -74,8 +74,8 @@ Id = Annotated[str, PathParameter(pattern=ID_PATTERN, description="a positive in
 Limit = Annotated[int, QueryParameter(ge=1, le=MAX_PAGE, description="page size (1-1000)")]
 Offset = Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET, description="rows to skip")]
 TransactionType = Literal["deposit", "withdrawal", "purchase"]
-MONTH_PATTERN = r"^[0-9]{4}-(0[1-9]|1[0-2])$"
-Month = Annotated[str, QueryParameter(pattern=MONTH_PATTERN, description="a month, YYYY-MM")]
+# YYYY-MM from 0001-01 (a date's range) to 9999-12.
+MONTH_PATTERN = r"^(000[1-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-9][0-9]{3})-(0[1-9]|1[0-2])$"
 
 _BAD_REQUEST = problem_spec("A parameter is missing or malformed")
 _NOT_FOUND = problem_spec("Not found")
@@ -189,11 +189,8 @@ async def country_monthly_v1(
 ) -> CountryMonthlyTotals:
     """Per month and country, count and total per type in [from, to] (months, inclusive),
     ordered by month then country; the country is the user's current one (null: orphans)."""
-    try:
-        first = first_day(month_from) if month_from else EARLIEST
-        last = first_day(month_to) if month_to else LATEST
-    except ValueError:  # year 0000
-        raise problem(400, "from and to are months YYYY-MM from 0001-01 on") from None
+    first = first_day(month_from) if month_from else EARLIEST
+    last = first_day(month_to) if month_to else LATEST
     ctx = context(state)
     rows = await ctx.cache.get(
         ("country_monthly", first, last, country),
