@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import duckdb
 
-# Per-user totals of the rows one file appended.
-USER_TOTALS_OF_FILE_SELECT = """
+# Each aggregate of the transactions is declared once, over ``{where}``: a commit's delta reads
+# the rows it appended (FILE_ROWS), the recompute every row.
+USER_TOTALS_OF = """
 SELECT user_id,
        count(*) AS tx_count,
        sum(amount) AS total_amount,
@@ -23,10 +24,18 @@ SELECT user_id,
        coalesce(sum(amount) FILTER (WHERE transaction_type = 'purchase'), 0) AS total_purchase,
        min(transaction_date) AS first_date,
        max(transaction_date) AS last_date
-FROM transactions
-WHERE file_id BETWEEN $first AND $last
+FROM transactions {where}
 GROUP BY user_id
 """
+DAILY_TOTALS_OF = """
+SELECT transaction_date, transaction_type, count(*) AS tx_count, sum(amount) AS total_amount
+FROM transactions {where}
+GROUP BY transaction_date, transaction_type
+"""
+FILE_ROWS = "WHERE file_id BETWEEN $first AND $last"
+
+# Per-user totals of the rows a commit appended.
+USER_TOTALS_OF_FILE_SELECT = USER_TOTALS_OF.format(where=FILE_ROWS)
 
 # A file appends its per-user sums to the log (file_id > 0 marks rows not yet compacted).
 USER_TOTALS_APPEND = (
@@ -48,16 +57,14 @@ USER_TOTALS_COMPACT = (
 COMPACT_AFTER_ROWS = 250_000
 REBUILD_THRESHOLD = 20_000
 
-DAILY_TOTALS_DELTA = """
-INSERT INTO daily_totals
-SELECT transaction_date, transaction_type, count(*), sum(amount)
-FROM transactions
-WHERE file_id BETWEEN $first AND $last
-GROUP BY transaction_date, transaction_type
-ON CONFLICT (transaction_date, transaction_type) DO UPDATE SET
+DAILY_TOTALS_DELTA = (
+    "INSERT INTO daily_totals"
+    + DAILY_TOTALS_OF.format(where=FILE_ROWS)
+    + """ON CONFLICT (transaction_date, transaction_type) DO UPDATE SET
     tx_count = tx_count + excluded.tx_count,
     total_amount = total_amount + excluded.total_amount
 """
+)
 
 # Counts only grow: a user neither in the old top list nor touched by this file still ranks
 # below every user of the old list, so the new list is drawn from those two sets alone (their
@@ -188,20 +195,8 @@ def apply_deltas(
 
 
 RECOMPUTED = {
-    "user_totals": """
-        SELECT user_id, count(*) AS tx_count, sum(amount) AS total_amount,
-               coalesce(sum(amount) FILTER (WHERE transaction_type = 'deposit'), 0)
-                   AS total_deposit,
-               coalesce(sum(amount) FILTER (WHERE transaction_type = 'withdrawal'), 0)
-                   AS total_withdrawal,
-               coalesce(sum(amount) FILTER (WHERE transaction_type = 'purchase'), 0)
-                   AS total_purchase,
-               min(transaction_date) AS first_date, max(transaction_date) AS last_date
-        FROM transactions GROUP BY user_id""",
-    "daily_totals": """
-        SELECT transaction_date, transaction_type, count(*) AS tx_count,
-               sum(amount) AS total_amount
-        FROM transactions GROUP BY transaction_date, transaction_type""",
+    "user_totals": USER_TOTALS_OF.format(where=""),
+    "daily_totals": DAILY_TOTALS_OF.format(where=""),
     "top_users": """
         SELECT CAST(row_number() OVER (ORDER BY tx_count DESC, user_id) AS INTEGER) AS rank,
                user_id, tx_count
