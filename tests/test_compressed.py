@@ -22,6 +22,7 @@ from moneylion.aggregates import verify
 from moneylion.batch import Item, Unread, ingest_batch
 from moneylion.config import Config
 from moneylion.errors import FileRefused
+from moneylion.inbox import safe_name
 from moneylion.ingest import FileOutcome, ingest_file
 from moneylion.schema import connect
 from moneylion.source import csv_name, stage
@@ -384,3 +385,10 @@ def test_the_daemon_ingests_compressed_files_dropped_in_the_inbox(tmp_path: Path
         assert result.returncode == 0, result.stdout + result.stderr
     finally:
         daemon.close()
+
+
+def test_a_compressed_name_too_long_to_set_aside_keeps_both_suffixes() -> None:
+    name = "x" * 300 + ".csv.zst"
+    short = safe_name(name)
+    assert short.endswith(".csv.zst")
+    assert len(short.encode()) <= 255 - len(".reason.json.9999")
