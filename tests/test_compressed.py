@@ -17,8 +17,10 @@ from typing import Any
 import duckdb
 import pytest
 import zstandard
+from litestar.testing import TestClient
 
 from moneylion.aggregates import verify
+from moneylion.api import create_app
 from moneylion.batch import Item, Unread, ingest_batch
 from moneylion.config import Config
 from moneylion.errors import FileRefused
@@ -36,6 +38,7 @@ from tests.daemon_process import (
     write_transactions,
 )
 from tests.expected import Expected
+from tests.test_api import parse_metrics
 from tests.test_cli import run
 from tests.test_end_to_end import assert_api_totals
 
@@ -392,3 +395,17 @@ def test_a_compressed_name_too_long_to_set_aside_keeps_both_suffixes() -> None:
     short = safe_name(name)
     assert short.endswith(".csv.zst")
     assert len(short.encode()) <= 255 - len(".reason.json.9999")
+
+
+def test_metrics_count_failed_files_by_reason_bad_compression_included(
+    tmp_path: Path, config: Config, warehouse: duckdb.DuckDBPyConnection
+) -> None:
+    broken = write(tmp_path / "files", "broken.csv.zst", b"\x28\xb5\x2f\xfd" + b"x" * 20)
+    bomb = write(tmp_path / "files", "bomb.csv.gz", gzip.compress(b"1" * 300_000))
+    load(warehouse, config, [broken], "file")
+    load(warehouse, config.with_overrides(max_file_bytes=100_000), [bomb], "file")
+    with TestClient(app=create_app(config, warehouse)) as client:
+        samples = parse_metrics(client.get("/metrics").text)
+    assert samples['moneylion_failed_files_total{reason="bad_compression"}'] == 1
+    assert samples['moneylion_failed_files_total{reason="too_large"}'] == 1
+    assert verify(warehouse) == []
