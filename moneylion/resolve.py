@@ -232,13 +232,11 @@ SELECT file_id, line, verdict,
        raw_line
 FROM staged_verdicts WHERE verdict IN $rejected
 """
-_APPEND = {
-    FileKind.TRANSACTIONS: """
+_APPEND_TRANSACTIONS = """
 INSERT INTO transactions
 SELECT transaction_id, user_id, transaction_date, amount, transaction_type, file_id
 FROM staged_verdicts WHERE verdict = 'load'
-""",
-}
+"""
 # The latest file's profile of each user lands; earlier ones of the batch were overwritten.
 _USERS_LOADED = """
 SELECT * FROM staged_verdicts WHERE verdict = 'load'
@@ -271,7 +269,7 @@ def resolve(conn: duckdb.DuckDBPyConnection, kind: FileKind) -> dict[int, Applie
     if kind is FileKind.USERS:
         upsert_users(conn, _USERS_LOADED, utc_now())
     else:
-        conn.execute(_APPEND[kind])
+        conn.execute(_APPEND_TRANSACTIONS)
     applied: dict[int, Applied] = defaultdict(Applied)
     for file_id, verdict, count in conn.execute(_COUNTS).fetchall():
         if verdict == "load":
