@@ -409,3 +409,33 @@ def test_metrics_count_failed_files_by_reason_bad_compression_included(
     assert samples['moneylion_failed_files_total{reason="bad_compression"}'] == 1
     assert samples['moneylion_failed_files_total{reason="too_large"}'] == 1
     assert verify(warehouse) == []
+
+
+@pytest.mark.slow
+def test_compressed_files_waiting_before_start_are_ingested_on_start(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    rng = random.Random(5)
+    expected = Expected()
+    plain = write_transactions(write(tmp_path, "w.csv", b""), random_transactions(rng, 1, 500))
+    expected.add_transactions_file(plain)
+    write(inbox, "waiting.csv.zst", compress("zst", plain.read_bytes()))
+    write(inbox, "waiting.csv.gz", gzip.compress(plain.read_bytes()))  # the same rows again
+    write(inbox, "half.csv.gz.part", gzip.compress(plain.read_bytes()))  # a temp name: ignored
+    daemon = DaemonProcess(inbox, tmp_path / "warehouse", settle_seconds=0.2)
+    try:
+        daemon.start()
+        wait_for(
+            lambda: daemon.get("/v1/files", limit=1)["total"] >= 2 and not daemon.inbox_waiting(),
+            60,
+            "the waiting files ingested",
+        )
+        assert daemon.folder("done") == ["waiting.csv.gz", "waiting.csv.zst"]
+        rows = daemon.get("/v1/files", limit=10)["items"]
+        assert sorted((r["rows_loaded"], r["rows_duplicate"]) for r in rows) == [(0, 500), (500, 0)]
+        assert (inbox / "half.csv.gz.part").exists()
+        assert_api_totals(daemon, expected)
+        assert daemon.stop() == 0
+        result = run_cli("verify", env=daemon.environ())
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        daemon.close()
