@@ -1,5 +1,8 @@
 """Aggregate deltas per commit (one file or a batch), and ``recompute``/``verify``.
 
+``apply_deltas`` is what a commit runs: the transaction aggregates when it appended
+transactions, the country totals when it appended transactions or wrote profiles.
+
 Deltas read only the rows a commit really appended (``file_id BETWEEN $first AND $last``: a
 commit's files have consecutive ids, appends are in file-id order, so DuckDB's zone maps skip
 the rest), so the cost follows the commit's size, not the warehouse's.
@@ -11,8 +14,9 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
-# Per-user totals of the rows one file appended.
-USER_TOTALS_OF_FILE_SELECT = """
+# Each aggregate of the transactions is declared once, over ``{where}``: a commit's delta reads
+# the rows it appended (FILE_ROWS), the recompute every row.
+USER_TOTALS_OF = """
 SELECT user_id,
        count(*) AS tx_count,
        sum(amount) AS total_amount,
@@ -21,10 +25,18 @@ SELECT user_id,
        coalesce(sum(amount) FILTER (WHERE transaction_type = 'purchase'), 0) AS total_purchase,
        min(transaction_date) AS first_date,
        max(transaction_date) AS last_date
-FROM transactions
-WHERE file_id BETWEEN $first AND $last
+FROM transactions {where}
 GROUP BY user_id
 """
+DAILY_TOTALS_OF = """
+SELECT transaction_date, transaction_type, count(*) AS tx_count, sum(amount) AS total_amount
+FROM transactions {where}
+GROUP BY transaction_date, transaction_type
+"""
+FILE_ROWS = "WHERE file_id BETWEEN $first AND $last"
+
+# Per-user totals of the rows a commit appended.
+USER_TOTALS_OF_FILE_SELECT = USER_TOTALS_OF.format(where=FILE_ROWS)
 
 # A file appends its per-user sums to the log (file_id > 0 marks rows not yet compacted).
 USER_TOTALS_APPEND = (
@@ -49,16 +61,14 @@ LOG_INDEXES = "SELECT index_name, sql FROM duckdb_indexes() WHERE table_name = '
 COMPACT_AFTER_ROWS = 250_000
 REBUILD_THRESHOLD = 20_000
 
-DAILY_TOTALS_DELTA = """
-INSERT INTO daily_totals
-SELECT transaction_date, transaction_type, count(*), sum(amount)
-FROM transactions
-WHERE file_id BETWEEN $first AND $last
-GROUP BY transaction_date, transaction_type
-ON CONFLICT (transaction_date, transaction_type) DO UPDATE SET
+DAILY_TOTALS_DELTA = (
+    "INSERT INTO daily_totals"
+    + DAILY_TOTALS_OF.format(where=FILE_ROWS)
+    + """ON CONFLICT (transaction_date, transaction_type) DO UPDATE SET
     tx_count = tx_count + excluded.tx_count,
     total_amount = total_amount + excluded.total_amount
 """
+)
 
 # Counts only grow: a user neither in the old top list nor touched by this commit still ranks
 # below every user of the old list, so the new list is drawn from those two sets alone. The old
@@ -80,32 +90,137 @@ SELECT CAST(row_number() OVER (ORDER BY tx_count DESC, user_id) AS INTEGER) AS r
 FROM (SELECT user_id, tx_count FROM user_totals_log ORDER BY tx_count DESC, user_id LIMIT $kept)
 """
 
+# --- country_monthly_totals ---------------------------------------------------------------------
+
+# The one definition of country_monthly_totals: per month, country and type, the count and total
+# of ``rows`` (transaction_date, country, transaction_type, amount, sign: +1 counts a transaction
+# in, -1 takes it out). The recompute reads every transaction with its user's current country
+# (NULL: an orphan); a commit's delta reads its new transactions so, and the earlier
+# transactions of the users whose country it changed (a late profile: from NULL), out of the old
+# country (-1) and into the new (+1). The exports copy the rows this maintains.
+COUNTRY_MONTHLY_OF = """
+SELECT CAST(date_trunc('month', transaction_date) AS DATE) AS month, country, transaction_type,
+       CAST(sum(sign) AS BIGINT) AS tx_count,
+       CAST(sum(sign * amount) AS DECIMAL(38, 2)) AS total_amount
+FROM ({rows}) GROUP BY ALL
+"""
+_WITH_COUNTRY = """
+SELECT t.transaction_date, u.country, t.transaction_type, t.amount, 1 AS sign
+FROM transactions t LEFT JOIN users u ON u.user_id = t.user_id"""
+_MOVED = """
+SELECT t.transaction_date, m.{side} AS country, t.transaction_type, t.amount, {sign} AS sign
+FROM transactions t JOIN country_moves m ON m.user_id = t.user_id WHERE t.file_id < $first"""
+COUNTRY_ROWS = {
+    "all": _WITH_COUNTRY,
+    "new": _WITH_COUNTRY + " WHERE t.file_id BETWEEN $first AND $last",
+    "moved": _MOVED.format(side="old_country", sign=-1)
+    + " UNION ALL "
+    + _MOVED.format(side="new_country", sign=1),
+}
+
+# The profiles a commit replaces, as they were (their country), noted before the upsert
+# (resolve.upsert_users): a TEMP table, rolled back with the commit, emptied by its delta.
+_REPLACED_TABLE = "CREATE TEMP TABLE IF NOT EXISTS users_replaced (user_id BIGINT, country VARCHAR)"
+_NOTE_REPLACED = """
+INSERT INTO users_replaced SELECT user_id, country FROM users
+WHERE user_id IN (SELECT user_id FROM ({rows}))
+  AND user_id NOT IN (SELECT user_id FROM users_replaced)
+"""
+# Users the commit wrote whose country changed (new ones: from NULL), among those with
+# transactions (the commit's own included; only the earlier ones move).
+_COUNTRY_MOVES = """
+CREATE OR REPLACE TEMP TABLE country_moves AS
+SELECT u.user_id, r.country AS old_country, u.country AS new_country
+FROM users u LEFT JOIN users_replaced r ON r.user_id = u.user_id
+WHERE u.file_id BETWEEN $first AND $last AND r.country IS DISTINCT FROM u.country
+  AND u.user_id IN (SELECT user_id FROM user_totals_log)
+"""
+_COUNTRY_MERGE = """
+MERGE INTO country_monthly_totals c
+USING (SELECT * FROM ({delta}) WHERE tx_count <> 0 OR total_amount <> 0) d
+ON c.month = d.month AND c.country IS NOT DISTINCT FROM d.country
+   AND c.transaction_type = d.transaction_type
+WHEN MATCHED THEN UPDATE SET tx_count = c.tx_count + d.tx_count,
+    total_amount = c.total_amount + d.total_amount, file_id = $last
+WHEN NOT MATCHED THEN INSERT VALUES
+    (d.month, d.country, d.transaction_type, d.tx_count, d.total_amount, $last)
+"""
+
+
+def note_replaced_users(conn: duckdb.DuckDBPyConnection, rows: str) -> None:
+    """Before profiles are upserted from the relation ``rows``: note the countries of those
+    they replace (inside the caller's transaction), for ``apply_country_deltas``."""
+    conn.execute(_REPLACED_TABLE)
+    conn.execute(_NOTE_REPLACED.format(rows=rows))
+
+
+def apply_country_deltas(
+    conn: duckdb.DuckDBPyConnection, first: int, last: int, *, users_written: bool
+) -> None:
+    """Fold the commit of files ``first`` .. ``last`` into country_monthly_totals: its new
+    transactions, and (``users_written``) the moves of the users whose country it changed."""
+    params = {"first": first, "last": last}
+    rows = COUNTRY_ROWS["new"]
+    if users_written:
+        conn.execute(_REPLACED_TABLE)
+        conn.execute(_COUNTRY_MOVES, params)
+        if conn.execute("SELECT count(*) FROM country_moves").fetchall()[0][0]:
+            rows += " UNION ALL " + COUNTRY_ROWS["moved"]
+    conn.execute(_COUNTRY_MERGE.format(delta=COUNTRY_MONTHLY_OF.format(rows=rows)), params)
+    if users_written:
+        conn.execute("DROP TABLE country_moves")
+        conn.execute("DELETE FROM users_replaced")
+
+
+def apply_deltas(
+    conn: duckdb.DuckDBPyConnection,
+    first: int,
+    last: int,
+    *,
+    transactions: int,
+    users: int,
+    top_users_kept: int,
+) -> None:
+    """Everything a commit of files ``first`` .. ``last`` (one file, or a batch) changes in
+    the aggregates, given the transactions it appended and the profiles it wrote."""
+    if transactions:
+        apply_transaction_deltas(conn, first, transactions, top_users_kept, last_file_id=last)
+    if transactions or users:
+        apply_country_deltas(conn, first, last, users_written=bool(users))
+
+
 RECOMPUTED = {
-    "user_totals": """
-        SELECT user_id, count(*) AS tx_count, sum(amount) AS total_amount,
-               coalesce(sum(amount) FILTER (WHERE transaction_type = 'deposit'), 0)
-                   AS total_deposit,
-               coalesce(sum(amount) FILTER (WHERE transaction_type = 'withdrawal'), 0)
-                   AS total_withdrawal,
-               coalesce(sum(amount) FILTER (WHERE transaction_type = 'purchase'), 0)
-                   AS total_purchase,
-               min(transaction_date) AS first_date, max(transaction_date) AS last_date
-        FROM transactions GROUP BY user_id""",
-    "daily_totals": """
-        SELECT transaction_date, transaction_type, count(*) AS tx_count,
-               sum(amount) AS total_amount
-        FROM transactions GROUP BY transaction_date, transaction_type""",
+    "user_totals": USER_TOTALS_OF.format(where=""),
+    "daily_totals": DAILY_TOTALS_OF.format(where=""),
     "top_users": """
         SELECT CAST(row_number() OVER (ORDER BY tx_count DESC, user_id) AS INTEGER) AS rank,
                user_id, tx_count
         FROM (SELECT user_id, count(*) AS tx_count FROM transactions GROUP BY user_id
               ORDER BY tx_count DESC, user_id LIMIT $kept)""",
+    "country_monthly_totals": COUNTRY_MONTHLY_OF.format(rows=COUNTRY_ROWS["all"]),
+}
+# What verify compares with a recompute, where it is not the whole table: the rows a count fell
+# to zero in stay (tombstones for the export), the file_id stamp is not a total.
+MAINTAINED = {
+    "country_monthly_totals": """
+        SELECT month, country, transaction_type, tx_count, total_amount
+        FROM country_monthly_totals WHERE tx_count <> 0 OR total_amount <> 0""",
+}
+# Columns a recompute adds after the totals: user_totals' log marks compacted rows (0), the
+# country totals are stamped with the last file (an export then copies them all).
+_RECOMPUTE_TARGETS = {
+    "user_totals": ("user_totals_log", ", CAST(0 AS BIGINT)"),
+    "country_monthly_totals": (
+        "country_monthly_totals",
+        ", (SELECT coalesce(max(file_id), 0) FROM files)",
+    ),
 }
 
 KEYS = {
     "user_totals": "user_id",
     "daily_totals": "transaction_date, transaction_type",
     "top_users": "rank",
+    "country_monthly_totals": "month, country, transaction_type",
 }
 
 
@@ -219,11 +334,7 @@ def recompute(conn: duckdb.DuckDBPyConnection, top_users_kept: int = 1000) -> No
     try:
         for table, query in RECOMPUTED.items():
             # user_totals is a view over its log: the log gets one row per user again.
-            target, extra = (
-                ("user_totals_log", ", CAST(0 AS BIGINT)")
-                if table == "user_totals"
-                else (table, "")
-            )
+            target, extra = _RECOMPUTE_TARGETS.get(table, (table, ""))
             conn.execute(f"DELETE FROM {target}")
             params = {"kept": top_users_kept} if "$kept" in query else {}
             conn.execute(f"INSERT INTO {target} SELECT *{extra} FROM ({query})", params)
@@ -247,7 +358,7 @@ def verify(
         cursor.execute("BEGIN TRANSACTION")  # one snapshot for both sides
         for table, query in RECOMPUTED.items():
             params = {"kept": top_users_kept} if "$kept" in query else {}
-            maintained = f"SELECT * FROM {table}"
+            maintained = MAINTAINED.get(table, f"SELECT * FROM {table}")
             for side, left, right in (
                 ("maintained", maintained, query),
                 ("recomputed", query, maintained),

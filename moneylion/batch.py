@@ -123,7 +123,7 @@ def _read(plan: _New) -> None:
     """The file's header and records, checked by the reference rules; or the reason it is
     refused whole (then nothing of it is kept)."""
     item = plan.item
-    if isinstance(item, Unread):
+    if isinstance(item, Unread) or item.refused is not None:
         plan.refused = item.refused
         return
     try:
@@ -150,17 +150,23 @@ def _commit(
         for stager in stagers.values():
             if stager.lines or stager.rejects:
                 applied.update(resolve_gathered(conn, stager, utc_now()))
-        loaded = sum(
-            applied[p.file_id].loaded
-            for p in new
-            if p.header is not None
-            and p.header.kind is FileKind.TRANSACTIONS
-            and p.file_id in applied
-        )
-        if loaded:
+        loaded = {
+            kind: sum(
+                applied[p.file_id].loaded
+                for p in new
+                if p.header is not None and p.header.kind is kind and p.file_id in applied
+            )
+            for kind in FileKind
+        }
+        if any(loaded.values()):
             ids = [p.file_id for p in new]
-            aggregates.apply_transaction_deltas(
-                conn, min(ids), loaded, config.top_users_kept, last_file_id=max(ids)
+            aggregates.apply_deltas(
+                conn,
+                min(ids),
+                max(ids),
+                transactions=loaded[FileKind.TRANSACTIONS],
+                users=loaded[FileKind.USERS],
+                top_users_kept=config.top_users_kept,
             )
         finished_at = utc_now()
         seconds = time.perf_counter() - started

@@ -37,6 +37,7 @@ class FileFailure(enum.StrEnum):
     HEADER_TOO_LONG = "header_too_long"
     NOT_A_REGULAR_FILE = "not_a_regular_file"
     TOO_LARGE = "too_large"
+    BAD_COMPRESSION = "bad_compression"
 
 
 class FileRefused(MoneylionError):

@@ -22,6 +22,8 @@ import re
 import shutil
 from pathlib import Path
 
+from moneylion.source import csv_name
+
 log = logging.getLogger(__name__)
 
 # The longest name the usual file systems take (ext4, xfs, btrfs, tmpfs: 255 bytes), and what a
@@ -44,11 +46,14 @@ def day_folder(root: Path, when: dt.datetime | None = None) -> Path:
 def safe_name(name: str) -> str:
     """``name`` if it fits a folder of set-aside files with its suffixes, else a shortened
     name that stays unique and traceable: a prefix of it, ``~`` and 12 hex digits of its
-    sha256, its extension. The ledger and the reason file keep the full name."""
+    sha256, its extension (``.csv.gz`` for a compressed one). The ledger and the reason file keep
+    the full name."""
     raw = os.fsencode(name)
     if len(raw) + _NAME_RESERVE <= NAME_MAX_BYTES:
         return name
-    stem, suffix = os.path.splitext(name)
+    plain = csv_name(name)  # a compressed file keeps both suffixes: x.csv.gz
+    stem, suffix = os.path.splitext(plain)
+    suffix += name[len(plain) :]
     if len(os.fsencode(suffix)) > 16:
         stem, suffix = name, ""
     tag = "~" + hashlib.sha256(raw).hexdigest()[:12]

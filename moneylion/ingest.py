@@ -133,6 +133,8 @@ def ingest_staged(
     arrival = _Arrival(
         staged.origin, staged.name, sha256, size, received_at, started, _next_file_id(conn)
     )
+    if staged.refused is not None:  # read and hashed, refused whole (a broken archive)
+        return _record_failure(conn, arrival, None, staged.refused)
     try:
         header = read_header(staged)
     except FileRefused as refused:
@@ -189,9 +191,17 @@ def _load(
             report("has rows with a wrong field count: validating every row")
             conn.execute("BEGIN TRANSACTION")
             applied = append_reference(conn, source, header, file_id)
-        if header.kind is FileKind.TRANSACTIONS and applied.loaded:
+        if applied.loaded:
             report(f"appended {applied.loaded} rows: updating aggregates")
-            aggregates.apply_transaction_deltas(conn, file_id, applied.loaded, kept)
+            transactions = header.kind is FileKind.TRANSACTIONS
+            aggregates.apply_deltas(
+                conn,
+                file_id,
+                file_id,
+                transactions=applied.loaded if transactions else 0,
+                users=0 if transactions else applied.loaded,
+                top_users_kept=kept,
+            )
     except BaseException:
         rollback(conn)
         raise

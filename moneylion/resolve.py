@@ -26,6 +26,7 @@ from typing import cast
 import duckdb
 import pyarrow as pa
 
+from moneylion import aggregates
 from moneylion.validate import COLUMNS, FileKind, Reject, RejectReason, ValidatedRows
 
 ARROW_TYPES: dict[str, pa.DataType] = {
@@ -232,25 +233,15 @@ SELECT file_id, line, verdict,
        raw_line
 FROM staged_verdicts WHERE verdict IN $rejected
 """
-_APPEND = {
-    FileKind.TRANSACTIONS: """
+_APPEND_TRANSACTIONS = """
 INSERT INTO transactions
 SELECT transaction_id, user_id, transaction_date, amount, transaction_type, file_id
 FROM staged_verdicts WHERE verdict = 'load'
-""",
-    # The latest file's profile of each user lands; earlier ones of the batch were overwritten.
-    FileKind.USERS: """
-INSERT INTO users
-SELECT user_id, signup_date, country, file_id, $now FROM staged_verdicts
-WHERE verdict = 'load'
-QUALIFY row_number() OVER (PARTITION BY user_id ORDER BY file_id DESC) = 1
-ON CONFLICT (user_id) DO UPDATE SET
-    signup_date = excluded.signup_date,
-    country = excluded.country,
-    file_id = excluded.file_id,
-    updated_at = excluded.updated_at
-""",
-}
+"""
+# The latest file's profile of each user lands; earlier ones of the batch were overwritten.
+_USERS_LOADED = """
+SELECT * FROM staged_verdicts WHERE verdict = 'load'
+QUALIFY row_number() OVER (PARTITION BY user_id ORDER BY file_id DESC) = 1"""
 _COUNTS = "SELECT file_id, verdict, count(*) FROM staged_verdicts GROUP BY ALL"
 _TEMPORARY = ("staged", "staged_repeated", "staged_copies", "staged_stored", "staged_verdicts")
 
@@ -276,8 +267,10 @@ def resolve(conn: duckdb.DuckDBPyConnection, kind: FileKind) -> dict[int, Applie
     conn.execute(_sql(_STORED, kind))
     conn.execute(_sql(_VERDICTS[kind], kind))
     conn.execute(_sql(_REJECTS, kind), {"rejected": list(REJECTED_HERE)})
-    params = {"now": utc_now()} if kind is FileKind.USERS else None
-    conn.execute(_sql(_APPEND[kind], kind), params)
+    if kind is FileKind.USERS:
+        upsert_users(conn, _USERS_LOADED, utc_now())
+    else:
+        conn.execute(_APPEND_TRANSACTIONS)
     applied: dict[int, Applied] = defaultdict(Applied)
     for file_id, verdict, count in conn.execute(_COUNTS).fetchall():
         if verdict == "load":
@@ -419,17 +412,26 @@ def _append_loaded(
         return
     conn.register("arrow_batch", pa.table(arrays))
     try:
-        conn.execute(_USERS_UPSERT, {"now": now})
+        upsert_users(conn, "SELECT * FROM arrow_batch", now)
     finally:
         conn.unregister("arrow_batch")
 
 
+# The one write of profiles over stored ones (latest wins), from a relation of user_id,
+# signup_date, country and file_id; the fast path only ever inserts new users.
 _USERS_UPSERT = """
 INSERT INTO users
-SELECT user_id, signup_date, country, file_id, $now FROM arrow_batch
+SELECT user_id, signup_date, country, file_id, $now FROM ({rows})
 ON CONFLICT (user_id) DO UPDATE SET
     signup_date = excluded.signup_date,
     country = excluded.country,
     file_id = excluded.file_id,
     updated_at = excluded.updated_at
 """
+
+
+def upsert_users(conn: duckdb.DuckDBPyConnection, rows: str, now: dt.datetime) -> None:
+    """Upsert the profiles of the relation ``rows``; the countries they replace are noted
+    first (the country totals move those users' transactions)."""
+    aggregates.note_replaced_users(conn, rows)
+    conn.execute(_USERS_UPSERT.format(rows=rows), {"now": now})

@@ -9,6 +9,12 @@ memory, a larger one copied into a private staging file. A file's identity is th
 exactly the bytes that were loaded, whatever its producer does to the inbox file meanwhile. A file
 whose size or times moved while it was read raises ``FileChanged``, and is taken again once it is
 quiet: never half recorded.
+
+A compressed file (``*.csv.gz``, ``*.csv.zst``: COMPRESSIONS, by the name's last suffix) is hashed
+as it arrived, and decompressed once while it is read: every reader reads the CSV, and line
+numbers are the CSV's. The decompressed size is held to ``max_bytes`` as well (a decompression
+bomb is ``too_large``), a broken archive is ``bad_compression``; either way the whole file is
+still hashed, so the ledger knows the bytes.
 """
 
 from __future__ import annotations
@@ -18,10 +24,13 @@ import io
 import itertools
 import os
 import stat
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
+
+import zstandard
 
 from moneylion.errors import FileChanged, FileFailure, FileRefused
 
@@ -51,14 +60,20 @@ class StagedFile:
 
     name: str  # the name in the inbox (the ledger's)
     origin: Path  # the inbox entry it came from
-    sha256: str
-    size: int
+    sha256: str  # of the bytes as they arrived (compressed, for a compressed file)
+    size: int  # the bytes as they arrived
     staging: Path
-    data: bytes | None = None  # the bytes, for a file held in memory
-    path: Path | None = None  # the private copy, once there is one
+    data: bytes | None = None  # the CSV's bytes, for a file held in memory
+    path: Path | None = None  # the private copy of the CSV, once there is one
+    csv_size: int = -1  # the CSV's bytes (decompressed); -1: the same as ``size``
+    refused: FileRefused | None = None  # read and hashed, but refused whole (bad_compression)
+
+    def __post_init__(self) -> None:
+        if self.csv_size < 0:
+            self.csv_size = self.size
 
     def open_binary(self) -> BinaryIO:
-        """A fresh stream of the bytes (in memory, or the private copy)."""
+        """A fresh stream of the CSV's bytes (in memory, or the private copy)."""
         if self.data is not None:
             return io.BytesIO(self.data)
         return self.disk_path().open("rb")
@@ -67,7 +82,7 @@ class StagedFile:
         """The private copy's path (written now if the bytes are in memory)."""
         if self.path is None:
             assert self.data is not None
-            self.path = _private_name(self.staging, self.name)
+            self.path = _private_name(self.staging)
             self.path.write_bytes(self.data)
         return self.path
 
@@ -78,9 +93,10 @@ class StagedFile:
             self.path = None
 
 
-def _private_name(staging: Path, name: str) -> Path:
+def _private_name(staging: Path) -> Path:
+    """A new private file: always a plain CSV (DuckDB's reader is told ``compression='none'``)."""
     staging.mkdir(parents=True, exist_ok=True)
-    return staging / f"{os.getpid()}-{next(_counter)}{_suffixes(name)}"
+    return staging / f"{os.getpid()}-{next(_counter)}.csv"
 
 
 def describe(mode: int) -> str:
@@ -120,10 +136,12 @@ def stage(
     origin: Path, staging: Path, *, max_bytes: int = 0, memory_bytes: int = MEMORY_BYTES
 ) -> StagedFile:
     """Read the inbox file ``origin`` once while hashing it: into memory when it holds at most
-    ``memory_bytes``, else into a private copy in ``staging``.
+    ``memory_bytes``, else into a private copy in ``staging``; a compressed one decompressed on
+    the way (the CSV held to the same limits).
 
     Raises FileRefused (not a regular file, larger than ``max_bytes`` when that is set),
-    FileChanged (it moved while being read), or OSError (vanished, unreadable).
+    FileChanged (it moved while being read), or OSError (vanished, unreadable). A compressed
+    file that is broken or decompresses past ``max_bytes`` comes back hashed, with ``refused``.
     """
     checked = refuse_unless_regular(origin)
     fd = os.open(origin, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -144,12 +162,17 @@ def stage(
             fault_hook("opened", origin)
         data: bytes | None = None
         copy: Path | None = None
+        inflated: _CsvSink | None = None
         try:
-            if before.st_size <= memory_bytes:
+            inflater = inflater_for(origin.name)
+            if inflater is not None:
+                inflated = _CsvSink(origin.name, staging, memory_bytes, max_bytes)
+                sha256, size = _inflate_hashing(fd, before.st_size, inflater, inflated)
+            elif before.st_size <= memory_bytes:
                 data = _read_all(fd, before.st_size)
                 sha256, size = hashlib.sha256(data).hexdigest(), len(data)
             else:
-                copy = _private_name(staging, origin.name)
+                copy = _private_name(staging)
                 sha256, size = _copy_hashing(fd, copy, before.st_size)
             after = os.fstat(fd)
             if size != before.st_size or _identity(after) != _identity(before):
@@ -157,20 +180,231 @@ def stage(
         except BaseException:
             if copy is not None:
                 copy.unlink(missing_ok=True)
+            if inflated is not None:
+                inflated.discard()
             raise
     finally:
         os.close(fd)
-    staged = StagedFile(origin.name, origin, sha256, size, staging, data, copy)
+    if inflated is not None:
+        staged = StagedFile(
+            origin.name, origin, sha256, size, staging, inflated.data, inflated.path,
+            csv_size=inflated.size, refused=inflated.refused,
+        )  # fmt: skip
+    else:
+        staged = StagedFile(origin.name, origin, sha256, size, staging, data, copy)
     if fault_hook is not None:
         fault_hook("staged", origin)
     return staged
 
 
-def _suffixes(name: str) -> str:
-    """The name's last suffix, lower-cased, if it is a plain one (``.csv``): readers that go by
-    the extension (DuckDB's compression detection) see the same one as the inbox file."""
-    suffix = Path(name).suffix.lower()
-    return suffix if suffix.isascii() and suffix[1:].isalnum() and len(suffix) <= 8 else ".csv"
+# --- compressed files -------------------------------------------------------------------------
+
+# What one call of an inflater may return at most: zstd expands up to ~32,768:1 (an RLE block),
+# so it is fed pieces of ZSTD_PIECE_BYTES; zlib takes an output bound itself.
+INFLATE_PIECE_BYTES = 1 << 20
+ZSTD_PIECE_BYTES = 1024
+
+
+class Inflater(Protocol):
+    """A streaming decompressor with bounded output per piece."""
+
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        """The CSV bytes ``chunk`` completes, in pieces; raises ValueError if it is broken."""
+        ...
+
+    def finish(self) -> None:
+        """Raises ValueError unless the archive ended where its format says it ends."""
+        ...
+
+
+class _Gzip:
+    """gzip (RFC 1952), several members one after the other included (as ``gzip`` reads them)."""
+
+    def __init__(self) -> None:
+        self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._started = False
+
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        data = chunk
+        try:
+            while data:
+                self._started = True
+                out = self._obj.decompress(data, INFLATE_PIECE_BYTES)
+                if out:
+                    yield out
+                if self._obj.eof:  # a member ended: what follows is the next member
+                    data = self._obj.unused_data
+                    self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                    self._started = False
+                    continue
+                data = self._obj.unconsumed_tail
+                while not data and len(out) == INFLATE_PIECE_BYTES:  # output still pending
+                    out = self._obj.decompress(b"", INFLATE_PIECE_BYTES)
+                    if out:
+                        yield out
+        except zlib.error as exc:
+            raise ValueError(f"not a valid gzip stream ({exc})") from exc
+
+    def finish(self) -> None:
+        if self._started and not self._obj.eof:
+            raise ValueError("the gzip stream is truncated (it ends inside a member)")
+
+
+class _Zstd:
+    """Zstandard (RFC 8878), several frames one after the other included."""
+
+    def __init__(self) -> None:
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._obj = self._decompressor.decompressobj()
+        self._started = False
+
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        view = memoryview(chunk)
+        try:
+            for start in range(0, len(view), ZSTD_PIECE_BYTES):
+                data = bytes(view[start : start + ZSTD_PIECE_BYTES])
+                while data:
+                    self._started = True
+                    out = self._obj.decompress(data)
+                    if out:
+                        yield out
+                    data = b""
+                    if self._obj.eof:  # a frame ended: what follows is the next frame
+                        data = self._obj.unused_data
+                        self._obj = self._decompressor.decompressobj()
+                        self._started = False
+        except zstandard.ZstdError as exc:
+            raise ValueError(f"not a valid zstd stream ({exc})") from exc
+
+    def finish(self) -> None:
+        if self._started and not self._obj.eof:
+            raise ValueError("the zstd stream is truncated (it ends inside a frame)")
+
+
+# The one declaration of the compressed inputs: the name's last suffix -> its inflater.
+COMPRESSIONS: dict[str, Callable[[], Inflater]] = {".gz": _Gzip, ".zst": _Zstd}
+
+
+def compression_suffix(name: str) -> str | None:
+    """The compression suffix of an inbox name (``.gz``, ``.zst``), or None for a plain file."""
+    suffix = os.path.splitext(name)[1].lower()
+    return suffix if suffix in COMPRESSIONS else None
+
+
+def csv_name(name: str) -> str:
+    """The name of the CSV a file holds: ``x.csv.gz`` -> ``x.csv``."""
+    suffix = compression_suffix(name)
+    return name[: -len(suffix)] if suffix else name
+
+
+def inflater_for(name: str) -> Inflater | None:
+    """A fresh inflater for a compressed name, None for a plain one."""
+    suffix = compression_suffix(name)
+    return COMPRESSIONS[suffix]() if suffix else None
+
+
+class _Refusal(Exception):
+    def __init__(self, refused: FileRefused) -> None:
+        self.refused = refused
+
+
+class _CsvSink:
+    """The decompressed CSV: in memory up to ``memory_bytes``, then in a private copy; never
+    more than ``max_bytes`` (when set)."""
+
+    def __init__(self, name: str, staging: Path, memory_bytes: int, max_bytes: int) -> None:
+        self.name = name
+        self.staging = staging
+        self.memory_bytes = memory_bytes
+        self.max_bytes = max_bytes
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.path: Path | None = None
+        self._fd: int | None = None
+        self.refused: FileRefused | None = None
+
+    def write(self, piece: bytes) -> None:
+        self.size += len(piece)
+        if self.max_bytes and self.size > self.max_bytes:
+            raise _Refusal(
+                FileRefused(
+                    FileFailure.TOO_LARGE,
+                    f"{self.name} decompresses to more than max_file_bytes ({self.max_bytes})",
+                )
+            )
+        if self._fd is None and self.size > self.memory_bytes:
+            self.path = _private_name(self.staging)
+            self._fd = os.open(
+                self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+            )
+            for chunk in self.chunks:
+                _write_all(self._fd, chunk)
+            self.chunks = []
+        if self._fd is None:
+            self.chunks.append(piece)
+        else:
+            _write_all(self._fd, piece)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def data(self) -> bytes | None:
+        return None if self.path is not None or self.refused else b"".join(self.chunks)
+
+    def refuse(self, refused: FileRefused) -> None:
+        """Keep nothing of the CSV: the file is refused whole."""
+        self.discard()
+        self.refused = refused
+
+    def discard(self) -> None:
+        self.close()
+        self.chunks = []
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
+def _write_all(fd: int, chunk: bytes | memoryview) -> None:
+    written = 0
+    while written < len(chunk):
+        written += os.write(fd, chunk[written:])
+
+
+def _inflate_hashing(fd: int, expected: int, inflater: Inflater, sink: _CsvSink) -> tuple[str, int]:
+    """(sha256, bytes) of everything read from ``fd``, decompressed into ``sink``. A broken
+    archive or a CSV past the limit leaves ``sink.refused`` set; the rest is still hashed."""
+    digest = hashlib.sha256()
+    size = 0
+    chunk_bytes = min(CHUNK_BYTES, expected + 1)
+    try:
+        while chunk := os.read(fd, chunk_bytes):
+            digest.update(chunk)
+            size += len(chunk)
+            if sink.refused is None:
+                try:
+                    for piece in inflater.feed(chunk):
+                        sink.write(piece)
+                except ValueError as exc:
+                    sink.refuse(_broken(sink.name, str(exc)))
+                except _Refusal as refusal:
+                    sink.refuse(refusal.refused)
+        if sink.refused is None:
+            try:
+                inflater.finish()
+                if size == 0:
+                    raise ValueError("the file is empty")
+            except ValueError as exc:
+                sink.refuse(_broken(sink.name, str(exc)))
+    finally:
+        sink.close()
+    return digest.hexdigest(), size
+
+
+def _broken(name: str, why: str) -> FileRefused:
+    return FileRefused(FileFailure.BAD_COMPRESSION, f"{name}: {why}")
 
 
 def _read_all(fd: int, expected: int) -> bytes:

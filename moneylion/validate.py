@@ -33,8 +33,8 @@ class Source(Protocol):
         ...
 
     @property
-    def size(self) -> int:
-        """Its bytes, as they arrived."""
+    def csv_size(self) -> int:
+        """The CSV's bytes (decompressed, if it was compressed)."""
         ...
 
     def open_binary(self) -> BinaryIO:
@@ -42,7 +42,7 @@ class Source(Protocol):
         ...
 
     def disk_path(self) -> Path:
-        """A path holding the bytes, for DuckDB's reader."""
+        """A path holding the CSV's bytes (never compressed), for DuckDB's reader."""
         ...
 
 
@@ -398,7 +398,7 @@ def _records(handle: io.TextIOBase, *, bounded: bool = False) -> Iterator[tuple[
 
 def may_hold_long_lines(source: Source) -> bool:
     """Whether the file is large enough to hold a line over LINE_MAX_BYTES."""
-    return source.size > LINE_MAX_BYTES
+    return source.csv_size > LINE_MAX_BYTES
 
 
 def raw_text(fields: Sequence[str]) -> str:
@@ -544,6 +544,7 @@ NULL_TEXT = "\x01moneylion: never a field\x01"
 def read_csv_sql(header: Header) -> str:
     """A DuckDB ``read_csv`` over ``$path`` with an explicit dialect and all-VARCHAR columns.
 
+    The path is always a plain CSV (the Source decompressed it), whatever its name says.
     Explicit columns skip the sniffer (26 ms -> 0.8 ms on a small file); ``store_rejects`` turns
     rows with a wrong field count or invalid UTF-8 into ``reject_errors`` instead of an error;
     empty fields read as ``''`` (NULL_TEXT).
@@ -551,6 +552,7 @@ def read_csv_sql(header: Header) -> str:
     columns = ", ".join(f"'c{i}': 'VARCHAR'" for i in range(header.field_count))
     return (
         "read_csv($path, header = false, skip = $skip, delim = ',', quote = '\"', escape = '\"', "
+        "compression = 'none', "
         f"auto_detect = false, strict_mode = true, null_padding = false, "
         f"max_line_size = {LINE_MAX_BYTES}, "
         f"nullstr = '{NULL_TEXT}', allow_quoted_nulls = false, "

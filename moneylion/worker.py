@@ -161,6 +161,25 @@ class IngestWorker(threading.Thread):
                 items.append(Unread(one.path.name, one.path, refused))
             except Exception as exc:
                 self._failed(one, exc)
+        # A compressed file small on disk may hold a large CSV: that one goes alone (the fast
+        # paths), the files before it as this batch, the ones after it back to the queue.
+        large = next(
+            (
+                at
+                for at, item in enumerate(items)
+                if isinstance(item, StagedFile) and item.csv_size > self.limits.alone_bytes
+            ),
+            None,
+        )
+        if large is not None:
+            later, items = items[large:], items[:large]
+            for item in later:
+                if isinstance(item, StagedFile):
+                    item.discard()
+            self.queue.untake([of[item.origin] for item in later[1 if not items else 0 :]])
+            if not items:
+                self._handle(of[later[0].origin])
+                return
         try:
             try:
                 outcomes, left = self.batch(

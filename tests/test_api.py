@@ -556,6 +556,7 @@ def test_openapi_schema_lists_every_endpoint(client: TestClient[Litestar]) -> No
         "/v1/users/{user_id}/summary",
         "/v1/users/top",
         "/v1/daily",
+        "/v1/countries/monthly",
         "/v1/files",
         "/v1/files/{file_id}",
         "/v1/files/{file_id}/rejects",

@@ -41,7 +41,15 @@ from tests.expected import Expected
 TX_HEADER = "transaction_id,user_id,transaction_date,amount,transaction_type\n"
 USERS_HEADER = "user_id,signup_date,country\n"
 CENT = Decimal("0.01")
-TABLES = ("users", "transactions", "files", "user_totals", "daily_totals", "top_users")
+TABLES = (
+    "users",
+    "transactions",
+    "files",
+    "user_totals",
+    "daily_totals",
+    "top_users",
+    "country_monthly_totals",
+)
 
 # The seed's own aggregate queries, run as an older tool would run them on the SQLite file.
 SEED_USER_TOTALS = """
@@ -81,7 +89,7 @@ def dump_sqlite(path: Path) -> dict[str, list[tuple[object, ...]]]:
     lite = sqlite3.connect(path)
     try:
         tables = {
-            table: lite.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
+            table: lite.execute(f"SELECT * FROM {table} ORDER BY 1, 2, 3").fetchall()
             for table in TABLES
         }
         tables["export_state"] = lite.execute(

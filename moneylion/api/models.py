@@ -138,6 +138,28 @@ class DailyTotals(msgspec.Struct):
     days: list[DailyTotal]
 
 
+class CountryMonth(msgspec.Struct):
+    """One month and country (null: transactions of users not known yet)."""
+
+    month: str  # YYYY-MM
+    country: str | None
+    transaction_count: int
+    total_amount: Money
+    deposit_count: int
+    total_deposit: Money
+    withdrawal_count: int
+    total_withdrawal: Money
+    purchase_count: int
+    total_purchase: Money
+
+
+class CountryMonthlyTotals(msgspec.Struct):
+    month_from: str | None = msgspec.field(name="from")
+    month_to: str | None = msgspec.field(name="to")
+    country: str | None
+    months: list[CountryMonth]
+
+
 class FileEntry(msgspec.Struct):
     """One row of the files ledger."""
 

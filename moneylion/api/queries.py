@@ -166,6 +166,51 @@ def daily_totals(
     return [DailyTotal(day, kind, int(count), total) for day, kind, count, total in rows]
 
 
+@dataclass(frozen=True)
+class CountryMonth:
+    """One month and country (None: orphans): count and total per type."""
+
+    month: dt.date  # its first day
+    country: str | None
+    tx_count: dict[str, int]
+    total_amount: dict[str, Decimal]
+
+
+# Rows a count fell to zero in are kept for the export (tombstones): never shown.
+_COUNTRY_MONTHLY = """
+SELECT month, country, transaction_type::VARCHAR, tx_count, total_amount
+FROM country_monthly_totals
+WHERE month BETWEEN $from AND $to AND tx_count > 0 AND ($country IS NULL OR country = $country)
+ORDER BY month, country NULLS LAST
+"""
+
+
+def country_monthly(
+    cursor: duckdb.DuckDBPyConnection,
+    month_from: dt.date,
+    month_to: dt.date,
+    country: str | None = None,
+) -> list[CountryMonth]:
+    """Per month in [month_from, month_to] (first days) and country, ordered by month then
+    country (orphans last): count and total per type, zeros for a type without transactions."""
+    rows = cursor.execute(
+        _COUNTRY_MONTHLY, {"from": month_from, "to": month_to, "country": country}
+    ).fetchall()
+    found: dict[tuple[dt.date, str | None], CountryMonth] = {}
+    for month, where, kind, count, total in rows:
+        entry = found.get((month, where))
+        if entry is None:
+            entry = found[(month, where)] = CountryMonth(
+                month,
+                where,
+                dict.fromkeys(TRANSACTION_TYPES, 0),
+                dict.fromkeys(TRANSACTION_TYPES, _ZERO),
+            )
+        entry.tx_count[kind] = int(count)
+        entry.total_amount[kind] = total
+    return list(found.values())
+
+
 _FILE_COLUMNS = """
 file_id, name, sha256, kind, status, rows_total, rows_loaded, rows_duplicate, rows_rejected,
 size_bytes, received_at, finished_at, seconds, error_reason, error

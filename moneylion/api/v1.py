@@ -6,6 +6,8 @@
 * ``/v1/users/top`` ranks everyone with transactions, orphans included (country null).
 * ``/v1/daily`` lists per-day, per-type totals in an inclusive date range (``from`` after
   ``to`` is an empty range, not an error).
+* ``/v1/countries/monthly`` lists per-month, per-country totals (the user's current country;
+  orphans under ``country: null``) in an inclusive range of ``YYYY-MM`` months.
 * ``/v1/files`` pages the ledger; ``/v1/files/{id}/rejects`` pages a file's rejected rows.
 
 Ids in paths are 1-18 digits (anything else is a 400): every such id fits a BIGINT, and a
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import anyio.to_thread
@@ -29,6 +32,8 @@ from litestar.params import PathParameter, QueryParameter
 from moneylion import logs
 from moneylion.api.errors import problem, problem_spec
 from moneylion.api.models import (
+    CountryMonth,
+    CountryMonthlyTotals,
     DailyTotal,
     DailyTotals,
     FileDetail,
@@ -46,6 +51,7 @@ from moneylion.api.models import (
     money,
 )
 from moneylion.api.queries import (
+    country_monthly,
     daily_totals,
     file_detail,
     file_id_of,
@@ -76,6 +82,8 @@ Sha256 = Annotated[
 Limit = Annotated[int, QueryParameter(ge=1, le=MAX_PAGE, description="page size (1-1000)")]
 Offset = Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET, description="rows to skip")]
 TransactionType = Literal["deposit", "withdrawal", "purchase"]
+# YYYY-MM from 0001-01 (a date's range) to 9999-12.
+MONTH_PATTERN = r"^(000[1-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-9][0-9]{3})-(0[1-9]|1[0-2])$"
 
 _BAD_REQUEST = problem_spec("A parameter is missing or malformed")
 _NOT_FOUND = problem_spec("Not found")
@@ -161,6 +169,58 @@ async def daily_v1(
         type=transaction_type,
         days=[
             DailyTotal(r.transaction_date, r.transaction_type, r.tx_count, money(r.total_amount))
+            for r in rows
+        ],
+    )
+
+
+def first_day(month: str) -> dt.date:
+    """``YYYY-MM`` (MONTH_PATTERN) -> the month's first day."""
+    year, number = month.split("-")
+    return dt.date(int(year), int(number), 1)
+
+
+@get("/countries/monthly", responses={400: _BAD_REQUEST})
+async def country_monthly_v1(
+    state: State,
+    month_from: Annotated[
+        str | None,
+        QueryParameter(name="from", pattern=MONTH_PATTERN, description="first month, YYYY-MM"),
+    ] = None,
+    month_to: Annotated[
+        str | None,
+        QueryParameter(name="to", pattern=MONTH_PATTERN, description="last month, YYYY-MM"),
+    ] = None,
+    country: Annotated[
+        str | None, QueryParameter(min_length=1, max_length=200, description="one country")
+    ] = None,
+) -> CountryMonthlyTotals:
+    """Per month and country, count and total per type in [from, to] (months, inclusive),
+    ordered by month then country; the country is the user's current one (null: orphans)."""
+    first = first_day(month_from) if month_from else EARLIEST
+    last = first_day(month_to) if month_to else LATEST
+    ctx = context(state)
+    rows = await ctx.cache.get(
+        ("country_monthly", first, last, country),
+        lambda: ctx.run(lambda c: country_monthly(c, first, last, country)),
+    )
+    return CountryMonthlyTotals(
+        month_from=month_from,
+        month_to=month_to,
+        country=country,
+        months=[
+            CountryMonth(
+                month=r.month.strftime("%Y-%m"),
+                country=r.country,
+                transaction_count=sum(r.tx_count.values()),
+                total_amount=money(sum(r.total_amount.values(), Decimal(0))),
+                deposit_count=r.tx_count["deposit"],
+                total_deposit=money(r.total_amount["deposit"]),
+                withdrawal_count=r.tx_count["withdrawal"],
+                total_withdrawal=money(r.total_amount["withdrawal"]),
+                purchase_count=r.tx_count["purchase"],
+                total_purchase=money(r.total_amount["purchase"]),
+            )
             for r in rows
         ],
     )
@@ -306,6 +366,7 @@ v1_router = Router(
         user_summary_v1,
         top_users_v1,
         daily_v1,
+        country_monthly_v1,
         files_v1,
         file_by_sha256_v1,
         file_v1,

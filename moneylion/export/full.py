@@ -23,6 +23,7 @@ from moneylion.export import bulk, writer
 from moneylion.export.outcome import ExportResult, log_result, reached
 from moneylion.export.schema import write_state
 from moneylion.export.snapshot import (
+    COUNTRY_MONTHLY_AS_SQLITE,
     DAILY_TOTALS_AS_SQLITE,
     FILES_AS_SQLITE,
     TOP_USERS_AS_SQLITE,
@@ -46,6 +47,11 @@ _OTHER_TABLES = (
     ("user_totals_base", f"SELECT {USER_TOTALS_AS_SQLITE} FROM user_totals ORDER BY user_id"),
     ("daily_totals", f"SELECT {DAILY_TOTALS_AS_SQLITE} FROM daily_totals ORDER BY 1, 2"),
     ("top_users", f"SELECT {TOP_USERS_AS_SQLITE} FROM top_users ORDER BY rank"),
+    (
+        "country_monthly_totals",
+        f"SELECT {COUNTRY_MONTHLY_AS_SQLITE} FROM country_monthly_totals WHERE tx_count > 0"
+        " ORDER BY 1, 2, 3",
+    ),
 )
 _TRANSACTION_COUNT = "SELECT count(*) FROM transactions WHERE file_id <= $hi"
 # From this many transactions on, a thread of their own writes them into the aside file while

@@ -46,13 +46,16 @@ from moneylion.export.schema import (
     ADD_DAILY_TOTALS,
     ADD_USER_DELTAS,
     ADD_USER_TOTALS,
+    DELETE_COUNTRY_MONTHLY,
     FOLD_DELTAS,
+    INSERT_COUNTRY_MONTHLY,
     RebuildNeeded,
     state,
     watermark,
     write_state,
 )
 from moneylion.export.snapshot import (
+    COUNTRY_MONTHLY_AS_SQLITE,
     DAILY_TOTALS_AS_SQLITE,
     FILES_AS_SQLITE,
     TOP_USERS_AS_SQLITE,
@@ -91,6 +94,10 @@ _TRANSACTION_COLUMNS = "transaction_id, user_id, transaction_date, amount, trans
 _NEW_TRANSACTIONS = f"""SELECT {TRANSACTIONS_AS_SQLITE}, (amount * 100)::BIGINT AS cents
 FROM transactions WHERE {_RANGE}"""
 _TOP_USERS = f"SELECT {TOP_USERS_AS_SQLITE} FROM top_users"  # 1,000 rows, replaced whole
+# The country totals the range changed (stamped with the file of the commit that changed them:
+# months x countries x types at most, so both ways copy them as tuples).
+_CHANGED_COUNTRY_MONTHLY = f"""SELECT {COUNTRY_MONTHLY_AS_SQLITE}
+FROM country_monthly_totals WHERE {_RANGE}"""
 
 # Large increments: the side file's tables, filled by the bulk writer (columns by name), then
 # copied into the live file's.
@@ -202,6 +209,8 @@ def _export_increment(
             else:
                 users, transactions = written.get("users", 0), written.get("transactions", 0)
                 new_users = _copy_side(lite, transactions)
+            if any(loaded.values()):
+                _copy_country_monthly(cur, lite, last, high)
             reached("rows_written")
             write_state(lite, high, high_sha)
             reached("before_commit")
@@ -265,6 +274,15 @@ def _copy_small(
             lite.execute("DELETE FROM top_users")
             _insert_flat(lite, "top_users", "rank, user_id, tx_count", top, "INSERT")
     return users, transactions
+
+
+def _copy_country_monthly(
+    cur: duckdb.DuckDBPyConnection, lite: sqlite3.Connection, lo: int, hi: int
+) -> None:
+    """The country totals changed by files ``lo < file_id <= hi`` replace the SQLite file's."""
+    rows = cur.execute(_CHANGED_COUNTRY_MONTHLY, {"lo": lo, "hi": hi}).fetchall()
+    lite.executemany(DELETE_COUNTRY_MONTHLY, [row[:3] for row in rows])
+    lite.executemany(INSERT_COUNTRY_MONTHLY, [row for row in rows if row[3]])
 
 
 def _write_side(

@@ -24,7 +24,7 @@ import time
 from typing import Final
 
 # Stored in export_state; a file of another format is rebuilt by a full export.
-EXPORT_FORMAT: Final = "moneylion-sqlite-export 3"
+EXPORT_FORMAT: Final = "moneylion-sqlite-export 4"
 
 
 def cents(text: str) -> str:
@@ -81,6 +81,11 @@ CREATE TABLE IF NOT EXISTS daily_totals (
     total_amount TEXT NOT NULL, PRIMARY KEY (transaction_date, transaction_type)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS top_users (
     rank INTEGER PRIMARY KEY, user_id INTEGER NOT NULL, tx_count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS country_monthly_totals (
+    month TEXT NOT NULL, country TEXT, transaction_type TEXT NOT NULL,
+    tx_count INTEGER NOT NULL, total_amount TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS country_monthly_totals_key
+    ON country_monthly_totals (month, country, transaction_type);
 CREATE TABLE IF NOT EXISTS export_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -118,6 +123,14 @@ ON CONFLICT (user_id) DO UPDATE SET tx_count = tx_count + excluded.tx_count,
     {_plus("total_purchase", cents("excluded.total_purchase"))},
     first_date = min(first_date, excluded.first_date),
     last_date = max(last_date, excluded.last_date)"""
+# Rows of DuckDB's country_monthly_totals that changed replace the SQLite file's (by month,
+# country, type; country NULL for orphans, which no key would match): deleted, then inserted
+# again unless their count fell to zero.
+DELETE_COUNTRY_MONTHLY: Final = """
+DELETE FROM country_monthly_totals WHERE month = ?1 AND country IS ?2 AND transaction_type = ?3"""
+INSERT_COUNTRY_MONTHLY: Final = """
+INSERT INTO country_monthly_totals (month, country, transaction_type, tx_count, total_amount)
+VALUES (?1, ?2, ?3, ?4, ?5)"""
 # date, type, count, cents
 ADD_DAILY_TOTALS: Final = f"""
 INSERT INTO daily_totals (transaction_date, transaction_type, tx_count, total_amount)

@@ -50,3 +50,8 @@ DAILY_TOTALS_AS_SQLITE = """transaction_date::VARCHAR AS transaction_date,
     transaction_type::VARCHAR AS transaction_type, tx_count,
     total_amount::VARCHAR AS total_amount"""
 TOP_USERS_AS_SQLITE = "rank, user_id, tx_count"
+# Months as TEXT ``YYYY-MM`` (the API's form); a row whose count fell to zero is a tombstone of
+# DuckDB's (see sql/004), never a row of the SQLite file.
+COUNTRY_MONTHLY_AS_SQLITE = """strftime(month, '%Y-%m') AS month, country,
+    transaction_type::VARCHAR AS transaction_type, tx_count,
+    total_amount::VARCHAR AS total_amount"""
