@@ -91,7 +91,7 @@ def test_every_route_but_liveness_answers_401_without_the_token(
     http: httpx.Client, loaded: Loaded
 ) -> None:
     found = operations(http)
-    assert len(found) == 17  # 16 GETs and the upload
+    assert len(found) == 18  # 17 GETs and the upload
     assert ("POST", "/v1/files") in found
     for method, path in found:
         if path == "/v1/health/live":
