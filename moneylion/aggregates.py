@@ -104,15 +104,22 @@ SELECT CAST(date_trunc('month', transaction_date) AS DATE) AS month, country, tr
        CAST(sum(sign * amount) AS DECIMAL(38, 2)) AS total_amount
 FROM ({rows}) GROUP BY ALL
 """
-_WITH_COUNTRY = """
+_WITH_COUNTRY_FROM = """
 SELECT t.transaction_date, u.country, t.transaction_type, t.amount, 1 AS sign
-FROM transactions t LEFT JOIN users u ON u.user_id = t.user_id"""
+FROM transactions t LEFT JOIN ({users}) u ON u.user_id = t.user_id"""
+_WITH_COUNTRY = _WITH_COUNTRY_FROM.format(users="SELECT user_id, country FROM users")
+# A commit that touched few users reads their profiles through the users' primary key (a list
+# of constants, written in), not by a scan of every user for the join.
+_WITH_COUNTRY_OF_FEW = _WITH_COUNTRY_FROM.format(
+    users="SELECT user_id, country FROM users WHERE user_id IN ({ids})"
+)
 _MOVED = """
 SELECT t.transaction_date, m.{side} AS country, t.transaction_type, t.amount, {sign} AS sign
 FROM transactions t JOIN country_moves m ON m.user_id = t.user_id WHERE t.file_id < $first"""
 COUNTRY_ROWS = {
     "all": _WITH_COUNTRY,
     "new": _WITH_COUNTRY + " WHERE t.file_id BETWEEN $first AND $last",
+    "new_of_few": _WITH_COUNTRY_OF_FEW + " WHERE t.file_id BETWEEN $first AND $last",
     "moved": _MOVED.format(side="old_country", sign=-1)
     + " UNION ALL "
     + _MOVED.format(side="new_country", sign=1),
@@ -155,12 +162,21 @@ def note_replaced_users(conn: duckdb.DuckDBPyConnection, rows: str) -> None:
 
 
 def apply_country_deltas(
-    conn: duckdb.DuckDBPyConnection, first: int, last: int, *, users_written: bool
+    conn: duckdb.DuckDBPyConnection,
+    first: int,
+    last: int,
+    *,
+    users_written: bool,
+    touched: list[int] | None = None,
 ) -> None:
     """Fold the commit of files ``first`` .. ``last`` into country_monthly_totals: its new
-    transactions, and (``users_written``) the moves of the users whose country it changed."""
+    transactions, and (``users_written``) the moves of the users whose country it changed.
+    ``touched``: the users of its new transactions, when known (then looked up by key)."""
     params = {"first": first, "last": last}
     rows = COUNTRY_ROWS["new"]
+    if touched is not None and len(touched) <= TOUCHED_BY_INDEX_MAX:  # ints: written in
+        ids = ",".join(str(int(user)) for user in touched) or "NULL"
+        rows = COUNTRY_ROWS["new_of_few"].format(ids=ids)
     if users_written:
         conn.execute(_REPLACED_TABLE)
         conn.execute(_COUNTRY_MOVES, params)
@@ -183,10 +199,15 @@ def apply_deltas(
 ) -> None:
     """Everything a commit of files ``first`` .. ``last`` (one file, or a batch) changes in
     the aggregates, given the transactions it appended and the profiles it wrote."""
+    touched = None
     if transactions:
-        apply_transaction_deltas(conn, first, transactions, top_users_kept, last_file_id=last)
+        touched = apply_transaction_deltas(
+            conn, first, transactions, top_users_kept, last_file_id=last
+        )
     if transactions or users:
-        apply_country_deltas(conn, first, last, users_written=bool(users))
+        apply_country_deltas(
+            conn, first, last, users_written=bool(users), touched=touched if transactions else []
+        )
 
 
 RECOMPUTED = {
@@ -231,12 +252,14 @@ def apply_transaction_deltas(
     top_users_kept: int,
     *,
     last_file_id: int | None = None,
-) -> None:
+) -> list[int] | None:
     """Fold the ``rows`` transactions appended by files ``file_id`` .. ``last_file_id`` (one
-    file, or a batch) into every aggregate (inside the caller's transaction)."""
+    file, or a batch) into every aggregate (inside the caller's transaction); the users they
+    touched, when the commit was small enough to list them."""
     params = {"first": file_id, "last": file_id if last_file_id is None else last_file_id}
     large = rows > REBUILD_THRESHOLD
     indexes = _drop_log_indexes(conn) if large else []
+    touched: dict[int, int] = {}
     if large:
         conn.execute(USER_TOTALS_APPEND, params)
     else:
@@ -255,6 +278,7 @@ def apply_transaction_deltas(
     else:
         _rerank(conn, touched, top_users_kept)
     conn.execute(DAILY_TOTALS_DELTA, params)
+    return None if large else list(touched)
 
 
 def _drop_log_indexes(conn: duckdb.DuckDBPyConnection) -> list[str]:
