@@ -2,12 +2,12 @@
 
 Each section (``templates/sections/``) holds its heading and form, and a live part: a partial
 (``/partials/<name>``, ``templates/partials/``) that the page includes once and then polls
-(``hx-trigger="every 2s"``, swapping itself), so a refresh never replaces a form being used. Every view is a URL: the page's query parameters
-(``from``, ``to``, ``top``, ``files``, ``user_id``) are carried into the partials' polling URLs,
-and a file's page is ``/files/{id}`` (``offset``, ``limit``). The figures come from the same
-query functions as the JSON API (``queries.py``), through the same commit-keyed cache, so a
-page costs no DuckDB statement while nothing commits. htmx is vendored in ``static/``.
-"""
+(``hx-trigger="every 2s"``, swapping itself), so a refresh never replaces a form being used.
+Every view is a URL: the page's query parameters (``from``, ``to``, ``top``, ``files``,
+``user_id``) are carried into the forms and the polling URLs, and a file's page is
+``/files/{id}`` (``offset``: its rejects 50 a page). The figures come from the same query
+functions as the JSON API (``queries.py``), through the same commit-keyed cache, so a page costs
+no DuckDB statement while nothing commits. htmx is vendored in ``static/``."""
 
 from __future__ import annotations
 
