@@ -223,3 +223,22 @@ def test_a_short_token_is_a_config_error() -> None:
 )
 def test_loopback_hosts(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "user_id=²",
+        "user_id=-1",
+        "user_id=99999999999999999999",
+        "files=²&top=1e3",
+        "from=2022-02-30&to=x",
+        "from=9999-12-31&to=0001-01-01",
+        "to=0001-01-01",
+    ],
+)
+def test_odd_dashboard_parameters_still_give_a_page(http: httpx.Client, query: str) -> None:
+    page = http.get(f"/?{query}", headers=BEARER)
+    assert page.status_code == 200, page.text
+    assert "<h1>Dashboard</h1>" in page.text
+    assert http.get("/files/4?offset=²", headers=BEARER).status_code == 200

@@ -60,8 +60,13 @@ def context(state: State) -> ApiContext:
     return ctx
 
 
+def _digits(raw: str | None, most: int = 18) -> bool:
+    """At most ``most`` ASCII digits (``str.isdigit`` also takes '²', which ``int`` refuses)."""
+    return raw is not None and 0 < len(raw) <= most and raw.isascii() and raw.isdigit()
+
+
 def _choice(raw: str | None, allowed: tuple[int, ...], default: int) -> int:
-    return int(raw) if raw is not None and raw.isdigit() and int(raw) in allowed else default
+    return int(raw) if raw is not None and _digits(raw, 4) and int(raw) in allowed else default
 
 
 def _date(raw: str | None) -> dt.date | None:
@@ -178,7 +183,7 @@ async def top_section(ctx: ApiContext, limit: int) -> dict[str, Any]:
 async def user_section(ctx: ApiContext, raw: str) -> dict[str, Any]:
     if not raw:
         return {"user_query": "", "user": None, "user_error": None}
-    if not (raw.isdigit() and len(raw) <= 18 and int(raw) > 0):
+    if not (_digits(raw) and int(raw) > 0):
         return {"user_query": raw, "user": None, "user_error": "a user id is a positive integer"}
     found = await ctx.user_summary(int(raw))
     error = None if found is not None else f"no user {raw} (no profile and no transactions)"
@@ -269,7 +274,7 @@ async def file_page(
 ) -> Template:
     """One file: its ledger row, its reason if refused, its rejected rows (paged)."""
     ctx, view = context(state), _view(request)
-    start = int(offset) if offset is not None and offset.isdigit() and len(offset) < 16 else 0
+    start = int(offset) if offset is not None and _digits(offset, 15) else 0
     found = await ctx.cache.get(
         ("file", file_id), lambda: ctx.run(lambda c: file_detail(c, file_id))
     )
