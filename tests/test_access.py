@@ -124,6 +124,7 @@ def test_dashboard_pages_answer_the_login_form_with_401(http: httpx.Client) -> N
         assert response.status_code == 401, path
         assert response.headers["content-type"].startswith("text/html")
         assert 'action="/login"' in response.text
+        assert "script-src 'self'" in response.headers["content-security-policy"]
     upload = http.post("/upload", files={"file": ("x.csv", b"a\n")})
     assert upload.status_code == 401
     assert http.get("/static/dashboard.css").status_code == 200  # vendored files hold no data
@@ -143,6 +144,7 @@ def test_the_login_form_sets_a_strict_http_only_cookie_that_opens_every_route(
         assert "HttpOnly" in cookie
         assert "samesite=strict" in cookie.lower()
         assert TOKEN not in cookie
+        assert "secure" not in cookie.lower()  # plain HTTP here: a Secure cookie would not return
         for path in [*DASHBOARD_PAGES, "/v1/files", "/api/top_users", "/metrics"]:
             assert browser.get(path).status_code in (200, 404), path
         assert browser.post("/logout").status_code == 303

@@ -27,7 +27,7 @@ from litestar.static_files import create_static_files_router
 from markupsafe import Markup
 
 from moneylion import health
-from moneylion.api.access import SESSION_COOKIE, session_value, token_matches
+from moneylion.api.access import PAGE_POLICY, SESSION_COOKIE, session_value, token_matches
 from moneylion.api.charts import daily_chart, daily_table_rows, series_of
 from moneylion.api.models import money
 from moneylion.api.queries import (
@@ -318,6 +318,7 @@ async def login_form(state: State, next: Text = None) -> Response[Any]:
 
 @post("/login", include_in_schema=False, status_code=303)
 async def login(
+    request: Request[Any, Any, Any],
     state: State,
     data: Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)],
 ) -> Response[Any]:
@@ -339,6 +340,7 @@ async def login(
                 value=session_value(token),
                 httponly=True,
                 samesite="strict",
+                secure=request.url.scheme == "https",  # behind a TLS proxy passing the scheme
                 path="/",
             )
         ],
@@ -371,11 +373,7 @@ static_router = create_static_files_router(
 # Everything the pages use comes from here; no inline script or style (htmx is told not to add its
 # indicator styles in base.html), so nothing injected into a page could run.
 SECURITY_HEADERS = [
-    ResponseHeader(
-        name="content-security-policy",
-        value="default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    ),
+    ResponseHeader(name="content-security-policy", value=PAGE_POLICY),
     ResponseHeader(name="x-content-type-options", value="nosniff"),
     ResponseHeader(name="referrer-policy", value="same-origin"),
     ResponseHeader(name="cache-control", value="no-store"),
