@@ -124,6 +124,7 @@ def test_dashboard_pages_answer_the_login_form_with_401(http: httpx.Client) -> N
         assert response.status_code == 401, path
         assert response.headers["content-type"].startswith("text/html")
         assert 'action="/login"' in response.text
+        assert "script-src 'self'" in response.headers["content-security-policy"]
     upload = http.post("/upload", files={"file": ("x.csv", b"a\n")})
     assert upload.status_code == 401
     assert http.get("/static/dashboard.css").status_code == 200  # vendored files hold no data
@@ -143,6 +144,7 @@ def test_the_login_form_sets_a_strict_http_only_cookie_that_opens_every_route(
         assert "HttpOnly" in cookie
         assert "samesite=strict" in cookie.lower()
         assert TOKEN not in cookie
+        assert "secure" not in cookie.lower()  # plain HTTP here: a Secure cookie would not return
         for path in [*DASHBOARD_PAGES, "/v1/files", "/api/top_users", "/metrics"]:
             assert browser.get(path).status_code in (200, 404), path
         assert browser.post("/logout").status_code == 303
@@ -223,3 +225,22 @@ def test_a_short_token_is_a_config_error() -> None:
 )
 def test_loopback_hosts(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "user_id=²",
+        "user_id=-1",
+        "user_id=99999999999999999999",
+        "files=²&top=1e3",
+        "from=2022-02-30&to=x",
+        "from=9999-12-31&to=0001-01-01",
+        "to=0001-01-01",
+    ],
+)
+def test_odd_dashboard_parameters_still_give_a_page(http: httpx.Client, query: str) -> None:
+    page = http.get(f"/?{query}", headers=BEARER)
+    assert page.status_code == 200, page.text
+    assert "<h1>Dashboard</h1>" in page.text
+    assert http.get("/files/4?offset=²", headers=BEARER).status_code == 200

@@ -249,6 +249,18 @@ def test_a_user_is_looked_up_by_id_and_the_view_is_a_url(page: Any, daemon: Daem
     assert "no user 987654321" in page.locator("#user [role=alert]").inner_text()
 
 
+def test_a_refresh_never_replaces_a_form_being_filled_in(page: Any, daemon: DaemonProcess) -> None:
+    page.goto(url(daemon, "/?user_id=2"))
+    page.locator("[data-user='2']").wait_for()
+    page.fill("#user-id", "12")
+    page.focus("#user-id")
+    with page.expect_response(lambda r: "/partials/user" in r.url):  # a refresh of that section
+        pass
+    page.wait_for_timeout(100)  # swapped in
+    assert page.input_value("#user-id") == "12"
+    assert page.evaluate("document.activeElement.id") == "user-id"
+
+
 # --- live updates, a file's page, uploads ------------------------------------------------------
 
 

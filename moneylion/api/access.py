@@ -31,6 +31,11 @@ LIVENESS_PATH = "/v1/health/live"
 LOGIN_PATH = "/login"
 STATIC_PREFIX = "/static/"
 SESSION_COOKIE = "moneylion_session"
+# The dashboard's pages load what they use from this origin only, with no inline script or style.
+PAGE_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 # Paths of the machine-facing API; everything else is a dashboard page answered in HTML.
 API_PREFIXES = ("/v1/", "/api/", "/metrics", "/schema")
 
@@ -135,15 +140,18 @@ class TokenMiddleware(ASGIMiddleware):
             query = scope.get("query_string", b"").decode("latin-1")
             body = self.login_page(path + (f"?{query}" if query else ""), 401).encode()
             media_type = b"text/html; charset=utf-8"
+        headers = [
+            (b"content-type", media_type),
+            (b"content-length", str(len(body)).encode()),
+            (b"www-authenticate", b'Bearer realm="moneylion"'),
+            (b"cache-control", b"no-store"),
+        ]
+        if not is_api_path(path):
+            headers.append((b"content-security-policy", PAGE_POLICY.encode()))
         start: HTTPResponseStartEvent = {
             "type": "http.response.start",
             "status": 401,
-            "headers": [
-                (b"content-type", media_type),
-                (b"content-length", str(len(body)).encode()),
-                (b"www-authenticate", b'Bearer realm="moneylion"'),
-                (b"cache-control", b"no-store"),
-            ],
+            "headers": headers,
         }
         await send(start)
         await send({"type": "http.response.body", "body": body, "more_body": False})

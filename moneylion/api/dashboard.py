@@ -1,12 +1,13 @@
 """The dashboard at ``/``: server-rendered HTML (Jinja) that refreshes its sections with htmx.
 
-Each section is a partial (``/partials/<name>``) that the page includes once and then polls
-(``hx-trigger="every 2s"``, swapping itself). Every view is a URL: the page's query parameters
-(``from``, ``to``, ``top``, ``files``, ``user_id``) are carried into the partials' polling URLs,
-and a file's page is ``/files/{id}`` (``offset``, ``limit``). The figures come from the same
-query functions as the JSON API (``queries.py``), through the same commit-keyed cache, so a
-page costs no DuckDB statement while nothing commits. htmx is vendored in ``static/``.
-"""
+Each section (``templates/sections/``) holds its heading and form, and a live part: a partial
+(``/partials/<name>``, ``templates/partials/``) that the page includes once and then polls
+(``hx-trigger="every 2s"``, swapping itself), so a refresh never replaces a form being used.
+Every view is a URL: the page's query parameters (``from``, ``to``, ``top``, ``files``,
+``user_id``) are carried into the forms and the polling URLs, and a file's page is
+``/files/{id}`` (``offset``: its rejects 50 a page). The figures come from the same query
+functions as the JSON API (``queries.py``), through the same commit-keyed cache, so a page costs
+no DuckDB statement while nothing commits. htmx is vendored in ``static/``."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from litestar.static_files import create_static_files_router
 from markupsafe import Markup
 
 from moneylion import health
-from moneylion.api.access import SESSION_COOKIE, session_value, token_matches
+from moneylion.api.access import PAGE_POLICY, SESSION_COOKIE, session_value, token_matches
 from moneylion.api.charts import daily_chart, daily_table_rows, series_of
 from moneylion.api.models import money
 from moneylion.api.queries import (
@@ -59,8 +60,13 @@ def context(state: State) -> ApiContext:
     return ctx
 
 
+def _digits(raw: str | None, most: int = 18) -> bool:
+    """At most ``most`` ASCII digits (``str.isdigit`` also takes '²', which ``int`` refuses)."""
+    return raw is not None and 0 < len(raw) <= most and raw.isascii() and raw.isdigit()
+
+
 def _choice(raw: str | None, allowed: tuple[int, ...], default: int) -> int:
-    return int(raw) if raw is not None and raw.isdigit() and int(raw) in allowed else default
+    return int(raw) if raw is not None and _digits(raw, 4) and int(raw) in allowed else default
 
 
 def _date(raw: str | None) -> dt.date | None:
@@ -177,7 +183,7 @@ async def top_section(ctx: ApiContext, limit: int) -> dict[str, Any]:
 async def user_section(ctx: ApiContext, raw: str) -> dict[str, Any]:
     if not raw:
         return {"user_query": "", "user": None, "user_error": None}
-    if not (raw.isdigit() and len(raw) <= 18 and int(raw) > 0):
+    if not (_digits(raw) and int(raw) > 0):
         return {"user_query": raw, "user": None, "user_error": "a user id is a positive integer"}
     found = await ctx.user_summary(int(raw))
     error = None if found is not None else f"no user {raw} (no profile and no transactions)"
@@ -268,7 +274,7 @@ async def file_page(
 ) -> Template:
     """One file: its ledger row, its reason if refused, its rejected rows (paged)."""
     ctx, view = context(state), _view(request)
-    start = int(offset) if offset is not None and offset.isdigit() and len(offset) < 16 else 0
+    start = int(offset) if offset is not None and _digits(offset, 15) else 0
     found = await ctx.cache.get(
         ("file", file_id), lambda: ctx.run(lambda c: file_detail(c, file_id))
     )
@@ -312,6 +318,7 @@ async def login_form(state: State, next: Text = None) -> Response[Any]:
 
 @post("/login", include_in_schema=False, status_code=303)
 async def login(
+    request: Request[Any, Any, Any],
     state: State,
     data: Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)],
 ) -> Response[Any]:
@@ -333,6 +340,7 @@ async def login(
                 value=session_value(token),
                 httponly=True,
                 samesite="strict",
+                secure=request.url.scheme == "https",  # behind a TLS proxy passing the scheme
                 path="/",
             )
         ],
@@ -365,11 +373,7 @@ static_router = create_static_files_router(
 # Everything the pages use comes from here; no inline script or style (htmx is told not to add its
 # indicator styles in base.html), so nothing injected into a page could run.
 SECURITY_HEADERS = [
-    ResponseHeader(
-        name="content-security-policy",
-        value="default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    ),
+    ResponseHeader(name="content-security-policy", value=PAGE_POLICY),
     ResponseHeader(name="x-content-type-options", value="nosniff"),
     ResponseHeader(name="referrer-policy", value="same-origin"),
     ResponseHeader(name="cache-control", value="no-store"),
