@@ -14,6 +14,8 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
+from moneylion.schema import INDEX_LOOKUP_MAX, int_constants
+
 # Each aggregate of the transactions is declared once, over ``{where}``: a commit's delta reads
 # the rows it appended (FILE_ROWS), the recompute every row.
 USER_TOTALS_OF = """
@@ -80,7 +82,6 @@ TOUCHED_COUNTS = """
 SELECT user_id, CAST(sum(tx_count) AS BIGINT) FROM user_totals_log
 WHERE user_id IN ({ids}) GROUP BY user_id
 """
-TOUCHED_BY_INDEX_MAX = 256
 # Right after a compaction the log has one row per user: rank it whole (a top-N, ~10 ms per
 # 1M users).
 TOP_USERS_FROM_ALL = """
@@ -174,9 +175,8 @@ def apply_country_deltas(
     ``touched``: the users of its new transactions, when known (then looked up by key)."""
     params = {"first": first, "last": last}
     rows = COUNTRY_ROWS["new"]
-    if touched is not None and len(touched) <= TOUCHED_BY_INDEX_MAX:  # ints: written in
-        ids = ",".join(str(int(user)) for user in touched) or "NULL"
-        rows = COUNTRY_ROWS["new_of_few"].format(ids=ids)
+    if touched is not None and len(touched) <= INDEX_LOOKUP_MAX:
+        rows = COUNTRY_ROWS["new_of_few"].format(ids=int_constants(touched))
     if users_written:
         conn.execute(_REPLACED_TABLE)
         conn.execute(_COUNTRY_MOVES, params)
@@ -199,15 +199,13 @@ def apply_deltas(
 ) -> None:
     """Everything a commit of files ``first`` .. ``last`` (one file, or a batch) changes in
     the aggregates, given the transactions it appended and the profiles it wrote."""
-    touched = None
+    touched: list[int] | None = []  # no new transactions: none of their users to look up
     if transactions:
         touched = apply_transaction_deltas(
             conn, first, transactions, top_users_kept, last_file_id=last
         )
     if transactions or users:
-        apply_country_deltas(
-            conn, first, last, users_written=bool(users), touched=touched if transactions else []
-        )
+        apply_country_deltas(conn, first, last, users_written=bool(users), touched=touched)
 
 
 RECOMPUTED = {
@@ -257,28 +255,32 @@ def apply_transaction_deltas(
     file, or a batch) into every aggregate (inside the caller's transaction); the users they
     touched, when the commit was small enough to list them."""
     params = {"first": file_id, "last": file_id if last_file_id is None else last_file_id}
-    large = rows > REBUILD_THRESHOLD
-    indexes = _drop_log_indexes(conn) if large else []
-    touched: dict[int, int] = {}
-    if large:
+    if rows > REBUILD_THRESHOLD:
+        indexes = _drop_log_indexes(conn)  # else the append would update them row by row
         conn.execute(USER_TOTALS_APPEND, params)
-    else:
-        appended = conn.execute(USER_TOTALS_APPEND + " RETURNING user_id, tx_count", params)
-        touched = dict(appended.fetchall())
-    if large or _rows_waiting(conn) > COMPACT_AFTER_ROWS:
-        indexes = indexes or _drop_log_indexes(conn)
-        for statement in USER_TOTALS_COMPACT:
-            conn.execute(statement)
-        for sql in indexes:
-            conn.execute(sql)
-        conn.execute(TOP_USERS_FROM_ALL, {"kept": top_users_kept})
-        conn.execute("DELETE FROM top_users")
-        conn.execute("INSERT INTO top_users SELECT rank, user_id, tx_count FROM top_users_next")
-        conn.execute("DROP TABLE top_users_next")
+        _compact(conn, indexes, top_users_kept)
+        conn.execute(DAILY_TOTALS_DELTA, params)
+        return None
+    appended = conn.execute(USER_TOTALS_APPEND + " RETURNING user_id, tx_count", params)
+    touched: dict[int, int] = dict(appended.fetchall())
+    if _rows_waiting(conn) > COMPACT_AFTER_ROWS:
+        _compact(conn, _drop_log_indexes(conn), top_users_kept)
     else:
         _rerank(conn, touched, top_users_kept)
     conn.execute(DAILY_TOTALS_DELTA, params)
-    return None if large else list(touched)
+    return list(touched)
+
+
+def _compact(conn: duckdb.DuckDBPyConnection, indexes: list[str], kept: int) -> None:
+    """The log back to one row per user (its indexes made again), the top list ranked whole."""
+    for statement in USER_TOTALS_COMPACT:
+        conn.execute(statement)
+    for sql in indexes:
+        conn.execute(sql)
+    conn.execute(TOP_USERS_FROM_ALL, {"kept": kept})
+    conn.execute("DELETE FROM top_users")
+    conn.execute("INSERT INTO top_users SELECT rank, user_id, tx_count FROM top_users_next")
+    conn.execute("DROP TABLE top_users_next")
 
 
 def _drop_log_indexes(conn: duckdb.DuckDBPyConnection) -> list[str]:
@@ -330,9 +332,8 @@ def _rerank(conn: duckdb.DuckDBPyConnection, touched: dict[int, int], kept: int)
 
 def _counts_of(conn: duckdb.DuckDBPyConnection, users: list[int]) -> list[tuple[int, int]]:
     """Each user's transaction count, summed from the log."""
-    if len(users) <= TOUCHED_BY_INDEX_MAX:  # ints only: written into the statement
-        ids = ",".join(str(int(user)) for user in users)
-        return conn.execute(TOUCHED_COUNTS.format(ids=ids)).fetchall()
+    if len(users) <= INDEX_LOOKUP_MAX:
+        return conn.execute(TOUCHED_COUNTS.format(ids=int_constants(users))).fetchall()
     conn.register("touched_users", pa.table({"user_id": pa.array(users, type=pa.int64())}))
     try:
         return conn.execute(

@@ -21,12 +21,12 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import cast
 
 import duckdb
 import pyarrow as pa
 
 from moneylion import aggregates
+from moneylion.schema import INDEX_LOOKUP_MAX, int_constants
 from moneylion.validate import COLUMNS, FileKind, Reject, RejectReason, ValidatedRows
 
 ARROW_TYPES: dict[str, pa.DataType] = {
@@ -375,21 +375,15 @@ def resolve_gathered(
     return dict(applied)
 
 
-# Up to this many ids are looked up as a list of constants (an index scan), more by a join.
-_INDEXED_LOOKUP_MAX = 256
-
-
 def _stored(
     conn: duckdb.DuckDBPyConnection, kind: FileKind, ids: list[object]
 ) -> dict[object, tuple[tuple[object, ...], int]]:
     """id -> (stored content, file id) for the ``ids`` already stored."""
     key, *rest = COLUMNS[kind]
     select = f"SELECT {key}, {', '.join(rest)}, file_id FROM {TABLES[kind]}"
-    if kind is FileKind.USERS and len(ids) <= _INDEXED_LOOKUP_MAX:
-        # Integers written into the statement: a list of constants is looked up in the users'
-        # primary key index, where a joined list would scan every stored user.
-        listed = ", ".join(str(int(cast(int, i))) for i in ids)
-        found = conn.execute(f"{select} WHERE {key} IN ({listed})").fetchall()
+    if kind is FileKind.USERS and len(ids) <= INDEX_LOOKUP_MAX:
+        # Through the users' primary key index, where a joined list would scan every user.
+        found = conn.execute(f"{select} WHERE {key} IN ({int_constants(ids)})").fetchall()
     else:  # transactions have no index: the join's bounds on the ids prune by zone maps
         conn.register("batch_ids", pa.table({"id": pa.array(ids, type=ARROW_TYPES[key])}))
         try:

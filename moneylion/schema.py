@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import duckdb
 
@@ -31,6 +32,18 @@ def migrations() -> list[tuple[int, str, str]]:
         if match:
             found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
     return sorted(found)
+
+
+# Up to this many keys are looked up as a list of constants written into the statement, which
+# DuckDB serves from the column's index; more are joined (a long list of constants costs more
+# than the scan a join does).
+INDEX_LOOKUP_MAX = 256
+
+
+def int_constants(values: Iterable[object]) -> str:
+    """Integer keys as a SQL list of constants, each through ``int()``: only digits are
+    written into the statement. ``NULL`` for none (an IN list that matches nothing)."""
+    return ", ".join(str(int(cast(int, value))) for value in values) or "NULL"
 
 
 def one_row(conn: duckdb.DuckDBPyConnection, sql: str, params: object = None) -> tuple[Any, ...]:
