@@ -86,9 +86,10 @@ class Stager:
 
     def __init__(self, kind: FileKind) -> None:
         self.kind = kind
-        self._reset()
+        self.clear()
 
-    def _reset(self) -> None:
+    def clear(self) -> None:
+        """Start afresh: nothing gathered."""
         kind = self.kind
         self.columns: dict[str, list[object]] = {name: [] for name in COLUMNS[kind]}
         self.file_ids: list[int] = []
@@ -115,10 +116,7 @@ class Stager:
             append_arrow(conn, "staged", pa.table(arrays))
         if self.rejects:
             append_arrow(conn, "staged_rejects", arrow_rejects(self.rejects))
-        self._reset()
-
-    def clear(self) -> None:
-        self._reset()
+        self.clear()
 
 
 def arrow_rejects(rejects: list[tuple[int, Reject]]) -> pa.Table:
