@@ -14,27 +14,43 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
+from moneylion.model import DAILY_TOTALS, TYPE_COLUMN, USER_TOTALS, Aggregate, Fold, Measure
 from moneylion.schema import INDEX_LOOKUP_MAX, int_constants
 
-# Each aggregate of the transactions is declared once, over ``{where}``: a commit's delta reads
-# the rows it appended (FILE_ROWS), the recompute every row.
-USER_TOTALS_OF = """
-SELECT user_id,
-       count(*) AS tx_count,
-       sum(amount) AS total_amount,
-       coalesce(sum(amount) FILTER (WHERE transaction_type = 'deposit'), 0) AS total_deposit,
-       coalesce(sum(amount) FILTER (WHERE transaction_type = 'withdrawal'), 0) AS total_withdrawal,
-       coalesce(sum(amount) FILTER (WHERE transaction_type = 'purchase'), 0) AS total_purchase,
-       min(transaction_date) AS first_date,
-       max(transaction_date) AS last_date
-FROM transactions {where}
-GROUP BY user_id
-"""
-DAILY_TOTALS_OF = """
-SELECT transaction_date, transaction_type, count(*) AS tx_count, sum(amount) AS total_amount
-FROM transactions {where}
-GROUP BY transaction_date, transaction_type
-"""
+
+def _measure_sql(measure: Measure) -> str:
+    """A measure as a DuckDB aggregate over transactions (an empty filtered sum is 0)."""
+    if measure.of is None:
+        return "count(*)"
+    if measure.only is None:
+        return f"{measure.fold}({measure.of})"
+    only = f"FILTER (WHERE {TYPE_COLUMN} = '{measure.only}')"
+    return f"coalesce({measure.fold}({measure.of}) {only}, 0)"
+
+
+def aggregate_of(aggregate: Aggregate) -> str:
+    """The aggregate's rows over the transactions ``{where}`` selects: a commit's delta reads
+    the rows it appended (FILE_ROWS), the recompute every row."""
+    key = ", ".join(aggregate.key)
+    measures = ", ".join(f"{_measure_sql(m)} AS {m.name}" for m in aggregate.measures)
+    return f"SELECT {key}, {measures} FROM transactions {{where}} GROUP BY {key}"
+
+
+def fold_into(aggregate: Aggregate, stored: str, new: str) -> str:
+    """SQL assignments folding the measures of ``new`` rows into the ``stored`` ones."""
+    fold = {
+        Fold.SUM: "{stored}.{name} + {new}.{name}",
+        Fold.MIN: "least({stored}.{name}, {new}.{name})",
+        Fold.MAX: "greatest({stored}.{name}, {new}.{name})",
+    }
+    return ", ".join(
+        f"{m.name} = " + fold[m.fold].format(stored=stored, new=new, name=m.name)
+        for m in aggregate.measures
+    )
+
+
+USER_TOTALS_OF = aggregate_of(USER_TOTALS)
+DAILY_TOTALS_OF = aggregate_of(DAILY_TOTALS)
 FILE_ROWS = "WHERE file_id BETWEEN $first AND $last"
 
 # Per-user totals of the rows a commit appended.
@@ -64,12 +80,10 @@ COMPACT_AFTER_ROWS = 250_000
 REBUILD_THRESHOLD = 20_000
 
 DAILY_TOTALS_DELTA = (
-    "INSERT INTO daily_totals"
+    f"INSERT INTO {DAILY_TOTALS.table} "
     + DAILY_TOTALS_OF.format(where=FILE_ROWS)
-    + """ON CONFLICT (transaction_date, transaction_type) DO UPDATE SET
-    tx_count = tx_count + excluded.tx_count,
-    total_amount = total_amount + excluded.total_amount
-"""
+    + f" ON CONFLICT ({', '.join(DAILY_TOTALS.key)}) DO UPDATE SET "
+    + fold_into(DAILY_TOTALS, DAILY_TOTALS.table, "excluded")
 )
 
 # Counts only grow: a user neither in the old top list nor touched by this commit still ranks
@@ -236,8 +250,7 @@ _RECOMPUTE_TARGETS = {
 }
 
 KEYS = {
-    "user_totals": "user_id",
-    "daily_totals": "transaction_date, transaction_type",
+    **{a.table: ", ".join(a.key) for a in (USER_TOTALS, DAILY_TOTALS)},
     "top_users": "rank",
     "country_monthly_totals": "month, country, transaction_type",
 }

@@ -17,6 +17,7 @@ import duckdb
 import pyarrow as pa
 
 from moneylion.errors import FileFailure, FileRefused
+from moneylion.model import COLUMNS, TABLES, FileKind
 from moneylion.resolve import (
     Applied,
     Stager,
@@ -30,10 +31,8 @@ from moneylion.resolve import (
 from moneylion.schema import one_row
 from moneylion.validate import (
     BATCH_ROWS,
-    COLUMNS,
     QUOTE_CHARS,
     Batcher,
-    FileKind,
     Header,
     LongRecord,
     Reject,
@@ -66,7 +65,7 @@ def append_fast(
     columns = ", ".join(COLUMNS[header.kind])
     key = COLUMNS[header.kind][0]
     guarded = columns.replace(key, f"CASE WHEN ok THEN {key} ELSE error('{NOT_CLEAN}') END", 1)
-    table = "transactions" if header.kind is FileKind.TRANSACTIONS else "users"
+    table = TABLES[header.kind].name
     extra = "$file_id" if header.kind is FileKind.TRANSACTIONS else "$file_id, $now"
     params: dict[str, object] = {
         "path": str(source.disk_path()),

@@ -28,10 +28,11 @@ from moneylion import aggregates, ledger
 from moneylion.config import Config
 from moneylion.errors import FileRefused
 from moneylion.ledger import FileOutcome
+from moneylion.model import FileKind
 from moneylion.resolve import Applied, Stager, resolve_gathered, utc_now
 from moneylion.schema import rollback
 from moneylion.source import StagedFile
-from moneylion.validate import FileKind, Header, ValidatedRows, read_header, validate_rows
+from moneylion.validate import Header, ValidatedRows, read_header, validate_rows
 
 log = logging.getLogger(__name__)
 

@@ -34,11 +34,11 @@ from moneylion.append import (
 from moneylion.config import Config
 from moneylion.errors import FileRefused
 from moneylion.ledger import FileOutcome
+from moneylion.model import FileKind
 from moneylion.resolve import utc_now
 from moneylion.schema import rollback
 from moneylion.source import StagedFile, stage
 from moneylion.validate import (
-    FileKind,
     Header,
     read_header,
 )

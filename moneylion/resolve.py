@@ -26,25 +26,10 @@ import duckdb
 import pyarrow as pa
 
 from moneylion import aggregates
+from moneylion.model import COLUMNS, DOMAINS, TABLES, FileKind
 from moneylion.schema import INDEX_LOOKUP_MAX, int_constants
-from moneylion.validate import COLUMNS, FileKind, Reject, RejectReason, ValidatedRows
+from moneylion.validate import Reject, RejectReason, ValidatedRows
 
-ARROW_TYPES: dict[str, pa.DataType] = {
-    "transaction_id": pa.int64(),
-    "user_id": pa.int64(),
-    "transaction_date": pa.date32(),
-    "amount": pa.decimal128(18, 2),
-    "transaction_type": pa.string(),
-    "signup_date": pa.date32(),
-    "country": pa.string(),
-}
-
-STAGED_COLUMNS = {
-    FileKind.TRANSACTIONS: "transaction_id BIGINT, user_id BIGINT, transaction_date DATE, "
-    "amount DECIMAL(18, 2), transaction_type VARCHAR",
-    FileKind.USERS: "user_id BIGINT, signup_date DATE, country VARCHAR",
-}
-TABLES = {FileKind.TRANSACTIONS: "transactions", FileKind.USERS: "users"}
 REJECTED_HERE = ("duplicate_in_file", "conflicts_with_stored")
 DUPLICATES = ("duplicate", "copy")  # the same row again: stored, earlier in the batch, or a copy
 
@@ -70,8 +55,9 @@ class Applied:
 
 def create_staging(conn: duckdb.DuckDBPyConnection, kind: FileKind) -> None:
     """Empty ``staged`` and ``staged_rejects`` temp tables for rows of ``kind``."""
+    columns = ", ".join(f"{c.name} {c.domain.staged}" for c in TABLES[kind].columns)
     conn.execute(
-        f"CREATE OR REPLACE TEMP TABLE staged (file_id BIGINT, {STAGED_COLUMNS[kind]}, "
+        f"CREATE OR REPLACE TEMP TABLE staged (file_id BIGINT, {columns}, "
         "line BIGINT, raw_line VARCHAR)"
     )
     conn.execute(
@@ -110,7 +96,7 @@ class Stager:
         if self.lines:
             arrays = {"file_id": pa.array(self.file_ids, type=pa.int64())}
             for name, values in self.columns.items():
-                arrays[name] = pa.array(values, type=ARROW_TYPES[name])
+                arrays[name] = pa.array(values, type=DOMAINS[name].arrow)
             arrays["line"] = pa.array(self.lines, type=pa.int64())
             arrays["raw_line"] = pa.array(self.raw_lines, type=pa.string())
             append_arrow(conn, "staged", pa.table(arrays))
@@ -248,7 +234,7 @@ def _sql(template: str, kind: FileKind) -> str:
     key, *rest = COLUMNS[kind]
     return template.format(
         key=key,
-        table=TABLES[kind],
+        table=TABLES[kind].name,
         content=", ".join(rest),
         s_content=", ".join(f"s.{c}" for c in rest),
         t_content=", ".join(f"t.{c}" for c in rest),
@@ -378,12 +364,12 @@ def _stored(
 ) -> dict[object, tuple[tuple[object, ...], int]]:
     """id -> (stored content, file id) for the ``ids`` already stored."""
     key, *rest = COLUMNS[kind]
-    select = f"SELECT {key}, {', '.join(rest)}, file_id FROM {TABLES[kind]}"
+    select = f"SELECT {key}, {', '.join(rest)}, file_id FROM {TABLES[kind].name}"
     if kind is FileKind.USERS and len(ids) <= INDEX_LOOKUP_MAX:
         # Through the users' primary key index, where a joined list would scan every user.
         found = conn.execute(f"{select} WHERE {key} IN ({int_constants(ids)})").fetchall()
     else:  # transactions have no index: the join's bounds on the ids prune by zone maps
-        conn.register("batch_ids", pa.table({"id": pa.array(ids, type=ARROW_TYPES[key])}))
+        conn.register("batch_ids", pa.table({"id": pa.array(ids, type=DOMAINS[key].arrow)}))
         try:
             found = conn.execute(f"{select} WHERE {key} IN (SELECT id FROM batch_ids)").fetchall()
         finally:
@@ -395,12 +381,12 @@ def _append_loaded(
     conn: duckdb.DuckDBPyConnection, stager: Stager, rows: list[int], now: dt.datetime
 ) -> None:
     arrays = {
-        name: pa.array([values[i] for i in rows], type=ARROW_TYPES[name])
+        name: pa.array([values[i] for i in rows], type=DOMAINS[name].arrow)
         for name, values in stager.columns.items()
     }
     arrays["file_id"] = pa.array([stager.file_ids[i] for i in rows], type=pa.int64())
     if stager.kind is FileKind.TRANSACTIONS:
-        append_arrow(conn, "transactions", pa.table(arrays))
+        append_arrow(conn, TABLES[FileKind.TRANSACTIONS].name, pa.table(arrays))
         return
     conn.register("arrow_batch", pa.table(arrays))
     try:

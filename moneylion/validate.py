@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple, Protocol
 
 from moneylion.errors import FileFailure, FileRefused
+from moneylion.model import COLUMNS, DOMAINS, TRANSACTION_TYPES, FileKind, Rule
 
 
 class Source(Protocol):
@@ -61,27 +62,6 @@ HEADER_PROBE_BYTES = 64 * 1024
 LINE_MAX_BYTES = 2 * 1024 * 1024
 # What a refusal or a too-long line's reject quotes of the file's own text, at most (escaped).
 QUOTE_CHARS = 80
-TRANSACTION_TYPES = ("deposit", "withdrawal", "purchase")
-
-
-class FileKind(enum.StrEnum):
-    USERS = "users"
-    TRANSACTIONS = "transactions"
-
-
-# Canonical column order: a row with several faults reports the first in this order.
-COLUMNS: dict[FileKind, tuple[str, ...]] = {
-    FileKind.USERS: ("user_id", "signup_date", "country"),
-    FileKind.TRANSACTIONS: (
-        "transaction_id",
-        "user_id",
-        "transaction_date",
-        "amount",
-        "transaction_type",
-    ),
-}
-ID_COLUMNS = {"user_id", "transaction_id"}
-DATE_COLUMNS = {"signup_date", "transaction_date"}
 
 
 class RejectReason(enum.StrEnum):
@@ -186,6 +166,13 @@ def quote(text: str) -> str:
     return repr(text[:QUOTE_CHARS] + ("..." if len(text) > QUOTE_CHARS else ""))
 
 
+# A header is of the kind whose own columns (those no other kind has) it names.
+_OWN_COLUMNS = {
+    kind: set(columns).difference(*(COLUMNS[other] for other in FileKind if other is not kind))
+    for kind, columns in COLUMNS.items()
+}
+
+
 def parse_header(
     names: Sequence[str], line_number: int, file_name: str, line: str | None = None
 ) -> Header:
@@ -195,11 +182,8 @@ def parse_header(
     """
     cleaned = [name.strip(TRIM_CHARS).lower() for name in names]
     present = set(cleaned)
-    if "transaction_id" in present or "transaction_type" in present or "amount" in present:
-        kind = FileKind.TRANSACTIONS
-    elif "signup_date" in present or "country" in present:
-        kind = FileKind.USERS
-    else:
+    kind = next((kind for kind, own in _OWN_COLUMNS.items() if present & own), None)
+    if kind is None:
         raise FileRefused(
             FileFailure.UNKNOWN_HEADER,
             f"{file_name}: header {quote(','.join(names) if line is None else line)} names "
@@ -256,50 +240,89 @@ def parse_date(text: str, column: str) -> tuple[dt.date | None, RejectReason | N
     return None, RejectReason.BAD_DATE, f"{column} {text!r} is not an existing YYYY-MM-DD date"
 
 
-def parse_amount(text: str) -> tuple[Decimal | None, RejectReason | None, str]:
+def parse_amount(text: str, column: str) -> tuple[Decimal | None, RejectReason | None, str]:
     """A plain positive decimal with at most 2 decimals that fits DECIMAL(18,2)."""
     negative = text.startswith("-")
     body = text[1:] if negative else text
     whole, dot, fraction = body.partition(".")
     if not _is_digits(whole) or (dot and not _is_digits(fraction)):
-        return None, RejectReason.BAD_AMOUNT, f"amount {text!r} is not a plain decimal"
+        return None, RejectReason.BAD_AMOUNT, f"{column} {text!r} is not a plain decimal"
     if negative or (int(whole) == 0 and (not fraction or int(fraction) == 0)):
-        return None, RejectReason.NON_POSITIVE_AMOUNT, f"amount {text!r} is not positive"
+        return None, RejectReason.NON_POSITIVE_AMOUNT, f"{column} {text!r} is not positive"
     if len(fraction) > 2:
-        return None, RejectReason.TOO_MANY_DECIMALS, f"amount {text!r} has more than 2 decimals"
+        return None, RejectReason.TOO_MANY_DECIMALS, f"{column} {text!r} has more than 2 decimals"
     if len(whole.lstrip("0")) > AMOUNT_MAX_INTEGER_DIGITS:
-        return None, RejectReason.BAD_AMOUNT, f"amount {text!r} does not fit DECIMAL(18,2)"
+        return None, RejectReason.BAD_AMOUNT, f"{column} {text!r} does not fit DECIMAL(18,2)"
     return Decimal(text), None, ""
 
 
-def parse_type(text: str) -> tuple[str | None, RejectReason | None, str]:
+def parse_type(text: str, column: str) -> tuple[str | None, RejectReason | None, str]:
+    """One of TRANSACTION_TYPES, in any case."""
     lowered = text.lower()
     if lowered in TRANSACTION_TYPES:
         return lowered, None, ""
     return (
         None,
         RejectReason.UNKNOWN_TYPE,
-        f"transaction_type {text!r} is not one of " + (", ".join(TRANSACTION_TYPES)),
+        f"{column} {text!r} is not one of " + (", ".join(TRANSACTION_TYPES)),
     )
+
+
+def parse_text(text: str, column: str) -> tuple[str, None, str]:
+    """Any non-empty text (the caller has refused an empty field)."""
+    return text, None, ""
 
 
 FieldResult = tuple[object, RejectReason | None, str]
 
 
+# The fast path accepts a subset of what the reference accepts; anything else takes the
+# reference path. Ids and dates must be the canonical text of their typed value (no sign, leading
+# zero or space): a round trip is cheaper than a regular expression there. Amounts may drop
+# trailing zeros ("12", "12.5"), so they get a regex.
+AMOUNT_PATTERN = "[0-9]{1,16}(\\.[0-9]{1,2})?"
+TEXT_PATTERN = "(?s)[^ \t](.*[^ \t])?"
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """A domain's rule, twice: ``parse`` (the reference, for a trimmed non-empty field) and,
+    for DuckDB's reader, ``typed`` (SQL for the value, meaningful where the check holds) and
+    ``check`` (SQL true only where ``parse`` accepts the field and gives that value). The SQL
+    templates take the raw field (``{raw}``), the column's DuckDB type (``{type}``) and, in a
+    check, the typed value (``{typed}``)."""
+
+    parse: Callable[[str, str], FieldResult]
+    typed: str
+    check: str
+
+
+_CAST = "TRY_CAST({raw} AS {type})"  # to the column's DuckDB type
+RULES: dict[Rule, FieldRule] = {
+    Rule.ID: FieldRule(parse_id, _CAST, "CAST({typed} AS VARCHAR) = {raw} AND {typed} > 0"),
+    Rule.DATE: FieldRule(parse_date, _CAST, "CAST({typed} AS VARCHAR) = {raw}"),
+    Rule.AMOUNT: FieldRule(
+        parse_amount,
+        _CAST,
+        f"regexp_full_match({{raw}}, '{AMOUNT_PATTERN}') AND {{typed}} > 0",
+    ),
+    # Most files write the types in lower case already: skip lower() for those rows.
+    Rule.TYPE: FieldRule(
+        parse_type,
+        "lower({raw})",
+        f"({{raw}} IN {TRANSACTION_TYPES!r} OR {{typed}} IN {TRANSACTION_TYPES!r})",
+    ),
+    Rule.TEXT: FieldRule(parse_text, "{raw}", f"regexp_full_match({{raw}}, '{TEXT_PATTERN}')"),
+}
+
+
 def _field_parser(column: str) -> Callable[[str], FieldResult]:
     """The rule of one canonical column, for a non-empty trimmed field."""
-    if column in ID_COLUMNS:
-        return lambda text: parse_id(text, column)
-    if column in DATE_COLUMNS:
-        return lambda text: parse_date(text, column)
-    if column == "amount":
-        return parse_amount
-    if column == "transaction_type":
-        return parse_type
-    return lambda text: (text, None, "")  # country: any non-empty text
+    parse = RULES[DOMAINS[column].rule].parse
+    return lambda text: parse(text, column)
 
 
-FIELD_PARSERS = {column: _field_parser(column) for kind in FileKind for column in COLUMNS[kind]}
+FIELD_PARSERS = {column: _field_parser(column) for column in DOMAINS}
 
 
 def parse_field(column: str, text: str) -> FieldResult:
@@ -561,41 +584,22 @@ def read_csv_sql(header: Header) -> str:
     )
 
 
-# The fast path accepts a subset of what validate_rows accepts; anything else takes the reference
-# path. Ids and dates must be the canonical text of their typed value (no sign, leading zero or
-# space): a round trip is cheaper than a regular expression there (10M ids: 0.28 s against
-# 0.35 s plus the cast). Amounts may drop trailing zeros ("12", "12.5"), so they get a regex.
-AMOUNT_PATTERN = "[0-9]{1,16}(\\.[0-9]{1,2})?"
-TEXT_PATTERN = "(?s)[^ \t](.*[^ \t])?"
+def _fill(template: str, **values: str) -> str:
+    """A rule's SQL template with its ``{name}`` slots filled (the patterns' own braces stay)."""
+    for name, value in values.items():
+        template = template.replace("{" + name + "}", value)
+    return template
 
 
 def _typed(name: str, raw: str) -> str:
     """SQL for the typed value of a raw field (meaningful only where ``_check`` holds)."""
-    if name in ID_COLUMNS:
-        return f"TRY_CAST({raw} AS BIGINT)"
-    if name in DATE_COLUMNS:
-        return f"TRY_CAST({raw} AS DATE)"
-    if name == "amount":
-        return f"TRY_CAST({raw} AS DECIMAL(18, 2))"
-    if name == "transaction_type":
-        return f"lower({raw})"
-    return raw
+    domain = DOMAINS[name]
+    return _fill(RULES[domain.rule].typed, raw=raw, type=domain.duckdb)
 
 
 def _check(name: str, raw: str) -> str:
     """SQL that is true only when the raw field passes the same rule as ``parse_field``."""
-    typed = _typed(name, raw)
-    if name in ID_COLUMNS:
-        test = f"CAST({typed} AS VARCHAR) = {raw} AND {typed} > 0"
-    elif name in DATE_COLUMNS:
-        test = f"CAST({typed} AS VARCHAR) = {raw}"
-    elif name == "amount":
-        test = f"regexp_full_match({raw}, '{AMOUNT_PATTERN}') AND {typed} > 0"
-    elif name == "transaction_type":
-        # Most files write the types in lower case already: skip lower() for those rows.
-        test = f"({raw} IN {TRANSACTION_TYPES!r} OR {typed} IN {TRANSACTION_TYPES!r})"
-    else:
-        test = f"regexp_full_match({raw}, '{TEXT_PATTERN}')"
+    test = _fill(RULES[DOMAINS[name].rule].check, raw=raw, typed=_typed(name, raw))
     return f"coalesce({test}, false)"
 
 

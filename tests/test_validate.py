@@ -18,9 +18,8 @@ from hypothesis import strategies as st
 from moneylion.aggregates import verify
 from moneylion.config import Config, load_config
 from moneylion.ingest import ingest_file
+from moneylion.model import COLUMNS, FileKind
 from moneylion.validate import (
-    COLUMNS,
-    FileKind,
     RejectReason,
     field_check_sql,
     parse_field,

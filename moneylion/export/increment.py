@@ -64,6 +64,8 @@ from moneylion.export.snapshot import (
     USERS_AS_SQLITE,
     snapshot,
 )
+from moneylion.export.sums import cents_of, compile_summer
+from moneylion.model import AMOUNT, DAILY_TOTALS, TABLES, USER_TOTALS, FileKind
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +90,18 @@ _LEDGER = f"SELECT {FILES_AS_SQLITE} FROM files WHERE file_id >= $lo"
 # later files (latest file wins, file_id follows), so the users the range wrote are exactly
 # those whose file_id is in it. The transactions' extra ``cents`` column is summed, not written.
 _RANGE = "file_id > $lo AND file_id <= $hi"
-_USER_COLUMNS = "user_id, signup_date, country"
+_USER_COLUMNS = ", ".join(TABLES[FileKind.USERS].names)
 _NEW_USERS = f"SELECT {USERS_AS_SQLITE} FROM users WHERE {_RANGE}"
-_TRANSACTION_COLUMNS = "transaction_id, user_id, transaction_date, amount, transaction_type"
-_NEW_TRANSACTIONS = f"""SELECT {TRANSACTIONS_AS_SQLITE}, (amount * 100)::BIGINT AS cents
+_TRANSACTION_NAMES = TABLES[FileKind.TRANSACTIONS].names
+_TRANSACTION_COLUMNS = ", ".join(_TRANSACTION_NAMES)
+_MONEY = [c.name for c in TABLES[FileKind.TRANSACTIONS].columns if c.domain is AMOUNT]
+_NEW_TRANSACTIONS = f"""SELECT {TRANSACTIONS_AS_SQLITE},
+    {", ".join(f"({name} * 100)::BIGINT AS {cents_of(name)}" for name in _MONEY)}
 FROM transactions WHERE {_RANGE}"""
+# What the new transactions add to the per-user and per-day totals, summed from the rows being
+# copied (money in cents).
+_USER_SUMS = compile_summer(USER_TOTALS)
+_DAILY_SUMS = compile_summer(DAILY_TOTALS)
 _TOP_USERS = f"SELECT {TOP_USERS_AS_SQLITE} FROM top_users"  # 1,000 rows, replaced whole
 # The country totals the range changed (stamped with the file of the commit that changed them:
 # months x countries x types at most, so both ways copy them as tuples).
@@ -139,8 +148,6 @@ _TRANSACTIONS_FROM_SIDE = (
     "DELETE FROM main.top_users",
     "INSERT INTO main.top_users SELECT * FROM side.top_users",
 )
-
-_TYPE_COLUMN = {"deposit": 2, "withdrawal": 3, "purchase": 4}  # in a _Deltas.users entry
 
 
 def export_new(conn: duckdb.DuckDBPyConnection, sqlite_path: Path) -> ExportResult:
@@ -264,12 +271,11 @@ def _copy_small(
         rows = cur.execute(_NEW_TRANSACTIONS, params).fetchall()
         if rows:
             lists = [list(column) for column in zip(*rows, strict=True)]
-            deltas = _Deltas()
-            deltas.add(lists)
             _insert_lists(lite, "transactions", _TRANSACTION_COLUMNS, lists, "INSERT")
             transactions = len(rows)
-            _add_user_sums(lite, deltas.user_rows(), base_users)
-            lite.executemany(ADD_DAILY_TOTALS, deltas.daily_rows())
+            columns = dict(zip((*_TRANSACTION_NAMES, *map(cents_of, _MONEY)), lists, strict=True))
+            _add_user_sums(lite, _USER_SUMS(columns), base_users)
+            lite.executemany(ADD_DAILY_TOTALS, _DAILY_SUMS(columns))
             top = [v for row in cur.execute(_TOP_USERS).fetchall() for v in row]
             lite.execute("DELETE FROM top_users")
             _insert_flat(lite, "top_users", "rank, user_id, tx_count", top, "INSERT")
@@ -310,45 +316,6 @@ def _copy_side(lite: sqlite3.Connection, transactions: int) -> list[tuple[int]]:
     for statement in _TRANSACTIONS_FROM_SIDE:
         lite.execute(statement)
     return new_users
-
-
-class _Deltas:
-    """Per-user and per-day sums of new transactions, in integer cents."""
-
-    def __init__(self) -> None:
-        # user_id -> [count, total, deposit, withdrawal, purchase, first_date, last_date]
-        self.users: dict[int, list[Any]] = {}
-        self.daily: dict[tuple[str, str], list[int]] = {}  # (date, type) -> [count, cents]
-
-    def add(self, columns: list[list[Any]]) -> None:
-        """Columns of a transactions batch: id, user_id, date, amount, type, cents."""
-        users, daily = self.users, self.daily
-        for user_id, date, kind, cents in zip(
-            columns[1], columns[2], columns[4], columns[5], strict=True
-        ):
-            entry = users.get(user_id)
-            if entry is None:
-                entry = users[user_id] = [0, 0, 0, 0, 0, date, date]
-            entry[0] += 1
-            entry[1] += cents
-            entry[_TYPE_COLUMN[kind]] += cents
-            if date < entry[5]:
-                entry[5] = date
-            if date > entry[6]:
-                entry[6] = date
-            day = daily.get((date, kind))
-            if day is None:
-                day = daily[(date, kind)] = [0, 0]
-            day[0] += 1
-            day[1] += cents
-
-    def user_rows(self) -> list[list[Any]]:
-        """Rows for ADD_USER_TOTALS / ADD_USER_DELTAS, by user id."""
-        return [[user_id, *entry] for user_id, entry in sorted(self.users.items())]
-
-    def daily_rows(self) -> list[tuple[Any, ...]]:
-        """Rows for ADD_DAILY_TOTALS, by date and type."""
-        return [(*key, count, cents) for key, (count, cents) in sorted(self.daily.items())]
 
 
 def _add_user_sums(lite: sqlite3.Connection, rows: list[Any], base_users: writer.BaseUsers) -> None:

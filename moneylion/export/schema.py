@@ -23,6 +23,8 @@ import sqlite3
 import time
 from typing import Final
 
+from moneylion.model import DAILY_TOTALS, TABLES, USER_TOTALS, FileKind, Fold, Measure, Table
+
 # Stored in export_state; a file of another format is rebuilt by a full export.
 EXPORT_FORMAT: Final = "moneylion-sqlite-export 4"
 
@@ -42,87 +44,125 @@ def _plus(column: str, cents_sql: str) -> str:
     return f"{column} = " + text(f"{cents(column)} + {cents_sql}")
 
 
-def _sum_of(kind: str) -> str:
-    """A ``user_totals`` view column: the base total plus the delta's cents, if any."""
-    total = text(cents(f"b.total_{kind}") + f" + d.{kind}_cents")
-    return f"CASE WHEN d.user_id IS NULL THEN b.total_{kind} ELSE {total} END AS total_{kind}"
+def delta_name(measure: Measure) -> str:
+    """A measure's column in ``user_totals_delta``: money as integer cents."""
+    return measure.name.removeprefix("total_") + "_cents" if measure.money else measure.name
 
 
-SQLITE_SCHEMA: Final = f"""
-CREATE TABLE IF NOT EXISTS users (
-    user_id INTEGER PRIMARY KEY, signup_date TEXT, country TEXT);
-CREATE TABLE IF NOT EXISTS transactions (
-    transaction_id INTEGER PRIMARY KEY, user_id INTEGER, transaction_date TEXT,
-    amount REAL, transaction_type TEXT);
-CREATE TABLE IF NOT EXISTS files (
+def _sqlite_type(measure: Measure, *, as_cents: bool = False) -> str:
+    return "INTEGER" if measure.of is None or (measure.money and as_cents) else "TEXT"
+
+
+def _fold(measure: Measure, column: str, value: str, *, as_cents: bool = False) -> str:
+    """SQL folding ``value`` (money: integer cents) into a stored measure ``column``."""
+    if measure.fold is Fold.MIN:
+        return f"{column} = min({column}, {value})"
+    if measure.fold is Fold.MAX:
+        return f"{column} = max({column}, {value})"
+    if measure.money and not as_cents:
+        return _plus(column, value)
+    return f"{column} = {column} + {value}"
+
+
+def _value(measure: Measure, value: str) -> str:
+    """SQL for a new row's stored measure, from ``value`` (money: integer cents)."""
+    return text(value) if measure.money else value
+
+
+def _view_column(measure: Measure) -> str:
+    """A ``user_totals`` view column: the base's measure with the delta's folded in, if any."""
+    base, delta = f"b.{measure.name}", f"d.{delta_name(measure)}"
+    if measure.of is None:
+        return f"{base} + ifnull({delta}, 0) AS {measure.name}"
+    folded = {
+        Fold.MIN: f"min({base}, {delta})",
+        Fold.MAX: f"max({base}, {delta})",
+        Fold.SUM: text(cents(base) + f" + {delta}") if measure.money else f"{base} + {delta}",
+    }[measure.fold]
+    return f"CASE WHEN d.user_id IS NULL THEN {base} ELSE {folded} END AS {measure.name}"
+
+
+def _base_table(table: Table) -> str:
+    """A base table as the SQLite export keeps it, its key the rowid."""
+    key, *rest = table.columns
+    columns = [f"{key.name} INTEGER PRIMARY KEY"] + [f"{c.name} {c.domain.sqlite}" for c in rest]
+    return f"CREATE TABLE IF NOT EXISTS {table.name} ({', '.join(columns)});"
+
+
+def _numbered(count: int, start: int = 1) -> list[str]:
+    return [f"?{n}" for n in range(start, start + count)]
+
+
+_USER_KEY = USER_TOTALS.key[0]
+_USER_MEASURES = USER_TOTALS.measures
+_DELTA_COLUMNS = ", ".join([_USER_KEY, *(delta_name(m) for m in _USER_MEASURES)])
+_USER_COLUMNS = ", ".join(USER_TOTALS.columns)
+# Parameters of a per-user sum: ?1 the user, then one per measure in declaration order.
+_USER_PARAMETERS = _numbered(len(_USER_MEASURES), start=2)
+_USER_FOLDS = tuple(zip(_USER_MEASURES, _USER_PARAMETERS, strict=True))
+
+SQLITE_SCHEMA: Final = "\n".join(
+    [
+        _base_table(TABLES[FileKind.USERS]),
+        _base_table(TABLES[FileKind.TRANSACTIONS]),
+        """CREATE TABLE IF NOT EXISTS files (
     file_id INTEGER PRIMARY KEY, name TEXT NOT NULL, sha256 TEXT, kind TEXT,
     status TEXT NOT NULL, rows_total INTEGER, rows_loaded INTEGER, rows_duplicate INTEGER,
     rows_rejected INTEGER, size_bytes INTEGER, received_at TEXT, finished_at TEXT,
-    seconds REAL, error_reason TEXT, error TEXT);
-CREATE TABLE IF NOT EXISTS user_totals_base (
-    user_id INTEGER PRIMARY KEY, tx_count INTEGER NOT NULL, total_amount TEXT NOT NULL,
-    total_deposit TEXT NOT NULL, total_withdrawal TEXT NOT NULL, total_purchase TEXT NOT NULL,
-    first_date TEXT NOT NULL, last_date TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS user_totals_delta (
-    user_id INTEGER PRIMARY KEY, tx_count INTEGER NOT NULL, amount_cents INTEGER NOT NULL,
-    deposit_cents INTEGER NOT NULL, withdrawal_cents INTEGER NOT NULL,
-    purchase_cents INTEGER NOT NULL, first_date TEXT NOT NULL, last_date TEXT NOT NULL);
-CREATE VIEW IF NOT EXISTS user_totals AS
-SELECT b.user_id AS user_id, b.tx_count + ifnull(d.tx_count, 0) AS tx_count,
-    {_sum_of("amount")}, {_sum_of("deposit")},
-    {_sum_of("withdrawal")}, {_sum_of("purchase")},
-    CASE WHEN d.user_id IS NULL THEN b.first_date
-        ELSE min(b.first_date, d.first_date) END AS first_date,
-    CASE WHEN d.user_id IS NULL THEN b.last_date
-        ELSE max(b.last_date, d.last_date) END AS last_date
-FROM user_totals_base AS b LEFT JOIN user_totals_delta AS d ON d.user_id = b.user_id;
-CREATE TABLE IF NOT EXISTS daily_totals (
-    transaction_date TEXT NOT NULL, transaction_type TEXT NOT NULL, tx_count INTEGER NOT NULL,
-    total_amount TEXT NOT NULL, PRIMARY KEY (transaction_date, transaction_type)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS top_users (
+    seconds REAL, error_reason TEXT, error TEXT);""",
+        f"CREATE TABLE IF NOT EXISTS user_totals_base ({_USER_KEY} INTEGER PRIMARY KEY, "
+        + ", ".join(f"{m.name} {_sqlite_type(m)} NOT NULL" for m in _USER_MEASURES)
+        + ");",
+        f"CREATE TABLE IF NOT EXISTS user_totals_delta ({_USER_KEY} INTEGER PRIMARY KEY, "
+        + ", ".join(
+            f"{delta_name(m)} {_sqlite_type(m, as_cents=True)} NOT NULL" for m in _USER_MEASURES
+        )
+        + ");",
+        f"CREATE VIEW IF NOT EXISTS {USER_TOTALS.table} AS SELECT b.{_USER_KEY} AS {_USER_KEY}, "
+        + ", ".join(_view_column(m) for m in _USER_MEASURES)
+        + " FROM user_totals_base AS b LEFT JOIN user_totals_delta AS d"
+        f" ON d.{_USER_KEY} = b.{_USER_KEY};",
+        f"CREATE TABLE IF NOT EXISTS {DAILY_TOTALS.table} ("
+        + ", ".join(f"{name} TEXT NOT NULL" for name in DAILY_TOTALS.key)
+        + ", "
+        + ", ".join(f"{m.name} {_sqlite_type(m)} NOT NULL" for m in DAILY_TOTALS.measures)
+        + f", PRIMARY KEY ({', '.join(DAILY_TOTALS.key)})) WITHOUT ROWID;",
+        """CREATE TABLE IF NOT EXISTS top_users (
     rank INTEGER PRIMARY KEY, user_id INTEGER NOT NULL, tx_count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS country_monthly_totals (
     month TEXT NOT NULL, country TEXT, transaction_type TEXT NOT NULL,
     tx_count INTEGER NOT NULL, total_amount TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS country_monthly_totals_key
     ON country_monthly_totals (month, country, transaction_type);
-CREATE TABLE IF NOT EXISTS export_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
+CREATE TABLE IF NOT EXISTS export_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);""",
+    ]
+)
 
-# Per-user sums are rows of numbered parameters: user_id, count, total, deposit, withdrawal,
-# purchase cents, first date, last date. Users already in the base get them added in the delta
-# table (integer sums, no TEXT to parse and print); new users get their row in the base.
-ADD_USER_DELTAS: Final = """
-INSERT INTO user_totals_delta (user_id, tx_count, amount_cents, deposit_cents, withdrawal_cents,
-    purchase_cents, first_date, last_date)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-ON CONFLICT (user_id) DO UPDATE SET tx_count = tx_count + ?2,
-    amount_cents = amount_cents + ?3, deposit_cents = deposit_cents + ?4,
-    withdrawal_cents = withdrawal_cents + ?5, purchase_cents = purchase_cents + ?6,
-    first_date = min(first_date, ?7), last_date = max(last_date, ?8)"""
-ADD_USER_TOTALS: Final = f"""
-INSERT INTO user_totals_base (user_id, tx_count, total_amount, total_deposit, total_withdrawal,
-    total_purchase, first_date, last_date)
-VALUES (?1, ?2, {text("?3")}, {text("?4")}, {text("?5")}, {text("?6")}, ?7, ?8)
-ON CONFLICT (user_id) DO UPDATE SET tx_count = tx_count + ?2,
-    {_plus("total_amount", "?3")}, {_plus("total_deposit", "?4")},
-    {_plus("total_withdrawal", "?5")}, {_plus("total_purchase", "?6")},
-    first_date = min(first_date, ?7), last_date = max(last_date, ?8)"""
+# Per-user sums are rows of numbered parameters: the user, then each measure of USER_TOTALS
+# (money in integer cents). Users already in the base get them added in the delta table
+# (integer sums, no TEXT to parse and print); new users get their row in the base.
+ADD_USER_DELTAS: Final = (
+    f"INSERT INTO user_totals_delta ({_DELTA_COLUMNS}) VALUES (?1, {', '.join(_USER_PARAMETERS)})"
+    f" ON CONFLICT ({_USER_KEY}) DO UPDATE SET "
+    + ", ".join(_fold(m, delta_name(m), p, as_cents=True) for m, p in _USER_FOLDS)
+)
+ADD_USER_TOTALS: Final = (
+    f"INSERT INTO user_totals_base ({_USER_COLUMNS}) VALUES (?1, "
+    + ", ".join(_value(m, p) for m, p in _USER_FOLDS)
+    + f") ON CONFLICT ({_USER_KEY}) DO UPDATE SET "
+    + ", ".join(_fold(m, m.name, p) for m, p in _USER_FOLDS)
+)
 # Compaction: the delta folded into the base in user_id order (then emptied), as one UPSERT
 # that scans the delta and looks up the base (an UPDATE ... FROM would scan the 1M base rows).
-FOLD_DELTAS: Final = f"""
-INSERT INTO user_totals_base (user_id, tx_count, total_amount, total_deposit, total_withdrawal,
-    total_purchase, first_date, last_date)
-SELECT user_id, tx_count, {text("amount_cents")}, {text("deposit_cents")},
-    {text("withdrawal_cents")}, {text("purchase_cents")}, first_date, last_date
-FROM user_totals_delta WHERE true
-ON CONFLICT (user_id) DO UPDATE SET tx_count = tx_count + excluded.tx_count,
-    {_plus("total_amount", cents("excluded.total_amount"))},
-    {_plus("total_deposit", cents("excluded.total_deposit"))},
-    {_plus("total_withdrawal", cents("excluded.total_withdrawal"))},
-    {_plus("total_purchase", cents("excluded.total_purchase"))},
-    first_date = min(first_date, excluded.first_date),
-    last_date = max(last_date, excluded.last_date)"""
+FOLD_DELTAS: Final = (
+    f"INSERT INTO user_totals_base ({_USER_COLUMNS}) SELECT {_USER_KEY}, "
+    + ", ".join(_value(m, delta_name(m)) for m in _USER_MEASURES)
+    + f" FROM user_totals_delta WHERE true ON CONFLICT ({_USER_KEY}) DO UPDATE SET "
+    + ", ".join(
+        _fold(m, m.name, cents(f"excluded.{m.name}") if m.money else f"excluded.{m.name}")
+        for m in _USER_MEASURES
+    )
+)
 # Rows of DuckDB's country_monthly_totals that changed replace the SQLite file's (by month,
 # country, type; country NULL for orphans, which no key would match): deleted, then inserted
 # again unless their count fell to zero.
@@ -131,12 +171,21 @@ DELETE FROM country_monthly_totals WHERE month = ?1 AND country IS ?2 AND transa
 INSERT_COUNTRY_MONTHLY: Final = """
 INSERT INTO country_monthly_totals (month, country, transaction_type, tx_count, total_amount)
 VALUES (?1, ?2, ?3, ?4, ?5)"""
-# date, type, count, cents
-ADD_DAILY_TOTALS: Final = f"""
-INSERT INTO daily_totals (transaction_date, transaction_type, tx_count, total_amount)
-VALUES (?1, ?2, ?3, {text("?4")})
-ON CONFLICT (transaction_date, transaction_type) DO UPDATE SET tx_count = tx_count + ?3,
-    {_plus("total_amount", "?4")}"""
+# The key's values, then each measure of DAILY_TOTALS (money in integer cents).
+_DAILY_KEYS = _numbered(len(DAILY_TOTALS.key))
+_DAILY_FOLDS = tuple(
+    zip(
+        DAILY_TOTALS.measures,
+        _numbered(len(DAILY_TOTALS.measures), start=len(_DAILY_KEYS) + 1),
+        strict=True,
+    )
+)
+ADD_DAILY_TOTALS: Final = (
+    f"INSERT INTO {DAILY_TOTALS.table} ({', '.join(DAILY_TOTALS.columns)}) VALUES ("
+    + ", ".join(_DAILY_KEYS + [_value(m, p) for m, p in _DAILY_FOLDS])
+    + f") ON CONFLICT ({', '.join(DAILY_TOTALS.key)}) DO UPDATE SET "
+    + ", ".join(_fold(m, m.name, p) for m, p in _DAILY_FOLDS)
+)
 
 
 class RebuildNeeded(Exception):

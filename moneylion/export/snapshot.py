@@ -7,6 +7,8 @@ from collections.abc import Iterator
 
 import duckdb
 
+from moneylion.model import DAILY_TOTALS, DOMAINS, TABLES, USER_TOTALS, Aggregate, Column, FileKind
+
 
 @contextlib.contextmanager
 def snapshot(conn: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -38,17 +40,21 @@ def high_file(cur: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:
 FILES_AS_SQLITE = """file_id, name, sha256, kind, status, rows_total, rows_loaded,
     rows_duplicate, rows_rejected, size_bytes, received_at::VARCHAR AS received_at,
     finished_at::VARCHAR AS finished_at, seconds, error_reason, error"""
-USERS_AS_SQLITE = "user_id, signup_date::VARCHAR AS signup_date, country"
-TRANSACTIONS_AS_SQLITE = """transaction_id, user_id,
-    transaction_date::VARCHAR AS transaction_date, amount::DOUBLE AS amount,
-    transaction_type::VARCHAR AS transaction_type"""
-USER_TOTALS_AS_SQLITE = """user_id, tx_count, total_amount::VARCHAR AS total_amount,
-    total_deposit::VARCHAR AS total_deposit, total_withdrawal::VARCHAR AS total_withdrawal,
-    total_purchase::VARCHAR AS total_purchase, first_date::VARCHAR AS first_date,
-    last_date::VARCHAR AS last_date"""
-DAILY_TOTALS_AS_SQLITE = """transaction_date::VARCHAR AS transaction_date,
-    transaction_type::VARCHAR AS transaction_type, tx_count,
-    total_amount::VARCHAR AS total_amount"""
+USERS_AS_SQLITE = TABLES[FileKind.USERS].as_sqlite()
+TRANSACTIONS_AS_SQLITE = TABLES[FileKind.TRANSACTIONS].as_sqlite()
+
+
+def aggregate_as_sqlite(aggregate: Aggregate) -> str:
+    """An aggregate's columns as the SQLite file stores them: exact totals and dates as TEXT."""
+    keys = [Column(name, DOMAINS[name]).as_sqlite() for name in aggregate.key]
+    measures = [
+        m.name if m.of is None else f"{m.name}::VARCHAR AS {m.name}" for m in aggregate.measures
+    ]
+    return ", ".join(keys + measures)
+
+
+USER_TOTALS_AS_SQLITE = aggregate_as_sqlite(USER_TOTALS)
+DAILY_TOTALS_AS_SQLITE = aggregate_as_sqlite(DAILY_TOTALS)
 TOP_USERS_AS_SQLITE = "rank, user_id, tx_count"
 # Months as TEXT ``YYYY-MM`` (the API's form); a row whose count fell to zero is a tombstone of
 # DuckDB's (see sql/004), never a row of the SQLite file.
