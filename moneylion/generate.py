@@ -16,6 +16,8 @@ from pathlib import Path
 
 import duckdb
 
+from moneylion.model import TRANSACTION_TYPES
+
 USERS_HEADER = "user_id,signup_date,country"
 TRANSACTIONS_HEADER = "transaction_id,user_id,transaction_date,amount,transaction_type"
 COUNTRIES = ("Canada", "Japan", "France", "India", "UK", "Germany", "Australia", "USA")
@@ -33,7 +35,8 @@ _USER_EXPR = (
 )
 _CENTS_EXPR = "(1000 + CAST(hash({j}, $seed, 'amount') % 499000 AS BIGINT))"
 _TYPE_EXPR = (
-    "['deposit', 'withdrawal', 'purchase'][CAST(hash({j}, $seed, 'type') % 3 AS INTEGER) + 1]"
+    f"{list(TRANSACTION_TYPES)!r}[CAST(hash({{j}}, $seed, 'type') % {len(TRANSACTION_TYPES)}"
+    " AS INTEGER) + 1]"
 )
 
 

@@ -16,15 +16,18 @@ from decimal import Decimal
 from html import escape
 
 from moneylion.api.models import money
-from moneylion.api.queries import TRANSACTION_TYPES, DailyTotal
+from moneylion.api.queries import DailyTotal
+from moneylion.model import TRANSACTION_TYPES
 
 WIDTH, HEIGHT = 800, 280
 LEFT, RIGHT, TOP, BOTTOM = 110, 12, 12, 36  # margins for the axes' labels
-# (CSS class, dash pattern) per type: told apart without colour too.
+# (dash pattern, its name in the legend) per series, in the types' order: told apart without
+# colour too.
+LOOKS = (("", "solid"), ("8 4", "dashed"), ("2 3", "dotted"))
+# type -> (CSS class, dash pattern, look)
 SERIES = {
-    "deposit": ("s-deposit", ""),
-    "withdrawal": ("s-withdrawal", "8 4"),
-    "purchase": ("s-purchase", "2 3"),
+    kind: (f"s-{kind}", dash, look)
+    for kind, (dash, look) in zip(TRANSACTION_TYPES, LOOKS, strict=True)
 }
 POINTS_MAX = 93  # past this many days, no dot (with its tooltip) per day
 
@@ -95,7 +98,7 @@ def daily_chart(series: DailySeries) -> str:
                 f"{days[n].isoformat()}</text>"
             )
     for kind, values in series.totals.items():
-        css, dash = SERIES[kind]
+        css, dash, _look = SERIES[kind]
         points = " ".join(f"{x(n):.1f},{y(v):.1f}" for n, v in enumerate(values))
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         parts.append(f'<polyline class="line {css}" points="{points}"{dash_attr}/>')

@@ -28,7 +28,7 @@ from markupsafe import Markup
 
 from moneylion import health
 from moneylion.api.access import PAGE_POLICY, SESSION_COOKIE, session_value, token_matches
-from moneylion.api.charts import daily_chart, daily_table_rows, series_of
+from moneylion.api.charts import SERIES, daily_chart, daily_table_rows, series_of
 from moneylion.api.models import money
 from moneylion.api.queries import (
     daily_range,
@@ -171,6 +171,7 @@ def _daily(ctx: ApiContext, first: dt.date, last: dt.date) -> dict[str, Any]:
         "daily_count": len(rows),
         "daily_table": Markup(daily_table_rows(rows)),  # noqa: S704 - escaped in charts.py
         "daily_sums": {k: money(sum(v, Decimal(0))) for k, v in series.totals.items()},
+        "series": SERIES,
         "chart": Markup(daily_chart(series)),  # noqa: S704 - built from escaped, numeric parts
     }
 

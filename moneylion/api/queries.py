@@ -16,7 +16,7 @@ from typing import Any
 
 import duckdb
 
-TRANSACTION_TYPES = ("deposit", "withdrawal", "purchase")
+from moneylion.model import TRANSACTION_TYPES, USER_TOTALS
 
 
 @contextmanager
@@ -50,13 +50,13 @@ _ZERO = Decimal("0.00")
 
 # Two point lookups in one statement (one snapshot, and a statement costs ~0.3 ms in DuckDB
 # whatever it does); a join would scan the larger table.
-_USER_SUMMARY = """
-SELECT true, country, signup_date, NULL::BIGINT, NULL::DECIMAL(38, 2), NULL::DECIMAL(38, 2),
-       NULL::DECIMAL(38, 2), NULL::DECIMAL(38, 2), NULL::DATE, NULL::DATE
+# USER_TOTALS' measures, in order: what ``summary_of`` takes as a user's totals.
+TOTALS_COLUMNS = ", ".join(measure.name for measure in USER_TOTALS.measures)
+_USER_SUMMARY = f"""
+SELECT true, country, signup_date, {", ".join(["NULL"] * len(USER_TOTALS.measures))}
 FROM users WHERE user_id = $id
 UNION ALL
-SELECT false, NULL, NULL, tx_count, total_amount, total_deposit, total_withdrawal,
-       total_purchase, first_date, last_date
+SELECT false, NULL, NULL, {TOTALS_COLUMNS}
 FROM user_totals WHERE user_id = $id
 """
 

@@ -24,7 +24,7 @@ import threading
 from decimal import Decimal
 from pathlib import Path
 
-from moneylion.api.queries import UserSummary, summary_of
+from moneylion.api.queries import TOTALS_COLUMNS, UserSummary, summary_of
 from moneylion.export import EXPORT_FORMAT
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,7 @@ MMAP_BYTES = 1 << 30  # reads through the OS page cache without a read() per pag
 
 _STATE = "SELECT key, value FROM export_state WHERE key IN ('format', 'last_file_id')"
 _USER = "SELECT country, signup_date FROM users WHERE user_id = ?"
-_TOTALS = """SELECT tx_count, total_amount, total_deposit, total_withdrawal, total_purchase,
-    first_date, last_date FROM user_totals WHERE user_id = ?"""
+_TOTALS = f"SELECT {TOTALS_COLUMNS} FROM user_totals WHERE user_id = ?"
 
 
 class SqliteReplica:

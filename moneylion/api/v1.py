@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import anyio.to_thread
 import duckdb
@@ -62,6 +62,7 @@ from moneylion.api.queries import (
 )
 from moneylion.api.uploads import receive_upload
 from moneylion.api.warehouse import ApiContext
+from moneylion.model import TRANSACTION_TYPES, TransactionType
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,6 @@ Sha256 = Annotated[
 ]
 Limit = Annotated[int, QueryParameter(ge=1, le=MAX_PAGE, description="page size (1-1000)")]
 Offset = Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET, description="rows to skip")]
-TransactionType = Literal["deposit", "withdrawal", "purchase"]
 # YYYY-MM from 0001-01 (a date's range) to 9999-12.
 MONTH_PATTERN = r"^(000[1-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-9][0-9]{3})-(0[1-9]|1[0-2])$"
 
@@ -95,6 +95,15 @@ def utc(row: dict[str, Any]) -> dict[str, Any]:
         if isinstance(row[key], dt.datetime) and row[key].tzinfo is None:
             row[key] = row[key].replace(tzinfo=dt.UTC)
     return row
+
+
+def _per_type(counts: dict[str, int], totals: dict[str, Decimal]) -> dict[str, Any]:
+    """``<type>_count`` and ``total_<type>`` of every transaction type."""
+    fields: dict[str, Any] = {}
+    for kind in TRANSACTION_TYPES:
+        fields[f"{kind}_count"] = counts[kind]
+        fields[f"total_{kind}"] = money(totals[kind])
+    return fields
 
 
 def context(state: State) -> ApiContext:
@@ -152,9 +161,10 @@ async def daily_v1(
     date_to: Annotated[
         dt.date | None, QueryParameter(name="to", description="last day (inclusive)")
     ] = None,
-    transaction_type: Annotated[TransactionType | None, QueryParameter(name="type")] = None,
+    type_: Annotated[TransactionType | None, QueryParameter(name="type")] = None,
 ) -> DailyTotals:
     """Per-day, per-type totals in [from, to], ordered by date then type."""
+    transaction_type = None if type_ is None else type_.value
     first = date_from or EARLIEST
     last = date_to or LATEST
     # from > to is an empty range, hence no days (not an error).
@@ -214,12 +224,7 @@ async def country_monthly_v1(
                 country=r.country,
                 transaction_count=sum(r.tx_count.values()),
                 total_amount=money(sum(r.total_amount.values(), Decimal(0))),
-                deposit_count=r.tx_count["deposit"],
-                total_deposit=money(r.total_amount["deposit"]),
-                withdrawal_count=r.tx_count["withdrawal"],
-                total_withdrawal=money(r.total_amount["withdrawal"]),
-                purchase_count=r.tx_count["purchase"],
-                total_purchase=money(r.total_amount["purchase"]),
+                **_per_type(r.tx_count, r.total_amount),
             )
             for r in rows
         ],
