@@ -25,24 +25,9 @@ log = logging.getLogger(__name__)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _BY_INDEX_MAX = 64  # sha256s looked up as constants (index), more by a join
 
-LEDGER_COLUMNS = (
-    "file_id",
-    "name",
-    "sha256",
-    "kind",
-    "status",
-    "rows_total",
-    "rows_loaded",
-    "rows_duplicate",
-    "rows_rejected",
-    "size_bytes",
-    "received_at",
-    "finished_at",
-    "seconds",
-    "error_reason",
-    "error",
-)
-_ARROW_TYPES = {
+# The ledger's columns in the table's order, each with its Arrow type (its SQLite type follows:
+# integers INTEGER, seconds REAL, the rest TEXT).
+LEDGER: dict[str, pa.DataType] = {
     "file_id": pa.int64(),
     "name": pa.string(),
     "sha256": pa.string(),
@@ -59,6 +44,9 @@ _ARROW_TYPES = {
     "error_reason": pa.string(),
     "error": pa.string(),
 }
+LEDGER_COLUMNS = tuple(LEDGER)
+# A column's position in a ledger row selected as LEDGER_COLUMNS (rows read by name, not number).
+AT = {name: position for position, name in enumerate(LEDGER_COLUMNS)}
 
 
 @dataclass(frozen=True)
@@ -125,10 +113,7 @@ def insert(conn: duckdb.DuckDBPyConnection, outcomes: Sequence[FileOutcome]) -> 
         return
     rows = [outcome.row() for outcome in outcomes]
     table = pa.table(
-        {
-            name: pa.array([r[name] for r in rows], type=_ARROW_TYPES[name])
-            for name in LEDGER_COLUMNS
-        }
+        {name: pa.array([r[name] for r in rows], type=LEDGER[name]) for name in LEDGER_COLUMNS}
     )
     append_arrow(conn, "files", table)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import duckdb
 
+from moneylion.ledger import LEDGER_COLUMNS
 from moneylion.model import TRANSACTION_TYPES, USER_TOTALS
 
 
@@ -211,11 +212,8 @@ def country_monthly(
     return list(found.values())
 
 
-_FILE_COLUMNS = """
-file_id, name, sha256, kind, status, rows_total, rows_loaded, rows_duplicate, rows_rejected,
-size_bytes, received_at, finished_at, seconds, error_reason, error
-"""
-_FILE_NAMES = [name.strip() for name in _FILE_COLUMNS.split(",")]
+_FILE_COLUMNS = ", ".join(LEDGER_COLUMNS)
+_FILE_NAMES = LEDGER_COLUMNS
 _FILES_PAGE = f"SELECT {_FILE_COLUMNS} FROM files ORDER BY file_id LIMIT $limit OFFSET $offset"
 _LATEST_FILES = f"SELECT {_FILE_COLUMNS} FROM files ORDER BY file_id DESC LIMIT $limit"
 _FILES_COUNT = "SELECT count(*) FROM files"

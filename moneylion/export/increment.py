@@ -65,6 +65,7 @@ from moneylion.export.snapshot import (
     snapshot,
 )
 from moneylion.export.sums import cents_of, compile_summer
+from moneylion.ledger import AT, LEDGER_COLUMNS
 from moneylion.model import AMOUNT, DAILY_TOTALS, TABLES, USER_TOTALS, FileKind
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,8 @@ LARGE_INCREMENT_ROWS = 50_000
 COMPACT_DELTA_USERS = 20_000
 ROWS_PER_STATEMENT = 100  # multi-row VALUES: ~1.8x the throughput of one row per statement
 
-_FILE_COLUMNS = (
-    "file_id, name, sha256, kind, status, rows_total, rows_loaded, rows_duplicate, rows_rejected,"
-    " size_bytes, received_at, finished_at, seconds, error_reason, error"
-)
+_FILE_COLUMNS = ", ".join(LEDGER_COLUMNS)
+_ID, _SHA256 = AT["file_id"], AT["sha256"]
 # The ledger from the last exported file on: its sha256 tells whether the SQLite file belongs
 # to this warehouse; the others are the range. No ORDER BY: DuckDB's sort costs ~1 ms even for
 # a few rows, Python sorts them.
@@ -182,16 +181,16 @@ def _export_increment(
             last = watermark(lite)
             ledger = sorted(cur.execute(_LEDGER, {"lo": last}).fetchall())
             if last > 0:
-                if not ledger or ledger[0][0] != last:
+                if not ledger or ledger[0][_ID] != last:
                     raise RebuildNeeded(f"the warehouse has no file #{last}")
-                if (ledger[0][2] or "") != state(lite, "last_file_sha256"):
+                if (ledger[0][_SHA256] or "") != state(lite, "last_file_sha256"):
                     raise RebuildNeeded(f"file #{last} differs from the warehouse's")
                 ledger = ledger[1:]
             if not ledger:
                 return ExportResult(
                     sqlite_path, False, 0, 0, 0, last, last, time.perf_counter() - started
                 )
-            high, high_sha = int(ledger[-1][0]), ledger[-1][2]
+            high, high_sha = int(ledger[-1][_ID]), ledger[-1][_SHA256]
             loaded = _rows_loaded(ledger)
             if sum(loaded.values()) > LARGE_INCREMENT_ROWS:
                 side = bulk.side_path(sqlite_path)
@@ -246,8 +245,9 @@ def _rows_loaded(ledger: list[tuple[Any, ...]]) -> dict[str, int]:
     """Rows added by kind ("users", "transactions") by the files of the range that loaded."""
     loaded: dict[str, int] = {}
     for row in ledger:
-        if row[4] == "loaded":
-            loaded[row[3]] = loaded.get(row[3], 0) + int(row[6])
+        if row[AT["status"]] == "loaded":
+            kind = row[AT["kind"]]
+            loaded[kind] = loaded.get(kind, 0) + int(row[AT["rows_loaded"]])
     return loaded
 
 

@@ -23,6 +23,7 @@ import sqlite3
 import time
 from typing import Final
 
+from moneylion.ledger import LEDGER, LEDGER_COLUMNS
 from moneylion.model import DAILY_TOTALS, TABLES, USER_TOTALS, FileKind, Fold, Measure, Table
 
 # Stored in export_state; a file of another format is rebuilt by a full export.
@@ -89,6 +90,20 @@ def _base_table(table: Table) -> str:
     return f"CREATE TABLE IF NOT EXISTS {table.name} ({', '.join(columns)});"
 
 
+def _files_table() -> str:
+    """The ledger as the SQLite export keeps it (what the seed had: name and status required)."""
+    required = {"name", "status"}
+    columns = [f"{LEDGER_COLUMNS[0]} INTEGER PRIMARY KEY"] + [
+        f"{name} {_LEDGER_SQLITE.get(str(kind), 'TEXT')}"
+        + (" NOT NULL" if name in required else "")
+        for name, kind in list(LEDGER.items())[1:]
+    ]
+    return f"CREATE TABLE IF NOT EXISTS files ({', '.join(columns)});"
+
+
+_LEDGER_SQLITE = {"int64": "INTEGER", "double": "REAL"}
+
+
 def _numbered(count: int, start: int = 1) -> list[str]:
     return [f"?{n}" for n in range(start, start + count)]
 
@@ -105,11 +120,7 @@ SQLITE_SCHEMA: Final = "\n".join(
     [
         _base_table(TABLES[FileKind.USERS]),
         _base_table(TABLES[FileKind.TRANSACTIONS]),
-        """CREATE TABLE IF NOT EXISTS files (
-    file_id INTEGER PRIMARY KEY, name TEXT NOT NULL, sha256 TEXT, kind TEXT,
-    status TEXT NOT NULL, rows_total INTEGER, rows_loaded INTEGER, rows_duplicate INTEGER,
-    rows_rejected INTEGER, size_bytes INTEGER, received_at TEXT, finished_at TEXT,
-    seconds REAL, error_reason TEXT, error TEXT);""",
+        _files_table(),
         f"CREATE TABLE IF NOT EXISTS user_totals_base ({_USER_KEY} INTEGER PRIMARY KEY, "
         + ", ".join(f"{m.name} {_sqlite_type(m)} NOT NULL" for m in _USER_MEASURES)
         + ");",

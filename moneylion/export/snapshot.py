@@ -6,7 +6,9 @@ import contextlib
 from collections.abc import Iterator
 
 import duckdb
+import pyarrow as pa
 
+from moneylion.ledger import LEDGER
 from moneylion.model import DAILY_TOTALS, DOMAINS, TABLES, USER_TOTALS, Aggregate, Column, FileKind
 
 
@@ -37,9 +39,10 @@ def high_file(cur: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:
 
 # DuckDB columns as the SQLite file's (names, and types SQLite stores: dates and exact totals
 # as TEXT, the seed's amount as REAL), for the bulk writer, which matches columns by name.
-FILES_AS_SQLITE = """file_id, name, sha256, kind, status, rows_total, rows_loaded,
-    rows_duplicate, rows_rejected, size_bytes, received_at::VARCHAR AS received_at,
-    finished_at::VARCHAR AS finished_at, seconds, error_reason, error"""
+FILES_AS_SQLITE = ", ".join(
+    f"{name}::VARCHAR AS {name}" if pa.types.is_timestamp(kind) else name
+    for name, kind in LEDGER.items()
+)
 USERS_AS_SQLITE = TABLES[FileKind.USERS].as_sqlite()
 TRANSACTIONS_AS_SQLITE = TABLES[FileKind.TRANSACTIONS].as_sqlite()
 
