@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
@@ -52,19 +53,26 @@ from moneylion.validate import (
 NOT_CLEAN = "moneylion: row needs the reference path"
 
 
+@dataclass(frozen=True)
+class Fallback:
+    """A path gave up on a file (the caller rolls back and takes the next one): why, for the
+    log."""
+
+    reason: str
+
+
 def append_fast(
     conn: duckdb.DuckDBPyConnection, source: Source, header: Header, file_id: int
-) -> Applied | None:
+) -> Applied | Fallback:
     """Append a clean, new file straight from DuckDB's reader in one statement.
 
-    None when the file has anything to reject or skip (the caller rolls back): a field failing
-    its check aborts the statement through error(), a wrong field count lands in the reader's
-    reject table, a repeated id shows in the count check (transactions) or the PRIMARY KEY
-    (users). Only then is the file read again, row by row.
+    A Fallback when the file has anything to reject or skip: a field failing its check aborts
+    the statement through error(), a wrong field count lands in the reader's reject table, a
+    repeated id shows in the count check (transactions) or the PRIMARY KEY (users). Only then
+    is the file read again, row by row.
     """
-    columns = ", ".join(COLUMNS[header.kind])
-    key = COLUMNS[header.kind][0]
-    guarded = columns.replace(key, f"CASE WHEN ok THEN {key} ELSE error('{NOT_CLEAN}') END", 1)
+    key, *rest = COLUMNS[header.kind]
+    guarded = ", ".join([f"CASE WHEN ok THEN {key} ELSE error('{NOT_CLEAN}') END", *rest])
     table = TABLES[header.kind].name
     extra = "$file_id" if header.kind is FileKind.TRANSACTIONS else "$file_id, $now"
     params: dict[str, object] = {
@@ -80,20 +88,20 @@ def append_fast(
             params,
         ).fetchall()[0][0]
     except duckdb.ConstraintException:
-        return None  # a user id repeated in the file or already stored
+        return Fallback("a user id is repeated in the file or already stored")
     except duckdb.InvalidInputException as exc:
         if NOT_CLEAN in str(exc):
-            return None
+            return Fallback("a field fails its check")
         raise
-    if _reader_errors(conn, header.file_name):
-        return None
+    if aside := _reader_errors(conn, header.file_name):
+        return Fallback(f"the reader set {aside} line(s) aside (field count or length)")
     # Transaction ids must be new and unique: no copies within the file, none stored before.
     if header.kind is FileKind.TRANSACTIONS and inserted:
         low, high = _id_range(conn, file_id)
-        if _has_copies(conn, file_id, int(inserted), low, high) or _stored_ids_among(
-            conn, file_id, low, high
-        ):
-            return None
+        if _has_copies(conn, file_id, int(inserted), low, high):
+            return Fallback("a transaction id is repeated in the file")
+        if _stored_ids_among(conn, file_id, low, high):
+            return Fallback("transaction ids are already stored")
     return Applied(loaded=int(inserted))
 
 
@@ -175,7 +183,7 @@ def _one_file(conn: duckdb.DuckDBPyConnection, kind: FileKind, file_id: int) -> 
 
 def append_located(
     conn: duckdb.DuckDBPyConnection, source: Source, header: Header, file_id: int
-) -> Applied | None:
+) -> Applied | Fallback:
     """Stage with DuckDB's reader, send only the rows failing a fast check through the
     reference rules, and find line numbers for the rejects alone.
 
@@ -185,7 +193,7 @@ def append_located(
     ordinals and the lines set aside (``_lines_around``), and records set aside (a wrong field
     count, a line of spaces) are rejected by the line DuckDB reports. Otherwise records are
     counted as validate_rows counts them, and a file with records set aside is left to the
-    reference path (None: the caller rolls back, the reader's reject table with it).
+    reference path (a Fallback: the caller rolls back, the reader's reject table with it).
     """
     conn.execute(
         "CREATE OR REPLACE TEMP TABLE staged_raw AS " + located_select_sql(header),
@@ -202,11 +210,11 @@ def append_located(
         ).fetchall()
     reader_rejects: list[Reject] = []
     if aside:
-        found_aside = (
-            _reader_rejects(conn, header, aside) if _by_line(conn, source, header, aside) else None
-        )
-        if found_aside is None:
-            return None
+        if not _by_line(conn, source, header, aside):
+            return Fallback("records span lines and the reader set some aside")
+        found_aside = _reader_rejects(conn, header, aside)
+        if isinstance(found_aside, Fallback):
+            return found_aside
         reader_rejects = found_aside
     kind = header.kind
     columns = ", ".join(COLUMNS[kind])
@@ -289,10 +297,10 @@ def _by_line(
 
 def _reader_rejects(
     conn: duckdb.DuckDBPyConnection, header: Header, aside: list[tuple[int, str, str]]
-) -> list[Reject] | None:
+) -> list[Reject] | Fallback:
     """The lines the reader set aside as the reference path rejects them (blank lines of
-    spaces skipped, lines over LINE_MAX_BYTES rejected as too long); None if it set one aside
-    for another reason than its field count or length, or if Python's csv reads a line
+    spaces skipped, lines over LINE_MAX_BYTES rejected as too long); a Fallback if it set one
+    aside for another reason than its field count or length, or if Python's csv reads a line
     otherwise."""
     other = one_row(
         conn,
@@ -300,7 +308,7 @@ def _reader_rejects(
         {"types": READER_REJECT_TYPES},
     )[0]
     if other:
-        return None
+        return Fallback("the reader set a line aside for another reason than its field count")
     batcher = Batcher(header)
     for line, text, error_type in aside:
         if error_type == _TOO_LONG:
@@ -310,7 +318,7 @@ def _reader_rejects(
         if is_blank(fields):
             continue
         if len(fields) == header.field_count:
-            return None
+            return Fallback(f"line {line} set aside by the reader has the header's field count")
         batcher.add(int(line), fields)
     return batcher.take().rejects
 

@@ -27,6 +27,7 @@ import duckdb
 
 from moneylion import aggregates, ledger
 from moneylion.append import (
+    Fallback,
     append_fast,
     append_located,
     append_reference,
@@ -35,7 +36,7 @@ from moneylion.config import Config
 from moneylion.errors import FileRefused
 from moneylion.ledger import FileOutcome
 from moneylion.model import FileKind
-from moneylion.resolve import utc_now
+from moneylion.resolve import Applied, utc_now
 from moneylion.schema import rollback
 from moneylion.source import StagedFile, stage
 from moneylion.validate import (
@@ -179,17 +180,12 @@ def _load(
     try:
         # DuckDB's reader binds every column of a wide file (5,000 columns: ~0.3 s even for a
         # few rows); past WIDE_COLUMNS the reference rules read it (no reader limit there).
-        wide = header.field_count > WIDE_COLUMNS
-        applied = None if wide else append_fast(conn, source, header, file_id)
-        if applied is None and not wide:
-            conn.execute("ROLLBACK")
-            report("has rows to reject or skip: checking them one by one")
-            conn.execute("BEGIN TRANSACTION")
-            applied = append_located(conn, source, header, file_id)
-        if applied is None:
-            conn.execute("ROLLBACK")
-            report("has rows with a wrong field count: validating every row")
-            conn.execute("BEGIN TRANSACTION")
+        applied: Applied | Fallback = Fallback(
+            f"{header.field_count} columns, past {WIDE_COLUMNS}: the reader is not used"
+        )
+        if header.field_count <= WIDE_COLUMNS:
+            applied = _reader_paths(conn, arrival.name, source, header, file_id, report)
+        if isinstance(applied, Fallback):
             applied = append_reference(conn, source, header, file_id)
         if applied.loaded:
             report(f"appended {applied.loaded} rows: updating aggregates")
@@ -222,6 +218,34 @@ def _load(
         finished_at=utc_now(),
         received_at=arrival.received_at,
     )
+
+
+def _reader_paths(
+    conn: duckdb.DuckDBPyConnection,
+    name: str,
+    source: StagedFile,
+    header: Header,
+    file_id: int,
+    report: Progress,
+) -> Applied | Fallback:
+    """The paths through DuckDB's reader, fastest first, inside the open transaction: each
+    that gives up is rolled back, and its reason is logged and reported."""
+    applied: Applied | Fallback = Fallback("no path ran")
+    for path, then in (
+        (append_fast, "checking them one by one"),
+        (append_located, "validating every row"),
+    ):
+        applied = path(conn, source, header, file_id)
+        if isinstance(applied, Applied):
+            return applied
+        conn.execute("ROLLBACK")
+        log.info(
+            "ingest_fallback",
+            extra={"fields": {"file": name, "path": path.__name__, "reason": applied.reason}},
+        )
+        report(f"{applied.reason}: {then}")
+        conn.execute("BEGIN TRANSACTION")
+    return applied
 
 
 def _insert_ledger_committed(conn: duckdb.DuckDBPyConnection, outcome: FileOutcome) -> None:

@@ -603,15 +603,21 @@ def _check(name: str, raw: str) -> str:
     return f"coalesce({test}, false)"
 
 
-def typed_select_sql(header: Header) -> str:
-    """Typed canonical columns plus ``ok`` (every field passes its check) from ``read_csv``."""
+def _typed_items(header: Header) -> str:
+    """The typed canonical columns and ``ok`` (every field passes its check), as select items
+    over ``read_csv``'s raw columns."""
     parts = []
     checks = []
     for name in COLUMNS[header.kind]:
         raw = f"c{header.positions[name]}"
         checks.append(_check(name, raw))
         parts.append(f"{_typed(name, raw)} AS {name}")
-    return f"SELECT {', '.join(parts)}, ({' AND '.join(checks)}) AS ok FROM {read_csv_sql(header)}"
+    return f"{', '.join(parts)}, ({' AND '.join(checks)}) AS ok"
+
+
+def typed_select_sql(header: Header) -> str:
+    """Typed canonical columns plus ``ok`` (every field passes its check) from ``read_csv``."""
+    return f"SELECT {_typed_items(header)} FROM {read_csv_sql(header)}"
 
 
 def located_select_sql(header: Header) -> str:
@@ -620,10 +626,9 @@ def located_select_sql(header: Header) -> str:
     DuckDB keeps a file's order through the scan (preserve_insertion_order), so
     ``row_number() OVER ()`` numbers the records as they stand in the file.
     """
-    typed = typed_select_sql(header).split(" FROM read_csv(", 1)[0].removeprefix("SELECT ")
     raw = ", ".join(f"c{i}" for i in range(header.field_count))
     return (
-        f"SELECT row_number() OVER () AS ordinal, {typed}, [{raw}] AS raw_fields "
+        f"SELECT row_number() OVER () AS ordinal, {_typed_items(header)}, [{raw}] AS raw_fields "
         f"FROM {read_csv_sql(header)}"
     )
 

@@ -308,3 +308,53 @@ def test_recompute_repairs_damaged_aggregates(
 
     assert verify(warehouse) == []
     assert warehouse.execute("SELECT tx_count FROM user_totals").fetchall() == [(1,)]
+
+
+@pytest.mark.parametrize(
+    ("rows", "reasons"),
+    [
+        (["9,1,2024-01-01,1.00,deposit"], []),
+        (["9,1,2024-01-01,1.0x,deposit"], [("append_fast", "a field fails its check")]),
+        (
+            ["9,1,2024-01-01,1.00,deposit", "9,1,2024-01-01,1.00,deposit"],
+            [("append_fast", "a transaction id is repeated in the file")],
+        ),
+        (
+            ["1,1,2024-01-01,1.00,deposit", "8,1,2024-01-02,2.00,purchase"],
+            [("append_fast", "transaction ids are already stored")],
+        ),
+        (
+            ['9,1,2024-01-01,1.00,"deposit\nsplit"', "7,1,2024-01-01,1.00"],
+            [
+                ("append_fast", "a field fails its check"),
+                ("append_located", "records span lines and the reader set some aside"),
+            ],
+        ),
+        (
+            ["9,1,2024-01-01,1.00,deposit", "7,1,2024-01-01,1.00"],
+            [("append_fast", "the reader set 1 line(s) aside (field count or length)")],
+        ),
+    ],
+    ids=["clean", "bad-field", "copy-in-file", "stored-id", "spanning-and-short", "short"],
+)
+def test_a_path_that_gives_up_logs_why(
+    warehouse: duckdb.DuckDBPyConnection,
+    config: Config,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    rows: list[str],
+    reasons: list[tuple[str, str]],
+) -> None:
+    first = write(tmp_path / "first.csv", TX_HEADER, ["1,1,2024-01-01,1.00,deposit"])
+    assert ingest_file(warehouse, first, config).status == "loaded"
+    caplog.clear()
+    with caplog.at_level("INFO", logger="moneylion"):
+        outcome = ingest_file(warehouse, write(tmp_path / "next.csv", TX_HEADER, rows), config)
+    assert outcome.status == "loaded"
+    logged = [
+        (r.fields["path"], r.fields["reason"])  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.getMessage() == "ingest_fallback"
+    ]
+    assert logged == reasons
+    assert verify(warehouse) == []
