@@ -699,3 +699,21 @@ def test_cached_answers_change_as_soon_as_a_file_commits(
             {"transaction_date": "1999-12-31", "transaction_type": "deposit", "daily_total": 500.0}
         ]
         assert test_client.get("/api/health").json()["seconds_since_last_file"] <= age
+
+
+def test_each_section_is_served_as_its_own_partial_and_no_other_name_is(
+    client: TestClient[Litestar],
+) -> None:
+    for part, marker in (
+        ("state", 'id="state-live"'),
+        ("files", 'id="files-live"'),
+        ("reasons", "data-reject-reason="),
+        ("daily", 'id="daily-live"'),
+        ("top", 'id="top-live"'),
+        ("user?user_id=1", 'id="user-live"'),
+    ):
+        response = client.get(f"/partials/{part}")
+        assert response.status_code == 200, part
+        assert marker in response.text, part
+    assert client.get("/partials/base").status_code == 404
+    assert client.get("/partials/..%2fdashboard").status_code == 404

@@ -12,7 +12,7 @@ no DuckDB statement while nothing commits. htmx is vendored in ``static/``."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,6 +21,7 @@ from urllib.parse import urlencode
 from litestar import Request, Response, Router, get, post
 from litestar.datastructures import CacheControlHeader, Cookie, ResponseHeader, State
 from litestar.enums import RequestEncodingType
+from litestar.exceptions import NotFoundException
 from litestar.params import Body, PathParameter, QueryParameter
 from litestar.response import Redirect, Template
 from litestar.static_files import create_static_files_router
@@ -94,7 +95,7 @@ class View:
 # --- what each section shows -------------------------------------------------------------------
 
 
-async def state_section(ctx: ApiContext) -> dict[str, Any]:
+async def state_section(ctx: ApiContext, view: View) -> dict[str, Any]:
     last = None
     if ctx.db is not None:
         last = await ctx.cache.get("last_file", lambda: ctx.run(health.last_file_finished))
@@ -114,20 +115,22 @@ async def state_section(ctx: ApiContext) -> dict[str, Any]:
     }
 
 
-async def files_section(ctx: ApiContext, limit: int) -> dict[str, Any]:
+async def files_section(ctx: ApiContext, view: View) -> dict[str, Any]:
+    limit = view.files
     rows = await ctx.cache.get(
         ("latest_files", limit), lambda: ctx.run(lambda c: latest_files(c, limit))
     )
     return {"files": rows, "files_limit": limit}
 
 
-async def reasons_section(ctx: ApiContext) -> dict[str, Any]:
+async def reasons_section(ctx: ApiContext, view: View) -> dict[str, Any]:
     rejects = await ctx.cache.get("rejects_by_reason", lambda: ctx.run(rejects_by_reason))
     failed = await ctx.cache.get("failed_by_reason", lambda: ctx.run(failed_files_by_reason))
     return {"rejects_by_reason": rejects, "failed_by_reason": failed}
 
 
-async def daily_section(ctx: ApiContext, params: Mapping[str, str]) -> dict[str, Any]:
+async def daily_section(ctx: ApiContext, view: View) -> dict[str, Any]:
+    params = view.params
     notes = []
     bounds = await ctx.cache.get("daily_range", lambda: ctx.run(daily_range))
     latest = bounds[1] if bounds is not None else dt.datetime.now(dt.UTC).date()
@@ -176,12 +179,14 @@ def _daily(ctx: ApiContext, first: dt.date, last: dt.date) -> dict[str, Any]:
     }
 
 
-async def top_section(ctx: ApiContext, limit: int) -> dict[str, Any]:
+async def top_section(ctx: ApiContext, view: View) -> dict[str, Any]:
+    limit = view.top
     ranked = await ctx.cache.get("top_users", lambda: ctx.run(ranked_users))
     return {"top": top_of(ranked, limit), "top_limit": limit}
 
 
-async def user_section(ctx: ApiContext, raw: str) -> dict[str, Any]:
+async def user_section(ctx: ApiContext, view: View) -> dict[str, Any]:
+    raw = view.user_id
     if not raw:
         return {"user_query": "", "user": None, "user_error": None}
     if not (_digits(raw) and int(raw) > 0):
@@ -189,6 +194,19 @@ async def user_section(ctx: ApiContext, raw: str) -> dict[str, Any]:
     found = await ctx.user_summary(int(raw))
     error = None if found is not None else f"no user {raw} (no profile and no transactions)"
     return {"user_query": raw, "user": found, "user_error": error}
+
+
+Section = Callable[[ApiContext, View], Awaitable[dict[str, Any]]]
+
+# Each section's live part, by the name its partial is served under (partials/<name>.html).
+SECTIONS: dict[str, Section] = {
+    "state": state_section,
+    "files": files_section,
+    "reasons": reasons_section,
+    "daily": daily_section,
+    "top": top_section,
+    "user": user_section,
+}
 
 
 def _base(ctx: ApiContext, view: View) -> dict[str, Any]:
@@ -211,12 +229,8 @@ async def dashboard_page(request: Request[Any, Any, Any], state: State) -> Templ
     ctx = context(state)
     view = _view(request)
     page = _base(ctx, view)
-    page.update(await state_section(ctx))
-    page.update(await files_section(ctx, view.files))
-    page.update(await reasons_section(ctx))
-    page.update(await daily_section(ctx, view.params))
-    page.update(await top_section(ctx, view.top))
-    page.update(await user_section(ctx, view.user_id))
+    for section in SECTIONS.values():
+        page.update(await section(ctx, view))
     return Template(template_name="dashboard.html", context=page)
 
 
@@ -224,46 +238,17 @@ def _view(request: Request[Any, Any, Any]) -> View:
     return View({k: request.query_params.get(k, "") for k in request.query_params})
 
 
-@get("/partials/state", include_in_schema=False)
-async def state_partial(request: Request[Any, Any, Any], state: State) -> Template:
-    ctx = context(state)
-    page = {**_base(ctx, _view(request)), **await state_section(ctx)}
-    return Template(template_name="partials/state.html", context=page)
-
-
-@get("/partials/files", include_in_schema=False)
-async def files_partial(request: Request[Any, Any, Any], state: State) -> Template:
+@get("/partials/{part:str}", include_in_schema=False)
+async def partial(
+    request: Request[Any, Any, Any], state: State, part: Annotated[str, PathParameter()]
+) -> Template:
+    """One section's live part, polled by the page."""
+    section = SECTIONS.get(part)
+    if section is None:
+        raise NotFoundException(f"no section {part!r}")
     ctx, view = context(state), _view(request)
-    page = {**_base(ctx, view), **await files_section(ctx, view.files)}
-    return Template(template_name="partials/files.html", context=page)
-
-
-@get("/partials/reasons", include_in_schema=False)
-async def reasons_partial(request: Request[Any, Any, Any], state: State) -> Template:
-    ctx = context(state)
-    page = {**_base(ctx, _view(request)), **await reasons_section(ctx)}
-    return Template(template_name="partials/reasons.html", context=page)
-
-
-@get("/partials/daily", include_in_schema=False)
-async def daily_partial(request: Request[Any, Any, Any], state: State) -> Template:
-    ctx, view = context(state), _view(request)
-    page = {**_base(ctx, view), **await daily_section(ctx, view.params)}
-    return Template(template_name="partials/daily.html", context=page)
-
-
-@get("/partials/top", include_in_schema=False)
-async def top_partial(request: Request[Any, Any, Any], state: State) -> Template:
-    ctx, view = context(state), _view(request)
-    page = {**_base(ctx, view), **await top_section(ctx, view.top)}
-    return Template(template_name="partials/top.html", context=page)
-
-
-@get("/partials/user", include_in_schema=False)
-async def user_partial(request: Request[Any, Any, Any], state: State) -> Template:
-    ctx, view = context(state), _view(request)
-    page = {**_base(ctx, view), **await user_section(ctx, view.user_id)}
-    return Template(template_name="partials/user.html", context=page)
+    page = {**_base(ctx, view), **await section(ctx, view)}
+    return Template(template_name=f"partials/{part}.html", context=page)
 
 
 @get("/files/{file_id:int}", include_in_schema=False)
@@ -385,12 +370,7 @@ dashboard_router = Router(
     response_headers=SECURITY_HEADERS,
     route_handlers=[
         dashboard_page,
-        state_partial,
-        files_partial,
-        reasons_partial,
-        daily_partial,
-        top_partial,
-        user_partial,
+        partial,
         file_page,
         upload_form,
         login_form,
