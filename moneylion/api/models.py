@@ -7,10 +7,13 @@ Money: the seed's ``/api/*`` returns JSON numbers rounded to cents (its clients 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Annotated, Any
 
 import msgspec
+
+from moneylion.model import TRANSACTION_TYPES
 
 Money = Annotated[str, msgspec.Meta(pattern=r"^-?[0-9]+\.[0-9]{2}$", examples=["1234.50"])]
 _CENT = Decimal("0.01")
@@ -24,6 +27,12 @@ def money(value: Decimal) -> str:
 def seed_number(value: Decimal) -> float:
     """A JSON number rounded to cents, as the seed returned."""
     return float(value.quantize(_CENT))
+
+
+def type_totals(found: object, render: Callable[[Decimal], Any]) -> dict[str, Any]:
+    """``total_<type>`` of every transaction type, read from ``found``'s attributes of the same
+    names and rendered (``money``, ``seed_number``)."""
+    return {f"total_{kind}": render(getattr(found, f"total_{kind}")) for kind in TRANSACTION_TYPES}
 
 
 # --- seed-compatible /api/* -------------------------------------------------------------------

@@ -36,6 +36,7 @@ from moneylion.api.models import (
     SeedTopUser,
     SeedUserSummary,
     seed_number,
+    type_totals,
 )
 from moneylion.api.queries import daily_totals, ranked_users, top_of
 from moneylion.api.warehouse import ApiContext, WarehouseUnavailable
@@ -104,9 +105,7 @@ async def user_transaction_summary(
             user_id=found.user_id,
             country=found.country,
             total_transaction_amount=seed_number(found.total_amount),
-            total_deposit=seed_number(found.total_deposit),
-            total_withdrawal=seed_number(found.total_withdrawal),
-            total_purchase=seed_number(found.total_purchase),
+            **type_totals(found, seed_number),
         )
     ]
 
@@ -184,12 +183,8 @@ async def api_health(state: State) -> SeedHealth:
 def log_monitor(state: State) -> SeedLogCounts:
     """Records per level in the retained JSON log files (parsed levels, not substrings)."""
     counts = logs.level_counts(context(state).config)
-    return SeedLogCounts(
-        info_count=counts["INFO"],
-        warning_count=counts["WARNING"],
-        error_count=counts["ERROR"],
-        critical_count=counts["CRITICAL"],
-    )
+    fields = SeedLogCounts.__struct_fields__  # <level>_count
+    return SeedLogCounts(**{f: counts[f.removesuffix("_count").upper()] for f in fields})
 
 
 seed_router = Router(

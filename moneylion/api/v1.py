@@ -49,6 +49,7 @@ from moneylion.api.models import (
     UploadAnswer,
     UserSummary,
     money,
+    type_totals,
 )
 from moneylion.api.queries import (
     country_monthly,
@@ -127,9 +128,7 @@ async def user_summary_v1(state: State, user_id: Id) -> UserSummary:
         signup_date=found.signup_date,
         transaction_count=found.tx_count,
         total_amount=money(found.total_amount),
-        total_deposit=money(found.total_deposit),
-        total_withdrawal=money(found.total_withdrawal),
-        total_purchase=money(found.total_purchase),
+        **type_totals(found, money),
         first_transaction_date=found.first_date,
         last_transaction_date=found.last_date,
     )
@@ -356,13 +355,7 @@ def _ping(cursor: duckdb.DuckDBPyConnection) -> None:
 def log_stats(state: State) -> LogStats:
     """Records per level in the retained JSON log files."""
     counts = logs.level_counts(context(state).config)
-    return LogStats(
-        debug=counts["DEBUG"],
-        info=counts["INFO"],
-        warning=counts["WARNING"],
-        error=counts["ERROR"],
-        critical=counts["CRITICAL"],
-    )
+    return LogStats(**{field: counts[field.upper()] for field in LogStats.__struct_fields__})
 
 
 v1_router = Router(
