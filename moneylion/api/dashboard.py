@@ -98,7 +98,7 @@ class View:
 async def state_section(ctx: ApiContext, view: View) -> dict[str, Any]:
     last = None
     if ctx.db is not None:
-        last = await ctx.cache.get("last_file", lambda: ctx.run(health.last_file_finished))
+        last = await ctx.cached(health.last_file_finished)
     reading = health.read_health(ctx.config, last, ctx.backlog())
     stream = ctx.ingest.stream() if ctx.ingest is not None else None
     committed = ctx.ingest.committed_file_id() if ctx.ingest is not None else None
@@ -117,22 +117,20 @@ async def state_section(ctx: ApiContext, view: View) -> dict[str, Any]:
 
 async def files_section(ctx: ApiContext, view: View) -> dict[str, Any]:
     limit = view.files
-    rows = await ctx.cache.get(
-        ("latest_files", limit), lambda: ctx.run(lambda c: latest_files(c, limit))
-    )
+    rows = await ctx.cached(latest_files, limit)
     return {"files": rows, "files_limit": limit}
 
 
 async def reasons_section(ctx: ApiContext, view: View) -> dict[str, Any]:
-    rejects = await ctx.cache.get("rejects_by_reason", lambda: ctx.run(rejects_by_reason))
-    failed = await ctx.cache.get("failed_by_reason", lambda: ctx.run(failed_files_by_reason))
+    rejects = await ctx.cached(rejects_by_reason)
+    failed = await ctx.cached(failed_files_by_reason)
     return {"rejects_by_reason": rejects, "failed_by_reason": failed}
 
 
 async def daily_section(ctx: ApiContext, view: View) -> dict[str, Any]:
     params = view.params
     notes = []
-    bounds = await ctx.cache.get("daily_range", lambda: ctx.run(daily_range))
+    bounds = await ctx.cached(daily_range)
     latest = bounds[1] if bounds is not None else dt.datetime.now(dt.UTC).date()
     last = _date(params.get("to"))
     first = _date(params.get("from"))
@@ -181,7 +179,7 @@ def _daily(ctx: ApiContext, first: dt.date, last: dt.date) -> dict[str, Any]:
 
 async def top_section(ctx: ApiContext, view: View) -> dict[str, Any]:
     limit = view.top
-    ranked = await ctx.cache.get("top_users", lambda: ctx.run(ranked_users))
+    ranked = await ctx.cached(ranked_users)
     return {"top": top_of(ranked, limit), "top_limit": limit}
 
 
@@ -261,13 +259,8 @@ async def file_page(
     """One file: its ledger row, its reason if refused, its rejected rows (paged)."""
     ctx, view = context(state), _view(request)
     start = int(offset) if offset is not None and _digits(offset, 15) else 0
-    found = await ctx.cache.get(
-        ("file", file_id), lambda: ctx.run(lambda c: file_detail(c, file_id))
-    )
-    rejects = await ctx.cache.get(
-        ("rejects", file_id, REJECTS_PAGE, start),
-        lambda: ctx.run(lambda c: rejects_page(c, file_id, REJECTS_PAGE, start)),
-    )
+    found = await ctx.cached(file_detail, file_id)
+    rejects = await ctx.cached(rejects_page, file_id, REJECTS_PAGE, start)
     page = _base(ctx, view)
     page.update(
         {

@@ -114,7 +114,7 @@ async def user_transaction_summary(
 async def top_users(state: State) -> list[SeedTopUser]:
     """The ten users with most transactions (ties: smaller user_id first)."""
     ctx = context(state)
-    ranked = await ctx.cache.get("top_users", lambda: ctx.run(ranked_users))
+    ranked = await ctx.cached(ranked_users)
     return [
         SeedTopUser(u.user_id, u.country, u.tx_count)
         for u in top_of(ranked, SEED_TOP_USERS, known_only=True)
@@ -133,9 +133,7 @@ async def daily_transactions(
 ) -> list[SeedDailyTotal]:
     """Per-type totals of one day, ordered by type."""
     ctx = context(state)
-    rows = await ctx.cache.get(
-        ("daily", date, date, None), lambda: ctx.run(lambda c: daily_totals(c, date, date))
-    )
+    rows = await ctx.cached(daily_totals, date, date, None)
     if not rows:
         raise SeedApiError(404, f"No transactions found for date: {date.isoformat()}")
     return [
@@ -153,7 +151,7 @@ async def api_health(state: State) -> SeedHealth:
     last = None
     if ctx.db is not None:
         try:
-            last = await ctx.cache.get("last_file", lambda: ctx.run(health.last_file_finished))
+            last = await ctx.cached(health.last_file_finished)
         except Exception as exc:  # host readings are still worth answering with
             log.warning("health_ledger_unreadable", extra={"fields": {"error": str(exc)}})
     reading = health.read_health(ctx.config, last, ctx.backlog())

@@ -144,7 +144,7 @@ async def top_users_v1(
     At most ``Config.top_users_kept`` users are ranked.
     """
     ctx = context(state)
-    ranked = await ctx.cache.get("top_users", lambda: ctx.run(ranked_users))
+    ranked = await ctx.cached(ranked_users)
     return TopUsers(
         limit=limit,
         users=[TopUser(u.rank, u.user_id, u.country, u.tx_count) for u in top_of(ranked, limit)],
@@ -168,10 +168,7 @@ async def daily_v1(
     last = date_to or LATEST
     # from > to is an empty range, hence no days (not an error).
     ctx = context(state)
-    rows = await ctx.cache.get(
-        ("daily", first, last, transaction_type),
-        lambda: ctx.run(lambda c: daily_totals(c, first, last, transaction_type)),
-    )
+    rows = await ctx.cached(daily_totals, first, last, transaction_type)
     return DailyTotals(
         date_from=first,
         date_to=last,
@@ -209,10 +206,7 @@ async def country_monthly_v1(
     first = first_day(month_from) if month_from else EARLIEST
     last = first_day(month_to) if month_to else LATEST
     ctx = context(state)
-    rows = await ctx.cache.get(
-        ("country_monthly", first, last, country),
-        lambda: ctx.run(lambda c: country_monthly(c, first, last, country)),
-    )
+    rows = await ctx.cached(country_monthly, first, last, country)
     return CountryMonthlyTotals(
         month_from=month_from,
         month_to=month_to,

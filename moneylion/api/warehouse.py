@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -85,6 +85,13 @@ class ApiContext:
         """``query`` on a fresh cursor (call from a worker thread)."""
         with self.cursor() as cursor:
             return query(cursor)
+
+    async def cached(self, query: Callable[..., T], *args: Hashable) -> T:
+        """``query(cursor, *args)`` from the answer cache (keyed by the query and its
+        arguments), else run once in a worker thread."""
+        return await self.cache.get(
+            (query.__qualname__, *args), lambda: self.run(lambda c: query(c, *args))
+        )
 
     @contextmanager
     def cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
