@@ -23,14 +23,8 @@ from moneylion.export import bulk, writer
 from moneylion.export.outcome import ExportResult, log_result, reached
 from moneylion.export.schema import write_state
 from moneylion.export.snapshot import (
-    COUNTRY_MONTHLY_AS_SQLITE,
-    DAILY_TOTALS_AS_SQLITE,
-    FILES_AS_SQLITE,
-    TOP_USERS_AS_SQLITE,
-    TRANSACTIONS_AS_SQLITE,
-    USER_TOTALS_AS_SQLITE,
-    USERS_AS_SQLITE,
     high_file,
+    select_as_sqlite,
     snapshot,
 )
 
@@ -38,19 +32,17 @@ from moneylion.export.snapshot import (
 # cheapest). Every file up to $hi is committed in the snapshot, and none after it.
 _TRANSACTIONS = (
     "transactions",
-    f"SELECT {TRANSACTIONS_AS_SQLITE} FROM transactions WHERE file_id <= $hi"
-    " ORDER BY transaction_id",
+    f"{select_as_sqlite('transactions')} WHERE file_id <= $hi ORDER BY transaction_id",
 )
 _OTHER_TABLES = (
-    ("files", f"SELECT {FILES_AS_SQLITE} FROM files WHERE file_id <= $hi ORDER BY file_id"),
-    ("users", f"SELECT {USERS_AS_SQLITE} FROM users WHERE file_id <= $hi ORDER BY user_id"),
-    ("user_totals_base", f"SELECT {USER_TOTALS_AS_SQLITE} FROM user_totals ORDER BY user_id"),
-    ("daily_totals", f"SELECT {DAILY_TOTALS_AS_SQLITE} FROM daily_totals ORDER BY 1, 2"),
-    ("top_users", f"SELECT {TOP_USERS_AS_SQLITE} FROM top_users ORDER BY rank"),
+    ("files", f"{select_as_sqlite('files')} WHERE file_id <= $hi ORDER BY file_id"),
+    ("users", f"{select_as_sqlite('users')} WHERE file_id <= $hi ORDER BY user_id"),
+    ("user_totals_base", f"{select_as_sqlite('user_totals')} ORDER BY user_id"),
+    ("daily_totals", f"{select_as_sqlite('daily_totals')} ORDER BY 1, 2"),
+    ("top_users", f"{select_as_sqlite('top_users')} ORDER BY rank"),
     (
         "country_monthly_totals",
-        f"SELECT {COUNTRY_MONTHLY_AS_SQLITE} FROM country_monthly_totals WHERE tx_count > 0"
-        " ORDER BY 1, 2, 3",
+        f"{select_as_sqlite('country_monthly_totals')} WHERE tx_count > 0 ORDER BY 1, 2, 3",
     ),
 )
 _TRANSACTION_COUNT = "SELECT count(*) FROM transactions WHERE file_id <= $hi"

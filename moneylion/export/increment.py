@@ -55,13 +55,8 @@ from moneylion.export.schema import (
     write_state,
 )
 from moneylion.export.snapshot import (
-    COUNTRY_MONTHLY_AS_SQLITE,
-    DAILY_TOTALS_AS_SQLITE,
-    FILES_AS_SQLITE,
-    TOP_USERS_AS_SQLITE,
-    TRANSACTIONS_AS_SQLITE,
-    USER_TOTALS_AS_SQLITE,
-    USERS_AS_SQLITE,
+    AS_SQLITE,
+    select_as_sqlite,
     snapshot,
 )
 from moneylion.export.sums import cents_of, compile_summer
@@ -83,53 +78,53 @@ _ID, _SHA256 = AT["file_id"], AT["sha256"]
 # The ledger from the last exported file on: its sha256 tells whether the SQLite file belongs
 # to this warehouse; the others are the range. No ORDER BY: DuckDB's sort costs ~1 ms even for
 # a few rows, Python sorts them.
-_LEDGER = f"SELECT {FILES_AS_SQLITE} FROM files WHERE file_id >= $lo"
+_LEDGER = f"{select_as_sqlite('files')} WHERE file_id >= $lo"
 
 # Small increments: tuples in the order of the SQLite columns. Users are updated in place by
 # later files (latest file wins, file_id follows), so the users the range wrote are exactly
 # those whose file_id is in it. The transactions' extra ``cents`` column is summed, not written.
 _RANGE = "file_id > $lo AND file_id <= $hi"
 _USER_COLUMNS = ", ".join(TABLES[FileKind.USERS].names)
-_NEW_USERS = f"SELECT {USERS_AS_SQLITE} FROM users WHERE {_RANGE}"
+_NEW_USERS = f"{select_as_sqlite('users')} WHERE {_RANGE}"
 _TRANSACTION_NAMES = TABLES[FileKind.TRANSACTIONS].names
 _TRANSACTION_COLUMNS = ", ".join(_TRANSACTION_NAMES)
 _MONEY = [c.name for c in TABLES[FileKind.TRANSACTIONS].columns if c.domain is AMOUNT]
-_NEW_TRANSACTIONS = f"""SELECT {TRANSACTIONS_AS_SQLITE},
+_NEW_TRANSACTIONS = f"""SELECT {AS_SQLITE["transactions"]},
     {", ".join(f"({name} * 100)::BIGINT AS {cents_of(name)}" for name in _MONEY)}
 FROM transactions WHERE {_RANGE}"""
 # What the new transactions add to the per-user and per-day totals, summed from the rows being
 # copied (money in cents).
 _USER_SUMS = compile_summer(USER_TOTALS)
 _DAILY_SUMS = compile_summer(DAILY_TOTALS)
-_TOP_USERS = f"SELECT {TOP_USERS_AS_SQLITE} FROM top_users"  # 1,000 rows, replaced whole
+_TOP_USERS = select_as_sqlite("top_users")  # 1,000 rows, replaced whole
 # The country totals the range changed (stamped with the file of the commit that changed them:
 # months x countries x types at most, so both ways copy them as tuples).
-_CHANGED_COUNTRY_MONTHLY = f"""SELECT {COUNTRY_MONTHLY_AS_SQLITE}
+_CHANGED_COUNTRY_MONTHLY = f"""SELECT {AS_SQLITE["country_monthly_totals"]}
 FROM country_monthly_totals WHERE {_RANGE}"""
 
 # Large increments: the side file's tables, filled by the bulk writer (columns by name), then
 # copied into the live file's.
 _SIDE_USERS = (
     "users",
-    f"SELECT {USERS_AS_SQLITE} FROM users WHERE {_RANGE} ORDER BY user_id",
+    f"{select_as_sqlite('users')} WHERE {_RANGE} ORDER BY user_id",
 )
 _SIDE_TRANSACTIONS = (
     (
         "transactions",
-        f"SELECT {TRANSACTIONS_AS_SQLITE} FROM transactions WHERE {_RANGE} ORDER BY transaction_id",
+        f"{select_as_sqlite('transactions')} WHERE {_RANGE} ORDER BY transaction_id",
     ),
     (
         "user_totals_base",
-        f"""SELECT {USER_TOTALS_AS_SQLITE} FROM user_totals
+        f"""{select_as_sqlite("user_totals")}
         WHERE user_id IN (SELECT user_id FROM transactions WHERE {_RANGE}) ORDER BY user_id""",
     ),
     (
         "daily_totals",
-        f"""SELECT {DAILY_TOTALS_AS_SQLITE} FROM daily_totals
+        f"""{select_as_sqlite("daily_totals")}
         WHERE transaction_date IN (SELECT transaction_date FROM transactions WHERE {_RANGE})
         ORDER BY 1, 2""",
     ),
-    ("top_users", f"SELECT {TOP_USERS_AS_SQLITE} FROM top_users ORDER BY rank"),
+    ("top_users", f"{select_as_sqlite('top_users')} ORDER BY rank"),
 )
 # Users the side brings that the base lacks (the writer's bitmap learns them after the commit).
 _NEW_IN_BASE = """SELECT user_id FROM side.user_totals_base

@@ -9,7 +9,7 @@ import duckdb
 import pyarrow as pa
 
 from moneylion.ledger import LEDGER
-from moneylion.model import DAILY_TOTALS, DOMAINS, TABLES, USER_TOTALS, Aggregate, Column, FileKind
+from moneylion.model import DAILY_TOTALS, DOMAINS, TABLES, USER_TOTALS, Aggregate, Column
 
 
 @contextlib.contextmanager
@@ -37,16 +37,6 @@ def high_file(cur: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:
     return int(rows[0][0]), rows[0][1]
 
 
-# DuckDB columns as the SQLite file's (names, and types SQLite stores: dates and exact totals
-# as TEXT, the seed's amount as REAL), for the bulk writer, which matches columns by name.
-FILES_AS_SQLITE = ", ".join(
-    f"{name}::VARCHAR AS {name}" if pa.types.is_timestamp(kind) else name
-    for name, kind in LEDGER.items()
-)
-USERS_AS_SQLITE = TABLES[FileKind.USERS].as_sqlite()
-TRANSACTIONS_AS_SQLITE = TABLES[FileKind.TRANSACTIONS].as_sqlite()
-
-
 def aggregate_as_sqlite(aggregate: Aggregate) -> str:
     """An aggregate's columns as the SQLite file stores them: exact totals and dates as TEXT."""
     keys = [Column(name, DOMAINS[name]).as_sqlite() for name in aggregate.key]
@@ -56,11 +46,26 @@ def aggregate_as_sqlite(aggregate: Aggregate) -> str:
     return ", ".join(keys + measures)
 
 
-USER_TOTALS_AS_SQLITE = aggregate_as_sqlite(USER_TOTALS)
-DAILY_TOTALS_AS_SQLITE = aggregate_as_sqlite(DAILY_TOTALS)
-TOP_USERS_AS_SQLITE = "rank, user_id, tx_count"
-# Months as TEXT ``YYYY-MM`` (the API's form); a row whose count fell to zero is a tombstone of
-# DuckDB's (see sql/004), never a row of the SQLite file.
-COUNTRY_MONTHLY_AS_SQLITE = """strftime(month, '%Y-%m') AS month, country,
+# Each exported DuckDB table's columns as the SQLite file's (names, and types SQLite stores:
+# dates and exact totals as TEXT, the seed's amount as REAL), for the bulk writer, which
+# matches columns by name.
+AS_SQLITE = {
+    "files": ", ".join(
+        f"{name}::VARCHAR AS {name}" if pa.types.is_timestamp(kind) else name
+        for name, kind in LEDGER.items()
+    ),
+    **{table.name: table.as_sqlite() for table in TABLES.values()},
+    USER_TOTALS.table: aggregate_as_sqlite(USER_TOTALS),
+    DAILY_TOTALS.table: aggregate_as_sqlite(DAILY_TOTALS),
+    "top_users": "rank, user_id, tx_count",
+    # Months as TEXT ``YYYY-MM`` (the API's form); a row whose count fell to zero is a
+    # tombstone of DuckDB's (see sql/004), never a row of the SQLite file.
+    "country_monthly_totals": """strftime(month, '%Y-%m') AS month, country,
     transaction_type::VARCHAR AS transaction_type, tx_count,
-    total_amount::VARCHAR AS total_amount"""
+    total_amount::VARCHAR AS total_amount""",
+}
+
+
+def select_as_sqlite(table: str) -> str:
+    """``SELECT <table's columns as SQLite stores them> FROM <table>``."""
+    return f"SELECT {AS_SQLITE[table]} FROM {table}"
