@@ -28,20 +28,17 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from moneylion.schema import open_warehouse
 
     config = _config(args)
-    conn = open_warehouse(config)
-    if not args.quiet and sys.stdout.isatty():
-        # DuckDB's own progress bar shows how far a long file's read has got.
-        conn.execute("SET enable_progress_bar = true")
     failed = 0
-    try:
+    with open_warehouse(config) as conn:
+        if not args.quiet and sys.stdout.isatty():
+            # DuckDB's own progress bar shows how far a long file's read has got.
+            conn.execute("SET enable_progress_bar = true")
         for name in args.files:
             path = Path(name)
             progress = _progress_printer(path) if not args.quiet else None
             outcome = ingest_file(conn, path, config, progress=progress)
             print(outcome.summary())
             failed += outcome.status == "failed"
-    finally:
-        conn.close()
     return 1 if failed else 0
 
 
@@ -58,11 +55,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from moneylion.schema import open_warehouse
 
     config = _config(args)
-    conn = open_warehouse(config)
-    try:
+    with open_warehouse(config) as conn:
         differences = verify(conn, top_users_kept=config.top_users_kept)
-    finally:
-        conn.close()
     for line in differences:
         print(line)
     if differences:
@@ -77,12 +71,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from moneylion.ingest import warehouse_status
     from moneylion.schema import open_warehouse
 
-    config = _config(args)
-    conn = open_warehouse(config)
-    try:
+    with open_warehouse(_config(args)) as conn:
         status = warehouse_status(conn, last=args.last)
-    finally:
-        conn.close()
     if args.json:
         print(json.dumps(status, indent=2, default=str))
         return 0
