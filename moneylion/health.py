@@ -7,9 +7,7 @@ lists OS users or processes other than our own.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +17,7 @@ import duckdb
 import psutil
 
 from moneylion.config import Config
-from moneylion.watcher import scan_inbox
+from moneylion.watcher import regular_bytes, scan_inbox
 
 # The ledger stores finished_at as a naive UTC timestamp, so its epoch is UTC.
 _LAST_FILE_EPOCH_MS = "SELECT epoch_ms(max(finished_at)) FROM files"
@@ -82,13 +80,7 @@ def inbox_waiting(inbox: Path) -> tuple[int, int]:
     """(entries, bytes) the daemon would take from the inbox folder: the watcher's own rule
     (``watcher.scan_inbox``), so both count the same files. Lists the inbox alone."""
     waiting = scan_inbox(inbox)
-    size = 0
-    for path in waiting:
-        with contextlib.suppress(OSError):
-            found = os.lstat(path)
-            if stat.S_ISREG(found.st_mode):
-                size += found.st_size
-    return len(waiting), size
+    return len(waiting), regular_bytes(waiting)
 
 
 def inbox_backlog(inbox: Path) -> int:

@@ -23,6 +23,12 @@ from enum import Enum
 from pathlib import Path
 
 from watchdog.events import (
+    EVENT_TYPE_CLOSED,
+    EVENT_TYPE_CLOSED_NO_WRITE,
+    EVENT_TYPE_CREATED,
+    EVENT_TYPE_DELETED,
+    EVENT_TYPE_MODIFIED,
+    EVENT_TYPE_OPENED,
     FileClosedEvent,
     FileClosedNoWriteEvent,
     FileCreatedEvent,
@@ -68,6 +74,18 @@ def is_candidate(mode: int) -> bool:
     directory. One rule for the events and the scans; the worker reads regular files only and
     refuses the rest (links, pipes, sockets, devices) unread."""
     return not stat.S_ISDIR(mode)
+
+
+def regular_bytes(paths: list[Path]) -> int:
+    """The bytes of those of ``paths`` that are regular files now (links are not followed:
+    their size is not the inbox's; a path gone meanwhile counts nothing)."""
+    size = 0
+    for path in paths:
+        with contextlib.suppress(OSError):
+            found = os.lstat(path)
+            if stat.S_ISREG(found.st_mode):
+                size += found.st_size
+    return size
 
 
 def scan_inbox(inbox: Path) -> list[Path]:
@@ -425,13 +443,7 @@ class InboxQueue:
         """(files, bytes) waiting: queued or in progress (bytes of the regular files)."""
         with self._cond:
             paths = [*self._entries, *self._in_progress]
-        size = 0
-        for path in paths:
-            with contextlib.suppress(OSError):
-                found = os.lstat(path)
-                if stat.S_ISREG(found.st_mode):
-                    size += found.st_size
-        return len(paths), size
+        return len(paths), regular_bytes(paths)
 
 
 class InboxEventHandler(FileSystemEventHandler):
@@ -447,20 +459,12 @@ class InboxEventHandler(FileSystemEventHandler):
         path = Path(os.fsdecode(raw))
         return path if is_inbox_file(path, self.inbox) else None
 
-    def on_created(self, event: FileSystemEvent) -> None:
-        path = None if event.is_directory else self._candidate(event.src_path)
-        if path is not None:
-            self.queue.file_created(path)
-
-    def on_modified(self, event: FileSystemEvent) -> None:
-        path = None if event.is_directory else self._candidate(event.src_path)
-        if path is not None:
-            self.queue.file_modified(path)
-
-    def on_closed(self, event: FileSystemEvent) -> None:
-        path = None if event.is_directory else self._candidate(event.src_path)
-        if path is not None:
-            self.queue.file_complete(path)
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        """Every event but a move: the queue's call for its type, for a file in the inbox."""
+        call = _QUEUE_CALLS.get(event.event_type)
+        path = None if call is None or event.is_directory else self._candidate(event.src_path)
+        if call is not None and path is not None:
+            call(self.queue, path)
 
     def on_moved(self, event: FileSystemEvent) -> None:
         """A rename within the inbox, or (one side empty) a move in from elsewhere or out."""
@@ -473,20 +477,16 @@ class InboxEventHandler(FileSystemEventHandler):
         if dest is not None:  # a rename is atomic: what arrives by one is complete
             self.queue.file_complete(dest)
 
-    def on_deleted(self, event: FileSystemEvent) -> None:
-        path = None if event.is_directory else self._candidate(event.src_path)
-        if path is not None:
-            self.queue.file_gone(path)
 
-    def on_opened(self, event: FileSystemEvent) -> None:
-        path = None if event.is_directory else self._candidate(event.src_path)
-        if path is not None:
-            self.queue.file_opened(path)
-
-    def on_closed_no_write(self, event: FileSystemEvent) -> None:
-        path = None if event.is_directory else self._candidate(event.src_path)
-        if path is not None:
-            self.queue.file_closed_unwritten(path)
+# What each watchdog event of an inbox file (but a move, see on_moved) tells the queue.
+_QUEUE_CALLS: dict[str, Callable[[InboxQueue, Path], None]] = {
+    EVENT_TYPE_CREATED: InboxQueue.file_created,
+    EVENT_TYPE_MODIFIED: InboxQueue.file_modified,
+    EVENT_TYPE_CLOSED: InboxQueue.file_complete,
+    EVENT_TYPE_DELETED: InboxQueue.file_gone,
+    EVENT_TYPE_OPENED: InboxQueue.file_opened,
+    EVENT_TYPE_CLOSED_NO_WRITE: InboxQueue.file_closed_unwritten,
+}
 
 
 def _observer() -> BaseObserver:
