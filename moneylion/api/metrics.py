@@ -127,33 +127,14 @@ class WarehouseCollector:
             finally:
                 cursor.execute("ROLLBACK")
 
-        by_status = CounterMetricFamily(
-            "moneylion_files", "Files in the ledger by status", labels=["status"]
-        )
-        for status, count in files:
-            by_status.add_metric([status], count)
-        yield by_status
-
-        by_reason = CounterMetricFamily(
-            "moneylion_failed_files", "Failed files by file-level reason", labels=["reason"]
-        )
-        for reason, count in failed:
-            by_reason.add_metric([reason], count)
-        yield by_reason
-
-        outcome = CounterMetricFamily("moneylion_rows", "CSV rows by outcome", labels=["outcome"])
         loaded, duplicate, rejected = rows if rows is not None else (0, 0, 0)
-        outcome.add_metric(["loaded"], loaded)
-        outcome.add_metric(["duplicate"], duplicate)
-        outcome.add_metric(["rejected"], rejected)
-        yield outcome
-
-        reject_reasons = CounterMetricFamily(
-            "moneylion_rejects", "Rejected rows by reason code", labels=["reason"]
+        rows_by = [("loaded", loaded), ("duplicate", duplicate), ("rejected", rejected)]
+        yield _labelled("moneylion_files", "Files in the ledger by status", "status", files)
+        yield _labelled(
+            "moneylion_failed_files", "Failed files by file-level reason", "reason", failed
         )
-        for reason, count in rejects:
-            reject_reasons.add_metric([reason], count)
-        yield reject_reasons
+        yield _labelled("moneylion_rows", "CSV rows by outcome", "outcome", rows_by)
+        yield _labelled("moneylion_rejects", "Rejected rows by reason code", "reason", rejects)
 
         if seconds is not None:
             cumulative = [str(b) for b in INGEST_BUCKETS]
@@ -203,3 +184,13 @@ class MetricsController(PrometheusController):
             status_code=200,
             headers={"Content-Type": CONTENT_TYPE_LATEST},
         )
+
+
+def _labelled(
+    name: str, documentation: str, label: str, counts: Iterable[tuple[str, int]]
+) -> CounterMetricFamily:
+    """A counter with one label, a sample per (label value, count)."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in counts:
+        family.add_metric([value], count)
+    return family
