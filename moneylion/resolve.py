@@ -154,57 +154,53 @@ SELECT s.file_id, s.line, s.{key} AS id,
 FROM staged s JOIN staged_copies p ON p.file_id = s.file_id AND p.id = s.{key}
 WHERE p.variants = 1 AND s.line = p.first_line
 """
-_VERDICTS = {
-    FileKind.TRANSACTIONS: """
+# Every staged row's verdict: rows of an id staged once against the stored rows alone; rows of
+# a repeated id against their copies in their file, then the stored row, then (by the kind's
+# rule) the surviving copies of earlier files. {unique} and {repeated} are the kind's cases.
+_VERDICTS = """
 CREATE OR REPLACE TEMP TABLE staged_verdicts AS
 WITH survivors AS ({survivors})
-SELECT s.*,
-       CASE WHEN t.id IS NULL THEN 'load'
-            WHEN ({s_content}) IS NOT DISTINCT FROM ({t_content}) THEN 'duplicate'
-            ELSE 'conflicts_with_stored' END AS verdict,
-       t.file_id AS against
+SELECT s.*, CASE {unique} END AS verdict, t.file_id AS against
 FROM staged s LEFT JOIN staged_stored t ON t.id = s.{key}
 WHERE s.{key} NOT IN (SELECT id FROM staged_repeated)
 UNION ALL
 SELECT s.*,
        CASE WHEN c.variants > 1 THEN 'duplicate_in_file'
             WHEN s.line <> c.first_line THEN 'copy'
-            WHEN t.id IS NOT NULL AND ({s_content}) IS NOT DISTINCT FROM ({t_content})
+            {repeated} END AS verdict,
+       {against} AS against
+FROM staged s
+JOIN staged_copies c ON c.file_id = s.file_id AND c.id = s.{key}
+LEFT JOIN survivors v ON v.file_id = s.file_id AND v.line = s.line
+LEFT JOIN staged_stored t ON t.id = s.{key}
+{joins}"""
+_VERDICT_CASES = {
+    # Transactions are immutable: the first copy among the files loads, a later one is a
+    # duplicate if it has the same content, else a conflict.
+    FileKind.TRANSACTIONS: {
+        "unique": """WHEN t.id IS NULL THEN 'load'
+            WHEN ({s_content}) IS NOT DISTINCT FROM ({t_content}) THEN 'duplicate'
+            ELSE 'conflicts_with_stored'""",
+        "repeated": """WHEN t.id IS NOT NULL AND ({s_content}) IS NOT DISTINCT FROM ({t_content})
                 THEN 'duplicate'
             WHEN t.id IS NOT NULL THEN 'conflicts_with_stored'
             WHEN v.nth = 1 THEN 'load'
             WHEN ({s_content}) IS NOT DISTINCT FROM ({f_content}) THEN 'duplicate'
-            ELSE 'conflicts_with_stored' END AS verdict,
-       coalesce(t.file_id, f.file_id) AS against
-FROM staged s
-JOIN staged_copies c ON c.file_id = s.file_id AND c.id = s.{key}
-LEFT JOIN survivors v ON v.file_id = s.file_id AND v.line = s.line
-LEFT JOIN survivors fv ON fv.id = s.{key} AND fv.nth = 1
-LEFT JOIN staged f ON f.file_id = fv.file_id AND f.line = fv.line
-LEFT JOIN staged_stored t ON t.id = s.{key}
-""",
-    FileKind.USERS: """
-CREATE OR REPLACE TEMP TABLE staged_verdicts AS
-WITH survivors AS ({survivors})
-SELECT s.*,
-       CASE WHEN t.id IS NOT NULL AND ({s_content}) IS NOT DISTINCT FROM ({t_content})
-            THEN 'duplicate' ELSE 'load' END AS verdict,
-       t.file_id AS against
-FROM staged s LEFT JOIN staged_stored t ON t.id = s.{key}
-WHERE s.{key} NOT IN (SELECT id FROM staged_repeated)
-UNION ALL
-SELECT s.*,
-       CASE WHEN c.variants > 1 THEN 'duplicate_in_file'
-            WHEN s.line <> c.first_line THEN 'copy'
-            WHEN ({s_content}) IS NOT DISTINCT FROM coalesce(v.previous, ({t_content}))
+            ELSE 'conflicts_with_stored'""",
+        "against": "coalesce(t.file_id, f.file_id)",
+        "joins": """LEFT JOIN survivors fv ON fv.id = s.{key} AND fv.nth = 1
+LEFT JOIN staged f ON f.file_id = fv.file_id AND f.line = fv.line""",
+    },
+    # Users: latest wins; a profile equal to the one it would replace is a duplicate.
+    FileKind.USERS: {
+        "unique": """WHEN t.id IS NOT NULL AND ({s_content}) IS NOT DISTINCT FROM ({t_content})
+            THEN 'duplicate' ELSE 'load'""",
+        "repeated": """WHEN ({s_content}) IS NOT DISTINCT FROM coalesce(v.previous, ({t_content}))
                 THEN 'duplicate'
-            ELSE 'load' END AS verdict,
-       t.file_id AS against
-FROM staged s
-JOIN staged_copies c ON c.file_id = s.file_id AND c.id = s.{key}
-LEFT JOIN survivors v ON v.file_id = s.file_id AND v.line = s.line
-LEFT JOIN staged_stored t ON t.id = s.{key}
-""",
+            ELSE 'load'""",
+        "against": "t.file_id",
+        "joins": "",
+    },
 }
 _REJECTS = """
 INSERT INTO staged_rejects
@@ -218,9 +214,7 @@ SELECT file_id, line, verdict,
 FROM staged_verdicts WHERE verdict IN $rejected
 """
 _APPEND_TRANSACTIONS = """
-INSERT INTO transactions
-SELECT transaction_id, user_id, transaction_date, amount, transaction_type, file_id
-FROM staged_verdicts WHERE verdict = 'load'
+INSERT INTO {table} SELECT {columns}, file_id FROM staged_verdicts WHERE verdict = 'load'
 """
 # The latest file's profile of each user lands; earlier ones of the batch were overwritten.
 _USERS_LOADED = """
@@ -230,11 +224,13 @@ _COUNTS = "SELECT file_id, verdict, count(*) FROM staged_verdicts GROUP BY ALL"
 _TEMPORARY = ("staged", "staged_repeated", "staged_copies", "staged_stored", "staged_verdicts")
 
 
-def _sql(template: str, kind: FileKind) -> str:
+def _sql(template: str, kind: FileKind, **parts: str) -> str:
     key, *rest = COLUMNS[kind]
     return template.format(
+        **parts,
         key=key,
         table=TABLES[kind].name,
+        columns=", ".join(COLUMNS[kind]),
         content=", ".join(rest),
         s_content=", ".join(f"s.{c}" for c in rest),
         t_content=", ".join(f"t.{c}" for c in rest),
@@ -249,12 +245,13 @@ def resolve(conn: duckdb.DuckDBPyConnection, kind: FileKind) -> dict[int, Applie
     conn.execute(_sql(_REPEATED, kind))
     conn.execute(_sql(_COPIES, kind))
     conn.execute(_sql(_STORED, kind))
-    conn.execute(_sql(_VERDICTS[kind], kind))
+    cases = {part: _sql(text, kind) for part, text in _VERDICT_CASES[kind].items()}
+    conn.execute(_sql(_VERDICTS, kind, **cases))
     conn.execute(_sql(_REJECTS, kind), {"rejected": list(REJECTED_HERE)})
     if kind is FileKind.USERS:
         upsert_users(conn, _USERS_LOADED, utc_now())
     else:
-        conn.execute(_APPEND_TRANSACTIONS)
+        conn.execute(_sql(_APPEND_TRANSACTIONS, kind))
     applied: dict[int, Applied] = defaultdict(Applied)
     for file_id, verdict, count in conn.execute(_COUNTS).fetchall():
         if verdict == "load":
