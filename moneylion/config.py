@@ -11,7 +11,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 ENV_PREFIX = "MONEYLION_"
 DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / "config.toml"
@@ -21,6 +21,24 @@ MIN_TOKEN_LENGTH = 16  # a shorter api_token is refused (guessable)
 
 class ConfigError(ValueError):
     """A config key is unknown or has a value of the wrong type."""
+
+
+class _Below:
+    """A read-only path attribute: a fixed name below one of the configured folders."""
+
+    def __init__(self, folder: str, name: str) -> None:
+        self.folder = folder
+        self.name = name
+
+    @overload
+    def __get__(self, config: None, owner: type) -> _Below: ...
+    @overload
+    def __get__(self, config: object, owner: type) -> Path: ...
+    def __get__(self, config: object | None, owner: type) -> Path | _Below:
+        if config is None:
+            return self
+        folder: Path = getattr(config, self.folder)
+        return folder / self.name
 
 
 @dataclass(frozen=True)
@@ -51,36 +69,16 @@ class Config:
     api_token: str = dataclasses.field(default="", repr=False)
     max_upload_bytes: int = 64 * 1024 * 1024  # larger bodies of POST /v1/files answer 413
 
-    @property
-    def duckdb_path(self) -> Path:
-        return self.warehouse / "moneylion.duckdb"
-
-    @property
-    def sqlite_path(self) -> Path:
-        return self.warehouse / "moneylion.sqlite"
-
-    @property
-    def staging_dir(self) -> Path:
-        """Private copies of the inbox files being ingested (what every reader reads)."""
-        return self.warehouse / "staging"
-
-    @property
-    def uploads_dir(self) -> Path:
-        """Uploads being received: hidden (the watcher ignores it), on the inbox's filesystem
-        so a finished upload is renamed into the inbox whole."""
-        return self.inbox / ".uploads"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.warehouse / "logs"
-
-    @property
-    def done_dir(self) -> Path:
-        return self.inbox / "done"
-
-    @property
-    def failed_dir(self) -> Path:
-        return self.inbox / "failed"
+    duckdb_path = _Below("warehouse", "moneylion.duckdb")
+    sqlite_path = _Below("warehouse", "moneylion.sqlite")
+    # Private copies of the inbox files being ingested (what every reader reads).
+    staging_dir = _Below("warehouse", "staging")
+    # Uploads being received: hidden (the watcher ignores it), on the inbox's filesystem so a
+    # finished upload is renamed into the inbox whole.
+    uploads_dir = _Below("inbox", ".uploads")
+    log_dir = _Below("warehouse", "logs")
+    done_dir = _Below("inbox", "done")
+    failed_dir = _Below("inbox", "failed")
 
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with some fields replaced (paths made absolute)."""
