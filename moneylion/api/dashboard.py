@@ -32,6 +32,7 @@ from moneylion.api.access import PAGE_POLICY, SESSION_COOKIE, session_value, tok
 from moneylion.api.charts import SERIES, daily_chart, daily_table_rows, series_of
 from moneylion.api.models import money
 from moneylion.api.queries import (
+    Span,
     daily_range,
     daily_totals,
     failed_files_by_reason,
@@ -164,7 +165,7 @@ def _days_before(day: dt.date, days: int) -> dt.date:
 
 def _daily(ctx: ApiContext, first: dt.date, last: dt.date) -> dict[str, Any]:
     """The range's rows, sums and chart: built once per commit (in a worker thread)."""
-    rows = ctx.run(lambda c: daily_totals(c, first, last)) if first <= last else []
+    rows = ctx.run(lambda c: daily_totals(c, Span(first, last))) if first <= last else []
     series = (
         series_of(rows, first, last) if first <= last else series_of([], first, first - ONE_DAY)
     )

@@ -154,16 +154,23 @@ ORDER BY transaction_date, type
 """
 
 
+@dataclass(frozen=True)
+class Span:
+    """Days (or months, by their first days) from ``first`` to ``last``, inclusive; empty when
+    ``first`` is after ``last``."""
+
+    first: dt.date
+    last: dt.date
+
+    def bounds(self) -> dict[str, dt.date]:
+        return {"from": self.first, "to": self.last}
+
+
 def daily_totals(
-    cursor: duckdb.DuckDBPyConnection,
-    date_from: dt.date,
-    date_to: dt.date,
-    transaction_type: str | None = None,
+    cursor: duckdb.DuckDBPyConnection, days: Span, transaction_type: str | None = None
 ) -> list[DailyTotal]:
-    """Per-day, per-type totals for dates in [date_from, date_to], ordered by date then type."""
-    rows = cursor.execute(
-        _DAILY, {"from": date_from, "to": date_to, "type": transaction_type}
-    ).fetchall()
+    """Per-day, per-type totals of ``days``, ordered by date then type."""
+    rows = cursor.execute(_DAILY, {**days.bounds(), "type": transaction_type}).fetchall()
     return [DailyTotal(day, kind, int(count), total) for day, kind, count, total in rows]
 
 
@@ -187,16 +194,11 @@ ORDER BY month, country NULLS LAST
 
 
 def country_monthly(
-    cursor: duckdb.DuckDBPyConnection,
-    month_from: dt.date,
-    month_to: dt.date,
-    country: str | None = None,
+    cursor: duckdb.DuckDBPyConnection, months: Span, country: str | None = None
 ) -> list[CountryMonth]:
-    """Per month in [month_from, month_to] (first days) and country, ordered by month then
-    country (orphans last): count and total per type, zeros for a type without transactions."""
-    rows = cursor.execute(
-        _COUNTRY_MONTHLY, {"from": month_from, "to": month_to, "country": country}
-    ).fetchall()
+    """Per month of ``months`` (first days) and country, ordered by month then country
+    (orphans last): count and total per type, zeros for a type without transactions."""
+    rows = cursor.execute(_COUNTRY_MONTHLY, {**months.bounds(), "country": country}).fetchall()
     found: dict[tuple[dt.date, str | None], CountryMonth] = {}
     for month, where, kind, count, total in rows:
         entry = found.get((month, where))

@@ -38,7 +38,7 @@ from moneylion.api.models import (
     seed_number,
     type_totals,
 )
-from moneylion.api.queries import daily_totals, ranked_users, top_of
+from moneylion.api.queries import Span, daily_totals, ranked_users, top_of
 from moneylion.api.warehouse import ApiContext, WarehouseUnavailable
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ async def daily_transactions(
 ) -> list[SeedDailyTotal]:
     """Per-type totals of one day, ordered by type."""
     ctx = context(state)
-    rows = await ctx.cached(daily_totals, date, date, None)
+    rows = await ctx.cached(daily_totals, Span(date, date), None)
     if not rows:
         raise SeedApiError(404, f"No transactions found for date: {date.isoformat()}")
     return [

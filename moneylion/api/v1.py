@@ -52,6 +52,7 @@ from moneylion.api.models import (
     type_totals,
 )
 from moneylion.api.queries import (
+    Span,
     country_monthly,
     daily_totals,
     file_detail,
@@ -168,7 +169,7 @@ async def daily_v1(
     last = date_to or LATEST
     # from > to is an empty range, hence no days (not an error).
     ctx = context(state)
-    rows = await ctx.cached(daily_totals, first, last, transaction_type)
+    rows = await ctx.cached(daily_totals, Span(first, last), transaction_type)
     return DailyTotals(
         date_from=first,
         date_to=last,
@@ -206,7 +207,7 @@ async def country_monthly_v1(
     first = first_day(month_from) if month_from else EARLIEST
     last = first_day(month_to) if month_to else LATEST
     ctx = context(state)
-    rows = await ctx.cached(country_monthly, first, last, country)
+    rows = await ctx.cached(country_monthly, Span(first, last), country)
     return CountryMonthlyTotals(
         month_from=month_from,
         month_to=month_to,
