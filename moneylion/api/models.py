@@ -68,10 +68,11 @@ class SeedDailyTotal(msgspec.Struct):
 class SeedHealth(msgspec.Struct):
     """Host readings under the seed's names, plus process and inbox readings."""
 
-    cpu_usage: float = msgspec.field(name="cpu_usage_%")
+    # Named as health.HealthReading's fields, which fill them.
+    cpu_usage_percent: float = msgspec.field(name="cpu_usage_%")
     num_cores: int
-    memory_usage: float = msgspec.field(name="memory_usage_%")
-    disk_usage: float = msgspec.field(name="disk_usage_%")
+    memory_usage_percent: float = msgspec.field(name="memory_usage_%")
+    disk_usage_percent: float = msgspec.field(name="disk_usage_%")
     process_rss_bytes: int
     uptime_seconds: float
     inbox_backlog: int
@@ -79,10 +80,10 @@ class SeedHealth(msgspec.Struct):
     seconds_since_last_file: float | None
     # The daemon's worker (null when no daemon writes the warehouse in this process): its last
     # commit, and files and rows committed per second over the last minute.
-    last_batch_files: int | None
-    last_batch_rows: int | None
-    files_per_second: float | None
-    rows_per_second: float | None
+    last_batch_files: int | None = None
+    last_batch_rows: int | None = None
+    files_per_second: float | None = None
+    rows_per_second: float | None = None
 
 
 class SeedLogCounts(msgspec.Struct):

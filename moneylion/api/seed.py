@@ -17,9 +17,10 @@ numbers rounded to cents. Top users, a day's totals and the last file's age are 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
-from typing import Annotated, Any
+from typing import Annotated, Any, overload
 
 from litestar import Request, Response, Router, get
 from litestar.datastructures import State
@@ -156,25 +157,25 @@ async def api_health(state: State) -> SeedHealth:
             log.warning("health_ledger_unreadable", extra={"fields": {"error": str(exc)}})
     reading = health.read_health(ctx.config, last, ctx.backlog())
     stream = ctx.ingest.stream() if ctx.ingest is not None else None
-    return SeedHealth(
-        cpu_usage=reading.cpu_usage_percent,
-        num_cores=reading.num_cores,
-        memory_usage=reading.memory_usage_percent,
-        disk_usage=reading.disk_usage_percent,
-        process_rss_bytes=reading.process_rss_bytes,
-        uptime_seconds=round(reading.uptime_seconds, 3),
-        inbox_backlog=reading.inbox_backlog,
-        inbox_backlog_bytes=reading.inbox_backlog_bytes,
-        seconds_since_last_file=(
-            round(reading.seconds_since_last_file, 3)
-            if reading.seconds_since_last_file is not None
-            else None
-        ),
-        last_batch_files=stream.last_batch_files if stream else None,
-        last_batch_rows=stream.last_batch_rows if stream else None,
-        files_per_second=round(stream.files_per_second, 3) if stream else None,
-        rows_per_second=round(stream.rows_per_second, 3) if stream else None,
-    )
+    measured = {f.name: getattr(reading, f.name) for f in dataclasses.fields(reading)}
+    shown = {name: measured[name] for name in SeedHealth.__struct_fields__ if name in measured}
+    shown["uptime_seconds"] = _rounded(reading.uptime_seconds)
+    shown["seconds_since_last_file"] = _rounded(reading.seconds_since_last_file)
+    if stream is not None:
+        shown["last_batch_files"] = stream.last_batch_files
+        shown["last_batch_rows"] = stream.last_batch_rows
+        shown["files_per_second"] = _rounded(stream.files_per_second)
+        shown["rows_per_second"] = _rounded(stream.rows_per_second)
+    return SeedHealth(**shown)
+
+
+@overload
+def _rounded(seconds: float) -> float: ...
+@overload
+def _rounded(seconds: float | None) -> float | None: ...
+def _rounded(seconds: float | None) -> float | None:
+    """Seconds and rates to the millisecond (None stays None)."""
+    return None if seconds is None else round(seconds, 3)
 
 
 @get("/log_monitor", sync_to_thread=True)

@@ -168,17 +168,12 @@ async def daily_v1(
     first = date_from or EARLIEST
     last = date_to or LATEST
     # from > to is an empty range, hence no days (not an error).
-    ctx = context(state)
-    rows = await ctx.cached(daily_totals, Span(first, last), transaction_type)
-    return DailyTotals(
-        date_from=first,
-        date_to=last,
-        type=transaction_type,
-        days=[
-            DailyTotal(r.transaction_date, r.transaction_type, r.tx_count, money(r.total_amount))
-            for r in rows
-        ],
-    )
+    rows = await context(state).cached(daily_totals, Span(first, last), transaction_type)
+    days = [
+        DailyTotal(r.transaction_date, r.transaction_type, r.tx_count, money(r.total_amount))
+        for r in rows
+    ]
+    return DailyTotals(date_from=first, date_to=last, type=transaction_type, days=days)
 
 
 def first_day(month: str) -> dt.date:
@@ -206,22 +201,19 @@ async def country_monthly_v1(
     ordered by month then country; the country is the user's current one (null: orphans)."""
     first = first_day(month_from) if month_from else EARLIEST
     last = first_day(month_to) if month_to else LATEST
-    ctx = context(state)
-    rows = await ctx.cached(country_monthly, Span(first, last), country)
+    rows = await context(state).cached(country_monthly, Span(first, last), country)
+    months = [
+        CountryMonth(
+            month=r.month.strftime("%Y-%m"),
+            country=r.country,
+            transaction_count=sum(r.tx_count.values()),
+            total_amount=money(sum(r.total_amount.values(), Decimal(0))),
+            **_per_type(r.tx_count, r.total_amount),
+        )
+        for r in rows
+    ]
     return CountryMonthlyTotals(
-        month_from=month_from,
-        month_to=month_to,
-        country=country,
-        months=[
-            CountryMonth(
-                month=r.month.strftime("%Y-%m"),
-                country=r.country,
-                transaction_count=sum(r.tx_count.values()),
-                total_amount=money(sum(r.total_amount.values(), Decimal(0))),
-                **_per_type(r.tx_count, r.total_amount),
-            )
-            for r in rows
-        ],
+        month_from=month_from, month_to=month_to, country=country, months=months
     )
 
 
