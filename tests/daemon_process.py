@@ -23,13 +23,13 @@ from typing import Any
 
 import httpx
 
+from moneylion.config import Config
 from moneylion.inbox import set_aside_files
 from moneylion.watcher import scan_inbox
+from tests.conftest import TX_COLUMNS, TYPES
 from tests.expected import Expected
 
 REPO = Path(__file__).resolve().parent.parent
-TYPES = ("deposit", "withdrawal", "purchase")
-TX_HEADER = ["transaction_id", "user_id", "transaction_date", "amount", "transaction_type"]
 
 
 def free_port() -> int:
@@ -150,6 +150,33 @@ class DaemonProcess:
         return sorted(p.name for p in set_aside_files(self.inbox / name))
 
 
+def assert_api_totals(daemon: DaemonProcess, expected: Expected, sample: int = 60) -> None:
+    """Every day's totals, and a sample of users', as the API shows them, equal ``expected``."""
+    days = daemon.get("/v1/daily", **{"from": "2000-01-01", "to": "2099-12-31"})["days"]
+    shown = {(d["date"], d["type"]): Decimal(d["total_amount"]) for d in days}
+    assert shown == {key: value for key, value in expected.daily.items()}
+    counts = {(d["date"], d["type"]): d["transaction_count"] for d in days}
+    assert counts == dict(expected.daily_count)
+    users = sorted(expected.total)
+    for user in random.Random(7).sample(users, min(sample, len(users))):
+        summary = daemon.get(f"/v1/users/{user}/summary")
+        assert Decimal(summary["total_amount"]) == expected.total[user], user
+        assert summary["transaction_count"] == expected.count[user], user
+        for kind in TYPES:
+            want = expected.by_type.get((user, kind), Decimal(0))
+            assert Decimal(summary[f"total_{kind}"]) == want, (user, kind)
+
+
+def run_cli_on(config: Config, *args: str) -> subprocess.CompletedProcess[str]:
+    """``run_cli`` on ``config``'s warehouse and inbox."""
+    env = {
+        **os.environ,
+        "MONEYLION_WAREHOUSE": str(config.warehouse),
+        "MONEYLION_INBOX": str(config.inbox),
+    }
+    return run_cli(*args, env=env)
+
+
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """``python -m moneylion <args>`` to completion, output captured."""
     return subprocess.run(
@@ -169,7 +196,7 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
 def write_transactions(path: Path, rows: Iterable[Sequence[object]]) -> Path:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(TX_HEADER)
+        writer.writerow(TX_COLUMNS)
         writer.writerows(rows)
     return path
 

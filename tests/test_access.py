@@ -7,21 +7,17 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from moneylion.api import create_app
 from moneylion.api.access import is_loopback
 from moneylion.config import ConfigError, load_config
+from tests.conftest import Loaded, serving
 from tests.daemon_process import DaemonProcess, run_cli
-from tests.test_api import Loaded, build_loaded
 
 TOKEN = "access-test-token-0123456789abcdef"  # noqa: S105 - a test token
 WRONG = "not-the-token-but-long-enough-42"
@@ -39,34 +35,9 @@ DASHBOARD_PAGES = [
 
 
 @pytest.fixture(scope="module")
-def loaded(
-    tmp_path_factory: pytest.TempPathFactory, seed_files: tuple[Path, Path]
-) -> Iterator[Loaded]:
-    state = build_loaded(tmp_path_factory.mktemp("access"), seed_files)
-    yield state
-    state.conn.close()
-
-
-@pytest.fixture(scope="module")
 def base_url(loaded: Loaded) -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    app = create_app(loaded.config.with_overrides(api_token=TOKEN), loaded.conn)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive(), "uvicorn stopped"
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
+    with serving(create_app(loaded.config.with_overrides(api_token=TOKEN), loaded.conn)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

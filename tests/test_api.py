@@ -11,8 +11,6 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
 
 import duckdb
@@ -23,94 +21,26 @@ from litestar.testing import TestClient
 from moneylion import logs
 from moneylion.aggregates import verify
 from moneylion.api import create_app
-from moneylion.config import Config, load_config
+from moneylion.config import Config
 from moneylion.ingest import ingest_file
 from moneylion.schema import open_warehouse
-from tests.conftest import IngestStandIn
-from tests.expected import Expected
-
-# Extra files beside the seed: a profile without transactions, orphan transactions, rejected
-# rows (at known lines) and a file that fails as a whole.
-USER_WITHOUT_TRANSACTIONS = 20001
-ORPHAN = 30001
-EXTRA_USERS = "user_id,signup_date,country\n20001,2023-01-01,Norway\n"
-EXTRA_TRANSACTIONS = (
-    "transaction_id,user_id,transaction_date,amount,transaction_type\n"
-    "900001,30001,2023-05-05,10.10,deposit\n"
-    "900002,30001,2023-05-05,5.05,purchase\n"
-    "900003,1,2023-05-05,1.234,deposit\n"  # line 4: too_many_decimals
-    "900004,2,2023-05-05,12.00,bonus\n"  # line 5: unknown_type
-    "900005,3,2023-05-06,7.00,Withdrawal\n"
+from tests.conftest import (
+    EXTRA_REJECTS,
+    ORPHAN,
+    USER_WITHOUT_TRANSACTIONS,
+    IngestStandIn,
+    Loaded,
+    cents,
+    money,
+    parse_metrics,
 )
-EXTRA_REJECTS = [(4, "too_many_decimals"), (5, "unknown_type")]
-BROKEN_FILE = "colour,size\nred,3\n"
-
-
-@dataclass
-class Loaded:
-    config: Config
-    conn: duckdb.DuckDBPyConnection
-    expected: Expected
-    file_ids: dict[str, int]
-
-
-def build_loaded(base: Path, seed_files: tuple[Path, Path]) -> Loaded:
-    """Seed + extra files ingested with ingest_file into a warehouse under ``base``."""
-    config = load_config(environ={}).with_overrides(
-        inbox=base / "inbox", warehouse=base / "warehouse"
-    )
-    config.inbox.mkdir(parents=True)
-    extra_dir = base / "extra"
-    extra_dir.mkdir()
-    (extra_dir / "users_extra.csv").write_text(EXTRA_USERS)
-    (extra_dir / "transactions_extra.csv").write_text(EXTRA_TRANSACTIONS)
-    (extra_dir / "broken.csv").write_text(BROKEN_FILE)
-    conn = open_warehouse(config)
-    users, transactions = seed_files
-    file_ids: dict[str, int] = {}
-    for path in (
-        users,
-        transactions,
-        extra_dir / "users_extra.csv",
-        extra_dir / "transactions_extra.csv",
-        extra_dir / "broken.csv",
-    ):
-        outcome = ingest_file(conn, path, config)
-        assert outcome.file_id is not None
-        file_ids[path.name] = outcome.file_id
-        assert outcome.status == ("failed" if path.name == "broken.csv" else "loaded")
-    assert verify(conn, top_users_kept=config.top_users_kept) == []
-
-    expected = Expected()
-    expected.add_users(users.read_text(encoding="utf-8-sig"))
-    expected.add_users(EXTRA_USERS)
-    expected.add_transactions(transactions.read_text(encoding="utf-8-sig"))
-    good = [line for i, line in enumerate(EXTRA_TRANSACTIONS.splitlines(), 1) if i not in (4, 5)]
-    expected.add_transactions("\n".join(good) + "\n")
-    return Loaded(config, conn, expected, file_ids)
-
-
-@pytest.fixture(scope="module")
-def loaded(
-    tmp_path_factory: pytest.TempPathFactory, seed_files: tuple[Path, Path]
-) -> Iterator[Loaded]:
-    state = build_loaded(tmp_path_factory.mktemp("api"), seed_files)
-    yield state
-    state.conn.close()
+from tests.expected import Expected
 
 
 @pytest.fixture(scope="module")
 def client(loaded: Loaded) -> Iterator[TestClient[Litestar]]:
     with TestClient(app=create_app(loaded.config, loaded.conn)) as test_client:
         yield test_client
-
-
-def cents(value: Decimal) -> float:
-    return float(value.quantize(Decimal("0.01")))
-
-
-def money(value: Decimal) -> str:
-    return str(value.quantize(Decimal("0.01")))
 
 
 def sample_users(expected: Expected) -> list[int]:
@@ -534,15 +464,6 @@ def test_metrics_expose_the_ledger_rows_rejects_and_ingest_times(
     client.get("/v1/health/live")
     http = parse_metrics(client.get("/metrics").text)
     assert any(key.startswith("moneylion_http_requests_total") for key in http)
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
 
 
 def test_openapi_schema_lists_every_endpoint(client: TestClient[Litestar]) -> None:

@@ -2,62 +2,27 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from moneylion.api import create_app
-from tests.test_api import (
+from tests.conftest import (
     ORPHAN,
     USER_WITHOUT_TRANSACTIONS,
     Loaded,
-    build_loaded,
     cents,
     money,
     parse_metrics,
+    serving,
 )
 
 
 @pytest.fixture(scope="module")
-def loaded(
-    tmp_path_factory: pytest.TempPathFactory, seed_files: tuple[Path, Path]
-) -> Iterator[Loaded]:
-    state = build_loaded(tmp_path_factory.mktemp("uvicorn"), seed_files)
-    yield state
-    state.conn.close()
-
-
-@pytest.fixture(scope="module")
 def base_url(loaded: Loaded) -> Iterator[str]:
-    """uvicorn serving the app in a thread on a socket bound to a free port; stopped at the end."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(loaded.config, loaded.conn), log_config=None, lifespan="on", access_log=False
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-    assert not thread.is_alive()
+    with serving(create_app(loaded.config, loaded.conn)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from moneylion.config import Config
 from moneylion.errors import FileRefused
 from moneylion.ingest import FileOutcome, ingest_file
 from moneylion.source import stage
+from tests.conftest import TX_HEADER, USERS_HEADER
 from tests.test_properties import file_sets, fresh
 
 WHOLE_FILE_FAILURES = [
@@ -46,8 +47,6 @@ def streams(draw: st.DrawFn) -> tuple[list[bytes], list[int]]:
 
 
 def header_of(kind: str) -> str:
-    from tests.test_properties import TX_HEADER, USERS_HEADER
-
     return TX_HEADER if kind == "transactions" else USERS_HEADER
 
 

@@ -15,26 +15,11 @@ from moneylion.config import Config
 from moneylion.schema import open_warehouse
 
 from .conftest import CASES_DIR
-
-
-def run(config: Config, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "MONEYLION_WAREHOUSE": str(config.warehouse),
-        "MONEYLION_INBOX": str(config.inbox),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "moneylion", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+from .daemon_process import run_cli_on
 
 
 def test_ingest_prints_each_outcome_and_the_rows_land(config: Config) -> None:
-    result = run(
+    result = run_cli_on(
         config,
         "ingest",
         str(CASES_DIR / "row_bad_date.csv"),
@@ -57,13 +42,16 @@ def test_ingest_prints_each_outcome_and_the_rows_land(config: Config) -> None:
 def test_verify_exits_1_and_names_the_difference_when_an_aggregate_is_wrong(
     config: Config,
 ) -> None:
-    assert run(config, "ingest", "--quiet", str(CASES_DIR / "row_bad_amount.csv")).returncode == 0
-    assert run(config, "verify").returncode == 0
+    assert (
+        run_cli_on(config, "ingest", "--quiet", str(CASES_DIR / "row_bad_amount.csv")).returncode
+        == 0
+    )
+    assert run_cli_on(config, "verify").returncode == 0
     conn = open_warehouse(config)
     conn.execute("UPDATE user_totals_log SET total_amount = total_amount + 0.01")
     conn.close()
 
-    result = run(config, "verify")
+    result = run_cli_on(config, "verify")
 
     assert result.returncode == 1
     assert "user_totals: only maintained: (10, 2, Decimal('30.51')" in result.stdout
@@ -71,9 +59,9 @@ def test_verify_exits_1_and_names_the_difference_when_an_aggregate_is_wrong(
 
 
 def test_status_json_counts_the_ledger(config: Config) -> None:
-    run(config, "ingest", "--quiet", str(CASES_DIR / "row_bad_amount.csv"))
+    run_cli_on(config, "ingest", "--quiet", str(CASES_DIR / "row_bad_amount.csv"))
 
-    status = json.loads(run(config, "status", "--json").stdout)
+    status = json.loads(run_cli_on(config, "status", "--json").stdout)
 
     assert status["counts"]["transactions"] == 2
     assert status["counts"]["rejects"] == 1

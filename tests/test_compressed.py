@@ -29,27 +29,26 @@ from moneylion.ingest import FileOutcome, ingest_file
 from moneylion.schema import connect
 from moneylion.source import csv_name, stage
 from moneylion.validate import LINE_MAX_BYTES
+from tests.conftest import TX_HEADER, parse_metrics
 from tests.daemon_process import (
     DaemonProcess,
+    assert_api_totals,
     logged_events,
     random_transactions,
     run_cli,
+    run_cli_on,
     wait_for,
     write_transactions,
 )
 from tests.expected import Expected
-from tests.test_api import parse_metrics
-from tests.test_cli import run
-from tests.test_end_to_end import assert_api_totals
 
-TX = "transaction_id,user_id,transaction_date,amount,transaction_type"
 # Stored first: what the file conflicts with, and a row it repeats.
-STORED = f"{TX}\n1,1,2024-01-01,10.00,deposit\n13,2,2024-01-01,3.00,deposit\n"
+STORED = f"{TX_HEADER}\n1,1,2024-01-01,10.00,deposit\n13,2,2024-01-01,3.00,deposit\n"
 
 # Every row-level reason once (duplicate_in_file twice: both copies), at known lines of the CSV,
 # with a blank line among them so that lines and records differ.
 ROWS: list[tuple[str, str | None]] = [
-    (TX, None),
+    (TX_HEADER, None),
     ("2,1,2024-01-02,5.00,deposit", None),
     ("", None),
     (",1,2024-01-02,5.00,deposit", "missing_field"),
@@ -160,7 +159,9 @@ def test_every_reject_reason_of_a_compressed_file_has_the_csv_line_and_the_plain
 
 
 def broken_archives() -> dict[str, tuple[str, bytes]]:
-    text = "\n".join([TX, *(f"{i},1,2024-01-02,{i}.00,deposit" for i in range(1, 400))]) + "\n"
+    text = (
+        "\n".join([TX_HEADER, *(f"{i},1,2024-01-02,{i}.00,deposit" for i in range(1, 400))]) + "\n"
+    )
     data = text.encode()
     zst = zstandard.ZstdCompressor().compress(data)
     return {
@@ -189,7 +190,9 @@ def test_a_broken_archive_is_refused_whole_as_bad_compression_and_known_by_its_b
     codec, data = BROKEN[case]
     broken = write(tmp_path / "files", f"{case}.csv.{codec}", data)
     again = write(tmp_path / "files", f"{case}-again.csv.{codec}", data)
-    good = write(tmp_path / "files", "good.csv", f"{TX}\n500,1,2024-01-02,1.00,deposit\n".encode())
+    good = write(
+        tmp_path / "files", "good.csv", f"{TX_HEADER}\n500,1,2024-01-02,1.00,deposit\n".encode()
+    )
 
     outcomes = load(warehouse, config, [broken, good, again], how)
 
@@ -219,10 +222,12 @@ def test_a_file_that_decompresses_past_max_file_bytes_is_too_large(
     limited = config.with_overrides(max_file_bytes=200_000)
     # 2 MB of CSV (a bomb in miniature: a few kB compressed), and one just under the limit.
     rows = "1,1,2024-01-02,1.00,deposit\n" * 80_000
-    bomb = write(tmp_path / "files", f"bomb.csv.{codec}", compress(codec, f"{TX}\n{rows}".encode()))
+    bomb = write(
+        tmp_path / "files", f"bomb.csv.{codec}", compress(codec, f"{TX_HEADER}\n{rows}".encode())
+    )
     small = "".join(f"{i},1,2024-01-02,1.00,deposit\n" for i in range(100_000, 105_000))
     fits = write(
-        tmp_path / "files", f"fits.csv.{codec}", compress(codec, f"{TX}\n{small}".encode())
+        tmp_path / "files", f"fits.csv.{codec}", compress(codec, f"{TX_HEADER}\n{small}".encode())
     )
     assert bomb.stat().st_size < 200_000 < len(rows)
 
@@ -242,7 +247,7 @@ def test_the_same_rows_plain_gzip_and_zstd_are_duplicates_row_by_row(
     tmp_path: Path, config: Config, warehouse: duckdb.DuckDBPyConnection, how: str
 ) -> None:
     users = b"user_id,signup_date,country\n1,2023-01-01,France\n2,2023-01-02,Chile\n"
-    text = f"{TX}\n1,1,2024-01-01,10.00,deposit\n2,2,2024-01-02,2.50,purchase\n".encode()
+    text = f"{TX_HEADER}\n1,1,2024-01-01,10.00,deposit\n2,2,2024-01-02,2.50,purchase\n".encode()
     folder = tmp_path / "files"
     paths = [
         write(folder, "tx.csv.gz", gzip.compress(text)),
@@ -277,13 +282,13 @@ def test_a_large_compressed_file_takes_the_fast_paths_with_csv_line_numbers(
     count = 60_000  # ~2.5 MB of CSV: past the memory threshold, into a private plain copy
     clean = write(
         tmp_path / "files", f"clean.csv.{codec}",
-        compress(codec, "\n".join([TX, *rows(1, count)]).encode()),
+        compress(codec, "\n".join([TX_HEADER, *rows(1, count)]).encode()),
     )  # fmt: skip
     faulty_rows = rows(count + 1, count)
     faulty_rows[45_000] = faulty_rows[45_000].replace("deposit", "bonus")
     faulty = write(
         tmp_path / "files", f"faulty.csv.{codec}",
-        compress(codec, "\n".join([TX, "", *faulty_rows]).encode()),
+        compress(codec, "\n".join([TX_HEADER, "", *faulty_rows]).encode()),
     )  # fmt: skip
 
     loaded, second = load(warehouse, config, [clean, faulty], "file")
@@ -297,12 +302,12 @@ def test_a_large_compressed_file_takes_the_fast_paths_with_csv_line_numbers(
 
 
 def test_moneylion_ingest_reads_gzip_and_zstd_files(tmp_path: Path, config: Config) -> None:
-    text = f"{TX}\n1,1,2024-01-01,10.00,deposit\n2,1,2024-01-02,bad,deposit\n".encode()
+    text = f"{TX_HEADER}\n1,1,2024-01-01,10.00,deposit\n2,1,2024-01-02,bad,deposit\n".encode()
     gz = write(tmp_path / "files", "a.csv.gz", gzip.compress(text))
     zst = write(tmp_path / "files", "b.csv.zst", compress("zst", text))
     broken = write(tmp_path / "files", "c.csv.gz", gzip.compress(text)[:-4])
 
-    result = run(config, "ingest", str(gz), str(zst), str(broken))
+    result = run_cli_on(config, "ingest", str(gz), str(zst), str(broken))
 
     lines = result.stdout.splitlines()
     assert lines[0].startswith("a.csv.gz: transactions file #1: loaded 1, duplicate 0")

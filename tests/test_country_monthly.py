@@ -32,11 +32,8 @@ from moneylion.export import close_sqlite, export_full, export_new
 from moneylion.ingest import FileOutcome, ingest_file
 from moneylion.schema import migrate
 from moneylion.source import stage
-from tests.conftest import IngestStandIn
+from tests.conftest import TX_HEADER, TYPES, USERS_HEADER, IngestStandIn, write_csv
 
-TX_HEADER = "transaction_id,user_id,transaction_date,amount,transaction_type"
-USERS_HEADER = "user_id,signup_date,country"
-TYPES = ("deposit", "withdrawal", "purchase")
 COUNTRIES = ("France", "Chile", "Japan", "Kenya")
 
 Totals = dict[tuple[str, str | None], dict[str, tuple[int, Decimal]]]
@@ -113,9 +110,7 @@ def client(
 def csv_file(folder: Path, name: str, kind: str, rows: list[tuple[Any, ...]]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     header = USERS_HEADER if kind == "users" else TX_HEADER
-    path = folder / name
-    path.write_text("\n".join([header, *(",".join(map(str, r)) for r in rows)]) + "\n")
-    return path
+    return write_csv(folder / name, header, (",".join(map(str, r)) for r in rows))
 
 
 class Feed:

@@ -22,8 +22,8 @@ import httpx
 import pytest
 
 from tests.browser import chromium
+from tests.conftest import BROKEN_FILE, EXTRA_TRANSACTIONS, EXTRA_USERS
 from tests.daemon_process import DaemonProcess, wait_for, write_transactions
-from tests.test_api import BROKEN_FILE, EXTRA_TRANSACTIONS, EXTRA_USERS
 
 TOKEN = "dashboard-test-token-0123456789"  # noqa: S105 - a test token
 SEED_FILES = 5  # users, transactions, users_extra, transactions_extra, broken

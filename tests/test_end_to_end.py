@@ -19,9 +19,10 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from tests.conftest import TX_HEADER
 from tests.daemon_process import (
-    TX_HEADER,
     DaemonProcess,
+    assert_api_totals,
     logged_events,
     random_transactions,
     run_cli,
@@ -85,23 +86,6 @@ def wait_settled(daemon: DaemonProcess, files: int, timeout: float = 60.0) -> No
         timeout,
         f"{files} files ingested and moved",
     )
-
-
-def assert_api_totals(daemon: DaemonProcess, expected: Expected, sample: int = 60) -> None:
-    """Every day's totals, and a sample of users', as the API shows them, equal ``expected``."""
-    days = daemon.get("/v1/daily", **{"from": "2000-01-01", "to": "2099-12-31"})["days"]
-    shown = {(d["date"], d["type"]): Decimal(d["total_amount"]) for d in days}
-    assert shown == {key: value for key, value in expected.daily.items()}
-    counts = {(d["date"], d["type"]): d["transaction_count"] for d in days}
-    assert counts == dict(expected.daily_count)
-    users = sorted(expected.total)
-    for user in random.Random(7).sample(users, min(sample, len(users))):
-        summary = daemon.get(f"/v1/users/{user}/summary")
-        assert Decimal(summary["total_amount"]) == expected.total[user], user
-        assert summary["transaction_count"] == expected.count[user], user
-        for kind in ("deposit", "withdrawal", "purchase"):
-            want = expected.by_type.get((user, kind), Decimal(0))
-            assert Decimal(summary[f"total_{kind}"]) == want, (user, kind)
 
 
 def test_seed_files_dropped_every_way_each_end_in_done_once_with_exact_api_totals(
@@ -190,7 +174,7 @@ def test_files_waiting_before_start_are_ingested_on_start_and_sigterm_exits_zero
         path = write_transactions(inbox / f"w{n}.csv", random_transactions(rng, n * 100 + 1, 100))
         expected.add_transactions_file(path)
     (inbox / ".hidden.csv").write_bytes((inbox / "w0.csv").read_bytes())
-    (inbox / "half.csv.part").write_text(",".join(TX_HEADER) + "\n")
+    (inbox / "half.csv.part").write_text(TX_HEADER + "\n")
     daemon = DaemonProcess(inbox, tmp_path / "warehouse", settle_seconds=SETTLE)
     try:
         daemon.start()

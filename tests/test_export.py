@@ -35,11 +35,9 @@ from moneylion.export import (
 )
 from moneylion.ingest import ingest_file
 from moneylion.schema import open_warehouse
-from tests.conftest import IngestStandIn
+from tests.conftest import TX_HEADER, USERS_HEADER, IngestStandIn, write_csv
 from tests.expected import Expected
 
-TX_HEADER = "transaction_id,user_id,transaction_date,amount,transaction_type\n"
-USERS_HEADER = "user_id,signup_date,country\n"
 CENT = Decimal("0.01")
 TABLES = (
     "users",
@@ -72,11 +70,6 @@ def close_exporter() -> Iterator[None]:
     """The exporter keeps its SQLite connection open between exports; close it after each test."""
     yield
     close_sqlite()
-
-
-def write(path: Path, header: str, rows: list[str]) -> Path:
-    path.write_text(header + "".join(row + "\n" for row in rows))
-    return path
 
 
 def cents(value: float | None) -> Decimal:
@@ -126,7 +119,7 @@ def random_files(directory: Path, count: int, seed: int) -> list[Path]:
                 f"{rng.choice(countries)}"
                 for _ in range(rng.randint(1, 25))
             ]
-            files.append(write(directory / f"users_{number:03}.csv", USERS_HEADER, rows))
+            files.append(write_csv(directory / f"users_{number:03}.csv", USERS_HEADER, rows))
             continue
         rows = []
         for _ in range(rng.randint(1, 80)):
@@ -139,7 +132,7 @@ def random_files(directory: Path, count: int, seed: int) -> list[Path]:
             rows.append(f"{rng.randint(1, next_tx - 1)},1,2022-01-01,1.00,deposit")  # old id
         if rng.random() < 0.3:
             rows.append(f"{next_tx},0,2022-01-01,1.00,deposit")  # non_positive_id
-        files.append(write(directory / f"tx_{number:03}.csv", TX_HEADER, rows))
+        files.append(write_csv(directory / f"tx_{number:03}.csv", TX_HEADER, rows))
     return files
 
 
@@ -243,8 +236,8 @@ def test_seed_queries_on_the_export_give_the_maintained_aggregates_and_the_csv_s
 def test_export_keeps_the_seed_column_names_and_types(
     warehouse: duckdb.DuckDBPyConnection, config: Config
 ) -> None:
-    write(config.inbox / "u.csv", USERS_HEADER, ["1,2022-01-02,Japan"])
-    write(config.inbox / "t.csv", TX_HEADER, ["7,1,2022-03-04,12.50,Deposit"])
+    write_csv(config.inbox / "u.csv", USERS_HEADER, ["1,2022-01-02,Japan"])
+    write_csv(config.inbox / "t.csv", TX_HEADER, ["7,1,2022-03-04,12.50,Deposit"])
     for name in ("u.csv", "t.csv"):
         ingest_file(warehouse, config.inbox / name, config)
     export_new(warehouse, config.sqlite_path)
@@ -281,7 +274,7 @@ def test_exports_after_each_file_equal_a_full_export(
     warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
 ) -> None:
     files = random_files(tmp_path / "files", 24, seed=6)
-    files.insert(5, write(tmp_path / "broken.csv", "no,header,here\n", ["1,2,3"]))
+    files.insert(5, write_csv(tmp_path / "broken.csv", "no,header,here\n", ["1,2,3"]))
     files.append(files[1])  # the same bytes again: a duplicate file, nothing new
     exported = []
     for path in files:
@@ -305,8 +298,10 @@ def test_exports_after_each_file_equal_a_full_export(
 def test_a_later_users_file_updates_the_exported_profile(
     warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
 ) -> None:
-    first = write(tmp_path / "u1.csv", USERS_HEADER, ["1,2022-01-02,Japan", "2,2022-01-03,Peru"])
-    second = write(tmp_path / "u2.csv", USERS_HEADER, ["1,2022-01-02,France"])
+    first = write_csv(
+        tmp_path / "u1.csv", USERS_HEADER, ["1,2022-01-02,Japan", "2,2022-01-03,Peru"]
+    )
+    second = write_csv(tmp_path / "u2.csv", USERS_HEADER, ["1,2022-01-02,France"])
     ingest_file(warehouse, first, config)
     export_new(warehouse, config.sqlite_path)
     ingest_file(warehouse, second, config)
@@ -323,7 +318,7 @@ def test_a_later_users_file_updates_the_exported_profile(
 def test_nothing_new_leaves_the_sqlite_file_untouched(
     warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
 ) -> None:
-    ingest_file(warehouse, write(tmp_path / "t.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
+    ingest_file(warehouse, write_csv(tmp_path / "t.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
     export_new(warehouse, config.sqlite_path)
     before = config.sqlite_path.read_bytes(), dump_sqlite(config.sqlite_path)
     result = export_new(warehouse, config.sqlite_path)
@@ -339,9 +334,11 @@ def test_a_reader_sees_the_old_state_until_the_commit_and_is_not_blocked(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    ingest_file(warehouse, write(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
+    ingest_file(warehouse, write_csv(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
     export_new(warehouse, config.sqlite_path)
-    ingest_file(warehouse, write(tmp_path / "b.csv", TX_HEADER, ["2,1,2022-01-02,7.25,purchase"]))
+    ingest_file(
+        warehouse, write_csv(tmp_path / "b.csv", TX_HEADER, ["2,1,2022-01-02,7.25,purchase"])
+    )
     seen: list[tuple[object, ...]] = []
 
     def read_now(point: str) -> None:
@@ -377,7 +374,9 @@ def test_an_export_of_another_warehouse_is_rebuilt_not_extended(
     ):
         conn = open_warehouse(cfg)
         try:
-            ingest_file(conn, write(tmp_path / f"{cfg.warehouse.name}.csv", TX_HEADER, rows), cfg)
+            ingest_file(
+                conn, write_csv(tmp_path / f"{cfg.warehouse.name}.csv", TX_HEADER, rows), cfg
+            )
             export_new(conn, cfg.sqlite_path)
         finally:
             conn.close()
@@ -400,7 +399,7 @@ def test_full_export_replaces_the_file_and_leaves_nothing_aside(
 ) -> None:
     for number in range(3):
         rows = [f"{number * 10 + k},{k},2022-01-0{k},1.0{k},withdrawal" for k in range(1, 4)]
-        ingest_file(warehouse, write(tmp_path / f"t{number}.csv", TX_HEADER, rows), config)
+        ingest_file(warehouse, write_csv(tmp_path / f"t{number}.csv", TX_HEADER, rows), config)
         export_new(warehouse, config.sqlite_path)
     incremental = dump_sqlite(config.sqlite_path)
     reader = sqlite3.connect(config.sqlite_path)
@@ -421,7 +420,7 @@ def test_cli_export_catches_up_and_full_rebuilds(
     conn = open_warehouse(config)
     try:
         ingest_file(
-            conn, write(tmp_path / "t.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]), config
+            conn, write_csv(tmp_path / "t.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]), config
         )
     finally:
         conn.close()
@@ -469,15 +468,17 @@ def test_small_increments_after_a_large_one_add_to_the_users_it_brought(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    ingest_file(warehouse, write(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-05,1.00,deposit"]))
+    ingest_file(
+        warehouse, write_csv(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-05,1.00,deposit"])
+    )
     export_new(warehouse, config.sqlite_path)
     rows = [f"{n},{n % 50 + 1},2022-01-0{n % 9 + 1},{n}.25,purchase" for n in range(2, 300)]
-    ingest_file(warehouse, write(tmp_path / "b.csv", TX_HEADER, rows), config)
+    ingest_file(warehouse, write_csv(tmp_path / "b.csv", TX_HEADER, rows), config)
     monkeypatch.setattr(increment, "LARGE_INCREMENT_ROWS", 100)
     large = export_new(warehouse, config.sqlite_path)
     assert large.transactions == 298
     assert base_and_delta_users(config.sqlite_path) == (list(range(1, 51)), [])
-    ingest_file(warehouse, write(tmp_path / "c.csv", TX_HEADER, ["900,7,2022-02-01,3,deposit"]))
+    ingest_file(warehouse, write_csv(tmp_path / "c.csv", TX_HEADER, ["900,7,2022-02-01,3,deposit"]))
     export_new(warehouse, config.sqlite_path)
     assert base_and_delta_users(config.sqlite_path)[1] == [7]  # known from the large increment
     assert_equals_full_export(warehouse, config.sqlite_path)
@@ -491,14 +492,14 @@ def test_a_large_increment_exporting_a_transaction_twice_fails_and_leaves_the_fi
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(increment, "LARGE_INCREMENT_ROWS", 0)
-    ingest_file(warehouse, write(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
+    ingest_file(warehouse, write_csv(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
     export_new(warehouse, config.sqlite_path)
     lite = sqlite3.connect(config.sqlite_path)  # id 2 is already there, as by a bug
     lite.execute("INSERT INTO transactions VALUES (2, 1, '2022-01-02', 7.0, 'deposit')")
     lite.commit()
     lite.close()
     before = dump_sqlite(config.sqlite_path)
-    ingest_file(warehouse, write(tmp_path / "b.csv", TX_HEADER, ["2,1,2022-01-02,7,deposit"]))
+    ingest_file(warehouse, write_csv(tmp_path / "b.csv", TX_HEADER, ["2,1,2022-01-02,7,deposit"]))
     with pytest.raises(sqlite3.IntegrityError):
         export_new(warehouse, config.sqlite_path)
     assert dump_sqlite(config.sqlite_path) == before
@@ -515,11 +516,11 @@ def test_an_export_failing_midway_leaves_the_file_whole_and_the_next_one_catches
     failure: str,
 ) -> None:
     interrupt_export()  # no export running, no writer open: nothing happens
-    ingest_file(warehouse, write(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
+    ingest_file(warehouse, write_csv(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
     export_new(warehouse, config.sqlite_path)
     before = dump_sqlite(config.sqlite_path)
     rows = [f"{n},{n % 7 + 1},2022-01-02,7,deposit" for n in range(2, 502)]
-    ingest_file(warehouse, write(tmp_path / "b.csv", TX_HEADER, rows), config)
+    ingest_file(warehouse, write_csv(tmp_path / "b.csv", TX_HEADER, rows), config)
     monkeypatch.setattr(increment, "LARGE_INCREMENT_ROWS", 0)  # a side file, a long INSERT
     if failure == "bulk_write_refused":  # a column the side file lacks: the driver refuses it
         broken = (("transactions", "SELECT 1 AS no_such_column"),)
@@ -586,7 +587,9 @@ def test_a_file_that_is_not_our_export_is_rebuilt(
         lite.execute("INSERT INTO users VALUES (99, '2020-01-01', 'Chile')")
         lite.commit()
         lite.close()
-    ingest_file(warehouse, write(tmp_path / "u.csv", USERS_HEADER, ["1,2022-01-02,Japan"]), config)
+    ingest_file(
+        warehouse, write_csv(tmp_path / "u.csv", USERS_HEADER, ["1,2022-01-02,Japan"]), config
+    )
     result = export_new(warehouse, config.sqlite_path)
     assert result.full
     assert dump_sqlite(config.sqlite_path)["users"] == [(1, "2022-01-02", "Japan")]
@@ -597,9 +600,9 @@ def test_a_file_that_is_not_our_export_is_rebuilt(
 def test_exporting_a_transaction_twice_fails_loudly_instead_of_counting_it_twice(
     warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
 ) -> None:
-    ingest_file(warehouse, write(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
+    ingest_file(warehouse, write_csv(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
     export_new(warehouse, config.sqlite_path)
-    ingest_file(warehouse, write(tmp_path / "b.csv", TX_HEADER, ["2,1,2022-01-02,7,deposit"]))
+    ingest_file(warehouse, write_csv(tmp_path / "b.csv", TX_HEADER, ["2,1,2022-01-02,7,deposit"]))
     export_new(warehouse, config.sqlite_path)
     close_sqlite()
     lite = sqlite3.connect(config.sqlite_path)  # a watermark wound back by hand
@@ -637,10 +640,10 @@ def test_increments_add_known_users_to_the_delta_and_new_users_to_the_base(
     warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
 ) -> None:
     first = ["1,1,2022-01-05,10.10,deposit", "2,2,2022-01-06,20.20,purchase"]
-    ingest_file(warehouse, write(tmp_path / "a.csv", TX_HEADER, first), config)
+    ingest_file(warehouse, write_csv(tmp_path / "a.csv", TX_HEADER, first), config)
     assert export_new(warehouse, config.sqlite_path).full
     later = ["3,2,2022-01-01,0.90,withdrawal", "4,3,2022-01-07,3.33,deposit"]
-    ingest_file(warehouse, write(tmp_path / "b.csv", TX_HEADER, later), config)
+    ingest_file(warehouse, write_csv(tmp_path / "b.csv", TX_HEADER, later), config)
     assert not export_new(warehouse, config.sqlite_path).full
     assert base_and_delta_users(config.sqlite_path) == ([1, 2, 3], [2])
     assert dump_sqlite(config.sqlite_path)["user_totals"] == [
@@ -692,7 +695,7 @@ def test_increments_touching_many_users_add_to_the_base_directly(
 def test_user_totals_lookups_and_joins_read_by_key(
     warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
 ) -> None:
-    ingest_file(warehouse, write(tmp_path / "t.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
+    ingest_file(warehouse, write_csv(tmp_path / "t.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
     export_new(warehouse, config.sqlite_path)
     lite = sqlite3.connect(config.sqlite_path)
     try:
@@ -722,7 +725,7 @@ def test_an_export_in_the_previous_format_is_rebuilt(
         " ('last_file_id', '0');"
     )
     lite.close()
-    ingest_file(warehouse, write(tmp_path / "t.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
+    ingest_file(warehouse, write_csv(tmp_path / "t.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
     assert export_new(warehouse, config.sqlite_path).full
     assert dump_sqlite(config.sqlite_path)["user_totals"] == [
         (1, 1, "5.00", "5.00", "0.00", "0.00", "2022-01-01", "2022-01-01")

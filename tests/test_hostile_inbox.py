@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from moneylion.inbox import set_aside_files
+from tests.conftest import TX_COLUMNS, TX_HEADER
 from tests.daemon_process import (
-    TX_HEADER,
     DaemonProcess,
     logged_events,
     random_transactions,
@@ -69,7 +69,7 @@ def drop(daemon: DaemonProcess, outside: Path, name: str, content: bytes) -> Pat
 
 def transactions_csv(first_id: int, count: int, seed: int = 1) -> bytes:
     rows = random_transactions(random.Random(seed), first_id, count)
-    lines = [",".join(TX_HEADER)] + [",".join(map(str, row)) for row in rows]
+    lines = [TX_HEADER] + [",".join(map(str, row)) for row in rows]
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -321,14 +321,14 @@ def test_a_header_of_5000_columns_is_read_whole_and_its_rows_load(
     daemon: DaemonProcess, outside: Path
 ) -> None:
     extras = [f"extra_column_{n:05d}" for n in range(4_995)]
-    header = ",".join(extras + TX_HEADER)  # the columns that matter come last, past 64 KiB
+    header = ",".join(extras + list(TX_COLUMNS))  # the columns that matter come last, past 64 KiB
     assert len(header) > 90_000
     rows = random_transactions(random.Random(3), 1, 100)
     filler = ",".join("x" * len(extras))
     body = "".join(filler + "," + ",".join(map(str, row)) + "\n" for row in rows)
     expected = Expected()
     expected.add_transactions(
-        "\n".join([",".join(TX_HEADER), *(",".join(map(str, row)) for row in rows)]) + "\n"
+        "\n".join([TX_HEADER, *(",".join(map(str, row)) for row in rows)]) + "\n"
     )
     drop(daemon, outside, "wide.csv", (header + "\n" + body).encode())
     ordinary(daemon, outside, expected, 1_000, "after.csv")
@@ -344,9 +344,9 @@ def test_a_row_with_a_10_mb_field_is_refused_by_its_line_and_the_good_rows_load(
     rows = random_transactions(random.Random(4), 1, 10)
     lines = [",".join(map(str, row)) for row in rows]
     long_line = f"99,1,2022-01-01,1.00,{'d' * 10_000_000}"
-    text = "\n".join([",".join(TX_HEADER), *lines[:5], long_line, *lines[5:]]) + "\n"
+    text = "\n".join([TX_HEADER, *lines[:5], long_line, *lines[5:]]) + "\n"
     expected = Expected()
-    expected.add_transactions("\n".join([",".join(TX_HEADER), *lines]) + "\n")
+    expected.add_transactions("\n".join([TX_HEADER, *lines]) + "\n")
     drop(daemon, outside, "long.csv", text.encode())
     ordinary(daemon, outside, expected, 1_000, "after.csv")
     wait_done(daemon, "long.csv", "after.csv", timeout=60)
@@ -446,7 +446,7 @@ def test_what_already_held_still_holds_and_the_stream_goes_on(
     odd = ["with space.csv", "ünïcödé-€.csv", "new\nline.csv", "-leading-dash.csv"]
     for name, content in refused.items():
         drop(daemon, outside, name, content)
-    header = ",".join(TX_HEADER).encode()
+    header = TX_HEADER.encode()
     drop(daemon, outside, "quote-row.csv", header + b'\n7,1,"2022-01-01,5.00,deposit\n8,1\n')
     for name in odd:
         drop(daemon, outside, name, plain)  # the same bytes under every odd name

@@ -15,15 +15,8 @@ import pytest
 from moneylion.aggregates import verify
 from moneylion.config import Config
 from moneylion.ingest import ingest_file, warehouse_status
+from tests.conftest import TX_HEADER, USERS_HEADER, write_csv
 from tests.expected import Expected
-
-TX_HEADER = "transaction_id,user_id,transaction_date,amount,transaction_type\n"
-USERS_HEADER = "user_id,signup_date,country\n"
-
-
-def write(path: Path, header: str, rows: list[str]) -> Path:
-    path.write_text(header + "".join(row + "\n" for row in rows))
-    return path
 
 
 def totals(conn: duckdb.DuckDBPyConnection) -> list[tuple[object, ...]]:
@@ -81,7 +74,7 @@ def test_seed_files_give_the_same_answers_as_an_independent_computation(
 def test_reingesting_a_file_under_any_name_changes_nothing(
     warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
 ) -> None:
-    first = write(
+    first = write_csv(
         tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,10.00,deposit", "2,2,2022-01-02,5,purchase"]
     )
     loaded = ingest_file(warehouse, first, config)
@@ -105,14 +98,14 @@ def test_conflicting_resend_is_rejected_and_totals_unchanged(
 ) -> None:
     ingest_file(
         warehouse,
-        write(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,10.00,deposit"]),
+        write_csv(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,10.00,deposit"]),
         config,
     )
     before = totals(warehouse)
 
     resend = ingest_file(
         warehouse,
-        write(
+        write_csv(
             tmp_path / "b.csv",
             TX_HEADER,
             ["1,1,2022-01-01,10.00,deposit", "1,1,2022-01-01,99.00,deposit"],
@@ -122,7 +115,9 @@ def test_conflicting_resend_is_rejected_and_totals_unchanged(
 
     assert resend.rejected_by_reason == {"duplicate_in_file": 2}
     conflict = ingest_file(
-        warehouse, write(tmp_path / "c.csv", TX_HEADER, ["1,1,2022-01-01,99.00,deposit"]), config
+        warehouse,
+        write_csv(tmp_path / "c.csv", TX_HEADER, ["1,1,2022-01-01,99.00,deposit"]),
+        config,
     )
     assert conflict.rejected_by_reason == {"conflicts_with_stored": 1}
     assert warehouse.execute(
@@ -137,13 +132,13 @@ def test_identical_rows_already_stored_are_duplicates_and_new_rows_load(
 ) -> None:
     ingest_file(
         warehouse,
-        write(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,10.00,deposit"]),
+        write_csv(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,10.00,deposit"]),
         config,
     )
 
     overlap = ingest_file(
         warehouse,
-        write(
+        write_csv(
             tmp_path / "b.csv",
             TX_HEADER,
             ["1,1,2022-01-01,10.0,Deposit", "2,1,2022-01-01,1.00,withdrawal"],
@@ -163,14 +158,16 @@ def test_orphan_transactions_count_and_users_arriving_later_get_attached(
 ) -> None:
     ingest_file(
         warehouse,
-        write(tmp_path / "t.csv", TX_HEADER, ["1,42,2022-01-01,3.00,purchase"]),
+        write_csv(tmp_path / "t.csv", TX_HEADER, ["1,42,2022-01-01,3.00,purchase"]),
         config,
     )
     assert warehouse.execute(
         "SELECT t.user_id, u.country FROM user_totals t LEFT JOIN users u USING (user_id)"
     ).fetchall() == [(42, None)]
 
-    ingest_file(warehouse, write(tmp_path / "u.csv", USERS_HEADER, ["42,2021-05-01,Chile"]), config)
+    ingest_file(
+        warehouse, write_csv(tmp_path / "u.csv", USERS_HEADER, ["42,2021-05-01,Chile"]), config
+    )
 
     assert warehouse.execute(
         "SELECT t.user_id, u.country FROM user_totals t JOIN users u USING (user_id)"
@@ -183,13 +180,13 @@ def test_users_are_upserted_latest_file_wins(
 ) -> None:
     ingest_file(
         warehouse,
-        write(tmp_path / "u1.csv", USERS_HEADER, ["1,2021-01-01,Japan", "2,2021-01-02,Peru"]),
+        write_csv(tmp_path / "u1.csv", USERS_HEADER, ["1,2021-01-01,Japan", "2,2021-01-02,Peru"]),
         config,
     )
 
     second = ingest_file(
         warehouse,
-        write(tmp_path / "u2.csv", USERS_HEADER, ["1,2021-01-01,France", "2,2021-01-02,Peru"]),
+        write_csv(tmp_path / "u2.csv", USERS_HEADER, ["1,2021-01-01,France", "2,2021-01-02,Peru"]),
         config,
     )
 
@@ -207,9 +204,9 @@ def test_status_lists_counts_and_last_files(
     warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
 ) -> None:
     ingest_file(
-        warehouse, write(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,1,deposit"]), config
+        warehouse, write_csv(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,1,deposit"]), config
     )
-    ingest_file(warehouse, write(tmp_path / "b.csv", "nonsense\n", ["x"]), config)
+    ingest_file(warehouse, write_csv(tmp_path / "b.csv", "nonsense\n", ["x"]), config)
 
     status = warehouse_status(warehouse, last=5)
 
@@ -240,8 +237,8 @@ def test_large_and_small_deltas_give_the_same_totals(
     rows = [
         f"{i},{i % 7 + 1},2022-01-{i % 28 + 1:02d},{i}.{i % 100:02d},deposit" for i in range(1, 60)
     ]
-    ingest_file(conn, write(tmp_path / "a.csv", TX_HEADER, rows[:30]), config)
-    ingest_file(conn, write(tmp_path / "b.csv", TX_HEADER, rows[30:]), config)
+    ingest_file(conn, write_csv(tmp_path / "a.csv", TX_HEADER, rows[:30]), config)
+    ingest_file(conn, write_csv(tmp_path / "b.csv", TX_HEADER, rows[30:]), config)
     expected = sum(Decimal(r.split(",")[3]) for r in rows)
     assert conn.execute("SELECT sum(total_amount), sum(tx_count) FROM user_totals").fetchall() == [
         (expected, 59)
@@ -256,7 +253,9 @@ def test_copies_are_found_whether_ids_are_dense_or_sparse(
 ) -> None:
     """Dense id ranges are checked with a bitmap, sparse ones with count(DISTINCT)."""
     rows = ["1,1,2022-01-01,1.00,deposit", f"{far_id},1,2022-01-01,2.00,deposit"]
-    outcome = ingest_file(warehouse, write(tmp_path / "a.csv", TX_HEADER, [*rows, rows[1]]), config)
+    outcome = ingest_file(
+        warehouse, write_csv(tmp_path / "a.csv", TX_HEADER, [*rows, rows[1]]), config
+    )
 
     assert (outcome.rows_loaded, outcome.rows_duplicate) == (2, 1)
     assert warehouse.execute("SELECT tx_count, total_amount FROM user_totals").fetchall() == [
@@ -277,7 +276,9 @@ def test_the_user_totals_log_compacts_to_one_row_per_user_with_the_same_totals(
     rows = [f"{i},{i % 4 + 1},2022-01-0{i % 9 + 1},{i}.25,purchase" for i in range(1, 41)]
     for n in range(4):  # 4 users a file: 4, 8, 12 rows wait; the fourth file (16) compacts
         ingest_file(
-            warehouse, write(tmp_path / f"{n}.csv", TX_HEADER, rows[n * 10 : n * 10 + 10]), config
+            warehouse,
+            write_csv(tmp_path / f"{n}.csv", TX_HEADER, rows[n * 10 : n * 10 + 10]),
+            config,
         )
         assert verify(warehouse) == []
 
@@ -298,7 +299,7 @@ def test_recompute_repairs_damaged_aggregates(
     from moneylion.aggregates import recompute
 
     ingest_file(
-        warehouse, write(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,5.00,deposit"]), config
+        warehouse, write_csv(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,5.00,deposit"]), config
     )
     warehouse.execute("UPDATE user_totals_log SET tx_count = 7")
     warehouse.execute("DELETE FROM daily_totals")
@@ -345,11 +346,11 @@ def test_a_path_that_gives_up_logs_why(
     rows: list[str],
     reasons: list[tuple[str, str]],
 ) -> None:
-    first = write(tmp_path / "first.csv", TX_HEADER, ["1,1,2024-01-01,1.00,deposit"])
+    first = write_csv(tmp_path / "first.csv", TX_HEADER, ["1,1,2024-01-01,1.00,deposit"])
     assert ingest_file(warehouse, first, config).status == "loaded"
     caplog.clear()
     with caplog.at_level("INFO", logger="moneylion"):
-        outcome = ingest_file(warehouse, write(tmp_path / "next.csv", TX_HEADER, rows), config)
+        outcome = ingest_file(warehouse, write_csv(tmp_path / "next.csv", TX_HEADER, rows), config)
     assert outcome.status == "loaded"
     logged = [
         (r.fields["path"], r.fields["reason"])  # type: ignore[attr-defined]

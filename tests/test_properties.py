@@ -17,6 +17,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import duckdb
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,9 +25,8 @@ from moneylion.aggregates import verify
 from moneylion.config import Config, load_config
 from moneylion.ingest import ingest_file
 from moneylion.schema import open_warehouse
+from tests.conftest import TX_HEADER, TYPES, USERS_HEADER, write_csv
 
-TX_HEADER = "transaction_id,user_id,transaction_date,amount,transaction_type"
-USERS_HEADER = "user_id,signup_date,country"
 BAD_TX_ROWS = [
     "{id},7,2022-01-01,,deposit",  # missing_field
     "{id}.0,7,2022-01-01,1.00,deposit",  # bad_integer
@@ -39,7 +39,6 @@ BAD_TX_ROWS = [
     "{id},7,2022-01-01,1.00",  # wrong_field_count
     "{id},7,2022-01-01,1.00,deposit,,",  # wrong_field_count (empty extra fields)
 ]
-TYPES = ["deposit", "withdrawal", "purchase"]
 
 TxContent = tuple[int, dt.date, Decimal, str]
 
@@ -111,9 +110,7 @@ def write_files(folder: Path, files: list[tuple[str, list[str]]]) -> list[Path]:
     paths = []
     for number, (kind, lines) in enumerate(files):
         header = TX_HEADER if kind == "transactions" else USERS_HEADER
-        path = folder / f"{number:03d}_{kind}.csv"
-        path.write_text("\n".join([header, *lines]) + "\n")
-        paths.append(path)
+        paths.append(write_csv(folder / f"{number:03d}_{kind}.csv", header, lines))
     return paths
 
 
@@ -180,6 +177,7 @@ def aggregates_of(conn: duckdb.DuckDBPyConnection) -> list[list[tuple[object, ..
     ]
 
 
+@pytest.mark.slow  # a property test: hypothesis runs it many times
 @settings(
     max_examples=60,
     deadline=None,
@@ -210,6 +208,7 @@ def test_any_files_in_any_order_keep_aggregates_exact(
         conn.close()
 
 
+@pytest.mark.slow  # a property test: hypothesis runs it many times
 @settings(
     max_examples=40,
     deadline=None,

@@ -11,8 +11,6 @@ draws the operation's cases with hypothesis directly.)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +23,7 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from moneylion.api import create_app
 from moneylion.config import load_config
-from tests.test_api import Loaded, build_loaded
+from tests.conftest import Loaded
 
 TOKEN = "schemathesis-token-0123456789"  # noqa: S105 - a test token
 
@@ -46,15 +44,6 @@ def _cases() -> list[tuple[str, GenerationMode]]:
 
 
 CASES = _cases()
-
-
-@pytest.fixture(scope="module")
-def loaded(
-    tmp_path_factory: pytest.TempPathFactory, seed_files: tuple[Path, Path]
-) -> Iterator[Loaded]:
-    state = build_loaded(tmp_path_factory.mktemp("schemathesis"), seed_files)
-    yield state
-    state.conn.close()
 
 
 @pytest.fixture(scope="module")

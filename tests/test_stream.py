@@ -23,6 +23,7 @@ from moneylion.health import inbox_waiting
 from moneylion.inbox import prune_days, set_aside_files
 from moneylion.schema import open_warehouse
 from moneylion.watcher import scan_inbox
+from tests.conftest import USERS_HEADER, write_csv
 from tests.daemon_process import (
     DaemonProcess,
     logged_events,
@@ -36,12 +37,9 @@ from tests.expected import Expected
 
 pytestmark = pytest.mark.slow
 
-USERS_HEADER = "user_id,signup_date,country\n"
-
 
 def write_users(path: Path, rows: list[tuple[int, str, str]]) -> Path:
-    path.write_text(USERS_HEADER + "".join(f"{u},{d},{c}\n" for u, d, c in rows), "utf-8")
-    return path
+    return write_csv(path, USERS_HEADER, (f"{u},{d},{c}" for u, d, c in rows))
 
 
 @contextlib.contextmanager

@@ -15,17 +15,17 @@ import pytest
 
 from moneylion.api.uploads import inbox_name
 from moneylion.watcher import scan_inbox
+from tests.conftest import TX_HEADER, csv_text
 from tests.daemon_process import DaemonProcess, wait_for
 
 LIMIT = 4096  # max_upload_bytes of the daemons here
-TX_HEADER = "transaction_id,user_id,transaction_date,amount,transaction_type\n"
 
 
 def transactions(first: int, count: int) -> bytes:
-    rows = "".join(
-        f"{first + n},{n % 7 + 1},2022-03-0{n % 9 + 1},{n + 1}.25,deposit\n" for n in range(count)
+    rows = (
+        f"{first + n},{n % 7 + 1},2022-03-0{n % 9 + 1},{n + 1}.25,deposit" for n in range(count)
     )
-    return (TX_HEADER + rows).encode()
+    return csv_text(TX_HEADER, rows).encode()
 
 
 @pytest.fixture(scope="module")

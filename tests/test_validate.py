@@ -238,6 +238,7 @@ FIELD_TEXT = st.one_of(
 ALL_COLUMNS = sorted({c for kind in FileKind for c in COLUMNS[kind]})
 
 
+@pytest.mark.slow  # a property test: hypothesis runs it many times
 @settings(max_examples=400, deadline=None)
 @given(column=st.sampled_from(ALL_COLUMNS), raw=FIELD_TEXT)
 def test_fast_path_accepts_only_what_the_reference_accepts_with_the_same_value(
@@ -490,6 +491,7 @@ LINE_SHAPES = [
 ]
 
 
+@pytest.mark.slow  # a property test: hypothesis runs it many times
 @settings(max_examples=40, deadline=None)
 @given(
     lines=st.lists(
