@@ -105,8 +105,8 @@ def append_fast(
     return Applied(loaded=int(inserted))
 
 
-# Distinct ids are counted with a bitmap over the file's id range when it is dense enough:
-# 10M ids in 0.05 s, against 0.9 s for count(DISTINCT).
+# Distinct ids are counted with a bitmap over the file's id range when it is dense enough: one
+# pass setting bits, no hash table as count(DISTINCT) builds (bench/micro.py --only copies).
 BITMAP_MAX_BITS = 1 << 28  # 32 MiB
 
 

@@ -178,8 +178,9 @@ def _load(
     file_id = arrival.file_id
     conn.execute("BEGIN TRANSACTION")
     try:
-        # DuckDB's reader binds every column of a wide file (5,000 columns: ~0.3 s even for a
-        # few rows); past WIDE_COLUMNS the reference rules read it (no reader limit there).
+        # DuckDB's reader binds every column of a wide file, at a cost that grows with the
+        # columns whatever the rows; past WIDE_COLUMNS the reference rules read it (no reader
+        # limit there; bench/micro.py --only wide).
         applied: Applied | Fallback = Fallback(
             f"{header.field_count} columns, past {WIDE_COLUMNS}: the reader is not used"
         )

@@ -1,6 +1,6 @@
 """Answers that only change when a file commits, kept until the next commit.
 
-A DuckDB statement costs ~0.5 ms of CPU here whatever it does, and the hot read-mostly answers
+A DuckDB statement has a fixed CPU cost whatever it does, and the hot read-mostly answers
 (top users, a day's totals, the age of the last file) change only when the ingest worker commits.
 The cache drops everything when its change token moves:
 

@@ -49,7 +49,7 @@ class UserSummary:
 
 _ZERO = Decimal("0.00")
 
-# Two point lookups in one statement (one snapshot, and a statement costs ~0.3 ms in DuckDB
+# Two point lookups in one statement (one snapshot, and a DuckDB statement has a fixed cost
 # whatever it does); a join would scan the larger table.
 # USER_TOTALS' measures, in order: what ``summary_of`` takes as a user's totals.
 TOTALS_COLUMNS = ", ".join(measure.name for measure in USER_TOTALS.measures)

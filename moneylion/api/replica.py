@@ -1,9 +1,10 @@
 """Point reads from the SQLite export, used while it holds everything DuckDB has committed.
 
-A user summary from DuckDB costs ~3.5 ms of CPU here (a columnar engine scans for one key, and
+A user summary from DuckDB costs milliseconds of CPU (a columnar engine scans for one key, and
 any statement has a fixed cost), and while a large file is being ingested it competes with the
 ingest for DuckDB's threads. The SQLite export keeps the same per-user totals in a B-tree keyed
-by user id: two point reads take ~50 us, and readers never wait for the exporter (WAL).
+by user id: two point reads cost tens of microseconds, and readers never wait for the exporter
+(WAL). ``bench/micro.py --only user_summary`` measures both.
 
 The export trails DuckDB: each export is one SQLite transaction that also stores the last
 exported file id (``export_state.last_file_id``). A read opens one SQLite snapshot and uses it

@@ -106,8 +106,8 @@ class ApiContext:
             cursor.close()
 
     async def user_summary(self, user_id: int) -> UserSummary | None:
-        """From the SQLite export if it holds the last commit (a point read on the event loop,
-        ~50 us), else from DuckDB in a worker thread."""
+        """From the SQLite export if it holds the last commit (a point read, cheap enough for
+        the event loop), else from DuckDB in a worker thread."""
         if self.replica is not None and self.ingest is not None and self.db is not None:
             answered, found = self.replica.user_summary(user_id, self.ingest.committed_file_id())
             if answered:

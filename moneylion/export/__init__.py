@@ -16,13 +16,11 @@ totals, and ``export_state`` (``last_file_id``, its sha256, the format).
 | ``outcome`` | ``ExportResult``, its log event, the crash tests' fault hook |
 
 Why Python's sqlite3 and ADBC, and not DuckDB's sqlite extension: the extension cannot be
-downloaded at run time and its offline wheels stop at DuckDB 1.5.5, on which a 10M-row ingest took
-5.7-6.2 s against 3.6-3.7 s on the pinned 2.0.1 (interleaved runs, same machine and day); using it
-would also mean a second DuckDB in another process, fed a copy of the data. It writes no faster:
-the same 10M sorted transactions into SQLite took 4.7 s (rollback journal) / 5.3 s (WAL) with
-it, 4.7-5.2 s with ADBC's SQLite driver (GIL released), 6.5 s with sqlite3 binding from Python.
-Python's sqlite3 keeps the live file: small increments (~6-7 ms for 1,000 rows) and the API's
-reads. ``bench/export.py`` prints the current figures.
+downloaded at run time and its offline wheels stop at an older DuckDB, on which moneylion's
+ingest is markedly slower; using it would also mean a second DuckDB in another process, fed a
+copy of the data. It writes no faster than ADBC's SQLite driver, which releases the GIL.
+Python's sqlite3 keeps the live file: small increments and the API's reads. The measurements
+are in docs/performance.md; ``bench/export.py`` prints the current figures.
 """
 
 from __future__ import annotations

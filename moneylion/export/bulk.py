@@ -8,8 +8,7 @@ they are built.
 
 Why ADBC: its SQLite driver binds Arrow columns to the INSERT in C, with the GIL released, where
 Python's sqlite3 binds every value from Python objects while holding the GIL that the API's
-threads also need. Measured here, 10M transactions sorted by id into a new file: 4.7-5.2 s, and
-6.5 s for sqlite3 with 100-row VALUES statements fed from Arrow columns.
+threads also need; it is also the faster of the two (docs/performance.md).
 
 The driver carries its own SQLite library. Two SQLite libraries in one process must never have
 the same file open at once (each keeps its own POSIX locks, and closing a file in one drops the

@@ -113,8 +113,8 @@ def _write_in_two_threads(
     """The transactions into ``aside`` on a thread of their own, the other tables into ``side``
     on this one (``_finish`` copies them in); the rows written per table.
 
-    The bulk writer holds no GIL, so the two use both cores (10M transactions take ~5.5 s, the
-    other tables ~1.3 s, the copy ~0.3 s: SQLite moves records into empty tables undecoded). The
+    The bulk writer holds no GIL, so the two use both cores (the transactions are most of the
+    work; the copy is cheap: SQLite moves records into empty tables undecoded). The
     thread's cursor reads outside the export's snapshot, which is the same for these rows:
     transactions are only appended, and every file up to ``high`` is committed.
     """

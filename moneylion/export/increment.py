@@ -15,14 +15,15 @@ Two ways, by the rows the range loaded:
 * **small** (up to LARGE_INCREMENT_ROWS, the daemon's usual file): rows are read from DuckDB as
   tuples and bound by Python's sqlite3; the aggregates are not copied but ADDED: the new
   transactions' per-user and per-day sums, in integer cents, summed in Python from the rows
-  being copied anyway (a DuckDB GROUP BY costs ~3 ms even for 1,000 rows; copying the touched
-  totals out of DuckDB's 1M users ~12 ms). Users the SQLite base has get them in
+  being copied anyway (a DuckDB statement costs milliseconds however few its rows, and copying
+  the touched totals out of DuckDB costs more; docs/performance.md). Users the SQLite base has
+  get them in
   ``user_totals_delta``, folded into the base after COMPACT_DELTA_USERS users (see schema.py).
 * **large**: the bulk writer (ADBC, in C, off the GIL) writes the new rows, and DuckDB's totals
   of the users and days they touched, into a side file; the live file copies them in with a
   few ``INSERT ... SELECT`` statements (C again: sqlite3 releases the GIL while a statement
-  runs). Python binding a 10M-row file's rows held the GIL for ~14-20 s, during which the API
-  (same process) answered in up to 100 ms.
+  runs). Python binding a large file's rows would hold the GIL for seconds, and the API (same
+  process) with it.
 
 Transactions are immutable and only appended, so adding the sums of the new rows gives DuckDB's
 maintained totals; the tests compare every kind of increment with a full export, which copies.
@@ -71,13 +72,13 @@ LARGE_INCREMENT_ROWS = 50_000
 # crossed it, in a transaction of its own), so that it stays a few hundred pages. An increment
 # touching this many users adds to the base directly: it dirties most base pages anyway.
 COMPACT_DELTA_USERS = 20_000
-ROWS_PER_STATEMENT = 100  # multi-row VALUES: ~1.8x the throughput of one row per statement
+ROWS_PER_STATEMENT = 100  # multi-row VALUES: fewer statements, each of fixed cost
 
 _FILE_COLUMNS = ", ".join(LEDGER_COLUMNS)
 _ID, _SHA256 = AT["file_id"], AT["sha256"]
 # The ledger from the last exported file on: its sha256 tells whether the SQLite file belongs
-# to this warehouse; the others are the range. No ORDER BY: DuckDB's sort costs ~1 ms even for
-# a few rows, Python sorts them.
+# to this warehouse; the others are the range. No ORDER BY: a DuckDB sort has a fixed cost even
+# for a few rows, Python sorts them.
 _LEDGER = f"{select_as_sqlite('files')} WHERE file_id >= $lo"
 
 # Small increments: tuples in the order of the SQLite columns. Users are updated in place by
@@ -380,9 +381,9 @@ def _insert_flat(
 ) -> None:
     """Insert rows laid end to end in ``flat``.
 
-    Plain INSERTs put ``ROWS_PER_STATEMENT`` rows in each statement: that nearly halves the
-    per-row cost of sqlite3's ``executemany`` (1.37M vs 0.75M rows/s). INSERT OR REPLACE goes
-    one row per statement, which measured faster for it (3.1 vs 5.8 ms for 1,000 rows).
+    Plain INSERTs put ``ROWS_PER_STATEMENT`` rows in each statement, cheaper per row than
+    sqlite3's ``executemany``; INSERT OR REPLACE goes one row per statement, which measured
+    faster for it (docs/performance.md, ``bench/micro.py --only values``).
     """
     width = columns.count(",") + 1
     one_row = "(" + ", ".join("?" * width) + ")"

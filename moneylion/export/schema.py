@@ -9,12 +9,12 @@ inside SQLite (``printf('%d.%02d', ...)``). For exact arithmetic in SQL use
 ``user_totals`` is a VIEW with the columns and TEXT totals it had as a table:
 ``user_totals_base`` (one row per user, TEXT totals: what a full export writes) LEFT JOIN
 ``user_totals_delta`` (at most one row per user, only for users the base has: the integer cents
-that small increments added since the last compaction). Why: 1,000 scattered users dirty ~1,000
-of the base's ~16k pages, and writing those to the WAL at COMMIT (~9 ms) plus the TEXT upserts
-(~9 ms) alone broke the 20 ms target; the delta's few hundred pages and integer upserts cost
-~2 + ~3 ms. Read cost: a point lookup or a join on ``user_id`` reads one base row and one delta
-row by key (~12 vs ~11 us for a table); a scan joins each base row to the small delta (~0.44 vs
-~0.24 s for 1M users with 3,000 in the delta); rows come in ``user_id`` order.
+that small increments added since the last compaction). Why: a small file's users are scattered,
+so adding to the base would dirty about one base page per user, all written to the WAL at
+COMMIT, plus TEXT upserts; the delta stays a few hundred pages of integer upserts. Reads pay
+little for it: a point lookup or a join on ``user_id`` reads one base row and one delta row by
+key, a scan joins each base row to the small delta, and rows come in ``user_id`` order.
+docs/performance.md has the figures.
 """
 
 from __future__ import annotations

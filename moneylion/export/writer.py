@@ -1,9 +1,9 @@
 """The exporter's one connection to the live SQLite file, kept open between exports.
 
-Its page cache (up to CACHE_KIB) is warmed with the user totals when it opens: 1,000 random users
-touch ~1,000 pages, and reading them cold costs ~40 ms per export. WAL checkpoints run on a
-thread and connection of their own (Checkpointer), so no export waits for one. ``LOCK`` is held
-by every export: one writer per process.
+Its page cache (up to CACHE_KIB) is warmed with the user totals when it opens: a small file's
+users are scattered, about a page each, and reading them cold would cost every export. WAL
+checkpoints run on a thread and connection of their own (Checkpointer), so no export waits for
+one. ``LOCK`` is held by every export: one writer per process.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ LOCK = threading.RLock()
 class BaseUsers:
     """The user ids that have a row in ``user_totals_base``: a bitmap over ids 0..LIMIT-1.
 
-    Looking a user up in the base costs ~3 us in SQLite, more than adding its delta; ids outside
+    Looking a user up in the base costs SQLite more than adding its delta; ids outside
     the bitmap count as unknown (their sums are upserted into the base, which is always right).
     The bitmap belongs to the writer: it is dropped with it when an export fails.
     """

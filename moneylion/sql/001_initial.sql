@@ -30,7 +30,8 @@ CREATE TABLE users (
 );
 
 -- No PRIMARY KEY: ingest keeps ids unique itself (a clean file is checked in one pass, any
--- other goes through validate_rows), and the index cost 2.5 s and 0.4 GB per 10M appended rows.
+-- other goes through validate_rows), and an index costs time and memory on every large append
+-- (docs/performance.md).
 CREATE TABLE transactions (
     transaction_id   BIGINT NOT NULL,
     user_id          BIGINT NOT NULL,
@@ -49,7 +50,7 @@ CREATE TABLE rejects (
 );
 
 -- No PRIMARY KEY: a large delta rebuilds the table (FULL JOIN), a small one updates in place;
--- an index made the 1M-user upsert cost 1.1 s of the 10M-row file's budget.
+-- an index made the upsert of a large file's users markedly slower.
 CREATE TABLE user_totals (
     user_id          BIGINT NOT NULL,
     tx_count         BIGINT NOT NULL,

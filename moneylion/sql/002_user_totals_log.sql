@@ -1,6 +1,6 @@
 -- Per-user totals become a log: each file appends one row per user it touched, and the view
 -- user_totals sums them. A small file then only appends (no read-modify-write of the users it
--- touched: 20 ms less per 1,000-row file); the log is compacted back to one row per user by
+-- touched, the larger part of a small file's commit); the log is compacted back to one row per user by
 -- large files and once enough rows have been appended (aggregates.py).
 CREATE TABLE user_totals_log AS
 SELECT user_id, tx_count, total_amount, total_deposit, total_withdrawal, total_purchase,
