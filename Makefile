@@ -23,7 +23,7 @@ run: $(STAMP) ## start the daemon on config.toml (inbox/ -> warehouse/, API on 1
 test: $(STAMP) ## run the whole test suite
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP) ## the test suite without the slow end-to-end and crash tests
+test-fast: $(STAMP) ## the test suite without the slow end-to-end, crash and property tests
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP) ## ruff format check, ruff check and mypy --strict
