@@ -40,9 +40,8 @@ from moneylion.api.metrics import MetricsController, metrics_registry, prometheu
 from moneylion.api.seed import seed_router
 from moneylion.api.uploads import clear_uploads
 from moneylion.api.v1 import v1_router
-from moneylion.api.warehouse import ApiContext, IngestView
+from moneylion.api.warehouse import ApiContext, DaemonView, IngestView, Standalone, WarehouseView
 from moneylion.config import Config
-from moneylion.schema import open_warehouse
 
 log = logging.getLogger(__name__)
 
@@ -56,34 +55,35 @@ def create_app(
     ingest: IngestView | None = None,
     lifespan: Sequence[Lifespan] = (),
 ) -> Litestar:
-    """Build the API.
+    """Build the API on one view of the warehouse (``api.warehouse.WarehouseView``).
 
-    ``db``: the daemon's connection (used, never closed); None -> the app opens the warehouse
-    at startup and closes it at shutdown. ``ingest``: the daemon writing this warehouse in this
-    process (see ``ApiContext``), None for an app reading a warehouse nobody here writes.
+    With ``ingest``, the daemon writing this warehouse in this process, and its connection
+    ``db`` (used, never closed): a ``DaemonView``. Without: a ``Standalone`` view on ``db``, or
+    on a warehouse it opens at startup and closes at shutdown when ``db`` is None.
     ``lifespan``: context managers entered after the warehouse is open, exited before it closes.
     """
-    ctx = ApiContext(config=config, db=db, ingest=ingest)
+    view: WarehouseView
+    if ingest is None:
+        view = Standalone(config, db)
+    elif db is None:
+        raise TypeError("the daemon's view needs the daemon's connection (db)")
+    else:
+        view = DaemonView(config, ingest, db)
+    ctx = ApiContext(config=config, view=view)
 
     @asynccontextmanager
     async def warehouse_lifespan(app: Litestar) -> AsyncIterator[None]:
         health.prime()
-        owned = ctx.db is None
         await asyncio.to_thread(clear_uploads, config)
-        if owned:
-            ctx.db = await asyncio.to_thread(open_warehouse, config)
+        await asyncio.to_thread(view.open)
         log.info(
             "api_started",
-            extra={"fields": {"warehouse": str(config.duckdb_path), "owns_connection": owned}},
+            extra={"fields": {"warehouse": str(config.duckdb_path), "view": type(view).__name__}},
         )
         try:
             yield
         finally:
-            if ctx.replica is not None:
-                ctx.replica.close()
-            if owned and ctx.db is not None:
-                conn, ctx.db = ctx.db, None
-                conn.close()
+            view.close()
             log.info("api_stopped")
 
     prometheus = prometheus_config()

@@ -100,9 +100,9 @@ async def state_section(ctx: ApiContext, view: View) -> dict[str, Any]:
     last = None
     if ctx.db is not None:
         last = await ctx.cached(health.last_file_finished)
-    reading = health.read_health(ctx.config, last, ctx.backlog())
-    stream = ctx.ingest.stream() if ctx.ingest is not None else None
-    committed = ctx.ingest.committed_file_id() if ctx.ingest is not None else None
+    reading = health.read_health(ctx.config, last, ctx.view.backlog())
+    stream = ctx.view.stream()
+    committed = ctx.view.committed_file_id()
     exported = ctx.replica.exported_file_id() if ctx.replica is not None else None
     lag = None if committed is None or exported is None else max(committed - exported, 0)
     return {

@@ -78,7 +78,7 @@ class WarehouseCollector:
         return []  # metrics depend on the data; nothing to pre-register
 
     def collect(self) -> Iterator[Metric]:
-        files, size = self.ctx.backlog()
+        files, size = self.ctx.view.backlog()
         yield GaugeMetricFamily(
             "moneylion_inbox_backlog",
             "Files waiting in the inbox (being ingested included)",
@@ -104,11 +104,10 @@ class WarehouseCollector:
 
     def _stream_metrics(self) -> Iterator[Metric]:
         """The daemon's worker: its last commit, rates, files set aside or left alone."""
-        ingest = self.ctx.ingest
-        if ingest is None:
+        stream = self.ctx.view.stream()
+        if stream is None:
             return
-        stream = ingest.stream()
-        values = {**asdict(stream), "files_stuck": ingest.files_stuck()}
+        values = {**asdict(stream), "files_stuck": self.ctx.view.files_stuck()}
         for name, text in STREAM_GAUGES.items():
             yield GaugeMetricFamily(f"moneylion_{name}", text, value=values[name])
         for name, text in STREAM_COUNTERS.items():

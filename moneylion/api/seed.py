@@ -155,8 +155,8 @@ async def api_health(state: State) -> SeedHealth:
             last = await ctx.cached(health.last_file_finished)
         except Exception as exc:  # host readings are still worth answering with
             log.warning("health_ledger_unreadable", extra={"fields": {"error": str(exc)}})
-    reading = health.read_health(ctx.config, last, ctx.backlog())
-    stream = ctx.ingest.stream() if ctx.ingest is not None else None
+    reading = health.read_health(ctx.config, last, ctx.view.backlog())
+    stream = ctx.view.stream()
     measured = {f.name: getattr(reading, f.name) for f in dataclasses.fields(reading)}
     shown = {name: measured[name] for name in SeedHealth.__struct_fields__ if name in measured}
     shown["uptime_seconds"] = _rounded(reading.uptime_seconds)

@@ -15,6 +15,7 @@ from moneylion.api.queries import UserSummary, user_summary
 from moneylion.api.replica import SqliteReplica
 from moneylion.config import Config
 from moneylion.health import inbox_waiting
+from moneylion.schema import open_warehouse
 from moneylion.stream import StreamStats
 
 T = TypeVar("T")
@@ -43,43 +44,153 @@ class IngestView(Protocol):
         """Inbox files left alone after failing for reasons of the environment."""
 
 
-@dataclass
-class ApiContext:
-    """What the handlers share, kept on ``app.state.moneylion``.
+class WarehouseView(Protocol):
+    """How this process sees the warehouse the API reads: its connection, and what it knows of
+    the writer. Two kinds: ``DaemonView`` (the daemon writes it, in this process) and
+    ``Standalone`` (nobody here does)."""
 
-    Two ways to read a warehouse. With ``ingest`` (the daemon's view), the id of the last file
-    it committed keys the answer cache exactly and lets user summaries come from the SQLite
-    export while that has caught up (``replica``). Without it (an app on a warehouse that this
-    process does not write) answers are cached by the DuckDB file's stat, every read goes to
-    DuckDB, and the backlog is read from the inbox folder.
-    """
+    @property
+    def db(self) -> duckdb.DuckDBPyConnection | None:
+        """The shared connection, None while the warehouse is not open."""
+
+    @property
+    def replica(self) -> SqliteReplica | None:
+        """The SQLite export, read while it holds the last commit; None when no commit is known."""
+
+    def open(self) -> None:
+        """At the app's start (in a worker thread): open what the view owns."""
+
+    def close(self) -> None:
+        """At the app's end: close what the view owns."""
+
+    def ready(self) -> bool:
+        """The writer's threads run (a standalone view has none to wait for)."""
+
+    def backlog(self) -> tuple[int, int]:
+        """(files, bytes) waiting in the inbox."""
+
+    def stream(self) -> StreamStats | None:
+        """The writer's last commit and rates; None without a writer here."""
+
+    def files_stuck(self) -> int:
+        """Inbox files left alone after failing for reasons of the environment."""
+
+    def committed_file_id(self) -> int | None:
+        """The id of the last file committed, exactly; None when this process cannot know."""
+
+    def answer_cache(self) -> SnapshotCache:
+        """An answer cache whose token moves whenever the warehouse may have changed."""
+
+
+@dataclass
+class DaemonView:
+    """The daemon's warehouse: its connection (never closed here) and its ingest worker, the one
+    writer. The id of the last file it committed keys the answer cache exactly and says when the
+    SQLite export has caught up, so user summaries can come from the export."""
 
     config: Config
-    db: duckdb.DuckDBPyConnection | None = None
-    ingest: IngestView | None = None
-    cache: SnapshotCache = field(init=False)
+    ingest: IngestView
+    db: duckdb.DuckDBPyConnection
     replica: SqliteReplica | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        if self.ingest is not None:
-            self.cache = SnapshotCache(self.ingest.committed_file_id, max_age=None)
-            if self.config.sqlite_export:
-                self.replica = SqliteReplica(self.config.sqlite_path)
-        else:
-            path = self.config.duckdb_path
-            self.cache = SnapshotCache(file_token((path, path.with_name(path.name + ".wal"))))
+        if self.config.sqlite_export:
+            self.replica = SqliteReplica(self.config.sqlite_path)
+
+    def open(self) -> None:
+        pass  # the daemon opened the warehouse before the API
+
+    def close(self) -> None:
+        if self.replica is not None:
+            self.replica.close()
 
     def ready(self) -> bool:
-        """Ready when the warehouse is open and the daemon's workers (if any) run."""
-        if self.db is None:
-            return False
-        return self.ingest.ready() if self.ingest is not None else True
+        return self.ingest.ready()
 
     def backlog(self) -> tuple[int, int]:
-        """(files, bytes) waiting in the inbox: the daemon's queue, or the folder's entries."""
-        if self.ingest is not None:
-            return self.ingest.backlog()
+        return self.ingest.backlog()
+
+    def stream(self) -> StreamStats:
+        return self.ingest.stream()
+
+    def files_stuck(self) -> int:
+        return self.ingest.files_stuck()
+
+    def committed_file_id(self) -> int:
+        return self.ingest.committed_file_id()
+
+    def answer_cache(self) -> SnapshotCache:
+        return SnapshotCache(self.ingest.committed_file_id, max_age=None)
+
+
+@dataclass
+class Standalone:
+    """A warehouse nobody in this process writes (an app opened on it by itself). Answers are
+    cached by the DuckDB file's stat (and reloaded after the cache's ``max_age``, as a stat can
+    also move without a commit), every read goes to DuckDB, the backlog is the inbox folder's
+    entries. Given no connection, it opens the warehouse at the app's start and closes it at the
+    end."""
+
+    config: Config
+    db: duckdb.DuckDBPyConnection | None = None
+    replica: None = field(init=False, default=None)
+    owned: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.owned = self.db is None
+
+    def open(self) -> None:
+        if self.owned:
+            self.db = open_warehouse(self.config)
+
+    def close(self) -> None:
+        if self.owned and self.db is not None:
+            conn, self.db = self.db, None
+            conn.close()
+
+    def ready(self) -> bool:
+        return True
+
+    def backlog(self) -> tuple[int, int]:
         return inbox_waiting(self.config.inbox)
+
+    def stream(self) -> None:
+        return None
+
+    def files_stuck(self) -> int:
+        return 0
+
+    def committed_file_id(self) -> None:
+        return None
+
+    def answer_cache(self) -> SnapshotCache:
+        path = self.config.duckdb_path
+        return SnapshotCache(file_token((path, path.with_name(path.name + ".wal"))))
+
+
+@dataclass
+class ApiContext:
+    """What the handlers share, kept on ``app.state.moneylion``: the config, the view of the
+    warehouse (see ``WarehouseView``) and the answer cache it keys."""
+
+    config: Config
+    view: WarehouseView
+    cache: SnapshotCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cache = self.view.answer_cache()
+
+    @property
+    def db(self) -> duckdb.DuckDBPyConnection | None:
+        return self.view.db
+
+    @property
+    def replica(self) -> SqliteReplica | None:
+        return self.view.replica
+
+    def ready(self) -> bool:
+        """Ready when the warehouse is open and the writer's threads (if any) run."""
+        return self.db is not None and self.view.ready()
 
     def run(self, query: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """``query`` on a fresh cursor (call from a worker thread)."""
@@ -108,8 +219,9 @@ class ApiContext:
     async def user_summary(self, user_id: int) -> UserSummary | None:
         """From the SQLite export if it holds the last commit (a point read, cheap enough for
         the event loop), else from DuckDB in a worker thread."""
-        if self.replica is not None and self.ingest is not None and self.db is not None:
-            answered, found = self.replica.user_summary(user_id, self.ingest.committed_file_id())
+        replica, committed = self.view.replica, self.view.committed_file_id()
+        if replica is not None and committed is not None and self.db is not None:
+            answered, found = replica.user_summary(user_id, committed)
             if answered:
                 return found
         return await anyio.to_thread.run_sync(lambda: self.run(lambda c: user_summary(c, user_id)))
