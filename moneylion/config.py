@@ -13,13 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
+from moneylion.errors import MoneylionError
+
 ENV_PREFIX = "MONEYLION_"
 DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / "config.toml"
 NICEST = 19  # the lowest CPU priority Linux gives a thread
 MIN_TOKEN_LENGTH = 16  # a shorter api_token is refused (guessable)
 
 
-class ConfigError(ValueError):
+class ConfigError(MoneylionError, ValueError):
     """A config key is unknown or has a value of the wrong type."""
 
 

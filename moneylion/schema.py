@@ -16,11 +16,12 @@ from typing import Any, cast
 import duckdb
 
 from moneylion.config import Config
+from moneylion.errors import MoneylionError
 
 _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
 
-class WarehouseLocked(RuntimeError):
+class WarehouseLocked(MoneylionError, RuntimeError):
     """Another process holds the DuckDB file (usually a second daemon)."""
 
 

@@ -24,6 +24,7 @@ from litestar.types import Scope
 
 from moneylion.api.models import Problem, SeedError
 from moneylion.api.warehouse import WarehouseUnavailable
+from moneylion.errors import MoneylionError
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def problem_details_plugin() -> ProblemDetailsPlugin:
     )
 
 
-class SeedApiError(Exception):
+class SeedApiError(MoneylionError):
     """An error the seed answered with ``{"error": message}`` and this status."""
 
     def __init__(self, status: int, message: str) -> None:

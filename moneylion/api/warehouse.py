@@ -14,6 +14,7 @@ from moneylion.api.cache import SnapshotCache, file_token
 from moneylion.api.queries import UserSummary, user_summary
 from moneylion.api.replica import SqliteReplica
 from moneylion.config import Config
+from moneylion.errors import MoneylionError
 from moneylion.health import inbox_waiting
 from moneylion.schema import open_warehouse
 from moneylion.stream import StreamStats
@@ -21,7 +22,7 @@ from moneylion.stream import StreamStats
 T = TypeVar("T")
 
 
-class WarehouseUnavailable(RuntimeError):
+class WarehouseUnavailable(MoneylionError, RuntimeError):
     """The warehouse is not open (yet, or any more); the API answers 503."""
 
 
