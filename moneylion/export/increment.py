@@ -381,15 +381,15 @@ def _insert_flat(
 ) -> None:
     """Insert rows laid end to end in ``flat``.
 
-    Plain INSERTs put ``ROWS_PER_STATEMENT`` rows in each statement, cheaper per row than
-    sqlite3's ``executemany``; INSERT OR REPLACE goes one row per statement, which measured
-    faster for it (docs/performance.md, ``bench/micro.py --only values``).
+    ``ROWS_PER_STATEMENT`` rows go in each statement, cheaper per row than sqlite3's
+    ``executemany`` of one row each (``bench/micro.py --only values``); the rest one by one. Rows
+    of one statement apply in order, so an INSERT OR REPLACE of a key twice keeps the later.
     """
     width = columns.count(",") + 1
     one_row = "(" + ", ".join("?" * width) + ")"
     head = f"{verb} INTO {table} ({columns}) VALUES "
     per_statement = width * ROWS_PER_STATEMENT
-    whole = len(flat) // per_statement * per_statement if verb == "INSERT" else 0
+    whole = len(flat) // per_statement * per_statement
     if whole:
         multi = head + ", ".join([one_row] * ROWS_PER_STATEMENT)
         groups = itertools.islice(flat, whole)
