@@ -145,10 +145,6 @@ class Measure:
         TEXT in SQLite."""
         return self.of is not None and DOMAINS[self.of] is AMOUNT
 
-    @property
-    def is_date(self) -> bool:
-        return self.of is not None and DOMAINS[self.of] is DATE
-
 
 @dataclass(frozen=True)
 class Aggregate:
