@@ -15,6 +15,7 @@ from moneylion.api.queries import UserSummary, user_summary
 from moneylion.api.replica import SqliteReplica
 from moneylion.config import Config
 from moneylion.health import inbox_waiting
+from moneylion.lake.lag import LakeLag
 from moneylion.stream import StreamStats
 
 T = TypeVar("T")
@@ -80,6 +81,12 @@ class ApiContext:
         if self.ingest is not None:
             return self.ingest.backlog()
         return inbox_waiting(self.config.inbox)
+
+    def lake_lag(self) -> LakeLag | None:
+        """The daemon's lag behind the lake it replicates (None: local mode, or no daemon)."""
+        lag = getattr(self.ingest, "lake_lag", None)
+        found = lag() if callable(lag) else None
+        return found if isinstance(found, LakeLag) else None
 
     def run(self, query: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """``query`` on a fresh cursor (call from a worker thread)."""

@@ -1,0 +1,207 @@
+"""Committed lake files -> the local DuckDB warehouse, in ledger order, exactly once.
+
+A replica applies the ledger's files in ``file_id`` order (the ledger's commit order) with the
+code local mode runs for a batch of files: the rows each file's reader kept are staged, then
+``resolve`` decides the rules that need other files (a transaction id stored before is a
+``duplicate`` or ``conflicts_with_stored``, the latest users file wins, orphans load), then
+``apply_deltas`` folds the appended rows into the aggregates, then the ledger rows. Those rules
+read only what earlier files left, so every replica, whatever it applied before and however it
+split the ledger into commits, derives the same state.
+
+The mark (``lake_applied``: the lake version and the last file applied) is written in the same
+DuckDB transaction as the rows: a crash loses neither, and nothing is applied twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from moneylion import aggregates, ledger
+from moneylion.lake.store import Lake
+from moneylion.lake.tables import ROW_TABLES, SHA256, WRITE_ID
+from moneylion.ledger import FileOutcome
+from moneylion.model import COLUMNS, FileKind
+from moneylion.resolve import Applied, append_arrow, create_staging, resolve, store_rejects
+from moneylion.schema import one_row, rollback
+
+log = logging.getLogger(__name__)
+
+# Not a numbered migration: only lake mode has it, and it is made when a replica starts.
+MARK_DDL = """
+CREATE TABLE IF NOT EXISTS lake_applied (
+    version    BIGINT NOT NULL,   -- every ledger commit up to this version of files is applied
+    file_id    BIGINT NOT NULL,   -- the last file applied (later versions may be partly applied)
+    applied_at TIMESTAMP NOT NULL
+)"""
+
+
+class NotAReplica(RuntimeError):
+    """The local warehouse holds files that did not come from the lake (local mode)."""
+
+
+@dataclass(frozen=True)
+class Mark:
+    version: int = -1
+    file_id: int = 0
+
+
+def open_mark(conn: duckdb.DuckDBPyConnection) -> Mark:
+    """The replica's mark (made if missing); refuses a warehouse filled in local mode."""
+    conn.execute(MARK_DDL)
+    rows = conn.execute("SELECT version, file_id FROM lake_applied").fetchall()
+    if rows:
+        return Mark(int(rows[0][0]), int(rows[0][1]))
+    (files,) = one_row(conn, "SELECT count(*) FROM files")
+    if files:
+        raise NotAReplica(
+            "this warehouse holds files ingested in local mode: a lake replica needs an empty "
+            "warehouse (it rebuilds itself from the lake)"
+        )
+    return Mark()
+
+
+def apply_files(
+    conn: duckdb.DuckDBPyConnection,
+    lake: Lake,
+    ledger_rows: list[dict[str, Any]],
+    mark: Mark,
+    *,
+    top_users_kept: int,
+) -> list[FileOutcome]:
+    """Apply ``ledger_rows`` (consecutive files after ``mark.file_id``, in order) in one local
+    transaction that also moves the mark to ``mark.version``; their outcomes here."""
+    if not ledger_rows:
+        return []
+    first, last = ledger_rows[0]["file_id"], ledger_rows[-1]["file_id"]
+    if first != mark.file_id + 1 or last - first + 1 != len(ledger_rows):
+        raise RuntimeError(f"ledger files {first}..{last} do not follow file {mark.file_id}")
+    started = time.perf_counter()
+    of_kind: dict[FileKind, list[dict[str, Any]]] = defaultdict(list)
+    for row in ledger_rows:
+        if row["status"] == "loaded" and row[WRITE_ID] is not None:
+            of_kind[FileKind(row["kind"])].append(row)
+    fetched = {kind: _fetch(lake, kind, rows) for kind, rows in of_kind.items()}
+    applied: dict[int, Applied] = {}
+    rejected: dict[int, dict[str, int]] = {}
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        for kind, (rows, rejects) in fetched.items():
+            create_staging(conn, kind)
+            append_arrow(conn, "staged", rows)
+            append_arrow(conn, "staged_rejects", rejects)
+            applied.update(resolve(conn, kind))
+            rejected.update(store_rejects(conn))
+        loaded = {
+            kind: sum(applied.get(r["file_id"], Applied()).loaded for r in of_kind.get(kind, []))
+            for kind in FileKind
+        }
+        if any(loaded.values()):
+            aggregates.apply_deltas(
+                conn,
+                first,
+                last,
+                transactions=loaded[FileKind.TRANSACTIONS],
+                users=loaded[FileKind.USERS],
+                top_users_kept=top_users_kept,
+            )
+        outcomes = [_outcome(row, applied, rejected) for row in ledger_rows]
+        ledger.insert(conn, outcomes)
+        conn.execute("DELETE FROM lake_applied")
+        conn.execute(
+            "INSERT INTO lake_applied VALUES ($version, $file_id, $now)",
+            {"version": mark.version, "file_id": last, "now": dt.datetime.now(dt.UTC)},
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
+    log.info(
+        "lake_applied",
+        extra={
+            "fields": {
+                "files": len(ledger_rows),
+                "first": first,
+                "last": last,
+                "version": mark.version,
+                "rows": sum(o.rows_loaded for o in outcomes),
+                "seconds": round(time.perf_counter() - started, 4),
+            }
+        },
+    )
+    return outcomes
+
+
+def move_mark(conn: duckdb.DuckDBPyConnection, mark: Mark) -> None:
+    """Record that every ledger commit up to ``mark.version`` is applied (no file in between:
+    versions of maintenance, or files applied by earlier transactions)."""
+    conn.execute(
+        "UPDATE lake_applied SET version = $version, applied_at = $now WHERE file_id = $file_id",
+        {"version": mark.version, "file_id": mark.file_id, "now": dt.datetime.now(dt.UTC)},
+    )
+    if not conn.execute("SELECT count(*) FROM lake_applied").fetchall()[0][0]:
+        conn.execute(
+            "INSERT INTO lake_applied VALUES ($version, $file_id, $now)",
+            {"version": mark.version, "file_id": mark.file_id, "now": dt.datetime.now(dt.UTC)},
+        )
+
+
+def _fetch(lake: Lake, kind: FileKind, files: list[dict[str, Any]]) -> tuple[pa.Table, pa.Table]:
+    """The staged rows and rejects of ``files`` (of one kind) as the staging tables take them:
+    their global file id in front, in file and line order."""
+    owners = [(r["sha256"], r[WRITE_ID]) for r in files]
+    ids = pa.table(
+        {
+            SHA256: pa.array([s for s, _ in owners], pa.string()),
+            WRITE_ID: pa.array([w for _, w in owners], pa.int64()),
+            "file_id": pa.array([r["file_id"] for r in files], pa.int64()),
+        }
+    )
+    rows = lake.rows_of(ROW_TABLES[kind], owners).join(ids, [SHA256, WRITE_ID])
+    rows = rows.select(["file_id", *COLUMNS[kind], "line", "raw_line"])
+    rows = rows.sort_by([("file_id", "ascending"), ("line", "ascending")])
+    rejects = lake.rows_of("rejects", owners).join(ids, [SHA256, WRITE_ID])
+    rejects = rejects.select(["file_id", "line_number", "reason", "message", "raw_line"])
+    return rows, rejects
+
+
+def _outcome(
+    row: dict[str, Any], applied: dict[int, Applied], rejected: dict[int, dict[str, int]]
+) -> FileOutcome:
+    """The local ledger row of a lake file: the reader's facts, the counts decided here."""
+    file_id = int(row["file_id"])
+    found = applied.get(file_id, Applied())
+    reasons = rejected.get(file_id, {})
+    outcome = FileOutcome(
+        name=row["name"],
+        path=Path(row["name"]),
+        sha256=row["sha256"],
+        status=row["status"],
+        file_id=file_id,
+        kind=row["kind"],
+        rows_total=int(row["rows_total"]),
+        size_bytes=int(row["size_bytes"]),
+        seconds=float(row["seconds"]),
+        error_reason=row["error_reason"],
+        error=row["error"],
+        finished_at=row["finished_at"],
+        received_at=row["received_at"],
+    )
+    if row["status"] != "loaded":
+        return outcome
+    return dataclasses.replace(
+        outcome,
+        rows_loaded=found.loaded,
+        rows_duplicate=int(row["rows_duplicate"]) + found.duplicate,
+        rows_rejected=sum(reasons.values()),
+        rejected_by_reason=reasons,
+    )
