@@ -136,6 +136,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(config)
 
 
+def cmd_lake_status(args: argparse.Namespace) -> int:
+    """The lake's tables (versions, files, size) and this replica's lag behind each."""
+    from moneylion.lake.status import format_status, lake_status
+
+    config = _config(args)
+    if not config.lake_uri:
+        print("moneylion: lake_uri is not set (local mode)", file=sys.stderr)
+        return 2
+    report = lake_status(config)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print("\n".join(format_status(report)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moneylion", description=__doc__)
     parser.add_argument("--config", help="config file (default: config.toml of the project)")
@@ -162,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help=cmd_export.__doc__)
     export.add_argument("--full", action="store_true", help="rebuild the SQLite file atomically")
     export.set_defaults(func=cmd_export)
+
+    lake = commands.add_parser("lake", help="lake mode: the shared Delta Lake")
+    lake_commands = lake.add_subparsers(dest="lake_command", required=True)
+    lake_status = lake_commands.add_parser("status", help=cmd_lake_status.__doc__)
+    lake_status.add_argument("--json", action="store_true", help="print JSON")
+    lake_status.set_defaults(func=cmd_lake_status)
 
     generate = commands.add_parser("generate", help=cmd_generate.__doc__)
     generate.add_argument("out", help="output directory")

@@ -171,6 +171,21 @@ class LakePublisher:
         """Several files: their rows in one commit per table, their ledger rows in one."""
         return self.publish(items), []
 
+    def publish_paths(self, paths: Sequence[Path], config: Config) -> list[FileOutcome]:
+        """``publish`` of files read from ``paths`` (the CLI and tests)."""
+        items: list[Item] = []
+        for path in paths:
+            try:
+                items.append(stage(path, config.staging_dir, max_bytes=config.max_file_bytes))
+            except FileRefused as refused:
+                items.append(Unread(path.name, path, refused))
+        try:
+            return self.publish(items)
+        finally:
+            for item in items:
+                if isinstance(item, StagedFile):
+                    item.discard()
+
     def publish(self, items: Sequence[Item]) -> list[FileOutcome]:
         """Rows first, ledger rows last; each item's outcome, in order."""
         started = time.perf_counter()
@@ -216,9 +231,8 @@ class LakePublisher:
 
     def _write_rows(self, plans: list[Prepared]) -> None:
         """Append the rows and rejects of the files that have any, per table in one commit.
-        Rows a crashed attempt committed (found by their application transaction) are reused
-        with their write id, never appended again; a table the attempt did not reach is
-        completed under the same write id."""
+        Rows an earlier attempt committed in full (found by their application transactions)
+        are reused with their write id, never appended again."""
         for name in (*ROW_TABLES.values(), "rejects"):
             self.lake.table(name)  # brought up to date once; ``written`` reads the snapshot
         by_table: dict[str, list[Prepared]] = {}
@@ -230,14 +244,18 @@ class LakePublisher:
                 needed.append("rejects")
             if not needed:
                 continue
-            found = {name: self.lake.written(name, plan.sha256) for name in needed}
-            reused = {w for w in found.values() if w is not None}
-            plan.write_id = reused.pop() if len(reused) == 1 else new_write_id()
-            if found and all(w == plan.write_id for w in found.values()):
+            found = {self.lake.written(name, plan.sha256) for name in needed}
+            if len(found) == 1 and None not in found:
+                # Every table holds this file's rows under one write id: an earlier attempt
+                # (ours before a crash, or another daemon's) finished them. Reused as they are.
+                plan.write_id = found.pop()
                 log.info("lake_rows_reused", extra={"fields": {"file": plan.item.name}})
+                continue
+            # None or part of them: all written afresh under a write id no one else uses, so
+            # two writers never add rows under the same (sha256, write id).
+            plan.write_id = new_write_id()
             for name in needed:
-                if found[name] != plan.write_id:
-                    by_table.setdefault(name, []).append(plan)
+                by_table.setdefault(name, []).append(plan)
         for name, owners in by_table.items():
             if name == "rejects":
                 rows = _rejects_table(owners)

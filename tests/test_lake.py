@@ -1,0 +1,290 @@
+"""Lake mode: several daemons on one Delta Lake, each file counted once, every replica alike.
+
+The race, the crash trials and the rebuild run real ``moneylion serve`` children (separate
+inboxes and warehouses, one lake path in tmp); the rest drive the publisher and the tailer in
+this process on a real lake and real DuckDB files. Every test that ingests ends with verify.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from moneylion.aggregates import verify
+from moneylion.config import Config
+from moneylion.ingest import ingest_file
+from moneylion.lake.publish import LakePublisher
+from moneylion.lake.store import Lake
+from moneylion.lake.tailer import LakeTailer, lake_for
+from moneylion.schema import open_warehouse
+from tests.daemon_process import DaemonProcess, run_cli
+from tests.lake_scenario import (
+    USERS,
+    Scenario,
+    answered,
+    api_answers,
+    compare_replicas,
+    drop_together,
+    expected_answers,
+    independent,
+    lake_crash_trial,
+    lake_daemon,
+    ledger_rows,
+    make_scenario,
+    polars_totals,
+    raced,
+    settled,
+    verify_differences,
+)
+
+# --- in this process: the publisher and the tailer ------------------------------------------------
+
+
+@pytest.fixture
+def lake_config(config: Config, tmp_path: Path) -> Config:
+    lake = config.with_overrides(lake_uri=str(tmp_path / "lake"))
+    lake.staging_dir.mkdir(parents=True, exist_ok=True)
+    lake_for(lake).create()
+    return lake
+
+
+def replica(config: Config, name: str) -> tuple[Config, duckdb.DuckDBPyConnection]:
+    """Another warehouse on the same lake."""
+    other = config.with_overrides(warehouse=config.warehouse.parent / name)
+    other.warehouse.mkdir(parents=True, exist_ok=True)
+    return other, open_warehouse(other)
+
+
+def catch_up(conn: duckdb.DuckDBPyConnection, config: Config) -> LakeTailer:
+    tailer = LakeTailer(conn.cursor(), config)
+    tailer.catch_up(lake_for(config))
+    return tailer
+
+
+STATE = {
+    "files": "SELECT file_id, name, sha256, kind, status, rows_total, rows_loaded, "
+    "rows_duplicate, rows_rejected, error_reason FROM files ORDER BY file_id",
+    "rejects": "SELECT * FROM rejects ORDER BY file_id, line_number",
+    "users": "SELECT user_id, signup_date, country, file_id FROM users ORDER BY user_id",
+    "transactions": "SELECT * FROM transactions ORDER BY transaction_id",
+    "user_totals": "SELECT * FROM user_totals ORDER BY user_id",
+    "daily_totals": "SELECT * FROM daily_totals ORDER BY ALL",
+    "top_users": "SELECT * FROM top_users ORDER BY rank",
+    "country_monthly_totals": "SELECT month, country, transaction_type, tx_count, total_amount "
+    "FROM country_monthly_totals WHERE tx_count <> 0 ORDER BY ALL",
+}
+
+
+def state(conn: duckdb.DuckDBPyConnection) -> dict[str, list[Any]]:
+    return {name: conn.execute(sql).fetchall() for name, sql in STATE.items()}
+
+
+def files_of(folder: Path, seed: int) -> list[Path]:
+    scenario = make_scenario(folder, seed, files=14, rows=40)
+    paths = scenario.all
+    (folder / "broken.csv").write_text("no,header,here\n1,2,3\n")
+    return [*paths, paths[0], folder / "broken.csv"]  # a file again, and one refused whole
+
+
+def test_a_replica_holds_what_local_mode_holds_for_the_same_files(
+    lake_config: Config, tmp_path: Path
+) -> None:
+    paths = files_of(tmp_path / "src", seed=5)
+    local = lake_config.with_overrides(lake_uri="", warehouse=tmp_path / "local")
+    local.warehouse.mkdir()
+    local_conn = open_warehouse(local)
+    for path in paths:
+        ingest_file(local_conn, path, local)
+    publisher = LakePublisher(lake_for(lake_config))
+    outcomes = [publisher.ingest_file(local_conn, path, lake_config) for path in paths]
+    distinct = len({p.read_bytes() for p in paths})
+    assert [o.status for o in outcomes].count("duplicate_file") == len(paths) - distinct
+    conn = open_warehouse(lake_config)
+    tailer = catch_up(conn, lake_config)
+    assert tailer.lag().files == 0
+    assert state(conn) == state(local_conn)
+    assert verify(conn) == []
+    assert verify(local_conn) == []
+    local_conn.close()
+    conn.close()
+
+
+def test_rows_of_a_crashed_attempt_are_reused_and_count_once(
+    lake_config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = files_of(tmp_path / "src", seed=6)[:6]
+    lake = lake_for(lake_config)
+    conn = open_warehouse(lake_config)
+
+    def crash(self: Lake, candidates: object) -> object:
+        raise OSError("killed between the rows and the ledger row")
+
+    monkeypatch.setattr(Lake, "commit_ledger", crash)
+    with pytest.raises(OSError, match="killed"):
+        LakePublisher(lake).publish_paths(paths, lake_config)
+    rows_before = lake.status()["transactions"]["rows"]
+    assert rows_before > 0
+    catch_up(conn, lake_config)  # rows without a ledger row are invisible
+    assert conn.execute("SELECT count(*) FROM transactions").fetchall() == [(0,)]
+    monkeypatch.undo()
+    fresh = lake_for(lake_config)  # a new process: its own Lake
+    outcomes = LakePublisher(fresh).publish_paths(paths, lake_config)
+    assert all(o.status == "loaded" for o in outcomes)
+    assert fresh.status()["transactions"]["rows"] == rows_before  # reused, not appended again
+    catch_up(conn, lake_config)
+    local = lake_config.with_overrides(lake_uri="", warehouse=tmp_path / "local")
+    local.warehouse.mkdir()
+    local_conn = open_warehouse(local)
+    for path in paths:
+        ingest_file(local_conn, path, local)
+    assert state(conn) == state(local_conn)
+    assert verify(conn) == []
+    conn.close()
+    local_conn.close()
+
+
+def test_compaction_and_checkpoints_keep_every_replica_exact(
+    lake_config: Config, tmp_path: Path
+) -> None:
+    paths = files_of(tmp_path / "src", seed=7)
+    lake = lake_for(lake_config)
+    publisher = LakePublisher(lake)
+    first, conn = replica(lake_config, "first")
+    for n, path in enumerate(paths):
+        publisher.publish_paths([path], lake_config)
+        if n % 5 == 4:
+            catch_up(conn, first)  # a reader between the maintenances
+            lake.maintain(compact_after_files=2)
+    catch_up(conn, first)
+    lake.maintain(compact_after_files=2)
+    assert lake.status()["transactions"]["files"] == 1  # compacted
+    catch_up(conn, first)
+    second, rebuilt = replica(lake_config, "second")
+    catch_up(rebuilt, second)  # a new replica: from the compacted lake alone
+    assert state(rebuilt) == state(conn)
+    assert verify(conn) == []
+    assert verify(rebuilt) == []
+    conn.close()
+    rebuilt.close()
+
+
+# --- two real daemons racing on one lake ---------------------------------------------------------
+
+
+@dataclass
+class Race:
+    lake: Path
+    scenario: Scenario
+    daemons: list[DaemonProcess]
+    answers: list[dict[str, Any]]
+    problems: list[str]
+    raced: list[str]
+    verified: list[list[str]]
+    base: Path
+
+
+@pytest.fixture(scope="module")
+def race(tmp_path_factory: pytest.TempPathFactory) -> Race:
+    """Two daemons, the same files dropped into both inboxes at once plus files only one sees;
+    answers read once both caught up, then both stopped and verified."""
+    base = tmp_path_factory.mktemp("race")
+    lake = base / "lake"
+    scenario = make_scenario(base / "src", seed=11, files=30, rows=80)
+    daemons = [lake_daemon(base, name, lake) for name in ("a", "b")]
+    try:
+        for daemon in daemons:
+            daemon.start()
+        drop_together(scenario, [d.inbox for d in daemons])
+        settled(daemons, lake)
+        problems = compare_replicas(daemons[0], daemons[1], lake, scenario)
+        answers = [api_answers(d, USERS) for d in daemons]
+        codes = [d.stop() for d in daemons]
+        assert codes == [0, 0]
+    finally:
+        for daemon in daemons:
+            daemon.close()
+    verified = [verify_differences(d) for d in daemons]
+    return Race(lake, scenario, daemons, answers, problems, raced(daemons), verified, base)
+
+
+def test_racing_daemons_commit_every_file_once_and_answer_alike(race: Race) -> None:
+    assert race.problems == []
+    shas = [row["sha256"] for row in ledger_rows(race.lake)]
+    assert len(shas) == len(set(shas)) == len({p.read_bytes() for p in race.scenario.all})
+    assert race.answers[0] == race.answers[1]
+    assert answered(race.answers[0]) == expected_answers(independent(race.lake, race.scenario.all))
+    # Cross-file rules were met: conflicts across files, files sent twice, users updated.
+    files = race.answers[0]["files"]["items"]
+    assert sum(f["rows_rejected"] for f in files) > 0
+    assert sum(f["rows_duplicate"] for f in files) > 0
+    countries = {u: s["country"] for u, s in race.answers[0]["users"].items() if s}
+    assert len({c for c in countries.values() if c}) > 1
+    assert any(s and not s["known_user"] for s in race.answers[0]["users"].values())  # orphans
+
+
+def test_the_log_shows_the_daemons_really_raced(race: Race) -> None:
+    assert race.raced, "neither a lost ledger commit nor a duplicate found by the second"
+
+
+def test_verify_passes_on_both_replicas(race: Race) -> None:
+    assert race.verified == [[], []]
+
+
+def test_polars_reads_the_same_totals_from_the_lake_as_the_api(race: Race) -> None:
+    assert polars_totals(race.lake) == answered(race.answers[0])
+
+
+def test_lake_status_prints_versions_files_size_and_each_tables_lag(race: Race) -> None:
+    daemon = race.daemons[0]
+    result = run_cli("lake", "status", "--json", env=daemon.environ())
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["files"] == len(ledger_rows(race.lake))
+    assert report["applied"]["file_id"] == report["files"]
+    for name in ("transactions", "users", "rejects", "files"):
+        table = report["tables"][name]
+        assert table["version"] >= 1
+        assert table["bytes"] > 0
+        assert table["lag"]["rows"] == 0
+    text = run_cli("lake", "status", env=daemon.environ())
+    assert "transactions" in text.stdout
+    assert "lag" in text.stdout
+
+
+def test_a_deleted_warehouse_is_rebuilt_from_the_lake(race: Race) -> None:
+    shutil.rmtree(race.daemons[1].warehouse)
+    daemon = lake_daemon(race.base, "b", race.lake)  # the same folders, a new process
+    daemon.start()
+    try:
+        settled([daemon], race.lake)
+        assert api_answers(daemon, USERS) == race.answers[0]
+        assert daemon.stop() == 0
+    finally:
+        daemon.close()
+    assert verify_differences(daemon) == []
+
+
+# --- SIGKILL ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [101, 102, 103])
+def test_a_daemon_killed_at_random_moments_leaves_every_replica_exact(
+    tmp_path: Path, seed: int
+) -> None:
+    assert lake_crash_trial(tmp_path, seed) == []
+
+
+def test_the_scenario_is_not_trivial(tmp_path: Path) -> None:
+    """The independent computation sees what the cross-file rules are for."""
+    scenario = make_scenario(tmp_path, seed=11, files=30, rows=80)
+    contents = [p.read_bytes() for p in scenario.all]
+    assert len(contents) > len(set(contents))  # files sent twice
+    assert scenario.shared
+    assert scenario.only[0]
+    assert scenario.only[1]
