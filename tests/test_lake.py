@@ -101,7 +101,7 @@ def test_a_replica_holds_what_local_mode_holds_for_the_same_files(
     local_conn = open_warehouse(local)
     for path in paths:
         ingest_file(local_conn, path, local)
-    publisher = LakePublisher(lake_for(lake_config))
+    publisher = LakePublisher(lake_for(lake_config), lake_config)
     outcomes = [publisher.ingest_file(local_conn, path, lake_config) for path in paths]
     distinct = len({p.read_bytes() for p in paths})
     assert [o.status for o in outcomes].count("duplicate_file") == len(paths) - distinct
@@ -113,6 +113,43 @@ def test_a_replica_holds_what_local_mode_holds_for_the_same_files(
     assert verify(local_conn) == []
     local_conn.close()
     conn.close()
+
+
+def test_large_files_stream_from_the_reader_and_hold_what_local_mode_holds(
+    lake_config: Config, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past batch_file_max_bytes a clean file's rows stream from DuckDB's reader; a file with
+    anything the reference rules must decide falls back to them (and says why)."""
+    large = lake_config.with_overrides(batch_file_max_bytes=40)
+    paths = files_of(tmp_path / "src", seed=8)
+    (tmp_path / "src" / "quoted.csv").write_text(
+        'user_id,signup_date,country\n7,2021-01-01,"Korea, Republic of"\n'
+    )
+    (tmp_path / "src" / "copies.csv").write_text(
+        "transaction_id,user_id,transaction_date,amount,transaction_type\n"
+        "900001,3,2022-05-01,10.00,deposit\n900001,3,2022-05-01,10.00,deposit\n"
+    )
+    paths += [tmp_path / "src" / "quoted.csv", tmp_path / "src" / "copies.csv"]
+    local = large.with_overrides(lake_uri="", warehouse=tmp_path / "local")
+    local.warehouse.mkdir()
+    local_conn = open_warehouse(local)
+    for path in paths:
+        ingest_file(local_conn, path, local)
+    publisher = LakePublisher(lake_for(large), large)
+    with caplog.at_level("INFO", logger="moneylion.lake.publish"):
+        for path in paths:
+            publisher.publish_paths([path], large)
+    reasons = [r.fields["reason"] for r in caplog.records if r.getMessage() == "ingest_fallback"]
+    assert any("more than once" in reason for reason in reasons)
+    assert any("quote, a comma" in reason for reason in reasons)
+    assert any("fail a fast check" in reason for reason in reasons)
+    assert len(reasons) < len(paths)  # the others took the reader's path
+    conn = open_warehouse(large)
+    catch_up(conn, large)
+    assert state(conn) == state(local_conn)
+    assert verify(conn) == []
+    conn.close()
+    local_conn.close()
 
 
 def test_rows_of_a_crashed_attempt_are_reused_and_count_once(
@@ -127,14 +164,14 @@ def test_rows_of_a_crashed_attempt_are_reused_and_count_once(
 
     monkeypatch.setattr(Lake, "commit_ledger", crash)
     with pytest.raises(OSError, match="killed"):
-        LakePublisher(lake).publish_paths(paths, lake_config)
+        LakePublisher(lake, lake_config).publish_paths(paths, lake_config)
     rows_before = lake.status()["transactions"]["rows"]
     assert rows_before > 0
     catch_up(conn, lake_config)  # rows without a ledger row are invisible
     assert conn.execute("SELECT count(*) FROM transactions").fetchall() == [(0,)]
     monkeypatch.undo()
     fresh = lake_for(lake_config)  # a new process: its own Lake
-    outcomes = LakePublisher(fresh).publish_paths(paths, lake_config)
+    outcomes = LakePublisher(fresh, lake_config).publish_paths(paths, lake_config)
     assert all(o.status == "loaded" for o in outcomes)
     assert fresh.status()["transactions"]["rows"] == rows_before  # reused, not appended again
     catch_up(conn, lake_config)
@@ -154,7 +191,7 @@ def test_compaction_and_checkpoints_keep_every_replica_exact(
 ) -> None:
     paths = files_of(tmp_path / "src", seed=7)
     lake = lake_for(lake_config)
-    publisher = LakePublisher(lake)
+    publisher = LakePublisher(lake, lake_config)
     first, conn = replica(lake_config, "first")
     for n, path in enumerate(paths):
         publisher.publish_paths([path], lake_config)

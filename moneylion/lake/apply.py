@@ -31,7 +31,7 @@ from moneylion.lake.store import Lake
 from moneylion.lake.tables import ROW_TABLES, SHA256, WRITE_ID
 from moneylion.ledger import FileOutcome
 from moneylion.model import COLUMNS, FileKind
-from moneylion.resolve import Applied, append_arrow, create_staging, resolve, store_rejects
+from moneylion.resolve import Applied, create_staging, resolve, store_rejects
 from moneylion.schema import one_row, rollback
 
 log = logging.getLogger(__name__)
@@ -90,15 +90,13 @@ def apply_files(
     for row in ledger_rows:
         if row["status"] == "loaded" and row[WRITE_ID] is not None:
             of_kind[FileKind(row["kind"])].append(row)
-    fetched = {kind: _fetch(lake, kind, rows) for kind, rows in of_kind.items()}
     applied: dict[int, Applied] = {}
     rejected: dict[int, dict[str, int]] = {}
     conn.execute("BEGIN TRANSACTION")
     try:
-        for kind, (rows, rejects) in fetched.items():
+        for kind, files in of_kind.items():
             create_staging(conn, kind)
-            append_arrow(conn, "staged", rows)
-            append_arrow(conn, "staged_rejects", rejects)
+            _stage(conn, lake, kind, files)
             applied.update(resolve(conn, kind))
             rejected.update(store_rejects(conn))
         loaded = {
@@ -155,9 +153,26 @@ def move_mark(conn: duckdb.DuckDBPyConnection, mark: Mark) -> None:
         )
 
 
-def _fetch(lake: Lake, kind: FileKind, files: list[dict[str, Any]]) -> tuple[pa.Table, pa.Table]:
-    """The staged rows and rejects of ``files`` (of one kind) as the staging tables take them:
-    their global file id in front, in file and line order."""
+# A file's rows and rejects come from the lake's data files through DuckDB's scan of the
+# Arrow dataset (parallel, the write id bounds pushed down), joined to the files being applied.
+_STAGE_ROWS = """
+INSERT INTO staged BY NAME
+SELECT o.file_id, {columns}, r.line, r.raw_line
+FROM lake_rows r JOIN lake_owners o ON o.{sha} = r.{sha} AND o.{write_id} = r.{write_id}
+WHERE r.{write_id} BETWEEN $low AND $high
+"""
+_STAGE_REJECTS = """
+INSERT INTO staged_rejects BY NAME
+SELECT o.file_id, r.line_number, r.reason, r.message, r.raw_line
+FROM lake_rows r JOIN lake_owners o ON o.{sha} = r.{sha} AND o.{write_id} = r.{write_id}
+WHERE r.{write_id} BETWEEN $low AND $high
+"""
+
+
+def _stage(
+    conn: duckdb.DuckDBPyConnection, lake: Lake, kind: FileKind, files: list[dict[str, Any]]
+) -> None:
+    """The staged rows and rejects of ``files`` (of one kind), with their global file id."""
     owners = [(r["sha256"], r[WRITE_ID]) for r in files]
     ids = pa.table(
         {
@@ -166,12 +181,22 @@ def _fetch(lake: Lake, kind: FileKind, files: list[dict[str, Any]]) -> tuple[pa.
             "file_id": pa.array([r["file_id"] for r in files], pa.int64()),
         }
     )
-    rows = lake.rows_of(ROW_TABLES[kind], owners).join(ids, [SHA256, WRITE_ID])
-    rows = rows.select(["file_id", *COLUMNS[kind], "line", "raw_line"])
-    rows = rows.sort_by([("file_id", "ascending"), ("line", "ascending")])
-    rejects = lake.rows_of("rejects", owners).join(ids, [SHA256, WRITE_ID])
-    rejects = rejects.select(["file_id", "line_number", "reason", "message", "raw_line"])
-    return rows, rejects
+    bounds = {"low": min(w for _, w in owners), "high": max(w for _, w in owners)}
+    names = {"sha": SHA256, "write_id": WRITE_ID}
+    columns = ", ".join(f"r.{name}" for name in COLUMNS[kind])
+    conn.register("lake_owners", ids)
+    try:
+        for table, sql in (
+            (ROW_TABLES[kind], _STAGE_ROWS.format(columns=columns, **names)),
+            ("rejects", _STAGE_REJECTS.format(**names)),
+        ):
+            conn.register("lake_rows", lake.rows_of(table, owners))
+            try:
+                conn.execute(sql, bounds)
+            finally:
+                conn.unregister("lake_rows")
+    finally:
+        conn.unregister("lake_owners")
 
 
 def _outcome(

@@ -26,7 +26,7 @@ class LakeMode:
         self.tailer = LakeTailer(
             conn, config, on_applied=exporter.poke if exporter is not None else None
         )
-        self.publisher = LakePublisher(lake, on_commit=self.tailer.poke)
+        self.publisher = LakePublisher(lake, config, on_commit=self.tailer.poke)
         self.maintenance = LakeMaintenance(config)
 
     def worker(self, conn: duckdb.DuckDBPyConnection, queue: InboxQueue) -> IngestWorker:

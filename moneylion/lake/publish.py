@@ -36,6 +36,7 @@ from moneylion import ledger
 from moneylion.batch import Item, Unread
 from moneylion.config import Config
 from moneylion.errors import FileRefused
+from moneylion.lake.large import CleanFile, check_clean, clean_rows, scratch
 from moneylion.lake.store import Candidate, Lake, LakeUnavailable
 from moneylion.lake.tables import REJECTS_SCHEMA, ROW_TABLES, SHA256, WRITE_ID, row_schema
 from moneylion.ledger import FileOutcome
@@ -77,6 +78,12 @@ class Prepared:
     copies: int = 0
     rejects: list[Reject] = field(default_factory=list)
     write_id: int | None = None
+    clean: CleanFile | None = None  # a large clean file: its rows stream from DuckDB's reader
+
+    @property
+    def kept(self) -> int:
+        """Rows that go to the lake (the file's own rules passed)."""
+        return self.clean.rows if self.clean is not None else len(self.lines)
 
     @property
     def sha256(self) -> str | None:
@@ -84,11 +91,13 @@ class Prepared:
 
     @property
     def rows_total(self) -> int:
-        return len(self.lines) + self.copies + len(self.rejects)
+        return self.kept + self.copies + len(self.rejects)
 
 
-def prepare(item: Item) -> Prepared:
-    """Read ``item`` and apply the rules on its own rows (fields, copies within the file)."""
+def prepare(item: Item, scratch: duckdb.DuckDBPyConnection | None = None) -> Prepared:
+    """Read ``item`` and apply the rules on its own rows (fields, copies within the file).
+    With ``scratch`` (a large file) DuckDB's reader checks it first: a clean file's rows are
+    then streamed from it (``large.py``), any other goes through the reference rules."""
     plan = Prepared(item, utc_now())
     if isinstance(item, Unread) or item.refused is not None:
         plan.refused = item.refused
@@ -96,6 +105,15 @@ def prepare(item: Item) -> Prepared:
     try:
         plan.header = read_header(item)
         kind = plan.header.kind
+        if scratch is not None:
+            clean = check_clean(scratch, item, plan.header)
+            if isinstance(clean, CleanFile):
+                plan.clean = clean
+                return plan
+            log.info(
+                "ingest_fallback",
+                extra={"fields": {"file": item.name, "path": "lake_large", "reason": clean.reason}},
+            )
         key, *rest = COLUMNS[kind]
         columns: dict[str, list[object]] = {name: [] for name in COLUMNS[kind]}
         lines: list[int] = []
@@ -142,9 +160,24 @@ class LakePublisher:
     """The worker's ``ingest`` and ``batch`` in lake mode (the ``conn`` they are given, the
     local warehouse, is not written here: the tailer applies what the ledger commits)."""
 
-    def __init__(self, lake: Lake, on_commit: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        lake: Lake,
+        config: Config,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
         self.lake = lake
+        self.config = config
         self.on_commit = on_commit
+        self._scratch: duckdb.DuckDBPyConnection | None = None
+
+    def _scratch_for(self, item: Item) -> duckdb.DuckDBPyConnection | None:
+        """The scratch DuckDB for a file past ``batch_file_max_bytes`` (None: a small one)."""
+        if not isinstance(item, StagedFile) or item.csv_size <= self.config.batch_file_max_bytes:
+            return None
+        if self._scratch is None:
+            self._scratch = scratch(self.config)
+        return self._scratch
 
     def ingest_file(
         self, conn: duckdb.DuckDBPyConnection, path: Path, config: Config
@@ -207,7 +240,7 @@ class LakePublisher:
                     item.name, item.origin, sha, known[sha], item.size, 0.0, utc_now()
                 )
             else:
-                plans[at] = prepare(item)
+                plans[at] = prepare(item, self._scratch_for(item))
         self._write_rows(list(plans.values()))
         candidates = [self._candidate(plan, started) for plan in plans.values()]
         placed = self.lake.commit_ledger(candidates)
@@ -239,7 +272,7 @@ class LakePublisher:
         for plan in plans:
             if plan.header is None or plan.refused is not None or plan.sha256 is None:
                 continue
-            needed = [ROW_TABLES[plan.header.kind]] if plan.lines else []
+            needed = [ROW_TABLES[plan.header.kind]] if plan.kept else []
             if plan.rejects:
                 needed.append("rejects")
             if not needed:
@@ -254,6 +287,12 @@ class LakePublisher:
             # None or part of them: all written afresh under a write id no one else uses, so
             # two writers never add rows under the same (sha256, write id).
             plan.write_id = new_write_id()
+            if plan.clean is not None and self._scratch is not None:  # streamed, alone
+                rows = clean_rows(
+                    self._scratch, plan.clean, plan.header, plan.sha256, plan.write_id
+                )
+                self.lake.append_rows(needed[0], rows, [(plan.sha256, plan.write_id)])
+                continue
             for name in needed:
                 by_table.setdefault(name, []).append(plan)
         for name, owners in by_table.items():
@@ -273,7 +312,7 @@ class LakePublisher:
             "kind": str(plan.header.kind) if plan.header else None,
             "status": "failed" if refused else "loaded",
             "rows_total": 0 if refused else plan.rows_total,
-            "rows_loaded": 0 if refused else len(plan.lines),
+            "rows_loaded": 0 if refused else plan.kept,
             "rows_duplicate": 0 if refused else plan.copies,
             "rows_rejected": 0 if refused else len(plan.rejects),
             "size_bytes": size,

@@ -26,7 +26,7 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from moneylion.errors import Transient
-from moneylion.lake.tables import FILES_SCHEMA, LAKE_VERSION, SCHEMAS, SHA256, WRITE_ID, app_id
+from moneylion.lake.tables import FILES_SCHEMA, LAKE_VERSION, SCHEMAS, WRITE_ID, app_id
 from moneylion.ledger import Known
 
 log = logging.getLogger(__name__)
@@ -136,33 +136,29 @@ class Lake:
         version = self._tables[name].transaction_version(app_id(sha256))
         return None if version is None else int(version)
 
-    def append_rows(self, name: str, rows: pa.Table, owners: Sequence[tuple[str, int]]) -> None:
+    def append_rows(
+        self, name: str, rows: pa.Table | pa.RecordBatchReader, owners: Sequence[tuple[str, int]]
+    ) -> None:
         """Append the rows of some files in one commit that records, per file, an application
         transaction (its sha256's app id, its write id): ``written`` finds them after a crash.
         Blind appends: delta-rs retries them onto whatever version is next."""
-        if not rows.num_rows:
+        if isinstance(rows, pa.Table) and not rows.num_rows:
             return
         properties = CommitProperties(
             app_transactions=[Transaction(app_id=app_id(sha), version=w) for sha, w in owners]
         )
         write_deltalake(self.table(name), rows, mode="append", commit_properties=properties)
 
-    def rows_of(self, name: str, owners: Sequence[tuple[str, int]]) -> pa.Table:
-        """The rows of table ``name`` written by ``owners`` (sha256, write id) and nothing else:
-        the data files outside the write ids' range are skipped by their statistics."""
+    def rows_of(self, name: str, owners: Sequence[tuple[str, int]]) -> ds.Dataset:
+        """The data files of table ``name`` that may hold rows of ``owners`` (sha256, write
+        id), as a dataset: the files outside the write ids' range are skipped by their
+        statistics. The caller keeps only the owners' rows (a join on both columns: a write
+        id names one attempt at one file, the sha256 makes it unambiguous)."""
         if not owners:
-            return SCHEMAS[name].empty_table()
+            return ds.dataset(SCHEMAS[name].empty_table())
         ids = [w for _, w in owners]
         prune = f"{WRITE_ID} >= {min(ids)} AND {WRITE_ID} <= {max(ids)}"
-        dataset = self.table(name).to_pyarrow_dataset(file_pruning_predicate=prune)
-        found = dataset.to_table(filter=ds.field(WRITE_ID).isin(ids))
-        if not found.num_rows:
-            return found
-        # A write id names one attempt at one file; the sha256 makes it unambiguous.
-        wanted = pa.table(
-            {SHA256: pa.array([s for s, _ in owners]), WRITE_ID: pa.array(ids, pa.int64())}
-        )
-        return found.join(wanted, [SHA256, WRITE_ID], join_type="inner")
+        return self.table(name).to_pyarrow_dataset(file_pruning_predicate=prune)
 
     # --- the ledger ---------------------------------------------------------------------------
 
