@@ -19,6 +19,7 @@ import pytest
 from moneylion.aggregates import verify
 from moneylion.config import Config
 from moneylion.ingest import ingest_file
+from moneylion.lake import apply, tailer
 from moneylion.lake.publish import LakePublisher
 from moneylion.lake.store import Lake
 from moneylion.lake.tailer import LakeTailer, lake_for
@@ -116,10 +117,15 @@ def test_a_replica_holds_what_local_mode_holds_for_the_same_files(
 
 
 def test_large_files_stream_from_the_reader_and_hold_what_local_mode_holds(
-    lake_config: Config, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    lake_config: Config,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Past batch_file_max_bytes a clean file's rows stream from DuckDB's reader; a file with
-    anything the reference rules must decide falls back to them (and says why)."""
+    anything the reference rules must decide falls back to them (and says why). The replica
+    appends a large file alone straight from the lake unless some of its ids are stored."""
+    monkeypatch.setattr(apply, "ALONE_ROWS", 1)
     large = lake_config.with_overrides(batch_file_max_bytes=40)
     paths = files_of(tmp_path / "src", seed=8)
     (tmp_path / "src" / "quoted.csv").write_text(
@@ -141,11 +147,22 @@ def test_large_files_stream_from_the_reader_and_hold_what_local_mode_holds(
             publisher.publish_paths([path], large)
     reasons = [r.fields["reason"] for r in caplog.records if r.getMessage() == "ingest_fallback"]
     assert any("more than once" in reason for reason in reasons)
-    assert any("quote, a comma" in reason for reason in reasons)
-    assert any("fail a fast check" in reason for reason in reasons)
+    assert any("fails its check or holds a quote" in reason for reason in reasons)
     assert len(reasons) < len(paths)  # the others took the reader's path
     conn = open_warehouse(large)
+    monkeypatch.setattr(tailer, "CHUNK_FILES", 1)  # a file per transaction, as a large one
+    alone: list[bool] = []
+    append_alone = apply._append_alone
+
+    def spy(*args: Any) -> Any:
+        found = append_alone(*args)
+        alone.append(found is not None)
+        return found
+
+    monkeypatch.setattr(apply, "_append_alone", spy)
     catch_up(conn, large)
+    assert True in alone  # straight from the lake
+    assert False in alone  # ids already stored, or users: resolve decided
     assert state(conn) == state(local_conn)
     assert verify(conn) == []
     conn.close()

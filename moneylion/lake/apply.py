@@ -95,6 +95,10 @@ def apply_files(
     conn.execute("BEGIN TRANSACTION")
     try:
         for kind, files in of_kind.items():
+            alone = _append_alone(conn, lake, kind, files)
+            if alone is not None:
+                applied[files[0]["file_id"]], rejected[files[0]["file_id"]] = alone
+                continue
             create_staging(conn, kind)
             _stage(conn, lake, kind, files)
             applied.update(resolve(conn, kind))
@@ -167,6 +171,66 @@ SELECT o.file_id, r.line_number, r.reason, r.message, r.raw_line
 FROM lake_rows r JOIN lake_owners o ON o.{sha} = r.{sha} AND o.{write_id} = r.{write_id}
 WHERE r.{write_id} BETWEEN $low AND $high
 """
+
+
+# A large transactions file alone in its chunk, none of whose ids is stored: what ``resolve``
+# would decide is known (its reader kept one copy of each id, so every row loads), and its rows
+# are appended straight from the lake's scan, as local mode's fast path appends a clean file.
+ALONE_ROWS = 100_000
+_ALONE_WHERE = f"{SHA256} = $sha AND {WRITE_ID} = $write_id"
+_ALONE_RANGE = f"SELECT min({{key}}), max({{key}}), count(*) FROM lake_rows WHERE {_ALONE_WHERE}"
+_STORED_IN_RANGE = "SELECT count(*) FROM transactions WHERE {key} BETWEEN $low AND $high"
+_STORED_AMONG = (
+    _STORED_IN_RANGE + f" AND {{key}} IN (SELECT {{key}} FROM lake_rows WHERE {_ALONE_WHERE})"
+)
+_APPEND_ALONE = (
+    "INSERT INTO transactions BY NAME SELECT {columns}, $file_id AS file_id "
+    f"FROM lake_rows WHERE {_ALONE_WHERE}"
+)
+_REJECTS_ALONE = (
+    "INSERT INTO rejects BY NAME SELECT $file_id AS file_id, line_number, reason, message, "
+    f"raw_line FROM lake_rows WHERE {_ALONE_WHERE} ORDER BY line_number"
+)
+
+
+def _append_alone(
+    conn: duckdb.DuckDBPyConnection, lake: Lake, kind: FileKind, files: list[dict[str, Any]]
+) -> tuple[Applied, dict[str, int]] | None:
+    """The fast way for a large transactions file alone (see above); None: not this one."""
+    if kind is not FileKind.TRANSACTIONS or len(files) != 1:
+        return None
+    row = files[0]
+    if int(row["rows_loaded"] or 0) < ALONE_ROWS:
+        return None
+    owner = [(row["sha256"], row[WRITE_ID])]
+    key = COLUMNS[kind][0]
+    params: dict[str, object] = {"sha": row["sha256"], "write_id": row[WRITE_ID]}
+    conn.register("lake_rows", lake.rows_of(ROW_TABLES[kind], owner))
+    try:
+        low, high, count = one_row(conn, _ALONE_RANGE.format(key=key), params)
+        if not count:
+            return None
+        bounds = {**params, "low": low, "high": high}
+        in_range = one_row(conn, _STORED_IN_RANGE.format(key=key), {"low": low, "high": high})
+        if in_range[0] and one_row(conn, _STORED_AMONG.format(key=key), bounds)[0]:
+            return None  # some ids are stored: resolve decides them
+        columns = ", ".join(COLUMNS[kind])
+        conn.execute(_APPEND_ALONE.format(columns=columns), {**params, "file_id": row["file_id"]})
+    finally:
+        conn.unregister("lake_rows")
+    reasons: dict[str, int] = {}
+    if int(row["rows_rejected"] or 0):
+        conn.register("lake_rows", lake.rows_of("rejects", owner))
+        try:
+            conn.execute(_REJECTS_ALONE, {**params, "file_id": row["file_id"]})
+            found = conn.execute(
+                f"SELECT reason, count(*) FROM lake_rows WHERE {_ALONE_WHERE} GROUP BY ALL",
+                params,
+            ).fetchall()
+        finally:
+            conn.unregister("lake_rows")
+        reasons = {reason: int(n) for reason, n in found}
+    return Applied(loaded=int(count)), reasons
 
 
 def _stage(

@@ -36,7 +36,7 @@ from moneylion import ledger
 from moneylion.batch import Item, Unread
 from moneylion.config import Config
 from moneylion.errors import FileRefused
-from moneylion.lake.large import CleanFile, check_clean, clean_rows, scratch
+from moneylion.lake.large import CleanFile, check_clean, clean_rows, not_clean, scratch
 from moneylion.lake.store import Candidate, Lake, LakeUnavailable
 from moneylion.lake.tables import REJECTS_SCHEMA, ROW_TABLES, SHA256, WRITE_ID, row_schema
 from moneylion.ledger import FileOutcome
@@ -241,7 +241,10 @@ class LakePublisher:
                 )
             else:
                 plans[at] = prepare(item, self._scratch_for(item))
-        self._write_rows(list(plans.values()))
+        for at, plan in plans.items():
+            if plan.clean is not None and not self._stream(plan):
+                plans[at] = prepare(plan.item)  # the reference rules decide it
+        self._write_rows([plan for plan in plans.values() if plan.clean is None])
         candidates = [self._candidate(plan, started) for plan in plans.values()]
         placed = self.lake.commit_ledger(candidates)
         for (at, plan), candidate, where in zip(plans.items(), candidates, placed, strict=True):
@@ -287,12 +290,6 @@ class LakePublisher:
             # None or part of them: all written afresh under a write id no one else uses, so
             # two writers never add rows under the same (sha256, write id).
             plan.write_id = new_write_id()
-            if plan.clean is not None and self._scratch is not None:  # streamed, alone
-                rows = clean_rows(
-                    self._scratch, plan.clean, plan.header, plan.sha256, plan.write_id
-                )
-                self.lake.append_rows(needed[0], rows, [(plan.sha256, plan.write_id)])
-                continue
             for name in needed:
                 by_table.setdefault(name, []).append(plan)
         for name, owners in by_table.items():
@@ -301,6 +298,42 @@ class LakePublisher:
             else:
                 rows = _rows_table(_KIND_OF[name], owners)
             self.lake.append_rows(name, rows, [(p.sha256 or "", p.write_id or 0) for p in owners])
+
+    def _stream(self, plan: Prepared) -> bool:
+        """Stream a large clean file's rows to the lake (unless an earlier attempt did: then
+        reused); False when a row failed its checks on the way (nothing was committed)."""
+        assert plan.clean is not None
+        assert plan.header is not None
+        assert plan.sha256 is not None
+        assert self._scratch is not None
+        name = ROW_TABLES[plan.header.kind]
+        self.lake.table(name)
+        found = self.lake.written(name, plan.sha256)
+        if found is not None and plan.clean.rows:
+            plan.write_id = found
+            log.info("lake_rows_reused", extra={"fields": {"file": plan.item.name}})
+            return True
+        if not plan.clean.rows:
+            return True
+        plan.write_id = new_write_id()
+        try:
+            rows = clean_rows(self._scratch, plan.clean, plan.header, plan.sha256, plan.write_id)
+            self.lake.append_rows(name, rows, [(plan.sha256, plan.write_id)])
+        except Exception as exc:
+            if not not_clean(exc):
+                raise
+            log.info(
+                "ingest_fallback",
+                extra={
+                    "fields": {
+                        "file": plan.item.name,
+                        "path": "lake_large",
+                        "reason": "a field fails its check or holds a quote, comma or line break",
+                    }
+                },
+            )
+            return False
+        return True
 
     def _candidate(self, plan: Prepared, started: float) -> Candidate:
         item = plan.item
