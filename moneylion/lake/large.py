@@ -36,7 +36,7 @@ def _special(header: Header) -> str:
     """SQL: a raw field holds a quote, a comma or a line break (its raw text would be quoted).
     Only free text can: a field of any other domain that passed its check holds none."""
     fields = [
-        f"c{header.positions[c.name]}"
+        f"raw_fields[{header.positions[c.name] + 1}]"
         for c in TABLES[header.kind].columns
         if c.domain.rule is Rule.TEXT
     ]
