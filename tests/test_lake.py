@@ -90,7 +90,8 @@ def files_of(folder: Path, seed: int) -> list[Path]:
     scenario = make_scenario(folder, seed, files=14, rows=40)
     paths = scenario.all
     (folder / "broken.csv").write_text("no,header,here\n1,2,3\n")
-    return [*paths, paths[0], folder / "broken.csv"]  # a file again, and one refused whole
+    # A file again later, one again right after itself (in one batch), one refused whole.
+    return [*paths, paths[0], paths[-1], folder / "broken.csv"]
 
 
 def test_a_replica_holds_what_local_mode_holds_for_the_same_files(
@@ -103,7 +104,9 @@ def test_a_replica_holds_what_local_mode_holds_for_the_same_files(
     for path in paths:
         ingest_file(local_conn, path, local)
     publisher = LakePublisher(lake_for(lake_config), lake_config)
-    outcomes = [publisher.ingest_file(local_conn, path, lake_config) for path in paths]
+    half = len(paths) // 2  # one file at a time, then the rest as one batch (a file twice)
+    outcomes = [publisher.ingest_file(local_conn, path, lake_config) for path in paths[:half]]
+    outcomes += publisher.publish_paths(paths[half:], lake_config)
     distinct = len({p.read_bytes() for p in paths})
     assert [o.status for o in outcomes].count("duplicate_file") == len(paths) - distinct
     conn = open_warehouse(lake_config)

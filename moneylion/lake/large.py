@@ -79,6 +79,9 @@ def check_clean(
         conn, f"SELECT count(*), min({key}), max({key}) FROM ({located})", params
     )
     (aside,) = one_row(conn, "SELECT count(*) FROM ingest_csv_errors")
+    # The reader appends to these tables: the next file must find only its own rows.
+    conn.execute("DELETE FROM ingest_csv_errors")
+    conn.execute("DELETE FROM ingest_csv_scans")
     if aside:
         return Fallback(f"the reader set {aside} line(s) aside")
     if int(rows) != data_lines(source) - header.line_number:

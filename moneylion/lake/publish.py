@@ -201,7 +201,9 @@ class LakePublisher:
         *,
         max_rows: int = 0,
     ) -> tuple[list[FileOutcome], list[Item]]:
-        """Several files: their rows in one commit per table, their ledger rows in one."""
+        """Several files: their rows in one commit per table, their ledger rows in one. All
+        are taken: ``max_rows`` bounds local mode's transaction, here the worker's bounds on
+        files and bytes bound the rows held in memory."""
         return self.publish(items), []
 
     def publish_paths(self, paths: Sequence[Path], config: Config) -> list[FileOutcome]:
@@ -232,6 +234,8 @@ class LakePublisher:
         known = self.lake.index.files
         outcomes: dict[int, FileOutcome] = {}
         plans: dict[int, Prepared] = {}
+        again: dict[int, int] = {}  # the same bytes as an earlier item of this batch
+        first_of: dict[str, int] = {}
         for at, item in enumerate(items):
             sha = item.sha256 if isinstance(item, StagedFile) else None
             if sha is not None and sha in known:  # committed before: nothing to write
@@ -239,7 +243,11 @@ class LakePublisher:
                 outcomes[at] = ledger.seen_before(
                     item.name, item.origin, sha, known[sha], item.size, 0.0, utc_now()
                 )
+            elif sha is not None and sha in first_of:
+                again[at] = first_of[sha]
             else:
+                if sha is not None:
+                    first_of[sha] = at
                 plans[at] = prepare(item, self._scratch_for(item))
         for at, plan in plans.items():
             if plan.clean is not None and not self._stream(plan):
@@ -260,6 +268,13 @@ class LakePublisher:
             )
             outcomes[at] = ledger.seen_before(
                 item.name, item.origin, item.sha256, where.known, item.size, 0.0, utc_now()
+            )
+        for at, first in again.items():
+            item, earlier = items[at], outcomes[first]
+            assert isinstance(item, StagedFile)
+            found = (earlier.file_id or 0, earlier.status, earlier.error_reason, earlier.error)
+            outcomes[at] = ledger.seen_before(
+                item.name, item.origin, item.sha256, found, item.size, 0.0, utc_now()
             )
         if any(where.new for where in placed) and self.on_commit is not None:
             self.on_commit()
