@@ -36,8 +36,11 @@ TYPES = ("deposit", "withdrawal", "purchase")
 COUNTRIES = ("US", "FR", "DE", "JP", "BR")
 
 
-def lake_daemon(base: Path, name: str, lake: Path, **env: str) -> DaemonProcess:
-    """A daemon with its own inbox and warehouse under ``base/name``, on the shared ``lake``."""
+def lake_daemon(
+    base: Path, name: str, lake: Path, *, preamble: str | None = None, **env: str
+) -> DaemonProcess:
+    """A daemon with its own inbox and warehouse under ``base/name``, on the shared ``lake``
+    (``preamble``: Python the child runs before ``serve``)."""
     environ = {
         "MONEYLION_LAKE_URI": str(lake),
         "MONEYLION_LOG_LEVEL": "INFO",
@@ -48,7 +51,9 @@ def lake_daemon(base: Path, name: str, lake: Path, **env: str) -> DaemonProcess:
     }
     inbox = base / name / "inbox"
     inbox.mkdir(parents=True, exist_ok=True)
-    return DaemonProcess(inbox, base / name / "warehouse", settle_seconds=0.05, env=environ)
+    return DaemonProcess(
+        inbox, base / name / "warehouse", settle_seconds=0.05, env=environ, preamble=preamble
+    )
 
 
 # --- the files --------------------------------------------------------------------------------

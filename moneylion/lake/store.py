@@ -85,7 +85,6 @@ class Lake:
         self.storage_options = storage_options or None
         self._tables: dict[str, DeltaTable] = {}
         self.index = LedgerIndex()
-        self.conflicts = 0  # ledger commits lost to another daemon (the log says each)
 
     def path(self, name: str) -> str:
         return f"{self.uri}/{name}"
@@ -226,7 +225,6 @@ class Lake:
                     commit_properties=CommitProperties(max_commit_retries=0),
                 )
             except CommitFailedError as exc:
-                self.conflicts += 1
                 log.info(
                     "lake_commit_conflict",
                     extra={
