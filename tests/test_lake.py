@@ -129,6 +129,7 @@ def test_large_files_stream_from_the_reader_and_hold_what_local_mode_holds(
     anything the reference rules must decide falls back to them (and says why). The replica
     appends a large file alone straight from the lake unless some of its ids are stored."""
     monkeypatch.setattr(apply, "ALONE_ROWS", 1)
+    monkeypatch.setattr(apply, "GATHERED_ROWS", 0)  # the SQL rules, as for large chunks
     large = lake_config.with_overrides(batch_file_max_bytes=40)
     paths = files_of(tmp_path / "src", seed=8)
     (tmp_path / "src" / "quoted.csv").write_text(

@@ -14,11 +14,13 @@ DuckDB transaction as the rows: a crash loses neither, and nothing is applied tw
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +33,17 @@ from moneylion.lake.store import Lake
 from moneylion.lake.tables import ROW_TABLES, SHA256, WRITE_ID
 from moneylion.ledger import FileOutcome
 from moneylion.model import COLUMNS, FileKind
-from moneylion.resolve import Applied, create_staging, resolve, store_rejects
+from moneylion.resolve import (
+    Applied,
+    Stager,
+    create_staging,
+    resolve,
+    resolve_gathered,
+    store_rejects,
+    utc_now,
+)
 from moneylion.schema import one_row, rollback
+from moneylion.validate import Reject, RejectReason, ValidatedRows
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +109,12 @@ def apply_files(
             alone = _append_alone(conn, lake, kind, files)
             if alone is not None:
                 applied[files[0]["file_id"]], rejected[files[0]["file_id"]] = alone
+                continue
+            if sum(int(r["rows_loaded"] or 0) for r in files) <= GATHERED_ROWS:
+                # Few rows: decided in Python with a lookup or two, as local mode's batches.
+                found = resolve_gathered(conn, _gather(conn, lake, kind, files), utc_now())
+                applied.update(found)
+                rejected.update({f: a.rejected_by_reason for f, a in found.items()})
                 continue
             create_staging(conn, kind)
             _stage(conn, lake, kind, files)
@@ -233,23 +250,83 @@ def _append_alone(
     return Applied(loaded=int(count)), reasons
 
 
+# Up to this many rows of one kind per chunk are resolved in Python (resolve_gathered: a
+# statement or two, but Python's cost per row); more by the SQL rules (resolve: a dozen
+# statements per chunk, next to nothing per row). Where they cross: docs/performance.md.
+GATHERED_ROWS = 2_000
+_GATHER = """
+SELECT o.file_id, {columns}, r.{line}, r.raw_line
+FROM lake_rows r JOIN lake_owners o ON o.{sha} = r.{sha} AND o.{write_id} = r.{write_id}
+WHERE r.{write_id} BETWEEN $low AND $high ORDER BY o.file_id, r.{line}
+"""
+
+
+def _gather(
+    conn: duckdb.DuckDBPyConnection, lake: Lake, kind: FileKind, files: list[dict[str, Any]]
+) -> Stager:
+    """The rows and rejects of ``files`` (of one kind) gathered in memory, file by file."""
+    stager = Stager(kind)
+    names = {"sha": SHA256, "write_id": WRITE_ID}
+    columns = ", ".join(f"r.{name}" for name in COLUMNS[kind])
+    with _owners(conn, files) as bounds:
+        batches: dict[int, ValidatedRows] = {
+            int(r["file_id"]): ValidatedRows(kind, {c: [] for c in COLUMNS[kind]}) for r in files
+        }
+        for table, line, select in (
+            (ROW_TABLES[kind], "line", f"{columns}, "),
+            ("rejects", "line_number", "r.reason, r.message, "),
+        ):
+            conn.register(
+                "lake_rows", lake.rows_of(table, [(r["sha256"], r[WRITE_ID]) for r in files])
+            )
+            try:
+                sql = _GATHER.format(columns=select.rstrip(", "), line=line, **names)
+                found = conn.execute(sql, bounds).fetchall()
+            finally:
+                conn.unregister("lake_rows")
+            for file_id, *values, at, raw in found:
+                batch = batches[file_id]
+                if table == "rejects":
+                    reason, message = values
+                    batch.rejects.append(Reject(at, RejectReason(reason), message, raw))
+                    continue
+                for column, value in zip(batch.columns.values(), values, strict=True):
+                    column.append(value)
+                batch.lines.append(at)
+                batch.raw_lines.append(raw)
+    for file_id, batch in batches.items():
+        stager.add(file_id, batch)
+    return stager
+
+
+@contextlib.contextmanager
+def _owners(
+    conn: duckdb.DuckDBPyConnection, files: list[dict[str, Any]]
+) -> Iterator[dict[str, int]]:
+    """``lake_owners`` (sha256, write id, global file id of ``files``) registered on ``conn``
+    for the joins; the bounds of their write ids."""
+    ids = pa.table(
+        {
+            SHA256: pa.array([r["sha256"] for r in files], pa.string()),
+            WRITE_ID: pa.array([r[WRITE_ID] for r in files], pa.int64()),
+            "file_id": pa.array([r["file_id"] for r in files], pa.int64()),
+        }
+    )
+    conn.register("lake_owners", ids)
+    try:
+        yield {"low": min(r[WRITE_ID] for r in files), "high": max(r[WRITE_ID] for r in files)}
+    finally:
+        conn.unregister("lake_owners")
+
+
 def _stage(
     conn: duckdb.DuckDBPyConnection, lake: Lake, kind: FileKind, files: list[dict[str, Any]]
 ) -> None:
     """The staged rows and rejects of ``files`` (of one kind), with their global file id."""
     owners = [(r["sha256"], r[WRITE_ID]) for r in files]
-    ids = pa.table(
-        {
-            SHA256: pa.array([s for s, _ in owners], pa.string()),
-            WRITE_ID: pa.array([w for _, w in owners], pa.int64()),
-            "file_id": pa.array([r["file_id"] for r in files], pa.int64()),
-        }
-    )
-    bounds = {"low": min(w for _, w in owners), "high": max(w for _, w in owners)}
     names = {"sha": SHA256, "write_id": WRITE_ID}
     columns = ", ".join(f"r.{name}" for name in COLUMNS[kind])
-    conn.register("lake_owners", ids)
-    try:
+    with _owners(conn, files) as bounds:
         for table, sql in (
             (ROW_TABLES[kind], _STAGE_ROWS.format(columns=columns, **names)),
             ("rejects", _STAGE_REJECTS.format(**names)),
@@ -259,8 +336,6 @@ def _stage(
                 conn.execute(sql, bounds)
             finally:
                 conn.unregister("lake_rows")
-    finally:
-        conn.unregister("lake_owners")
 
 
 def _outcome(

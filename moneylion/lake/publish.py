@@ -20,6 +20,7 @@ The rules that need other files are decided later, in ledger order, by every rep
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 import time
@@ -170,6 +171,12 @@ class LakePublisher:
         self.config = config
         self.on_commit = on_commit
         self._scratch: duckdb.DuckDBPyConnection | None = None
+        # Rows an earlier attempt may have written: of files already in the inbox when this
+        # process started (a run before it may have crashed between their rows and their
+        # ledger row), and of files whose attempt here raised. Only those are looked up
+        # (``Lake.written`` costs a scan of the table's application transactions).
+        self.started_at = time.time()
+        self._attempted: set[str] = set()
 
     def _scratch_for(self, item: Item) -> duckdb.DuckDBPyConnection | None:
         """The scratch DuckDB for a file past ``batch_file_max_bytes`` (None: a small one)."""
@@ -226,8 +233,21 @@ class LakePublisher:
         started = time.perf_counter()
         try:
             return self._publish(items, started)
-        except DeltaError as exc:
-            raise LakeUnavailable(f"the lake at {self.lake.uri}: {exc}") from exc
+        except BaseException as exc:
+            self._attempted.update(i.sha256 for i in items if isinstance(i, StagedFile))
+            if isinstance(exc, DeltaError):
+                raise LakeUnavailable(f"the lake at {self.lake.uri}: {exc}") from exc
+            raise
+
+    def _may_have_rows(self, plan: Prepared) -> bool:
+        """Whether an earlier attempt may have written this file's rows (see __init__)."""
+        if plan.sha256 in self._attempted:
+            return True
+        try:
+            # A rename into the inbox sets ctime: a later one arrived after this start.
+            return os.stat(plan.item.origin).st_ctime <= self.started_at
+        except OSError:
+            return True
 
     def _publish(self, items: Sequence[Item], started: float) -> list[FileOutcome]:
         self.lake.refresh_index()
@@ -284,8 +304,6 @@ class LakePublisher:
         """Append the rows and rejects of the files that have any, per table in one commit.
         Rows an earlier attempt committed in full (found by their application transactions)
         are reused with their write id, never appended again."""
-        for name in (*ROW_TABLES.values(), "rejects"):
-            self.lake.table(name)  # brought up to date once; ``written`` reads the snapshot
         by_table: dict[str, list[Prepared]] = {}
         for plan in plans:
             if plan.header is None or plan.refused is not None or plan.sha256 is None:
@@ -295,7 +313,11 @@ class LakePublisher:
                 needed.append("rejects")
             if not needed:
                 continue
-            found = {self.lake.written(name, plan.sha256) for name in needed}
+            found = (
+                {self.lake.written(name, plan.sha256) for name in needed}
+                if self._may_have_rows(plan)
+                else {None}
+            )
             if len(found) == 1 and None not in found:
                 # Every table holds this file's rows under one write id: an earlier attempt
                 # (ours before a crash, or another daemon's) finished them. Reused as they are.
@@ -322,8 +344,7 @@ class LakePublisher:
         assert plan.sha256 is not None
         assert self._scratch is not None
         name = ROW_TABLES[plan.header.kind]
-        self.lake.table(name)
-        found = self.lake.written(name, plan.sha256)
+        found = self.lake.written(name, plan.sha256) if self._may_have_rows(plan) else None
         if found is not None and plan.clean.rows:
             plan.write_id = found
             log.info("lake_rows_reused", extra={"fields": {"file": plan.item.name}})

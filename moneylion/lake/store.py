@@ -129,7 +129,8 @@ class Lake:
 
     def written(self, name: str, sha256: str) -> int | None:
         """The write id of a file's rows already committed in table ``name`` (None: none), as
-        of the snapshot last read (``table``)."""
+        of the snapshot last read (``table``; this process's own appends move it). Costs a
+        scan of the table's application transactions: call it for files that may have some."""
         if name not in self._tables:
             self.table(name)
         version = self._tables[name].transaction_version(app_id(sha256))
