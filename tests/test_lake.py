@@ -245,6 +245,8 @@ class Race:
     raced: list[str]
     verified: list[list[str]]
     base: Path
+    ready: list[dict[str, Any]]
+    metrics: list[str]
 
 
 @pytest.fixture(scope="module")
@@ -262,13 +264,17 @@ def race(tmp_path_factory: pytest.TempPathFactory) -> Race:
         settled(daemons, lake)
         problems = compare_replicas(daemons[0], daemons[1], lake, scenario)
         answers = [api_answers(d, USERS) for d in daemons]
+        ready = [d.get("/v1/health/ready") for d in daemons]
+        metrics = [d.client.get("/metrics").text for d in daemons]
         codes = [d.stop() for d in daemons]
         assert codes == [0, 0]
     finally:
         for daemon in daemons:
             daemon.close()
     verified = [verify_differences(d) for d in daemons]
-    return Race(lake, scenario, daemons, answers, problems, raced(daemons), verified, base)
+    return Race(
+        lake, scenario, daemons, answers, problems, raced(daemons), verified, base, ready, metrics
+    )
 
 
 def test_racing_daemons_commit_every_file_once_and_answer_alike(race: Race) -> None:
@@ -296,6 +302,23 @@ def test_verify_passes_on_both_replicas(race: Race) -> None:
 
 def test_polars_reads_the_same_totals_from_the_lake_as_the_api(race: Race) -> None:
     assert polars_totals(race.lake) == answered(race.answers[0])
+
+
+def test_health_and_metrics_show_each_replicas_lag_behind_the_lake(race: Race) -> None:
+    files = len(ledger_rows(race.lake))
+    for ready, metrics in zip(race.ready, race.metrics, strict=True):
+        assert ready["lake"]["applied_files"] == ready["lake"]["lake_files"] == files
+        assert ready["lake"]["lag_files"] == 0
+        assert ready["lake"]["applied_version"] >= 1
+        gauges = dict(
+            line.split(" ", 1) for line in metrics.splitlines() if line.startswith("moneylion_lake")
+        )
+        assert float(gauges["moneylion_lake_lag_files"]) == 0
+        # Read a moment later: maintenance may have added a version since.
+        assert float(gauges["moneylion_lake_applied_version"]) >= ready["lake"]["applied_version"]
+        assert float(gauges["moneylion_lake_version"]) >= float(
+            gauges["moneylion_lake_applied_version"]
+        )
 
 
 def test_lake_status_prints_versions_files_size_and_each_tables_lag(race: Race) -> None:
