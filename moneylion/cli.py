@@ -28,6 +28,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from moneylion.schema import open_warehouse
 
     config = _config(args)
+    if config.lake_uri:
+        return _publish_to_lake(config, [Path(name) for name in args.files])
     conn = open_warehouse(config)
     if not args.quiet and sys.stdout.isatty():
         # DuckDB's own progress bar shows how far a long file's read has got.
@@ -42,6 +44,24 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             failed += outcome.status == "failed"
     finally:
         conn.close()
+    return 1 if failed else 0
+
+
+def _publish_to_lake(config: Config, paths: list[Path]) -> int:
+    """Lake mode: the files go to the lake (a daemon's replica applies them), never straight
+    into the local warehouse."""
+    from moneylion.lake.publish import LakePublisher
+    from moneylion.lake.tailer import lake_for
+
+    config.staging_dir.mkdir(parents=True, exist_ok=True)
+    lake = lake_for(config)
+    lake.create()
+    publisher = LakePublisher(lake, config)
+    failed = 0
+    for path in paths:
+        outcome = publisher.publish_paths([path], config)[0]
+        print(outcome.summary())
+        failed += outcome.status == "failed"
     return 1 if failed else 0
 
 

@@ -232,6 +232,42 @@ def test_compaction_and_checkpoints_keep_every_replica_exact(
     rebuilt.close()
 
 
+def test_ingest_in_lake_mode_publishes_to_the_lake_and_a_daemon_applies_it(
+    tmp_path: Path,
+) -> None:
+    paths = files_of(tmp_path / "src", seed=9)[:5]
+    daemon = lake_daemon(tmp_path, "a", tmp_path / "lake")
+    result = run_cli("ingest", *map(str, paths), env=daemon.environ())
+    assert result.returncode == 0, result.stderr
+    assert not (daemon.warehouse / "moneylion.duckdb").exists()  # the lake only
+    assert len(ledger_rows(tmp_path / "lake")) == len({p.read_bytes() for p in paths})
+    daemon.start()
+    try:
+        settled([daemon], tmp_path / "lake")
+        assert daemon.stop() == 0
+    finally:
+        daemon.close()
+    assert verify_differences(daemon) == []
+
+
+def test_a_lake_daemon_refuses_a_warehouse_filled_in_local_mode(
+    tmp_path: Path, lake_config: Config
+) -> None:
+    local = lake_config.with_overrides(lake_uri="")
+    conn = open_warehouse(local)
+    ingest_file(conn, files_of(tmp_path / "src", seed=10)[0], local)
+    conn.close()
+    daemon = lake_daemon(tmp_path, "x", tmp_path / "lake")
+    daemon.warehouse = lake_config.warehouse
+    daemon.start(wait_ready=False)
+    try:
+        assert daemon.proc is not None
+        assert daemon.proc.wait(60) == 2
+        assert "local mode" in daemon.stderr_text()
+    finally:
+        daemon.close()
+
+
 # --- two real daemons racing on one lake ---------------------------------------------------------
 
 

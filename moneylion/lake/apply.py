@@ -29,6 +29,7 @@ import duckdb
 import pyarrow as pa
 
 from moneylion import aggregates, ledger
+from moneylion.config import ConfigError
 from moneylion.lake.store import Lake
 from moneylion.lake.tables import ROW_TABLES, SHA256, WRITE_ID
 from moneylion.ledger import FileOutcome
@@ -56,8 +57,9 @@ CREATE TABLE IF NOT EXISTS lake_applied (
 )"""
 
 
-class NotAReplica(RuntimeError):
-    """The local warehouse holds files that did not come from the lake (local mode)."""
+class NotAReplica(ConfigError):
+    """The local warehouse holds files that did not come from the lake (local mode): the
+    config points a lake daemon at the wrong warehouse (the CLI says so, exit code 2)."""
 
 
 @dataclass(frozen=True)
