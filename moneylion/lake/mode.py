@@ -14,6 +14,8 @@ from moneylion.worker import IngestWorker
 
 
 class LakeMode:
+    """What lake mode adds to a daemon, made before its threads start."""
+
     def __init__(
         self,
         conn: duckdb.DuckDBPyConnection,

@@ -80,6 +80,9 @@ class Placed:
 
 
 class Lake:
+    """The four Delta tables under ``uri``, with this handle's snapshot of each and its index
+    of the ledger."""
+
     def __init__(self, uri: str, storage_options: dict[str, str] | None = None) -> None:
         self.uri = uri.rstrip("/")
         self.storage_options = storage_options or None

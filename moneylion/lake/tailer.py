@@ -35,10 +35,13 @@ ERROR_BACKOFF_SECONDS = 1.0
 
 
 def lake_for(config: Config) -> Lake:
+    """A new handle on the configured lake (one per thread)."""
     return Lake(config.lake_uri, dict(config.lake_storage_options) or None)
 
 
 class LakeTailer(threading.Thread):
+    """Applies the lake's ledger to the local warehouse through ``conn`` (see the module)."""
+
     def __init__(
         self,
         conn: duckdb.DuckDBPyConnection,
@@ -55,7 +58,6 @@ class LakeTailer(threading.Thread):
         self.checked_at = time.monotonic()
         self.stopping = threading.Event()
         self._poked = threading.Event()
-        self.applied_commits = 0
 
     @property
     def applied_file_id(self) -> int:
@@ -127,7 +129,6 @@ class LakeTailer(threading.Thread):
             )
             self.mark = Mark(through, int(chunk[-1]["file_id"]))
             done += len(chunk)
-            self.applied_commits += 1
             if self.on_applied is not None:
                 self.on_applied()
         if not pending and self.mark.version < version:
