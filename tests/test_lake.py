@@ -24,13 +24,14 @@ from moneylion.lake.publish import LakePublisher
 from moneylion.lake.store import Lake
 from moneylion.lake.tailer import LakeTailer, lake_for
 from moneylion.schema import open_warehouse
-from tests.daemon_process import DaemonProcess, run_cli
+from tests.daemon_process import DaemonProcess, logged_events, run_cli
 from tests.lake_scenario import (
     USERS,
     Scenario,
     answered,
     api_answers,
     compare_replicas,
+    drop,
     drop_together,
     expected_answers,
     independent,
@@ -388,6 +389,54 @@ def test_a_deleted_warehouse_is_rebuilt_from_the_lake(race: Race) -> None:
 
 
 # --- SIGKILL ----------------------------------------------------------------------------------
+
+# Run in a daemon before it serves: it dies by SIGKILL where a file's rows are in the lake and
+# its ledger row is not yet.
+KILLED_BEFORE_THE_LEDGER = """
+import os, signal
+from moneylion.lake import store
+store.Lake.commit_ledger = lambda self, candidates: os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def lake_rows(lake: Path) -> int:
+    """Rows in the lake's row tables (rows and rejects), whoever names them."""
+    tables = Lake(str(lake)).status()
+    return sum(tables[name]["rows"] for name in ("transactions", "users", "rejects"))
+
+
+def test_a_daemon_killed_between_rows_and_ledger_row_reuses_the_rows_after_restart(
+    tmp_path: Path,
+) -> None:
+    lake = tmp_path / "lake"
+    scenario = make_scenario(tmp_path / "src", seed=12, files=8, rows=30)
+    doomed = lake_daemon(tmp_path, "a", lake, preamble=KILLED_BEFORE_THE_LEDGER)
+    doomed.start()
+    try:
+        drop(scenario.all, doomed.inbox)
+        assert doomed.proc is not None
+        assert doomed.proc.wait(60) == -9  # killed with its rows in the lake
+    finally:
+        doomed.close()
+    assert ledger_rows(lake) == []
+    written = lake_rows(lake)
+    assert written > 0
+    daemon = lake_daemon(tmp_path, "a", lake)  # the same folders, restarted
+    daemon.start()
+    try:
+        settled([daemon], lake)
+        answers = api_answers(daemon, USERS)
+        assert daemon.stop() == 0
+    finally:
+        daemon.close()
+    events = [e["event"] for e in logged_events(daemon.warehouse)]
+    assert lake_rows(lake) >= written  # the later files' rows came
+    assert "lake_rows_reused" in events
+    assert lake_rows(lake) == sum(  # and no file's rows twice
+        r["rows_loaded"] + r["rows_rejected"] for r in ledger_rows(lake)
+    )
+    assert answered(answers) == expected_answers(independent(lake, scenario.all))
+    assert verify_differences(daemon) == []
 
 
 @pytest.mark.parametrize("seed", [101, 102, 103])
