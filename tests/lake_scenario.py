@@ -241,7 +241,16 @@ def api_answers(daemon: DaemonProcess, users: range) -> dict[str, Any]:
     for user in users:
         response = daemon.client.get(f"/v1/users/{user}/summary")
         summaries[user] = response.json() if response.status_code == 200 else None
+    rejects = {
+        entry["file_id"]: [
+            (r["line"], r["reason"], r["message"])
+            for r in daemon.get(f"/v1/files/{entry['file_id']}/rejects", limit=1000)["items"]
+        ]
+        for entry in files["items"]
+        if entry["rows_rejected"]
+    }
     return {
+        "rejects": rejects,
         "users": summaries,
         "daily": daemon.get("/v1/daily")["days"],
         "top": daemon.get("/v1/users/top", limit=50)["users"],
