@@ -91,6 +91,12 @@ def files_of(folder: Path, seed: int) -> list[Path]:
     scenario = make_scenario(folder, seed, files=14, rows=40)
     paths = scenario.all
     (folder / "broken.csv").write_text("no,header,here\n1,2,3\n")
+    (folder / "header-only.csv").write_text("user_id,signup_date,country\n")
+    (folder / "all-bad.csv").write_text(
+        "transaction_id,user_id,transaction_date,amount,transaction_type\n"
+        "0,1,2022-01-01,1.00,deposit\n5,1,2022-02-30,1.00,deposit\n6,1,2022-01-01,-1,gift\n"
+    )
+    paths += [folder / "header-only.csv", folder / "all-bad.csv"]
     # A file again later, one again right after itself (in one batch), one refused whole.
     return [*paths, paths[0], paths[-1], folder / "broken.csv"]
 
