@@ -55,9 +55,11 @@ _write_id_lock = threading.Lock()
 
 
 def new_write_id() -> int:
-    """A write id: microseconds since the epoch, then 12 random bits (two daemons never pick
-    the same one in practice; the sha256 beside it settles it anyway). Increasing in time, so
-    a table's data files cover narrow ranges and reads of a few files skip the rest."""
+    """A write id: microseconds since the epoch, then 12 random bits; increasing in time, so
+    a table's data files cover narrow ranges and reads of a few files skip the rest. Rows are
+    owned by (sha256, write id): two attempts at the same file would share rows only if they
+    picked the same microsecond and the same random bits (one chance in 4,096 for attempts
+    that are that close), never two attempts of one process."""
     global _last_write_id
     with _write_id_lock:
         candidate = (time.time_ns() // 1000) << 12 | secrets.randbits(12)
