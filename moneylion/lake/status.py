@@ -87,9 +87,10 @@ def format_status(report: dict[str, Any]) -> list[str]:
         lines.append(f"replica: unknown ({report['replica']})")
     for name, table in report["tables"].items():
         lag = table.get("lag")
-        behind = (
-            "" if lag is None else f"  lag {lag.get('versions', '-')} versions, {lag['rows']} rows"
-        )
+        behind = ""
+        if lag is not None:
+            versions = f"{lag['versions']} versions, " if "versions" in lag else ""
+            behind = f"  lag {versions}{lag['rows']} rows"
         lines.append(
             f"  {name:<13} version {table['version']:<6} files {table['files']:<5} "
             f"{table['bytes']:>12} bytes  {table['rows']:>10} rows{behind}"
