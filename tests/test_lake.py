@@ -17,7 +17,7 @@ import duckdb
 import pytest
 
 from moneylion.aggregates import verify
-from moneylion.config import Config
+from moneylion.config import Config, ConfigError, load_config
 from moneylion.ingest import ingest_file
 from moneylion.lake import apply, tailer
 from moneylion.lake.publish import LakePublisher
@@ -44,6 +44,30 @@ from tests.lake_scenario import (
     settled,
     verify_differences,
 )
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+def test_lake_config_resolves_a_path_and_passes_storage_options_through(tmp_path: Path) -> None:
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(
+        'lake_uri = "shared/lake"\n[lake_storage_options]\naws_region = "eu-west-1"\n'
+    )
+    found = load_config(config_file, environ={})
+    assert found.lake_uri == str(tmp_path / "shared" / "lake")
+    assert found.lake_storage_options == {"aws_region": "eu-west-1"}
+    environ = {
+        "MONEYLION_LAKE_URI": "s3://bucket/lake",
+        "MONEYLION_LAKE_STORAGE_OPTIONS": '{"aws_conditional_put": "etag"}',
+    }
+    remote = load_config(config_file, environ=environ)
+    assert remote.lake_uri == "s3://bucket/lake"  # a URI is passed to delta-rs as it is
+    assert remote.lake_storage_options == {"aws_conditional_put": "etag"}
+    assert lake_for(remote).storage_options == {"aws_conditional_put": "etag"}
+    with pytest.raises(ConfigError, match="lake_storage_options"):
+        load_config(config_file, environ={"MONEYLION_LAKE_STORAGE_OPTIONS": "not json"})
+    assert load_config(tmp_path / "none.toml", environ={}).lake_uri == ""  # local mode
+
 
 # --- in this process: the publisher and the tailer ------------------------------------------------
 
