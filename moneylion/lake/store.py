@@ -237,7 +237,9 @@ class Lake:
                 )
                 time.sleep(min(0.001 * attempt, 0.05))
                 continue
-            # Landed as ``version``: the index now knows these files too.
+            # Landed as ``version`` (no retry could move it): the rows' lake_version is exact.
+            if files.version() != version:
+                raise RuntimeError(f"ledger commit landed as {files.version()}, not {version}")
             for row in rows:
                 if row["sha256"] is not None:
                     self.index.files[row["sha256"]] = (
