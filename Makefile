@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint format bench screenshots clean
+.PHONY: help install install-bench run test test-fast lint format bench screenshots clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install the project with its pinned dependencies
+
+install-bench: $(STAMP) ## add the bench extra (pyspark, for bench/lake.py's Spark reader; needs Java 17+)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
 
 run: $(STAMP) ## start the daemon on config.toml (inbox/ -> warehouse/, API on 127.0.0.1:8000)
 	$(BIN)/moneylion serve
@@ -43,6 +46,7 @@ bench: $(STAMP) ## run the benchmarks and print their figures (takes minutes)
 	$(BIN)/python bench/stream.py
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/crash.py
+	$(BIN)/python bench/lake.py
 
 screenshots: $(STAMP) ## retake docs/dashboard-{desktop,phone}.png with the browser tests (needs chromium)
 	MONEYLION_SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/test_dashboard_browser.py -k screenshot

@@ -28,6 +28,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from moneylion.schema import open_warehouse
 
     config = _config(args)
+    if config.lake_uri:
+        return _publish_to_lake(config, [Path(name) for name in args.files])
     failed = 0
     with open_warehouse(config) as conn:
         if not args.quiet and sys.stdout.isatty():
@@ -39,6 +41,24 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             outcome = ingest_file(conn, path, config, progress=progress)
             print(outcome.summary())
             failed += outcome.status == "failed"
+    return 1 if failed else 0
+
+
+def _publish_to_lake(config: Config, paths: list[Path]) -> int:
+    """Lake mode: the files go to the lake (a daemon's replica applies them), never straight
+    into the local warehouse."""
+    from moneylion.lake.publish import LakePublisher
+    from moneylion.lake.tailer import lake_for
+
+    config.staging_dir.mkdir(parents=True, exist_ok=True)
+    lake = lake_for(config)
+    lake.create()
+    publisher = LakePublisher(lake, config)
+    failed = 0
+    for path in paths:
+        outcome = publisher.publish_paths([path], config)[0]
+        print(outcome.summary())
+        failed += outcome.status == "failed"
     return 1 if failed else 0
 
 
@@ -126,6 +146,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(config)
 
 
+def cmd_lake_status(args: argparse.Namespace) -> int:
+    """The lake's tables (versions, files, size) and this replica's lag behind each."""
+    from moneylion.lake.status import format_status, lake_status
+
+    config = _config(args)
+    if not config.lake_uri:
+        print("moneylion: lake_uri is not set (local mode)", file=sys.stderr)
+        return 2
+    report = lake_status(config)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print("\n".join(format_status(report)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moneylion", description=__doc__)
     parser.add_argument("--config", help="config file (default: config.toml of the project)")
@@ -152,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help=cmd_export.__doc__)
     export.add_argument("--full", action="store_true", help="rebuild the SQLite file atomically")
     export.set_defaults(func=cmd_export)
+
+    lake = commands.add_parser("lake", help="lake mode: the shared Delta Lake")
+    lake_commands = lake.add_subparsers(dest="lake_command", required=True)
+    lake_status = lake_commands.add_parser("status", help=cmd_lake_status.__doc__)
+    lake_status.add_argument("--json", action="store_true", help="print JSON")
+    lake_status.set_defaults(func=cmd_lake_status)
 
     generate = commands.add_parser("generate", help=cmd_generate.__doc__)
     generate.add_argument("out", help="output directory")

@@ -6,6 +6,7 @@ This is the only module that reads the environment; everything else receives a `
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -70,6 +71,12 @@ class Config:
     # Bearer token every route but liveness requires; "" (unset) is allowed on loopback only.
     api_token: str = dataclasses.field(default="", repr=False)
     max_upload_bytes: int = 64 * 1024 * 1024  # larger bodies of POST /v1/files answer 413
+    # Lake mode (moneylion/lake/): a shared Delta Lake's URI; "" (unset): local mode.
+    lake_uri: str = ""
+    # delta-rs storage options (s3://...: credentials, endpoint, locking), passed through as is.
+    lake_storage_options: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
+    lake_poll_seconds: float = 0.2  # how often a replica looks for other daemons' commits
+    lake_maintenance_seconds: float = 60.0  # how often a daemon compacts and checkpoints
 
     duckdb_path = _Below("warehouse", "moneylion.duckdb")
     sqlite_path = _Below("warehouse", "moneylion.sqlite")
@@ -110,8 +117,13 @@ def _coerce(name: str, raw: Any, target: Any) -> Any:
             return int(raw)
         if target in (float, "float"):
             return float(raw)
+        if target == "dict[str, str]":  # a TOML table, or JSON in the environment
+            found = json.loads(raw) if isinstance(raw, str) else raw
+            if not isinstance(found, dict):
+                raise ValueError(raw)
+            return {str(key): str(value) for key, value in found.items()}
         return str(raw)
-    except ValueError as exc:
+    except ValueError as exc:  # json.JSONDecodeError included
         raise ConfigError(f"config key {name!r}: cannot use {raw!r} as {target}") from exc
 
 
@@ -142,6 +154,9 @@ def load_config(
     typed = {name: _coerce(name, raw, fields[name]) for name, raw in values.items()}
     for key in ("inbox", "warehouse"):
         typed[key] = (base / typed[key]).resolve()
+    lake = typed.get("lake_uri", "")
+    if lake and "://" not in lake:  # a path: relative to this file, like the others
+        typed["lake_uri"] = str((base / lake).resolve())
     if not 0 <= typed.get("ingest_nice", 0) <= NICEST:
         raise ConfigError(f"config key 'ingest_nice': {typed['ingest_nice']} is not in 0..{NICEST}")
     token = typed.get("api_token", "")

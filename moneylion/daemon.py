@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import duckdb
 
@@ -28,6 +29,10 @@ from moneylion.source import clear_staging
 from moneylion.stream import StreamStats
 from moneylion.watcher import InboxQueue, InboxWatcher
 from moneylion.worker import IngestWorker
+
+if TYPE_CHECKING:
+    from moneylion.lake.lag import LakeLag
+    from moneylion.lake.mode import LakeMode
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +55,21 @@ class Daemon:
             if config.sqlite_export
             else None
         )
-        self.worker = IngestWorker(
-            self.worker_conn,
-            config,
-            self.queue,
-            on_commit=self.exporter.poke if self.exporter is not None else None,
-        )
+        self.lake: LakeMode | None = None
+        if config.lake_uri:
+            # Lake mode: the worker writes the lake, the tailer (the one local writer) applies
+            # what the lake's ledger commits, the exporter follows the tailer.
+            from moneylion.lake.mode import LakeMode  # deltalake loads in lake mode only
+
+            self.lake = LakeMode(conn.cursor(), config, self.exporter)
+            self.worker = self.lake.worker(self.worker_conn, self.queue)
+        else:
+            self.worker = IngestWorker(
+                self.worker_conn,
+                config,
+                self.queue,
+                on_commit=self.exporter.poke if self.exporter is not None else None,
+            )
         self._started = False
         self._stopped = False
         self._maintenance_stop = threading.Event()
@@ -69,6 +83,8 @@ class Daemon:
         self.config.done_dir.mkdir(parents=True, exist_ok=True)
         self.config.failed_dir.mkdir(parents=True, exist_ok=True)
         clear_staging(self.config.staging_dir)  # this process holds the warehouse: ours only
+        if self.lake is not None:
+            self.lake.start()
         self.watcher.start()
         self.worker.start()
         if self.exporter is not None:
@@ -97,6 +113,8 @@ class Daemon:
         if self.exporter is not None:
             self.exporter.request_stop()  # it winds down while the worker finishes its file
         self.stopped_cleanly = self.worker.stop()
+        if self.lake is not None:
+            self.stopped_cleanly = self.lake.stop() and self.stopped_cleanly
         self.exporter_stopped = self.exporter is None or self.exporter.stop(grace=0.5)
         self.watcher.stop()
         log.info(
@@ -111,12 +129,19 @@ class Daemon:
         )
 
     def ready(self) -> bool:
-        """Ready = the watcher is running and the worker is alive."""
-        return self.watcher.running and self.worker.is_alive() and not self._stopped
+        """Ready = the watcher is running and the worker (and in lake mode the tailer) alive."""
+        alive = self.lake is None or self.lake.alive()
+        return self.watcher.running and self.worker.is_alive() and alive and not self._stopped
 
     def committed_file_id(self) -> int:
         """The id of the last file committed to the warehouse (0: none yet)."""
+        if self.lake is not None:
+            return self.lake.tailer.applied_file_id
         return self.worker.committed_file_id
+
+    def lake_lag(self) -> LakeLag | None:
+        """How far this replica is behind the lake (None: local mode)."""
+        return self.lake.tailer.lag() if self.lake is not None else None
 
     def backlog(self) -> tuple[int, int]:
         """(files, bytes) waiting in the inbox to be committed, being ingested included."""
@@ -144,6 +169,8 @@ class Daemon:
         caller must not close it: the process exits and DuckDB replays its WAL next time)."""
         self.stop()
         cursors = [] if self.worker.is_alive() else [self.worker_conn]
+        if self.lake is not None and not self.lake.tailer.is_alive():
+            cursors.append(self.lake.tailer.conn)
         if self.exporter is not None and self.exporter_stopped:
             cursors.append(self.exporter.conn)
         for cursor in cursors:
@@ -151,7 +178,8 @@ class Daemon:
                 cursor.close()
             except duckdb.Error:
                 log.exception("close_failed", extra={"fields": {"what": "cursor"}})
-        return not self.worker.is_alive() and self.exporter_stopped
+        tailer_stopped = self.lake is None or not self.lake.tailer.is_alive()
+        return not self.worker.is_alive() and self.exporter_stopped and tailer_stopped
 
 
 def open_at_lower_priority(config: Config) -> duckdb.DuckDBPyConnection:

@@ -195,6 +195,9 @@ class IngestStandIn:
     def files_stuck(self) -> int:
         return 0
 
+    def lake_lag(self) -> None:
+        return None
+
 
 def parse_metrics(text: str) -> dict[str, float]:
     """A Prometheus text page as {sample with its labels: value}."""

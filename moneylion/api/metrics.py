@@ -88,6 +88,7 @@ class WarehouseCollector:
             "moneylion_inbox_backlog_bytes", "Bytes of the files waiting in the inbox", value=size
         )
         yield from self._stream_metrics()
+        yield from self._lake_metrics()
         up = GaugeMetricFamily("moneylion_warehouse_up", "1 when the warehouse is open")
         if self.ctx.db is None:
             up.add_metric([], 0)
@@ -112,6 +113,24 @@ class WarehouseCollector:
             yield GaugeMetricFamily(f"moneylion_{name}", text, value=values[name])
         for name, text in STREAM_COUNTERS.items():
             yield CounterMetricFamily(f"moneylion_{name}", text, value=values[name])
+
+    def _lake_metrics(self) -> Iterator[Metric]:
+        """Lake mode: this replica's lag behind the shared lake."""
+        lag = self.ctx.lake_lag()
+        if lag is None:
+            return
+        for name, text, value in (
+            ("lake_version", "The lake ledger's latest version seen", lag.lake_version),
+            ("lake_applied_version", "Ledger versions applied here", lag.applied_version),
+            ("lake_lag_versions", "Ledger versions not applied here yet", lag.versions),
+            ("lake_lag_files", "Files committed to the lake not applied here yet", lag.files),
+            (
+                "lake_seconds_since_check",
+                "Seconds since the lake was read",
+                lag.seconds_since_check,
+            ),
+        ):
+            yield GaugeMetricFamily(f"moneylion_{name}", text, value=value)
 
     def _warehouse_metrics(self) -> Iterator[Metric]:
         with self.ctx.cursor() as cursor:

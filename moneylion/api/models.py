@@ -220,9 +220,22 @@ class Liveness(msgspec.Struct):
     status: str
 
 
+class LakeReplica(msgspec.Struct):
+    """Lake mode: how far this daemon's replica is behind the shared lake."""
+
+    lake_version: int
+    applied_version: int
+    lag_versions: int
+    lake_files: int
+    applied_files: int
+    lag_files: int
+    seconds_since_check: float
+
+
 class Readiness(msgspec.Struct):
     status: str
     warehouse_open: bool
+    lake: LakeReplica | None = None
 
 
 class LogStats(msgspec.Struct):

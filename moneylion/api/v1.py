@@ -39,6 +39,7 @@ from moneylion.api.models import (
     FileDetail,
     FileEntry,
     FilesPage,
+    LakeReplica,
     Liveness,
     LogStats,
     Readiness,
@@ -331,7 +332,19 @@ async def ready(state: State) -> Readiness:
         raise problem(503, "not ready: the warehouse does not answer") from None
     if not ctx.ready():
         raise problem(503, "not ready: the watcher is not running")
-    return Readiness(status="ready", warehouse_open=True)
+    lag = ctx.lake_lag()
+    if lag is None:
+        return Readiness(status="ready", warehouse_open=True)
+    replica = LakeReplica(
+        lag.lake_version,
+        lag.applied_version,
+        lag.versions,
+        lag.lake_files,
+        lag.applied_files,
+        lag.files,
+        round(lag.seconds_since_check, 3),
+    )
+    return Readiness(status="ready", warehouse_open=True, lake=replica)
 
 
 def _ping(cursor: duckdb.DuckDBPyConnection) -> None:

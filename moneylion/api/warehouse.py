@@ -16,6 +16,7 @@ from moneylion.api.replica import SqliteReplica
 from moneylion.config import Config
 from moneylion.errors import MoneylionError
 from moneylion.health import inbox_waiting
+from moneylion.lake.lag import LakeLag
 from moneylion.schema import open_warehouse
 from moneylion.stream import StreamStats
 
@@ -43,6 +44,9 @@ class IngestView(Protocol):
 
     def files_stuck(self) -> int:
         """Inbox files left alone after failing for reasons of the environment."""
+
+    def lake_lag(self) -> LakeLag | None:
+        """Lake mode: how far the local replica is behind the lake; None in local mode."""
 
 
 class WarehouseView(Protocol):
@@ -82,6 +86,9 @@ class WarehouseView(Protocol):
     def answer_cache(self) -> SnapshotCache:
         """An answer cache whose token moves whenever the warehouse may have changed."""
 
+    def lake_lag(self) -> LakeLag | None:
+        """Lake mode: the writer's replica's lag behind the lake; None otherwise."""
+
 
 @dataclass
 class DaemonView:
@@ -119,6 +126,9 @@ class DaemonView:
 
     def committed_file_id(self) -> int:
         return self.ingest.committed_file_id()
+
+    def lake_lag(self) -> LakeLag | None:
+        return self.ingest.lake_lag()
 
     def answer_cache(self) -> SnapshotCache:
         return SnapshotCache(self.ingest.committed_file_id, max_age=None)
@@ -164,6 +174,9 @@ class Standalone:
     def committed_file_id(self) -> None:
         return None
 
+    def lake_lag(self) -> None:
+        return None
+
     def answer_cache(self) -> SnapshotCache:
         path = self.config.duckdb_path
         return SnapshotCache(file_token((path, path.with_name(path.name + ".wal"))))
@@ -192,6 +205,10 @@ class ApiContext:
     def ready(self) -> bool:
         """Ready when the warehouse is open and the writer's threads (if any) run."""
         return self.db is not None and self.view.ready()
+
+    def lake_lag(self) -> LakeLag | None:
+        """How far the daemon's replica is behind the lake (None: local mode, or no daemon)."""
+        return self.view.lake_lag()
 
     def run(self, query: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """``query`` on a fresh cursor (call from a worker thread)."""

@@ -1,0 +1,183 @@
+"""The replica's thread: tail the lake's ledger and apply every committed file, in order.
+
+It is the only writer of the local warehouse in lake mode (the worker writes the lake). It
+wakes when this daemon commits a ledger row (``poke``) and otherwise polls the ``files`` table's
+version every ``lake_poll_seconds``; new ledger rows are applied in chunks of bounded rows,
+each one local transaction with its mark (``apply.py``). A new replica, or one whose warehouse
+was deleted, starts from mark (-1, 0): it rebuilds itself from the whole ledger.
+
+A second thread runs the lake's maintenance (compaction, checkpoints) every
+``lake_maintenance_seconds``, on its own ``Lake`` (DeltaTable objects are not shared).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import duckdb
+
+from moneylion.config import Config
+from moneylion.lake.apply import Mark, apply_files, move_mark, open_mark
+from moneylion.lake.lag import LakeLag
+from moneylion.lake.store import Lake
+from moneylion.priority import lower_thread_priority
+from moneylion.schema import rollback
+
+log = logging.getLogger(__name__)
+
+CHUNK_ROWS = 500_000  # rows per local transaction while catching up (memory stays bounded)
+CHUNK_FILES = 2_000
+ERROR_BACKOFF_SECONDS = 1.0
+
+
+def lake_for(config: Config) -> Lake:
+    """A new handle on the configured lake (one per thread)."""
+    return Lake(config.lake_uri, dict(config.lake_storage_options) or None)
+
+
+class LakeTailer(threading.Thread):
+    """Applies the lake's ledger to the local warehouse through ``conn`` (see the module)."""
+
+    def __init__(
+        self,
+        conn: duckdb.DuckDBPyConnection,
+        config: Config,
+        on_applied: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(name="lake-tailer", daemon=True)
+        self.conn = conn
+        self.config = config
+        self.on_applied = on_applied
+        self.mark = open_mark(conn)
+        self.lake_version = -1
+        self.lake_files = 0
+        self.checked_at = time.monotonic()
+        self.stopping = threading.Event()
+        self._poked = threading.Event()
+
+    @property
+    def applied_file_id(self) -> int:
+        return self.mark.file_id
+
+    def poke(self) -> None:
+        """This daemon committed a ledger row: look now."""
+        self._poked.set()
+
+    def lag(self) -> LakeLag:
+        return LakeLag(
+            self.lake_version,
+            self.mark.version,
+            self.lake_files,
+            self.mark.file_id,
+            time.monotonic() - self.checked_at,
+        )
+
+    def run(self) -> None:
+        lower_thread_priority(self.config.ingest_nice)
+        lake = lake_for(self.config)
+        log.info(
+            "lake_tailer_started",
+            extra={
+                "fields": {
+                    "lake": lake.uri,
+                    "version": self.mark.version,
+                    "file_id": self.mark.file_id,
+                }
+            },
+        )
+        while not self.stopping.is_set():
+            try:
+                self.catch_up(lake)
+            except Exception:
+                log.exception("lake_apply_failed", extra={"fields": {"file_id": self.mark.file_id}})
+                rollback(self.conn)
+                self.stopping.wait(ERROR_BACKOFF_SECONDS)
+                lake = lake_for(self.config)
+                continue
+            self._poked.wait(self.config.lake_poll_seconds)
+            self._poked.clear()
+        log.info("lake_tailer_stopped", extra={"fields": {"file_id": self.mark.file_id}})
+
+    def catch_up(self, lake: Lake) -> int:
+        """Apply every ledger commit not applied yet; the files applied."""
+        files = lake.table("files")
+        version = files.version()
+        self.lake_version, self.checked_at = version, time.monotonic()
+        if version <= self.mark.version:
+            return 0
+        rows = lake.ledger_since(self.mark.version, files)
+        pending = [r for r in rows.to_pylist() if r["file_id"] > self.mark.file_id]
+        if rows.num_rows:
+            self.lake_files = max(self.lake_files, int(rows.column("file_id").to_pylist()[-1]))
+        done = 0
+        while pending and not self.stopping.is_set():
+            chunk = _chunk(pending)
+            pending = pending[len(chunk) :]
+            # The mark's version moves only with the last chunk: until then, later versions
+            # are only partly applied (the file id says how far).
+            through = version if not pending else self.mark.version
+            apply_files(
+                self.conn,
+                lake,
+                chunk,
+                Mark(through, self.mark.file_id),
+                top_users_kept=self.config.top_users_kept,
+            )
+            self.mark = Mark(through, int(chunk[-1]["file_id"]))
+            done += len(chunk)
+            if self.on_applied is not None:
+                self.on_applied()
+        if not pending and self.mark.version < version:
+            self.conn.execute("BEGIN TRANSACTION")
+            try:
+                move_mark(self.conn, Mark(version, self.mark.file_id))
+                self.conn.execute("COMMIT")
+            except BaseException:
+                rollback(self.conn)
+                raise
+            self.mark = Mark(version, self.mark.file_id)
+        self.lake_files = max(self.lake_files, self.mark.file_id)
+        return done
+
+    def stop(self, grace: float = 2.0) -> bool:
+        self.stopping.set()
+        self._poked.set()
+        self.join(grace)
+        if self.is_alive():
+            self.conn.interrupt()
+            self.join(1.0)
+        return not self.is_alive()
+
+
+def _chunk(pending: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The files at the head of ``pending`` that one local transaction takes (at least one)."""
+    rows = 0
+    for at, row in enumerate(pending):
+        rows += int(row["rows_loaded"] or 0)
+        if at and (rows > CHUNK_ROWS or at >= CHUNK_FILES):
+            return pending[:at]
+    return pending
+
+
+class LakeMaintenance(threading.Thread):
+    """Compaction and checkpoints of the lake's tables, now and then (see store.maintain)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(name="lake-maintenance", daemon=True)
+        self.config = config
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        lower_thread_priority(self.config.ingest_nice)
+        while not self.stopping.wait(self.config.lake_maintenance_seconds):
+            try:
+                lake_for(self.config).maintain()
+            except Exception:
+                log.exception("lake_maintenance_failed")
+
+    def stop(self) -> None:
+        self.stopping.set()
