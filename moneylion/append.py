@@ -53,6 +53,17 @@ from moneylion.validate import (
 NOT_CLEAN = "moneylion: row needs the reference path"
 
 
+def abort_unless(condition: str, column: str) -> str:
+    """SQL: ``column``, or an error() aborting the statement (NOT_CLEAN) on a row where
+    ``condition`` does not hold; ``not_clean`` recognises that error."""
+    return f"CASE WHEN {condition} THEN {column} ELSE error('{NOT_CLEAN}') END"
+
+
+def not_clean(exc: BaseException) -> bool:
+    """Whether a statement was aborted by a row ``abort_unless`` refused."""
+    return NOT_CLEAN in str(exc)
+
+
 @dataclass(frozen=True)
 class Fallback:
     """A path gave up on a file (the caller rolls back and takes the next one): why, for the
@@ -72,7 +83,7 @@ def append_fast(
     is the file read again, row by row.
     """
     key, *rest = COLUMNS[header.kind]
-    guarded = ", ".join([f"CASE WHEN ok THEN {key} ELSE error('{NOT_CLEAN}') END", *rest])
+    guarded = ", ".join([abort_unless("ok", key), *rest])
     table = TABLES[header.kind].name
     extra = "$file_id" if header.kind is FileKind.TRANSACTIONS else "$file_id, $now"
     params: dict[str, object] = {
@@ -90,7 +101,7 @@ def append_fast(
     except duckdb.ConstraintException:
         return Fallback("a user id is repeated in the file or already stored")
     except duckdb.InvalidInputException as exc:
-        if NOT_CLEAN in str(exc):
+        if not_clean(exc):
             return Fallback("a field fails its check")
         raise
     if aside := _reader_errors(conn, header.file_name):
@@ -98,9 +109,11 @@ def append_fast(
     # Transaction ids must be new and unique: no copies within the file, none stored before.
     if header.kind is FileKind.TRANSACTIONS and inserted:
         low, high = _id_range(conn, file_id)
-        if _has_copies(conn, file_id, int(inserted), low, high):
+        appended = "SELECT transaction_id FROM transactions WHERE file_id = $f"
+        mine: dict[str, object] = {"f": file_id}
+        if distinct_ids(conn, "transaction_id", appended, mine, low, high) != int(inserted):
             return Fallback("a transaction id is repeated in the file")
-        if _stored_ids_among(conn, file_id, low, high):
+        if stored_ids_among(conn, appended, mine, low, high, before_file=file_id):
             return Fallback("transaction ids are already stored")
     return Applied(loaded=int(inserted))
 
@@ -119,44 +132,45 @@ def _id_range(conn: duckdb.DuckDBPyConnection, file_id: int) -> tuple[int, int]:
     return int(low), int(high)
 
 
-def _has_copies(
-    conn: duckdb.DuckDBPyConnection, file_id: int, rows: int, low: int, high: int
-) -> bool:
-    """Whether an id appears more than once among the rows this file appended (ids in
-    ``low``..``high``)."""
+def distinct_ids(
+    conn: duckdb.DuckDBPyConnection,
+    key: str,
+    rows_sql: str,
+    params: dict[str, object],
+    low: int,
+    high: int,
+) -> int:
+    """How many distinct ``key`` values the rows of ``rows_sql`` hold (ids in ``low``..``high``):
+    by a bitmap over the range when it is dense enough."""
     if high - low < BITMAP_MAX_BITS:
-        distinct = one_row(
-            conn,
-            "SELECT bit_count(bitstring_agg(transaction_id, $low, $high)) "
-            "FROM transactions WHERE file_id = $f",
-            {"f": file_id, "low": low, "high": high},
-        )[0]
+        query = f"SELECT bit_count(bitstring_agg({key}, {low}, {high})) FROM ({rows_sql})"
     else:
-        distinct = one_row(
-            conn,
-            "SELECT count(DISTINCT transaction_id) FROM transactions WHERE file_id = $f",
-            {"f": file_id},
-        )[0]
-    return int(distinct) != rows
+        query = f"SELECT count(DISTINCT {key}) FROM ({rows_sql})"
+    return int(one_row(conn, query, params)[0])
 
 
-def _stored_ids_among(conn: duckdb.DuckDBPyConnection, file_id: int, low: int, high: int) -> int:
-    """How many of this file's transaction ids earlier files already stored. The id range and
-    ``file_id <`` (earlier files have smaller ids) let zone maps skip the other row groups;
-    only when earlier rows fall in the range are the file's ids matched against them."""
-    params = {"file_id": file_id, "low": low, "high": high}
-    in_range = """FROM transactions t
-        WHERE t.transaction_id BETWEEN $low AND $high AND t.file_id < $file_id"""
-    if not one_row(conn, "SELECT count(*) " + in_range, params)[0]:
+def stored_ids_among(
+    conn: duckdb.DuckDBPyConnection,
+    ids_sql: str,
+    params: dict[str, object],
+    low: int,
+    high: int,
+    *,
+    before_file: int | None = None,
+) -> int:
+    """How many of the transaction ids ``ids_sql`` selects (all in ``low``..``high``) are
+    stored, by files before ``before_file`` if it is given (earlier files have smaller ids).
+    The id range (and file bound) let zone maps skip the other row groups; only when stored
+    rows fall in the range are the ids matched against them."""
+    bounds: dict[str, object] = {"low": low, "high": high}
+    in_range = "FROM transactions t WHERE t.transaction_id BETWEEN $low AND $high"
+    if before_file is not None:
+        in_range += " AND t.file_id < $before"
+        bounds["before"] = before_file
+    if not one_row(conn, "SELECT count(*) " + in_range, bounds)[0]:
         return 0
-    return int(
-        one_row(
-            conn,
-            f"""SELECT count(*) {in_range} AND t.transaction_id IN
-                (SELECT transaction_id FROM transactions WHERE file_id = $file_id)""",
-            params,
-        )[0]
-    )
+    among = f"SELECT count(*) {in_range} AND t.transaction_id IN ({ids_sql})"
+    return int(one_row(conn, among, {**params, **bounds})[0])
 
 
 # --- reference path ---------------------------------------------------------------------------

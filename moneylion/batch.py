@@ -31,7 +31,7 @@ from moneylion.ledger import FileOutcome
 from moneylion.model import FileKind
 from moneylion.resolve import Applied, Stager, resolve_gathered, utc_now
 from moneylion.schema import rollback
-from moneylion.source import StagedFile
+from moneylion.source import MEMORY_BYTES, StagedFile, stage
 from moneylion.validate import Header, ValidatedRows, read_header, validate_rows
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,17 @@ class Unread:
 
 
 Item = StagedFile | Unread
+
+
+def item_of(path: Path, config: Config, *, memory_bytes: int = MEMORY_BYTES) -> Item:
+    """``path`` staged (``source.stage``), or an ``Unread`` if it is refused unread (not a
+    regular file, larger than ``max_file_bytes``). Errors of the environment propagate."""
+    try:
+        return stage(
+            path, config.staging_dir, max_bytes=config.max_file_bytes, memory_bytes=memory_bytes
+        )
+    except FileRefused as refused:
+        return Unread(path.name, path, refused)
 
 
 @dataclass

@@ -23,13 +23,13 @@ from typing import Any
 import duckdb
 
 from moneylion import inbox
-from moneylion.batch import Item, Unread, ingest_batch
+from moneylion.batch import Item, ingest_batch, item_of
 from moneylion.config import Config
-from moneylion.errors import FileChanged, FileRefused, is_transient
+from moneylion.errors import FileChanged, is_transient
 from moneylion.ingest import FileOutcome, file_sha256, ingest_file
 from moneylion.priority import lower_thread_priority
 from moneylion.schema import one_row
-from moneylion.source import StagedFile, stage
+from moneylion.source import StagedFile
 from moneylion.stream import IngestStats
 from moneylion.watcher import ONE_FILE, BatchLimits, InboxQueue, TakenFile
 
@@ -150,15 +150,8 @@ class IngestWorker(threading.Thread):
         for one in taken:
             try:
                 items.append(
-                    stage(
-                        one.path,
-                        self.config.staging_dir,
-                        max_bytes=self._max_bytes,
-                        memory_bytes=self.config.batch_file_max_bytes,
-                    )
+                    item_of(one.path, self.config, memory_bytes=self.config.batch_file_max_bytes)
                 )
-            except FileRefused as refused:  # not a regular file, too large: never read
-                items.append(Unread(one.path.name, one.path, refused))
             except Exception as exc:
                 self._failed(one, exc)
         # A compressed file small on disk may hold a large CSV: that one goes alone (the fast
@@ -229,10 +222,6 @@ class IngestWorker(threading.Thread):
                 continue
             self._committed(outcomes)
             self._settle(of[item.origin], outcomes[0])
-
-    @property
-    def _max_bytes(self) -> int:
-        return self.config.max_file_bytes
 
     # -- after a commit -----------------------------------------------------------------------
 

@@ -14,11 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moneylion.aggregates import verify
-from moneylion.batch import Item, Unread, ingest_batch
+from moneylion.batch import Item, ingest_batch, item_of
 from moneylion.config import Config
-from moneylion.errors import FileRefused
 from moneylion.ingest import FileOutcome, ingest_file
-from moneylion.source import stage
 from tests.conftest import TX_HEADER, USERS_HEADER
 from tests.test_properties import file_sets, fresh
 
@@ -86,13 +84,7 @@ def comparable(outcome: FileOutcome) -> tuple[Any, ...]:
 
 
 def items_of(paths: list[Path], config: Config) -> list[Item]:
-    items: list[Item] = []
-    for path in paths:
-        try:
-            items.append(stage(path, config.staging_dir))
-        except FileRefused as refused:
-            items.append(Unread(path.name, path, refused))
-    return items
+    return [item_of(path, config) for path in paths]
 
 
 @pytest.mark.slow

@@ -21,13 +21,12 @@ from litestar.testing import TestClient
 
 from moneylion.aggregates import verify
 from moneylion.api import create_app
-from moneylion.batch import Item, Unread, ingest_batch
+from moneylion.batch import Unread, ingest_batch, item_of
 from moneylion.config import Config
-from moneylion.errors import FileRefused
 from moneylion.inbox import safe_name
 from moneylion.ingest import FileOutcome, ingest_file
 from moneylion.schema import connect
-from moneylion.source import csv_name, stage
+from moneylion.source import csv_name
 from moneylion.validate import LINE_MAX_BYTES
 from tests.conftest import TX_HEADER, parse_metrics
 from tests.daemon_process import (
@@ -89,12 +88,7 @@ def load(
     """``paths`` ingested one by one (``file``: the single-file paths) or as one batch."""
     if how == "file":
         return [ingest_file(conn, path, config) for path in paths]
-    items: list[Item] = []
-    for path in paths:
-        try:
-            items.append(stage(path, config.staging_dir, max_bytes=config.max_file_bytes))
-        except FileRefused as refused:
-            items.append(Unread(path.name, path, refused))
+    items = [item_of(path, config) for path in paths]
     outcomes, left = ingest_batch(conn, items, config)
     for item in items:
         if not isinstance(item, Unread):

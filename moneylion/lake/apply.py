@@ -29,6 +29,7 @@ import duckdb
 import pyarrow as pa
 
 from moneylion import aggregates, ledger
+from moneylion.append import stored_ids_among
 from moneylion.config import ConfigError
 from moneylion.lake.store import Lake
 from moneylion.lake.tables import ROW_TABLES, SHA256, WRITE_ID
@@ -198,10 +199,6 @@ WHERE r.{write_id} BETWEEN $low AND $high
 ALONE_ROWS = 100_000
 _ALONE_WHERE = f"{SHA256} = $sha AND {WRITE_ID} = $write_id"
 _ALONE_RANGE = f"SELECT min({{key}}), max({{key}}), count(*) FROM lake_rows WHERE {_ALONE_WHERE}"
-_STORED_IN_RANGE = "SELECT count(*) FROM transactions WHERE {key} BETWEEN $low AND $high"
-_STORED_AMONG = (
-    _STORED_IN_RANGE + f" AND {{key}} IN (SELECT {{key}} FROM lake_rows WHERE {_ALONE_WHERE})"
-)
 _APPEND_ALONE = (
     "INSERT INTO transactions BY NAME SELECT {columns}, $file_id AS file_id "
     f"FROM lake_rows WHERE {_ALONE_WHERE}"
@@ -229,9 +226,8 @@ def _append_alone(
         low, high, count = one_row(conn, _ALONE_RANGE.format(key=key), params)
         if not count:
             return None
-        bounds = {**params, "low": low, "high": high}
-        in_range = one_row(conn, _STORED_IN_RANGE.format(key=key), {"low": low, "high": high})
-        if in_range[0] and one_row(conn, _STORED_AMONG.format(key=key), bounds)[0]:
+        ids = f"SELECT {key} FROM lake_rows WHERE {_ALONE_WHERE}"
+        if stored_ids_among(conn, ids, params, int(low), int(high)):
             return None  # some ids are stored: resolve decides them
         columns = ", ".join(COLUMNS[kind])
         conn.execute(_APPEND_ALONE.format(columns=columns), {**params, "file_id": row["file_id"]})

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import duckdb
 import pyarrow as pa
 
-from moneylion.append import BITMAP_MAX_BITS, NOT_CLEAN, Fallback
+from moneylion.append import Fallback, abort_unless, distinct_ids
 from moneylion.config import Config
 from moneylion.lake.tables import SHA256, WRITE_ID, row_schema
 from moneylion.model import COLUMNS, TABLES, Rule
@@ -86,40 +86,18 @@ def check_clean(
         return Fallback(f"the reader set {aside} line(s) aside")
     if int(rows) != data_lines(source) - header.line_number:
         return Fallback("records do not stand one per line")
-    if rows and (low is None or _distinct(conn, key, located, params, low, high) != rows):
+    if rows and (
+        low is None or distinct_ids(conn, key, located, params, int(low), int(high)) != rows
+    ):
         return Fallback("an id appears more than once in the file (or is not an id)")
     key_first, *rest = COLUMNS[header.kind]
-    guarded = (
-        f"CASE WHEN ok AND NOT ({_special(header)}) THEN {key_first} ELSE error('{NOT_CLEAN}') END"
-    )
+    guarded = abort_unless(f"ok AND NOT ({_special(header)})", key_first)
     sql = (
         f"SELECT $sha AS {SHA256}, $write_id AS {WRITE_ID}, {guarded} AS {key_first}, "
         f"{', '.join(rest)}, $skip + ordinal AS line, "
         f"array_to_string(raw_fields, ',') AS raw_line FROM ({located})"
     )
     return CleanFile(int(rows), sql, params)
-
-
-def not_clean(exc: BaseException) -> bool:
-    """Whether a failed stream of rows was aborted by a row failing its checks."""
-    return NOT_CLEAN in str(exc)
-
-
-def _distinct(
-    conn: duckdb.DuckDBPyConnection,
-    key: str,
-    located: str,
-    params: dict[str, object],
-    low: object,
-    high: object,
-) -> int:
-    """Distinct ids of the file: a bitmap over their range when it is dense enough."""
-    low, high = int(str(low)), int(str(high))
-    if high - low < BITMAP_MAX_BITS:
-        query = f"SELECT bit_count(bitstring_agg({key}, {low}, {high})) FROM ({located})"
-    else:
-        query = f"SELECT count(DISTINCT {key}) FROM ({located})"
-    return int(one_row(conn, query, params)[0])
 
 
 def clean_rows(

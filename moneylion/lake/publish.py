@@ -34,16 +34,17 @@ import pyarrow as pa
 from deltalake.exceptions import DeltaError
 
 from moneylion import ledger
-from moneylion.batch import Item, Unread
+from moneylion.append import not_clean
+from moneylion.batch import Item, Unread, item_of
 from moneylion.config import Config
 from moneylion.errors import FileRefused
-from moneylion.lake.large import CleanFile, check_clean, clean_rows, not_clean, scratch
+from moneylion.lake.large import CleanFile, check_clean, clean_rows, scratch
 from moneylion.lake.store import Candidate, Lake, LakeUnavailable
 from moneylion.lake.tables import REJECTS_SCHEMA, ROW_TABLES, SHA256, WRITE_ID, row_schema
 from moneylion.ledger import FileOutcome
 from moneylion.model import COLUMNS, DOMAINS, FileKind
 from moneylion.resolve import utc_now
-from moneylion.source import StagedFile, stage
+from moneylion.source import StagedFile
 from moneylion.validate import Header, Reject, RejectReason, read_header, validate_rows
 
 log = logging.getLogger(__name__)
@@ -192,10 +193,7 @@ class LakePublisher:
         self, conn: duckdb.DuckDBPyConnection, path: Path, config: Config
     ) -> FileOutcome:
         """One file (a large one: the worker takes those alone)."""
-        try:
-            staged: Item = stage(path, config.staging_dir, max_bytes=config.max_file_bytes)
-        except FileRefused as refused:
-            staged = Unread(path.name, path, refused)
+        staged = item_of(path, config)
         try:
             return self.publish([staged])[0]
         finally:
@@ -217,12 +215,7 @@ class LakePublisher:
 
     def publish_paths(self, paths: Sequence[Path], config: Config) -> list[FileOutcome]:
         """``publish`` of files read from ``paths`` (the CLI and tests)."""
-        items: list[Item] = []
-        for path in paths:
-            try:
-                items.append(stage(path, config.staging_dir, max_bytes=config.max_file_bytes))
-            except FileRefused as refused:
-                items.append(Unread(path.name, path, refused))
+        items = [item_of(path, config) for path in paths]
         try:
             return self.publish(items)
         finally:
