@@ -181,12 +181,11 @@ def _load(
         # DuckDB's reader binds every column of a wide file, at a cost that grows with the
         # columns whatever the rows; past WIDE_COLUMNS the reference rules read it (no reader
         # limit there; bench/micro.py --only wide).
-        applied: Applied | Fallback = Fallback(
-            f"{header.field_count} columns, past {WIDE_COLUMNS}: the reader is not used"
+        read = header.field_count <= WIDE_COLUMNS
+        applied = (
+            _reader_paths(conn, arrival.name, source, header, file_id, report) if read else None
         )
-        if header.field_count <= WIDE_COLUMNS:
-            applied = _reader_paths(conn, arrival.name, source, header, file_id, report)
-        if isinstance(applied, Fallback):
+        if not isinstance(applied, Applied):
             applied = append_reference(conn, source, header, file_id)
         if applied.loaded:
             report(f"appended {applied.loaded} rows: updating aggregates")

@@ -157,7 +157,7 @@ async def api_health(state: State) -> SeedHealth:
             log.warning("health_ledger_unreadable", extra={"fields": {"error": str(exc)}})
     reading = health.read_health(ctx.config, last, ctx.view.backlog())
     stream = ctx.view.stream()
-    measured = {f.name: getattr(reading, f.name) for f in dataclasses.fields(reading)}
+    measured = dataclasses.asdict(reading)
     shown = {name: measured[name] for name in SeedHealth.__struct_fields__ if name in measured}
     shown["uptime_seconds"] = _rounded(reading.uptime_seconds)
     shown["seconds_since_last_file"] = _rounded(reading.seconds_since_last_file)
