@@ -310,7 +310,7 @@ def case_sniffer(scratch: Scratch, args: argparse.Namespace) -> list[Row]:
 
 
 def case_copies(scratch: Scratch, args: argparse.Namespace) -> list[Row]:
-    """moneylion/append.py _has_copies: distinct ids by a bitmap vs count(DISTINCT)."""
+    """moneylion/append.py distinct_ids: distinct ids by a bitmap vs count(DISTINCT)."""
     n = 10_000_000
     conn = scratch.conn
     bitmap_sql = "SELECT bit_count(bitstring_agg(i, $low, $high)) FROM range($n) AS r(i)"
