@@ -620,6 +620,7 @@ def test_cached_answers_change_as_soon_as_a_file_commits(
             {"transaction_date": "1999-12-31", "transaction_type": "deposit", "daily_total": 500.0}
         ]
         assert test_client.get("/api/health").json()["seconds_since_last_file"] <= age
+    assert verify(conn) == []
 
 
 def test_each_section_is_served_as_its_own_partial_and_no_other_name_is(

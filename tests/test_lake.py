@@ -287,6 +287,7 @@ def test_a_lake_daemon_refuses_a_warehouse_filled_in_local_mode(
     local = lake_config.with_overrides(lake_uri="")
     conn = open_warehouse(local)
     ingest_file(conn, files_of(tmp_path / "src", seed=10)[0], local)
+    assert verify(conn) == []
     conn.close()
     daemon = lake_daemon(tmp_path, "x", tmp_path / "lake")
     daemon.warehouse = lake_config.warehouse
