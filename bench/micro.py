@@ -11,7 +11,7 @@ Prints figures; no asserts beyond checking that both ways give the same answer.
 
     .venv/bin/python bench/micro.py [--only NAME] [--transactions 1000000] [--users 100000]
 
-Cases: statement, user_summary, sniffer, copies, wide, values, small_sql.
+Cases: statement, user_summary, sniffer, copies, wide, values, small_sql, staging.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import OUT, cached_transactions, cached_users, print_table  # noqa: E402
+from moneylion import source  # noqa: E402
 from moneylion.aggregates import USER_TOTALS_OF_FILE_SELECT  # noqa: E402
 from moneylion.api.queries import user_summary  # noqa: E402
 from moneylion.api.replica import SqliteReplica  # noqa: E402
@@ -509,6 +510,35 @@ def case_small_sql(scratch: Scratch, args: argparse.Namespace) -> list[Row]:
     return out
 
 
+def case_staging(scratch: Scratch, args: argparse.Namespace) -> list[Row]:
+    """moneylion/source.py _copy_hashing: the private copy by copy_file_range, then hashed,
+    vs reading, hashing and writing every chunk; on the 10M-row file of bench/ingest.py."""
+    path = cached_transactions(10_000_000, users=1_000_000, first_id=1_000_001, seed=3)
+    copy = scratch.folder / "staged-copy"
+
+    def staged(kernel: bool) -> Callable[[], str]:
+        def call() -> str:
+            copy.unlink(missing_ok=True)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if kernel:
+                    return source._copy_hashing(fd, copy, path.stat().st_size)[0]
+                out = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    return source._read_hash_write(fd, out, path.stat().st_size)[0]
+                finally:
+                    os.close(out)
+            finally:
+                os.close(fd)
+
+        return call
+
+    assert staged(True)() == staged(False)()
+    size = path.stat().st_size / 1e6
+    compared = f"copy_file_range + sha256 vs read/sha256/write, {size:.0f} MB"
+    return [compare("staging", compared, (staged(True), 1), (staged(False), 1), repeat=5)]
+
+
 CASES: dict[str, Callable[[Scratch, argparse.Namespace], list[Row]]] = {
     "statement": case_statement,
     "user_summary": case_user_summary,
@@ -517,6 +547,7 @@ CASES: dict[str, Callable[[Scratch, argparse.Namespace], list[Row]]] = {
     "wide": case_wide,
     "values": case_values,
     "small_sql": case_small_sql,
+    "staging": case_staging,
 }
 
 
