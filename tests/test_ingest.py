@@ -5,6 +5,8 @@ Every test ends with ``verify``: the maintained aggregates equal a full recomput
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import shutil
 from decimal import Decimal
 from pathlib import Path
@@ -359,3 +361,38 @@ def test_a_path_that_gives_up_logs_why(
     ]
     assert logged == reasons
     assert verify(warehouse) == []
+
+
+@pytest.mark.parametrize("kernel_copies", [True, False], ids=["copy_file_range", "by_hand"])
+def test_a_large_file_is_staged_and_known_by_the_same_bytes_however_it_is_copied(
+    warehouse: duckdb.DuckDBPyConnection,
+    config: Config,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kernel_copies: bool,
+) -> None:
+    """Past MEMORY_BYTES a file is copied into staging: by the kernel, or (where it cannot copy
+    between the two files) read, hashed and written; the ledger's sha256 is the file's either
+    way, and the copy's rows are what load."""
+    from moneylion import source
+
+    rows = [
+        f"{n},{n % 97 + 1},2024-03-{n % 28 + 1:02d},{n % 500 + 1}.25,deposit"
+        for n in range(1, 40_001)
+    ]
+    path = write_csv(tmp_path / "large.csv", TX_HEADER, rows)
+    assert path.stat().st_size > source.MEMORY_BYTES
+    refused: list[object] = []
+    if not kernel_copies:
+
+        def refuse(*args: object) -> int:
+            refused.append(args)
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(source.os, "copy_file_range", refuse)
+    outcome = ingest_file(warehouse, path, config)
+    assert (outcome.status, outcome.rows_loaded) == ("loaded", 40_000)
+    assert outcome.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert list(config.staging_dir.iterdir()) == []  # the private copy is gone
+    assert bool(refused) is not kernel_copies
+    assert verify(warehouse, top_users_kept=config.top_users_kept) == []
