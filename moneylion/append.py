@@ -1,11 +1,17 @@
 """The rows of one file into the base tables, inside the caller's transaction.
 
-Three ways, tried in order by ingest.py:
-* ``append_fast``: a clean, new file straight from DuckDB's reader in one statement.
-* ``append_located``: DuckDB stages the file; only the rows failing a fast check go through the
-  reference rules (validate.Batcher), and line numbers are found for the rejects alone.
-* ``append_reference``: validate_rows reads every record itself (wrong field counts, odd lines).
-The last two share ``_resolve_staged``: copies within the file, rows already stored, the append.
+The ways, tried in order by ingest.py:
+* ``append_checked`` (transactions): the rows passing the fast checks straight from DuckDB's
+  reader in one statement; only when the file holds more (rows failing a check, lines the reader
+  set aside, ids repeated in the file or already stored) is it read again, for those rows alone,
+  which then go through the reference rules and ``resolve``.
+* ``append_fast`` (users): a clean, new file straight from DuckDB's reader in one statement.
+* ``append_located`` (users): DuckDB stages the file; only the rows failing a fast check go
+  through the reference rules (validate.Batcher), and line numbers are found for the rejects
+  alone.
+* ``append_reference``: validate_rows reads every record itself (wrong field counts in a file
+  whose records span lines, odd lines).
+All but the fast one share ``resolve``: copies within the file, rows already stored, the append.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from moneylion.validate import (
     data_lines,
     is_blank,
     located_select_sql,
+    marked_select_sql,
     raw_text,
     record_lines,
     typed_select_sql,
@@ -75,28 +82,19 @@ class Fallback:
 def append_fast(
     conn: duckdb.DuckDBPyConnection, source: Source, header: Header, file_id: int
 ) -> Applied | Fallback:
-    """Append a clean, new file straight from DuckDB's reader in one statement.
+    """Append a clean file of new users straight from DuckDB's reader in one statement.
 
     A Fallback when the file has anything to reject or skip: a field failing its check aborts
     the statement through error(), a wrong field count lands in the reader's reject table, a
-    repeated id shows in the count check (transactions) or the PRIMARY KEY (users). Only then
-    is the file read again, row by row.
+    repeated or stored user id hits the PRIMARY KEY. Only then is the file read again.
     """
     key, *rest = COLUMNS[header.kind]
     guarded = ", ".join([abort_unless("ok", key), *rest])
-    table = TABLES[header.kind].name
-    extra = "$file_id" if header.kind is FileKind.TRANSACTIONS else "$file_id, $now"
-    params: dict[str, object] = {
-        "path": str(source.disk_path()),
-        "skip": header.line_number,
-        "file_id": file_id,
-    }
-    if header.kind is FileKind.USERS:
-        params["now"] = utc_now()
     try:
         inserted = conn.execute(
-            f"INSERT INTO {table} SELECT {guarded}, {extra} FROM ({typed_select_sql(header)})",
-            params,
+            f"INSERT INTO {TABLES[header.kind].name} SELECT {guarded}, $file_id, $now "
+            f"FROM ({typed_select_sql(header)})",
+            {**_read_params(source, header), "file_id": file_id, "now": utc_now()},
         ).fetchall()[0][0]
     except duckdb.ConstraintException:
         return Fallback("a user id is repeated in the file or already stored")
@@ -106,16 +104,184 @@ def append_fast(
         raise
     if aside := _reader_errors(conn, header.file_name):
         return Fallback(f"the reader set {aside} line(s) aside (field count or length)")
-    # Transaction ids must be new and unique: no copies within the file, none stored before.
-    if header.kind is FileKind.TRANSACTIONS and inserted:
-        low, high = _id_range(conn, file_id)
-        appended = "SELECT transaction_id FROM transactions WHERE file_id = $f"
-        mine: dict[str, object] = {"f": file_id}
-        if distinct_ids(conn, "transaction_id", appended, mine, low, high) != int(inserted):
-            return Fallback("a transaction id is repeated in the file")
-        if stored_ids_among(conn, appended, mine, low, high, before_file=file_id):
-            return Fallback("transaction ids are already stored")
     return Applied(loaded=int(inserted))
+
+
+def _read_params(source: Source, header: Header) -> dict[str, object]:
+    """The parameters of ``read_csv_sql``: the file DuckDB reads, the lines up to the header."""
+    return {"path": str(source.disk_path()), "skip": header.line_number}
+
+
+def append_checked(
+    conn: duckdb.DuckDBPyConnection, source: Source, header: Header, file_id: int
+) -> Applied | Fallback:
+    """Append a file of transactions: every row passing the fast checks in one statement from
+    DuckDB's reader, then the rest.
+
+    A clean file is read once: the rows appended and the lines the reader set aside (none)
+    account for every line after the header, and the file's ids are neither repeated nor
+    stored (a bitmap count, a range lookup). Otherwise the file is read a second time for the
+    rows that need more (those failing a check, with their ordinal and raw fields; those of an
+    id repeated in the file or stored before, which leave the table again): a few rows, whatever
+    the file's size. They go through the reference rules and ``resolve`` as the located path's
+    do, and line numbers are found for the rejects alone. A Fallback only where lines cannot
+    follow from the reader's rows: records span lines and the reader set some aside.
+    """
+    kind = header.kind
+    table = TABLES[kind].name
+    read = _read_params(source, header)
+    inserted = int(
+        conn.execute(
+            f"INSERT INTO {table} SELECT {', '.join(COLUMNS[kind])}, $file_id "
+            f"FROM ({typed_select_sql(header)}) WHERE ok",
+            {**read, "file_id": file_id},
+        ).fetchall()[0][0]
+    )
+    aside = _aside_lines(conn, header.file_name)
+    span = _contested_ids(conn, file_id, inserted)
+    contested = _count(conn, "contested")
+    records = data_lines(source) - header.line_number
+    if not contested and not aside and inserted == records:
+        return Applied(loaded=inserted)
+    if contested and span[1] - span[0] >= BITMAP_MAX_BITS:
+        return Fallback("ids repeated or stored, in a range too wide to mark them")
+    # The rows that need more than the fast checks, read again: those failing a check and
+    # those of a contested id.
+    _read_again(conn, header, read, span, failing=True, create=True)
+    (failing,) = one_row(conn, "SELECT count(*) FILTER (WHERE NOT ok) FROM staged_raw")
+    kept = inserted + int(failing)  # the reader's rows
+    reader_rejects: list[Reject] = []
+    if aside:
+        if kept + len(aside) != records:  # records span lines: DuckDB's line numbers are not
+            return Fallback("records span lines and the reader set some aside")
+        found_aside = _reader_rejects(conn, header, aside)
+        if isinstance(found_aside, Fallback):
+            return found_aside
+        reader_rejects = found_aside
+    create_staging(conn, kind)
+    moved = _unappend(conn, file_id)
+    _stage_failing(conn, header, file_id)
+    # A row that failed a fast check but passes the reference rules may share its id with a row
+    # appended: those ids are contested too.
+    conn.execute(
+        "INSERT INTO contested SELECT DISTINCT transaction_id FROM staged "
+        f"WHERE transaction_id IN ({_APPENDED})",
+        {"f": file_id},
+    )
+    if _count(conn, "contested") > _count(conn, "unappended"):  # contested late
+        _read_again(conn, header, read, span, failing=False)
+        moved += _unappend(conn, file_id)
+    conn.execute(
+        f"INSERT INTO staged SELECT $f, {', '.join(COLUMNS[kind])}, ordinal, NULL "
+        "FROM staged_raw WHERE ok AND transaction_id IN (SELECT id FROM unappended)",
+        {"f": file_id},
+    )
+    applied = resolve(conn, kind).get(file_id, Applied())
+    applied.loaded += inserted - moved
+    _place_rejects(
+        conn, source, header, file_id, aside, reader_rejects, by_line=not aside and kept == records
+    )
+    conn.execute("DROP TABLE contested; DROP TABLE unappended")
+    applied.rejected_by_reason = store_rejects(conn).get(file_id, {})
+    return applied
+
+
+_APPENDED = "SELECT transaction_id FROM transactions WHERE file_id = $f"  # a file's ids
+
+
+def _read_again(
+    conn: duckdb.DuckDBPyConnection,
+    header: Header,
+    read: dict[str, object],
+    span: tuple[int, int],
+    *,
+    failing: bool,
+    create: bool = False,
+) -> None:
+    """Add to ``staged_raw`` (``create``: a new one) the records of the contested ids not yet
+    taken out of the table, and (``failing``) those failing a fast check: ordinal, typed
+    columns, ``ok`` and raw fields, as ``located_select_sql`` gives them.
+
+    The ids are marked by a bitmap over ``span`` (the file's id range) passed as a constant,
+    not matched by a join: a join in the read would not keep the file's order, hence the
+    ordinals (marked_select_sql).
+    """
+    (bits,) = one_row(
+        conn,
+        "SELECT CAST(bitstring_agg(id, $low, $high) AS VARCHAR) FROM contested "
+        "WHERE id NOT IN (SELECT id FROM unappended)",
+        {"low": span[0], "high": span[1]},
+    )
+    wanted = ["NOT ok"] if failing else []
+    params = dict(read)
+    if bits is not None:
+        # CASE, not AND: only an id in the range may index the bitmap.
+        wanted.append(
+            "CASE WHEN transaction_id BETWEEN $low AND $high "
+            "THEN get_bit(CAST($bits AS BIT), CAST(transaction_id - $low AS INTEGER)) = 1 END"
+        )
+        params.update(bits=bits, low=span[0], high=span[1])
+    conn.execute(
+        "CREATE OR REPLACE TEMP TABLE marked AS "
+        + marked_select_sql(header, " OR ".join(wanted) or "false"),
+        params,
+    )
+    rows = (
+        "SELECT * EXCLUDE (wanted) FROM "
+        "(SELECT row_number() OVER () AS ordinal, * FROM marked) WHERE wanted"
+    )
+    if create:
+        conn.execute(f"CREATE OR REPLACE TEMP TABLE staged_raw AS {rows}")
+    else:
+        conn.execute(f"INSERT INTO staged_raw {rows}")
+    conn.execute("DROP TABLE marked")
+
+
+def _count(conn: duckdb.DuckDBPyConnection, table: str) -> int:
+    return int(one_row(conn, f"SELECT count(*) FROM {table}")[0])
+
+
+def _contested_ids(conn: duckdb.DuckDBPyConnection, file_id: int, inserted: int) -> tuple[int, int]:
+    """Fill the temp table ``contested`` with the ids of the file's appended rows that
+    ``resolve`` must decide (repeated in the file, or stored by an earlier file), and make
+    ``unappended`` (those taken out of the table again) empty; the appended ids' range."""
+    conn.execute("CREATE OR REPLACE TEMP TABLE contested (id BIGINT)")
+    conn.execute("CREATE OR REPLACE TEMP TABLE unappended (id BIGINT)")
+    if not inserted:
+        return 0, 0
+    low, high = _id_range(conn, file_id)
+    appended = _APPENDED
+    mine: dict[str, object] = {"f": file_id}
+    if distinct_ids(conn, "transaction_id", appended, mine, low, high) != inserted:
+        conn.execute(
+            f"INSERT INTO contested SELECT transaction_id FROM ({appended}) "
+            "GROUP BY ALL HAVING count(*) > 1",
+            mine,
+        )
+    if stored_ids_among(conn, appended, mine, low, high, before_file=file_id):
+        conn.execute(
+            "INSERT INTO contested SELECT DISTINCT t.transaction_id FROM transactions t "
+            "WHERE t.transaction_id BETWEEN $low AND $high AND t.file_id < $f "
+            f"AND t.transaction_id IN ({appended})",
+            {**mine, "low": low, "high": high},
+        )
+    return low, high
+
+
+def _unappend(conn: duckdb.DuckDBPyConnection, file_id: int) -> int:
+    """Take the file's appended rows of the contested ids not yet taken out of the table again
+    (``resolve`` decides them, from their staged copies); how many rows left it."""
+    conn.execute(
+        "INSERT INTO unappended SELECT DISTINCT id FROM contested "
+        "WHERE id NOT IN (SELECT id FROM unappended)"
+    )
+    return int(
+        conn.execute(
+            "DELETE FROM transactions WHERE file_id = $f "
+            "AND transaction_id IN (SELECT id FROM unappended)",
+            {"f": file_id},
+        ).fetchall()[0][0]
+    )
 
 
 # Distinct ids are counted with a bitmap over the file's id range when it is dense enough: one
@@ -203,28 +369,22 @@ def append_located(
 
     A record's ordinal (its row number in the reader's output) stands in for its line until
     the end. When every line after the header is one record or one line the reader set aside
-    (no record spans lines, no empty line but at the end: ``_by_line``), lines follow from
-    ordinals and the lines set aside (``_lines_around``), and records set aside (a wrong field
-    count, a line of spaces) are rejected by the line DuckDB reports. Otherwise records are
-    counted as validate_rows counts them, and a file with records set aside is left to the
-    reference path (a Fallback: the caller rolls back, the reader's reject table with it).
+    (no record spans lines, no empty line but at the end), lines follow from ordinals and the
+    lines set aside (``_lines_around``), and records set aside (a wrong field count, a line of
+    spaces) are rejected by the line DuckDB reports. Otherwise records are counted as
+    validate_rows counts them, and a file with records set aside is left to the reference path
+    (a Fallback: the caller rolls back, the reader's reject table with it).
     """
     conn.execute(
         "CREATE OR REPLACE TEMP TABLE staged_raw AS " + located_select_sql(header),
-        {"path": str(source.disk_path()), "skip": header.line_number},
+        _read_params(source, header),
     )
-    # The lines the reader set aside (DISTINCT: a line may have an error row per column).
-    aside: list[tuple[int, str, str]] = []
-    if _reader_errors(conn, header.file_name):
-        # A line may have an error row per column: one per line, a too-long line's first.
-        aside = conn.execute(
-            "SELECT line, arg_min(csv_line, error_type <> $long), min(error_type) "
-            "FROM ingest_csv_errors GROUP BY line ORDER BY line",
-            {"long": _TOO_LONG},
-        ).fetchall()
+    aside = _aside_lines(conn, header.file_name)
+    (kept,) = one_row(conn, "SELECT count(*) FROM staged_raw")
+    records = data_lines(source) - header.line_number
     reader_rejects: list[Reject] = []
     if aside:
-        if not _by_line(conn, source, header, aside):
+        if int(kept) + len(aside) != records:
             return Fallback("records span lines and the reader set some aside")
         found_aside = _reader_rejects(conn, header, aside)
         if isinstance(found_aside, Fallback):
@@ -237,10 +397,21 @@ def append_located(
         f"INSERT INTO staged SELECT $file_id, {columns}, ordinal, NULL FROM staged_raw WHERE ok",
         {"file_id": file_id},
     )
-    # Rows failing a fast check go through the reference rules, a page at a time (a cursor
-    # would not see this transaction's temp tables).
+    _stage_failing(conn, header, file_id)
+    applied = resolve(conn, kind).get(file_id, Applied())
+    _place_rejects(
+        conn, source, header, file_id, aside, reader_rejects, by_line=int(kept) == records
+    )
+    applied.rejected_by_reason = store_rejects(conn).get(file_id, {})
+    return applied
+
+
+def _stage_failing(conn: duckdb.DuckDBPyConnection, header: Header, file_id: int) -> None:
+    """The rows of ``staged_raw`` failing a fast check through the reference rules, into the
+    staging tables, a page at a time (a cursor would not see this transaction's temp
+    tables); a record's ordinal stands in for its line."""
     batcher = Batcher(header)
-    stager = Stager(kind)
+    stager = Stager(header.kind)
     after = 0
     while rows := conn.execute(
         "SELECT ordinal, raw_fields FROM staged_raw WHERE NOT ok AND ordinal > $after "
@@ -252,17 +423,29 @@ def append_located(
         after = rows[-1][0]
         stager.add(file_id, batcher.take())
         stager.flush(conn)
-    applied = resolve(conn, kind).get(file_id, Applied())
-    # Ordinals -> lines, for the rejects only; raw text for those found in SQL.
+
+
+def _place_rejects(
+    conn: duckdb.DuckDBPyConnection,
+    source: Source,
+    header: Header,
+    file_id: int,
+    aside: list[tuple[int, str, str]],
+    reader_rejects: list[Reject],
+    *,
+    by_line: bool,
+) -> None:
+    """The rejects staged by ordinal moved to their lines, with the raw text of those found in
+    SQL (from ``staged_raw``, then dropped); the lines the reader set aside added by their own
+    line. ``by_line``: every line after the header is one of the reader's records."""
     found = conn.execute(
         """SELECT s.line_number, r.raw_fields FROM staged_rejects s
            JOIN staged_raw r ON r.ordinal = s.line_number"""
     ).fetchall()
     ordinals = {ordinal for ordinal, _ in found}
-    if aside:  # lines are records (checked above)
+    if aside:  # lines are records (the caller checked)
         lines = _lines_around(header, ordinals, [line for line, _, _ in aside])
     else:
-        by_line = bool(found) and _by_line(conn, source, header, aside)
         lines = record_lines(source, header, ordinals, by_line=by_line)
     mapping = pa.table(
         {
@@ -289,24 +472,10 @@ def append_located(
         # The reader appends to these tables: the next file must find only its own rows.
         conn.execute("DELETE FROM ingest_csv_errors")
         conn.execute("DELETE FROM ingest_csv_scans")
-    applied.rejected_by_reason = store_rejects(conn).get(file_id, {})
-    return applied
 
 
 READER_REJECT_TYPES = ["TOO MANY COLUMNS", "MISSING COLUMNS", "LINE SIZE OVER MAXIMUM"]
 _TOO_LONG = "LINE SIZE OVER MAXIMUM"
-
-
-def _by_line(
-    conn: duckdb.DuckDBPyConnection,
-    source: Source,
-    header: Header,
-    aside: list[tuple[int, str, str]],
-) -> bool:
-    """Whether every line after the header is one record the reader kept or one of the lines
-    it set aside: then no record spans lines, and DuckDB's line numbers are the file's."""
-    (kept,) = one_row(conn, "SELECT count(*) FROM staged_raw")
-    return int(kept) + len(aside) == data_lines(source) - header.line_number
 
 
 def _reader_rejects(
@@ -345,6 +514,21 @@ def _lines_around(header: Header, ordinals: set[int], aside: list[int]) -> dict[
     # many set-aside lines as there are of these below n.
     kept_before = [line - header.line_number - k for k, line in enumerate(aside, start=1)]
     return {n: header.line_number + n + bisect.bisect_left(kept_before, n) for n in ordinals}
+
+
+def _aside_lines(conn: duckdb.DuckDBPyConnection, name: str) -> list[tuple[int, str, str]]:
+    """The lines the reader set aside, one per line (it may report one error per column): its
+    line number, text (a too-long line's first) and error type, in line order."""
+    if not _reader_errors(conn, name):
+        return []
+    return [
+        (int(line), text, kind)
+        for line, text, kind in conn.execute(
+            "SELECT line, arg_min(csv_line, error_type <> $long), min(error_type) "
+            "FROM ingest_csv_errors GROUP BY line ORDER BY line",
+            {"long": _TOO_LONG},
+        ).fetchall()
+    ]
 
 
 def _reader_errors(conn: duckdb.DuckDBPyConnection, name: str) -> int:

@@ -4,8 +4,9 @@ Exactly once: a file is its sha256. Bytes already in the ledger change nothing. 
 file writes (rows, rejects, aggregate deltas, its ledger row) commits together or not at all.
 This module never moves the file: the caller does, after the commit (see daemon.py).
 
-The rows themselves go in through append.py: the fast way first, then, after a rollback, the
-located way, then the reference way, each covering what the one before could not.
+The rows themselves go in through append.py: DuckDB's reader first (for transactions one path
+that reads again only the rows needing more; for users the fast way, then, after a rollback, the
+located way), then the reference way, each covering what the one before could not.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import duckdb
 from moneylion import aggregates, ledger
 from moneylion.append import (
     Fallback,
+    append_checked,
     append_fast,
     append_located,
     append_reference,
@@ -228,13 +230,15 @@ def _reader_paths(
     file_id: int,
     report: Progress,
 ) -> Applied | Fallback:
-    """The paths through DuckDB's reader, fastest first, inside the open transaction: each
-    that gives up is rolled back, and its reason is logged and reported."""
+    """The paths through DuckDB's reader for the file's kind, fastest first, inside the open
+    transaction: each that gives up is rolled back, and its reason is logged and reported."""
     applied: Applied | Fallback = Fallback("no path ran")
-    for path, then in (
-        (append_fast, "checking them one by one"),
-        (append_located, "validating every row"),
-    ):
+    paths = (
+        ((append_checked, "validating every row"),)
+        if header.kind is FileKind.TRANSACTIONS
+        else ((append_fast, "checking them one by one"), (append_located, "validating every row"))
+    )
+    for path, then in paths:
         applied = path(conn, source, header, file_id)
         if isinstance(applied, Applied):
             return applied

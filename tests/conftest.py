@@ -26,6 +26,29 @@ from tests.expected import Expected
 SEED_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 CASES_DIR = Path(__file__).resolve().parent / "cases"
 
+
+@contextmanager
+def reference_only() -> Iterator[None]:
+    """Inside: every path through DuckDB's reader gives up, so ingest takes the reference path
+    (validate_rows reads every line): what the other paths are held to."""
+    from moneylion import ingest
+    from moneylion.append import Fallback
+
+    names = ("append_checked", "append_fast", "append_located")
+    real = {name: getattr(ingest, name) for name in names}
+
+    def forced(*args: object) -> Fallback:
+        return Fallback("forced by the test")
+
+    try:
+        for name in names:
+            setattr(ingest, name, forced)
+        yield
+    finally:
+        for name, path in real.items():
+            setattr(ingest, name, path)
+
+
 # The seed's CSV columns and types, spelled here rather than taken from moneylion.model, so that
 # a change of the model that would refuse the seed's files fails the tests.
 TX_COLUMNS = ("transaction_id", "user_id", "transaction_date", "amount", "transaction_type")

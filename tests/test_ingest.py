@@ -313,38 +313,72 @@ def test_recompute_repairs_damaged_aggregates(
     assert warehouse.execute("SELECT tx_count FROM user_totals").fetchall() == [(1,)]
 
 
+SPANNING = "records span lines and the reader set some aside"
+
+
 @pytest.mark.parametrize(
-    ("rows", "reasons"),
+    ("header", "rows", "reasons"),
     [
-        (["9,1,2024-01-01,1.00,deposit"], []),
-        (["9,1,2024-01-01,1.0x,deposit"], [("append_fast", "a field fails its check")]),
+        # Transactions: one path reads again only the rows needing more; it gives up only where
+        # lines cannot follow from the reader's rows.
+        (TX_HEADER, ["9,1,2024-01-01,1.00,deposit"], []),
+        (TX_HEADER, ["9,1,2024-01-01,1.0x,deposit"], []),
+        (TX_HEADER, ["9,1,2024-01-01,1.00,deposit", "9,1,2024-01-01,1.00,deposit"], []),
+        (TX_HEADER, ["1,1,2024-01-01,1.00,deposit", "8,1,2024-01-02,2.00,purchase"], []),
+        (TX_HEADER, ["9,1,2024-01-01,1.00,deposit", "7,1,2024-01-01,1.00"], []),
         (
-            ["9,1,2024-01-01,1.00,deposit", "9,1,2024-01-01,1.00,deposit"],
-            [("append_fast", "a transaction id is repeated in the file")],
-        ),
-        (
-            ["1,1,2024-01-01,1.00,deposit", "8,1,2024-01-02,2.00,purchase"],
-            [("append_fast", "transaction ids are already stored")],
-        ),
-        (
+            TX_HEADER,
             ['9,1,2024-01-01,1.00,"deposit\nsplit"', "7,1,2024-01-01,1.00"],
-            [
-                ("append_fast", "a field fails its check"),
-                ("append_located", "records span lines and the reader set some aside"),
-            ],
+            [("append_checked", SPANNING)],
         ),
         (
-            ["9,1,2024-01-01,1.00,deposit", "7,1,2024-01-01,1.00"],
+            TX_HEADER,
+            ["9,1,2024-01-01,1.00,deposit"] * 2 + ["900000000,1,2024-01-01,1.00,deposit"],
+            [("append_checked", "ids repeated or stored, in a range too wide to mark them")],
+        ),
+        # Users: the fast path, then the located one, then the reference.
+        (USERS_HEADER, ["9,2024-01-01,Chile"], []),
+        (USERS_HEADER, ["9,2024-01-0x,Chile"], [("append_fast", "a field fails its check")]),
+        (
+            USERS_HEADER,
+            ["9,2024-01-01,Chile", "9,2024-01-01,Peru"],
+            [("append_fast", "a user id is repeated in the file or already stored")],
+        ),
+        (
+            USERS_HEADER,
+            ["9,2024-01-01,Chile", "7,2024-01-01"],
             [("append_fast", "the reader set 1 line(s) aside (field count or length)")],
         ),
+        (
+            USERS_HEADER,
+            ['9,2024-01-01,"Chi\nle"', "7,2024-01-01"],
+            [
+                ("append_fast", "the reader set 1 line(s) aside (field count or length)"),
+                ("append_located", SPANNING),
+            ],
+        ),
     ],
-    ids=["clean", "bad-field", "copy-in-file", "stored-id", "spanning-and-short", "short"],
+    ids=[
+        "clean",
+        "bad-field",
+        "copy-in-file",
+        "stored-id",
+        "short",
+        "spanning-and-short",
+        "copy-in-a-wide-range",
+        "users-clean",
+        "users-bad-field",
+        "users-copy-in-file",
+        "users-short",
+        "users-spanning-and-short",
+    ],
 )
 def test_a_path_that_gives_up_logs_why(
     warehouse: duckdb.DuckDBPyConnection,
     config: Config,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    header: str,
     rows: list[str],
     reasons: list[tuple[str, str]],
 ) -> None:
@@ -352,7 +386,7 @@ def test_a_path_that_gives_up_logs_why(
     assert ingest_file(warehouse, first, config).status == "loaded"
     caplog.clear()
     with caplog.at_level("INFO", logger="moneylion"):
-        outcome = ingest_file(warehouse, write_csv(tmp_path / "next.csv", TX_HEADER, rows), config)
+        outcome = ingest_file(warehouse, write_csv(tmp_path / "next.csv", header, rows), config)
     assert outcome.status == "loaded"
     logged = [
         (r.fields["path"], r.fields["reason"])  # type: ignore[attr-defined]
@@ -395,4 +429,31 @@ def test_a_large_file_is_staged_and_known_by_the_same_bytes_however_it_is_copied
     assert outcome.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert list(config.staging_dir.iterdir()) == []  # the private copy is gone
     assert bool(refused) is not kernel_copies
+    assert verify(warehouse, top_users_kept=config.top_users_kept) == []
+
+
+def test_the_rejects_of_a_file_read_on_both_threads_are_on_their_own_lines(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    """A file of several of the reader's buffers, read in parallel, with 1% bad rows of every
+    reason and copies: the rows needing more than the fast checks are numbered in file order,
+    so every reject names the line its raw text is on, and the counts are the generator's."""
+    from moneylion.generate import expected_transactions_outcome, write_transactions
+
+    rows = 600_000
+    path = write_transactions(tmp_path / "bad.csv", rows, users=5_000, seed=11, bad_rate=0.01)
+    assert path.stat().st_size > 2 * 8 * 1024 * 1024  # DuckDB splits a scan in 8 MiB pieces
+    outcome = ingest_file(warehouse, path, config)
+    expected = expected_transactions_outcome(rows, 0.01)
+    assert (outcome.rows_loaded, outcome.rows_duplicate) == (
+        expected.rows_loaded,
+        expected.rows_duplicate,
+    )
+    assert dict(outcome.rejected_by_reason) == dict(expected.rejected_by_reason)
+    lines = path.read_text().split("\n")
+    placed = warehouse.execute(
+        "SELECT line_number, raw_line FROM rejects WHERE file_id = $f", {"f": outcome.file_id}
+    ).fetchall()
+    assert len(placed) == expected.rows_rejected
+    assert [(n, raw) for n, raw in placed if lines[n - 1] != raw] == []
     assert verify(warehouse, top_users_kept=config.top_users_kept) == []
