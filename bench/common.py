@@ -68,7 +68,14 @@ def cached_transactions(
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MB (Linux reports ru_maxrss in KiB)."""
+    """This process's peak resident set size so far, in MB: the kernel's high-water mark of
+    its memory (VmHWM, in KiB), which exec starts afresh; ru_maxrss would not, so a process
+    spawned by a large one would report its parent's size."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

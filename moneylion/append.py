@@ -46,6 +46,7 @@ from moneylion.validate import (
     Source,
     data_lines,
     is_blank,
+    located_of_marked_sql,
     located_select_sql,
     marked_select_sql,
     raw_text,
@@ -226,10 +227,7 @@ def _read_again(
         + marked_select_sql(header, " OR ".join(wanted) or "false"),
         params,
     )
-    rows = (
-        "SELECT * EXCLUDE (wanted) FROM "
-        "(SELECT row_number() OVER () AS ordinal, * FROM marked) WHERE wanted"
-    )
+    rows = located_of_marked_sql(header, "marked")
     if create:
         conn.execute(f"CREATE OR REPLACE TEMP TABLE staged_raw AS {rows}")
     else:

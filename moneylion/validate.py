@@ -634,23 +634,35 @@ def located_select_sql(header: Header) -> str:
 
 
 def marked_select_sql(header: Header, wanted: str) -> str:
-    """Every record of the file as ``wanted`` (a condition on the typed columns and ``ok``),
-    then, for the records it holds for alone, the typed columns, ``ok`` and the raw fields
-    (NULL for the others: a table of this costs a flag per record, not a copy of the file).
+    """Every record of the file as ``wanted`` (a condition on the typed columns and ``ok``)
+    and, for the records it holds for alone, the raw fields (NULL for the others: a table of
+    this costs a flag and an empty list per record, not a copy of the file; typed columns,
+    even NULL, would take their full width). ``located_of_marked_sql`` reads it back.
 
     Made a table (in parallel; preserve_insertion_order keeps the file's order), its records
     are then numbered by ``row_number() OVER ()`` over the table, as located_select_sql numbers
-    the file's: over the file, that window makes the scan and the checks run on one thread
-    (bench/micro.py --only ordinals). ``wanted`` must not hold a join (``IN (SELECT ...)``, a
-    long IN list): a join in the read does not keep the file's order, and the ordinals would
-    be wrong (tests/test_ingest.py holds every reject of a large file to its line).
+    the file's: over the file, that window makes the scan and the checks run on one thread.
+    ``wanted`` must not hold a join (``IN (SELECT ...)``, a long IN list): a join in the read
+    does not keep the file's order, and the ordinals would be wrong (tests/test_ingest.py
+    holds every reject of a large file to its line).
     """
     raw = ", ".join(f"c{i}" for i in range(header.field_count))
-    only = [f"CASE WHEN wanted THEN {name} END AS {name}" for name in [*COLUMNS[header.kind], "ok"]]
     return (
-        f"SELECT wanted, {', '.join(only)}, CASE WHEN wanted THEN [{raw}] END AS raw_fields "
-        f"FROM (SELECT *, coalesce({wanted}, false) AS wanted "
+        f"SELECT wanted, CASE WHEN wanted THEN [{raw}] END AS raw_fields "
+        f"FROM (SELECT coalesce({wanted}, false) AS wanted, {raw} "
         f"FROM (SELECT {_typed_items(header)}, {raw} FROM {read_csv_sql(header)}))"
+    )
+
+
+def located_of_marked_sql(header: Header, marked: str) -> str:
+    """The records ``wanted`` in the table ``marked`` (marked_select_sql) as located_select_sql
+    gives them: ordinal, typed columns and ``ok`` (the same rules, over the same text), raw
+    fields."""
+    fields = ", ".join(f"raw_fields[{i + 1}] AS c{i}" for i in range(header.field_count))
+    numbered = f"SELECT row_number() OVER () AS ordinal, * FROM {marked}"
+    return (
+        f"SELECT ordinal, {_typed_items(header)}, raw_fields "
+        f"FROM (SELECT ordinal, raw_fields, {fields} FROM ({numbered}) WHERE wanted)"
     )
 
 
