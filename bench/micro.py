@@ -11,7 +11,8 @@ Prints figures; no asserts beyond checking that both ways give the same answer.
 
     .venv/bin/python bench/micro.py [--only NAME] [--transactions 1000000] [--users 100000]
 
-Cases: statement, user_summary, sniffer, copies, wide, values, small_sql, staging.
+Cases: statement, user_summary, sniffer, copies, wide, values, small_sql, staging,
+ordinals, pushdown.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ from moneylion.model import TABLES, USER_TOTALS, FileKind  # noqa: E402
 from moneylion.schema import connect, open_warehouse  # noqa: E402
 from moneylion.validate import (  # noqa: E402
     Header,
+    located_of_marked_sql,
     located_select_sql,
+    marked_select_sql,
     read_csv_sql,
     read_header,
     typed_select_sql,
@@ -539,6 +542,65 @@ def case_staging(scratch: Scratch, args: argparse.Namespace) -> list[Row]:
     return [compare("staging", compared, (staged(True), 1), (staged(False), 1), repeat=5)]
 
 
+def case_ordinals(scratch: Scratch, args: argparse.Namespace) -> list[Row]:
+    """moneylion/validate.py marked_select_sql: the rows failing a check, numbered by a window
+    over a table the read makes in parallel, vs by a window over the read itself; on the
+    10M-row file with 1% bad rows of bench/ingest.py."""
+    path = cached_transactions(
+        10_000_000, users=1_000_000, first_id=50_000_001, seed=7, bad_rate=0.01
+    )
+    conn = scratch.conn
+    header = read_header(PlainFile(path))
+    params = {"path": str(path), "skip": header.line_number}
+
+    def windowed() -> list[Any]:
+        query = f"SELECT ordinal, raw_fields FROM ({located_select_sql(header)}) WHERE NOT ok"
+        return conn.execute(query, params).fetchall()
+
+    def marked() -> list[Any]:
+        conn.execute(
+            "CREATE OR REPLACE TEMP TABLE marked AS " + marked_select_sql(header, "NOT ok"),
+            params,
+        )
+        rows = conn.execute(
+            f"SELECT ordinal, raw_fields FROM ({located_of_marked_sql(header, 'marked')})"
+        ).fetchall()
+        conn.execute("DROP TABLE marked")
+        return rows
+
+    assert marked() == windowed()
+    compared = "window over a table made in parallel / over the read, 10M rows, 1% bad"
+    return [compare("ordinals", compared, (marked, 1), (windowed, 1), repeat=3)]
+
+
+def case_pushdown(scratch: Scratch, args: argparse.Namespace) -> list[Row]:
+    """moneylion/append.py _without_filter_pushdown: the rows passing the fast checks, with
+    DuckDB's filter pushdown off / on (on, it casts every field before and after the filter)."""
+    path = cached_transactions(args.transactions, users=args.users, first_id=1, seed=2)
+    conn = scratch.conn
+    header = read_header(PlainFile(path))
+    params = {"path": str(path), "skip": header.line_number}
+    query = (
+        "SELECT count(*), sum(transaction_id), max(user_id), max(transaction_date), "
+        f"sum(amount), max(transaction_type) FROM ({typed_select_sql(header)}) WHERE ok"
+    )
+
+    def passing(pushdown: bool) -> Callable[[], list[Any]]:
+        def call() -> list[Any]:
+            if not pushdown:
+                conn.execute("SET disabled_optimizers = 'filter_pushdown'")
+            try:
+                return conn.execute(query, params).fetchall()
+            finally:
+                conn.execute("RESET disabled_optimizers")
+
+        return call
+
+    assert passing(False)() == passing(True)()
+    compared = f"rows passing the checks, pushdown off / on, {count(args.transactions)} rows"
+    return [compare("pushdown", compared, (passing(False), 1), (passing(True), 1), repeat=5)]
+
+
 CASES: dict[str, Callable[[Scratch, argparse.Namespace], list[Row]]] = {
     "statement": case_statement,
     "user_summary": case_user_summary,
@@ -548,6 +610,8 @@ CASES: dict[str, Callable[[Scratch, argparse.Namespace], list[Row]]] = {
     "values": case_values,
     "small_sql": case_small_sql,
     "staging": case_staging,
+    "ordinals": case_ordinals,
+    "pushdown": case_pushdown,
 }
 
 

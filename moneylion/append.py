@@ -1,11 +1,12 @@
 """The rows of one file into the base tables, inside the caller's transaction.
 
 The ways, tried in order by ingest.py:
-* ``append_checked`` (transactions): the rows passing the fast checks straight from DuckDB's
-  reader in one statement; only when the file holds more (rows failing a check, lines the reader
-  set aside, ids repeated in the file or already stored) is it read again, for those rows alone,
-  which then go through the reference rules and ``resolve``.
-* ``append_fast`` (users): a clean, new file straight from DuckDB's reader in one statement.
+* ``append_fast``: a file whose every field passes its check, straight from DuckDB's reader in
+  one statement. Users: only a clean file of new users. Transactions: then ``_settle`` sees to
+  ids repeated in the file or stored and lines the reader set aside.
+* ``append_checked`` (transactions): every row passing the fast checks in one statement; then
+  ``_settle`` reads the file again for the rows that need more (those failing a check, those of
+  a contested id), which go through the reference rules and ``resolve``.
 * ``append_located`` (users): DuckDB stages the file; only the rows failing a fast check go
   through the reference rules (validate.Batcher), and line numbers are found for the rejects
   alone.
@@ -17,7 +18,9 @@ All but the fast one share ``resolve``: copies within the file, rows already sto
 from __future__ import annotations
 
 import bisect
+import contextlib
 import csv
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import duckdb
@@ -75,27 +78,35 @@ def not_clean(exc: BaseException) -> bool:
 @dataclass(frozen=True)
 class Fallback:
     """A path gave up on a file (the caller rolls back and takes the next one): why, for the
-    log."""
+    log. ``final``: no later path through DuckDB's reader can do better (the caller goes
+    straight to the reference path)."""
 
     reason: str
+    final: bool = False
 
 
 def append_fast(
     conn: duckdb.DuckDBPyConnection, source: Source, header: Header, file_id: int
 ) -> Applied | Fallback:
-    """Append a clean file of new users straight from DuckDB's reader in one statement.
+    """Append a file whose every field passes its check straight from DuckDB's reader in one
+    statement: a field failing its check aborts the statement through error() (a Fallback: the
+    next path appends the rows that pass, and reads again for the others).
 
-    A Fallback when the file has anything to reject or skip: a field failing its check aborts
-    the statement through error(), a wrong field count lands in the reader's reject table, a
-    repeated or stored user id hits the PRIMARY KEY. Only then is the file read again.
+    Users: a Fallback too when a line is set aside (a wrong field count lands in the reader's
+    reject table) or a user id is repeated or stored (the PRIMARY KEY). Transactions: then
+    ``_settle`` decides the rest.
     """
     key, *rest = COLUMNS[header.kind]
     guarded = ", ".join([abort_unless("ok", key), *rest])
+    users = header.kind is FileKind.USERS
+    params = {**_read_params(source, header), "file_id": file_id}
+    if users:
+        params["now"] = utc_now()
     try:
         inserted = conn.execute(
-            f"INSERT INTO {TABLES[header.kind].name} SELECT {guarded}, $file_id, $now "
-            f"FROM ({typed_select_sql(header)})",
-            {**_read_params(source, header), "file_id": file_id, "now": utc_now()},
+            f"INSERT INTO {TABLES[header.kind].name} SELECT {guarded}, $file_id"
+            f"{', $now' if users else ''} FROM ({typed_select_sql(header)})",
+            params,
         ).fetchall()[0][0]
     except duckdb.ConstraintException:
         return Fallback("a user id is repeated in the file or already stored")
@@ -103,6 +114,8 @@ def append_fast(
         if not_clean(exc):
             return Fallback("a field fails its check")
         raise
+    if not users:
+        return _settle(conn, source, header, file_id, int(inserted), failing=False)
     if aside := _reader_errors(conn, header.file_name):
         return Fallback(f"the reader set {aside} line(s) aside (field count or length)")
     return Applied(loaded=int(inserted))
@@ -116,45 +129,78 @@ def _read_params(source: Source, header: Header) -> dict[str, object]:
 def append_checked(
     conn: duckdb.DuckDBPyConnection, source: Source, header: Header, file_id: int
 ) -> Applied | Fallback:
-    """Append a file of transactions: every row passing the fast checks in one statement from
-    DuckDB's reader, then the rest.
+    """Append a file of transactions with fields failing their checks: every row passing them
+    in one statement from DuckDB's reader, then (``_settle``) the rest."""
+    kind = header.kind
+    with _without_filter_pushdown(conn):
+        inserted = conn.execute(
+            f"INSERT INTO {TABLES[kind].name} SELECT {', '.join(COLUMNS[kind])}, $file_id "
+            f"FROM ({typed_select_sql(header)}) WHERE ok",
+            {**_read_params(source, header), "file_id": file_id},
+        ).fetchall()[0][0]
+    return _settle(conn, source, header, file_id, int(inserted), failing=True)
 
-    A clean file is read once: the rows appended and the lines the reader set aside (none)
-    account for every line after the header, and the file's ids are neither repeated nor
-    stored (a bitmap count, a range lookup). Otherwise the file is read a second time for the
-    rows that need more (those failing a check, with their ordinal and raw fields; those of an
-    id repeated in the file or stored before, which leave the table again): a few rows, whatever
-    the file's size. They go through the reference rules and ``resolve`` as the located path's
-    do, and line numbers are found for the rejects alone. A Fallback only where lines cannot
-    follow from the reader's rows: records span lines and the reader set some aside.
+
+@contextlib.contextmanager
+def _without_filter_pushdown(conn: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """Inside: DuckDB does not push a filter on a computed column (``ok``) into the projection
+    computing it, where it would substitute the expression and cast every field twice, before
+    and after the filter (bench/micro.py --only pushdown)."""
+    (before,) = one_row(conn, "SELECT current_setting('disabled_optimizers')")
+    names = ", ".join(name for name in (before, "filter_pushdown") if name)
+    conn.execute(f"SET disabled_optimizers = '{names}'")
+    try:
+        yield
+    finally:
+        conn.execute(
+            f"SET disabled_optimizers = '{before}'" if before else "RESET disabled_optimizers"
+        )
+
+
+def _settle(
+    conn: duckdb.DuckDBPyConnection,
+    source: Source,
+    header: Header,
+    file_id: int,
+    inserted: int,
+    *,
+    failing: bool,
+) -> Applied | Fallback:
+    """After the ``inserted`` rows of a transactions file that pass the fast checks were
+    appended (``failing``: others may have failed them), the rest.
+
+    A file is done when nothing else is left: no line set aside by the reader, no id repeated
+    in the file or stored (a bitmap count, a range lookup), and, if rows may have failed, the
+    rows appended account for every line after the header. Otherwise the file is read a second
+    time for the rows that need more (those failing a check, with their ordinal and raw fields;
+    those of an id repeated in the file or stored before, which leave the table again): a few
+    rows, whatever the file's size. They go through the reference rules and ``resolve`` as the
+    located path's do, and line numbers are found for the rejects alone. A Fallback only where
+    lines cannot follow from the reader's rows (records span lines and the reader set some
+    aside), or where the contested ids span too wide a range for their bitmap.
     """
     kind = header.kind
-    table = TABLES[kind].name
     read = _read_params(source, header)
-    inserted = int(
-        conn.execute(
-            f"INSERT INTO {table} SELECT {', '.join(COLUMNS[kind])}, $file_id "
-            f"FROM ({typed_select_sql(header)}) WHERE ok",
-            {**read, "file_id": file_id},
-        ).fetchall()[0][0]
-    )
     aside = _aside_lines(conn, header.file_name)
     span = _contested_ids(conn, file_id, inserted)
     contested = _count(conn, "contested")
-    records = data_lines(source) - header.line_number
+    records = data_lines(source) - header.line_number if failing or aside else inserted
     if not contested and not aside and inserted == records:
         return Applied(loaded=inserted)
     if contested and span[1] - span[0] >= BITMAP_MAX_BITS:
-        return Fallback("ids repeated or stored, in a range too wide to mark them")
+        return Fallback("ids repeated or stored, in a range too wide to mark them", final=True)
+    spanning = Fallback("records span lines and the reader set some aside", final=True)
+    if aside and not failing and inserted + len(aside) != records:
+        return spanning  # known before reading again: the reader kept the rows appended
     # The rows that need more than the fast checks, read again: those failing a check and
     # those of a contested id.
-    _read_again(conn, header, read, span, failing=True, create=True)
-    (failing,) = one_row(conn, "SELECT count(*) FILTER (WHERE NOT ok) FROM staged_raw")
-    kept = inserted + int(failing)  # the reader's rows
+    _read_again(conn, header, read, span, failing=failing, create=True)
+    (failed,) = one_row(conn, "SELECT count(*) FILTER (WHERE NOT ok) FROM staged_raw")
+    kept = inserted + int(failed)  # the reader's rows
     reader_rejects: list[Reject] = []
     if aside:
         if kept + len(aside) != records:  # records span lines: DuckDB's line numbers are not
-            return Fallback("records span lines and the reader set some aside")
+            return spanning
         found_aside = _reader_rejects(conn, header, aside)
         if isinstance(found_aside, Fallback):
             return found_aside
@@ -179,9 +225,7 @@ def append_checked(
     )
     applied = resolve(conn, kind).get(file_id, Applied())
     applied.loaded += inserted - moved
-    _place_rejects(
-        conn, source, header, file_id, aside, reader_rejects, by_line=not aside and kept == records
-    )
+    _place_rejects(conn, source, header, file_id, aside, reader_rejects, kept=kept)
     conn.execute("DROP TABLE contested; DROP TABLE unappended")
     applied.rejected_by_reason = store_rejects(conn).get(file_id, {})
     return applied
@@ -378,11 +422,10 @@ def append_located(
         _read_params(source, header),
     )
     aside = _aside_lines(conn, header.file_name)
-    (kept,) = one_row(conn, "SELECT count(*) FROM staged_raw")
-    records = data_lines(source) - header.line_number
+    kept = int(one_row(conn, "SELECT count(*) FROM staged_raw")[0])
     reader_rejects: list[Reject] = []
     if aside:
-        if int(kept) + len(aside) != records:
+        if kept + len(aside) != data_lines(source) - header.line_number:
             return Fallback("records span lines and the reader set some aside")
         found_aside = _reader_rejects(conn, header, aside)
         if isinstance(found_aside, Fallback):
@@ -397,9 +440,7 @@ def append_located(
     )
     _stage_failing(conn, header, file_id)
     applied = resolve(conn, kind).get(file_id, Applied())
-    _place_rejects(
-        conn, source, header, file_id, aside, reader_rejects, by_line=int(kept) == records
-    )
+    _place_rejects(conn, source, header, file_id, aside, reader_rejects, kept=kept)
     applied.rejected_by_reason = store_rejects(conn).get(file_id, {})
     return applied
 
@@ -431,11 +472,12 @@ def _place_rejects(
     aside: list[tuple[int, str, str]],
     reader_rejects: list[Reject],
     *,
-    by_line: bool,
+    kept: int,
 ) -> None:
     """The rejects staged by ordinal moved to their lines, with the raw text of those found in
     SQL (from ``staged_raw``, then dropped); the lines the reader set aside added by their own
-    line. ``by_line``: every line after the header is one of the reader's records."""
+    line. ``kept``: the reader's records (when every line after the header is one of them,
+    lines follow from ordinals; else records are counted as validate_rows counts them)."""
     found = conn.execute(
         """SELECT s.line_number, r.raw_fields FROM staged_rejects s
            JOIN staged_raw r ON r.ordinal = s.line_number"""
@@ -444,6 +486,7 @@ def _place_rejects(
     if aside:  # lines are records (the caller checked)
         lines = _lines_around(header, ordinals, [line for line, _, _ in aside])
     else:
+        by_line = bool(found) and kept == data_lines(source) - header.line_number
         lines = record_lines(source, header, ordinals, by_line=by_line)
     mapping = pa.table(
         {

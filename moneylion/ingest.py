@@ -4,9 +4,9 @@ Exactly once: a file is its sha256. Bytes already in the ledger change nothing. 
 file writes (rows, rejects, aggregate deltas, its ledger row) commits together or not at all.
 This module never moves the file: the caller does, after the commit (see daemon.py).
 
-The rows themselves go in through append.py: DuckDB's reader first (for transactions one path
-that reads again only the rows needing more; for users the fast way, then, after a rollback, the
-located way), then the reference way, each covering what the one before could not.
+The rows themselves go in through append.py: the fast way first, then, after a rollback, the
+checked way (transactions: it reads again only the rows needing more) or the located way
+(users), then the reference way, each covering what the one before could not.
 """
 
 from __future__ import annotations
@@ -233,12 +233,11 @@ def _reader_paths(
     """The paths through DuckDB's reader for the file's kind, fastest first, inside the open
     transaction: each that gives up is rolled back, and its reason is logged and reported."""
     applied: Applied | Fallback = Fallback("no path ran")
-    paths = (
-        ((append_checked, "validating every row"),)
-        if header.kind is FileKind.TRANSACTIONS
-        else ((append_fast, "checking them one by one"), (append_located, "validating every row"))
-    )
-    for path, then in paths:
+    later = append_checked if header.kind is FileKind.TRANSACTIONS else append_located
+    for path, then in (
+        (append_fast, "checking them one by one"),
+        (later, "validating every row"),
+    ):
         applied = path(conn, source, header, file_id)
         if isinstance(applied, Applied):
             return applied
@@ -247,8 +246,11 @@ def _reader_paths(
             "ingest_fallback",
             extra={"fields": {"file": name, "path": path.__name__, "reason": applied.reason}},
         )
-        report(f"{applied.reason}: {then}")
         conn.execute("BEGIN TRANSACTION")
+        if applied.final:
+            report(f"{applied.reason}: validating every row")
+            break
+        report(f"{applied.reason}: {then}")
     return applied
 
 

@@ -520,9 +520,10 @@ def data_lines(source: Source) -> int:
     lines = 0
     tail = b""
     with source.open_binary() as handle:
-        while chunk := handle.read(1 << 20):
+        while chunk := handle.read(4 << 20):
             lines += chunk.count(b"\n")
-            tail = (tail + chunk)[-4096:]
+            # The last 4 KiB read, without copying every chunk into it.
+            tail = chunk[-4096:] if len(chunk) >= 4096 else (tail + chunk)[-4096:]
     if tail and not tail.endswith(b"\n"):
         lines += 1
     ending = tail[len(tail.rstrip(b"\r\n")) :]  # the line breaks after the last text
