@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -91,31 +92,6 @@ def typed_parse_seconds(path: Path, threads: int) -> float:
     return statistics.median(times)
 
 
-def spanning_file(source: Path) -> tuple[Path, int]:
-    """``source`` with an extra ``note`` column: every SPAN_EVERY-th note holds a quoted line
-    break (the record spans two lines), and every COUNTS_EVERY-th row has a wrong field count
-    (written once); the file and how many rows it spoils."""
-    path = source.with_name(source.stem + f"-spanning{SPAN_EVERY}-counts{COUNTS_EVERY}.csv")
-    with source.open() as lines:
-        rows = sum(1 for _ in lines) - 1
-    spoiled = rows // COUNTS_EVERY
-    if path.exists():
-        return path, spoiled
-    partial = path.with_suffix(".part")
-    with source.open() as lines, partial.open("w") as out:
-        out.write(next(lines).rstrip("\n") + ",note\n")
-        for number, line in enumerate(lines, start=1):
-            body = line.rstrip("\n")
-            if number % COUNTS_EVERY == 0:
-                out.write(body + "\n")  # no note: a field too few
-            elif number % SPAN_EVERY == 1:
-                out.write(body + ',"first line\nsecond line"\n')
-            else:
-                out.write(body + ",ok\n")
-    partial.rename(path)
-    return path, spoiled
-
-
 def ingest_alone(path: Path) -> tuple[float, int, dict[str, int], float]:
     """In a process of its own (spawned: nothing inherited): ``path`` into an empty warehouse;
     seconds, rows loaded, rejects by reason, the process's peak RSS (MB)."""
@@ -136,25 +112,49 @@ def ingest_alone(path: Path) -> tuple[float, int, dict[str, int], float]:
     return seconds, outcome.rows_loaded, dict(outcome.rejected_by_reason), peak_rss_mb()
 
 
-def wrong_counts_file(source: Path) -> tuple[Path, int]:
-    """``source`` with every COUNTS_EVERY-th row's field count made wrong (written once); the
-    file and how many rows it spoils."""
-    path = source.with_name(source.stem + f"-counts{COUNTS_EVERY}.csv")
+def rewritten_file(
+    source: Path, suffix: str, rewrite: Callable[[int, str], str]
+) -> tuple[Path, int]:
+    """``source`` with each line (number 0: the header; the line break stripped) replaced by
+    ``rewrite(number, line)``, written once beside it; the file and how many rows the
+    COUNTS_EVERY-th rows' wrong field counts spoil."""
+    path = source.with_name(f"{source.stem}-{suffix}.csv")
     with source.open() as lines:
-        rows = sum(1 for _ in lines) - 1
-    spoiled = rows // COUNTS_EVERY
-    if path.exists():
-        return path, spoiled
-    partial = path.with_suffix(".part")
-    with source.open() as lines, partial.open("w") as out:
-        for number, line in enumerate(lines):
-            if number and number % COUNTS_EVERY == 0:
-                body = line.rstrip("\n")
-                kind = number // COUNTS_EVERY % 3
-                line = (body.rsplit(",", 1)[0], body + ",,", body + ",extra")[kind] + "\n"
-            out.write(line)
-    partial.rename(path)
+        spoiled = (sum(1 for _ in lines) - 1) // COUNTS_EVERY
+    if not path.exists():
+        partial = path.with_suffix(".part")
+        with source.open() as lines, partial.open("w") as out:
+            for number, line in enumerate(lines):
+                out.write(rewrite(number, line.rstrip("\n")) + "\n")
+        partial.rename(path)  # only a complete file gets the name
     return path, spoiled
+
+
+def wrong_counts_file(source: Path) -> tuple[Path, int]:
+    """``source`` with every COUNTS_EVERY-th row's field count made wrong: too few, empty
+    extras, an extra, in turn."""
+
+    def rewrite(number: int, line: str) -> str:
+        if not number or number % COUNTS_EVERY:
+            return line
+        return (line.rsplit(",", 1)[0], line + ",,", line + ",extra")[number // COUNTS_EVERY % 3]
+
+    return rewritten_file(source, f"counts{COUNTS_EVERY}", rewrite)
+
+
+def spanning_file(source: Path) -> tuple[Path, int]:
+    """``source`` with an extra ``note`` column: every SPAN_EVERY-th note holds a quoted line
+    break (the record spans two lines), and every COUNTS_EVERY-th row has no note (a field too
+    few)."""
+
+    def rewrite(number: int, line: str) -> str:
+        if not number:
+            return line + ",note"
+        if number % COUNTS_EVERY == 0:
+            return line
+        return line + (',"first line\nsecond line"' if number % SPAN_EVERY == 1 else ",ok")
+
+    return rewritten_file(source, f"spanning{SPAN_EVERY}-counts{COUNTS_EVERY}", rewrite)
 
 
 def main() -> None:
