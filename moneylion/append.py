@@ -183,9 +183,11 @@ def _settle(
     read = _read_params(source, header)
     aside = _aside_lines(conn, header.file_name)
     span = _contested_ids(conn, file_id, inserted)
-    contested = _count(conn, "contested")
-    records = data_lines(source) - header.line_number if failing or aside else inserted
-    if not contested and not aside and inserted == records:
+    (contested,) = one_row(conn, "SELECT count(*) FROM contested")
+    # The lines after the header, counted only when rows may have failed or lines were set
+    # aside: else every record the reader read was appended.
+    records = data_lines(source) - header.line_number if failing or aside else None
+    if not contested and not aside and records in (None, inserted):
         return Applied(loaded=inserted)
     if contested and span[1] - span[0] >= BITMAP_MAX_BITS:
         return Fallback("ids repeated or stored, in a range too wide to mark them", final=True)
@@ -215,7 +217,7 @@ def _settle(
         f"WHERE transaction_id IN ({_APPENDED})",
         {"f": file_id},
     )
-    if _count(conn, "contested") > _count(conn, "unappended"):  # contested late
+    if one_row(conn, f"SELECT count(*) FROM ({_NOT_UNAPPENDED})")[0]:  # contested late
         _read_again(conn, header, read, span, failing=False)
         moved += _unappend(conn, file_id)
     conn.execute(
@@ -225,13 +227,15 @@ def _settle(
     )
     applied = resolve(conn, kind).get(file_id, Applied())
     applied.loaded += inserted - moved
-    _place_rejects(conn, source, header, file_id, aside, reader_rejects, kept=kept)
+    _place_rejects(conn, source, header, file_id, aside, reader_rejects, kept=kept, records=records)
     conn.execute("DROP TABLE contested; DROP TABLE unappended")
     applied.rejected_by_reason = store_rejects(conn).get(file_id, {})
     return applied
 
 
 _APPENDED = "SELECT transaction_id FROM transactions WHERE file_id = $f"  # a file's ids
+# The contested ids whose appended rows are still in the table.
+_NOT_UNAPPENDED = "SELECT id FROM contested WHERE id NOT IN (SELECT id FROM unappended)"
 
 
 def _read_again(
@@ -253,8 +257,7 @@ def _read_again(
     """
     (bits,) = one_row(
         conn,
-        "SELECT CAST(bitstring_agg(id, $low, $high) AS VARCHAR) FROM contested "
-        "WHERE id NOT IN (SELECT id FROM unappended)",
+        f"SELECT CAST(bitstring_agg(id, $low, $high) AS VARCHAR) FROM ({_NOT_UNAPPENDED})",
         {"low": span[0], "high": span[1]},
     )
     wanted = ["NOT ok"] if failing else []
@@ -279,10 +282,6 @@ def _read_again(
     conn.execute("DROP TABLE marked")
 
 
-def _count(conn: duckdb.DuckDBPyConnection, table: str) -> int:
-    return int(one_row(conn, f"SELECT count(*) FROM {table}")[0])
-
-
 def _contested_ids(conn: duckdb.DuckDBPyConnection, file_id: int, inserted: int) -> tuple[int, int]:
     """Fill the temp table ``contested`` with the ids of the file's appended rows that
     ``resolve`` must decide (repeated in the file, or stored by an earlier file), and make
@@ -292,31 +291,21 @@ def _contested_ids(conn: duckdb.DuckDBPyConnection, file_id: int, inserted: int)
     if not inserted:
         return 0, 0
     low, high = _id_range(conn, file_id)
-    appended = _APPENDED
     mine: dict[str, object] = {"f": file_id}
-    if distinct_ids(conn, "transaction_id", appended, mine, low, high) != inserted:
+    if distinct_ids(conn, "transaction_id", _APPENDED, mine, low, high) != inserted:
         conn.execute(
-            f"INSERT INTO contested SELECT transaction_id FROM ({appended}) "
+            f"INSERT INTO contested SELECT transaction_id FROM ({_APPENDED}) "
             "GROUP BY ALL HAVING count(*) > 1",
             mine,
         )
-    if stored_ids_among(conn, appended, mine, low, high, before_file=file_id):
-        conn.execute(
-            "INSERT INTO contested SELECT DISTINCT t.transaction_id FROM transactions t "
-            "WHERE t.transaction_id BETWEEN $low AND $high AND t.file_id < $f "
-            f"AND t.transaction_id IN ({appended})",
-            {**mine, "low": low, "high": high},
-        )
+    stored_ids_among(conn, _APPENDED, mine, low, high, before_file=file_id, into="contested")
     return low, high
 
 
 def _unappend(conn: duckdb.DuckDBPyConnection, file_id: int) -> int:
     """Take the file's appended rows of the contested ids not yet taken out of the table again
     (``resolve`` decides them, from their staged copies); how many rows left it."""
-    conn.execute(
-        "INSERT INTO unappended SELECT DISTINCT id FROM contested "
-        "WHERE id NOT IN (SELECT id FROM unappended)"
-    )
+    conn.execute(f"INSERT INTO unappended SELECT DISTINCT id FROM ({_NOT_UNAPPENDED})")
     return int(
         conn.execute(
             "DELETE FROM transactions WHERE file_id = $f "
@@ -365,9 +354,11 @@ def stored_ids_among(
     high: int,
     *,
     before_file: int | None = None,
+    into: str | None = None,
 ) -> int:
     """How many of the transaction ids ``ids_sql`` selects (all in ``low``..``high``) are
-    stored, by files before ``before_file`` if it is given (earlier files have smaller ids).
+    stored, by files before ``before_file`` if it is given (earlier files have smaller ids);
+    ``into``: those ids, each once, are also put into that table (how many: the result).
     The id range (and file bound) let zone maps skip the other row groups; only when stored
     rows fall in the range are the ids matched against them."""
     bounds: dict[str, object] = {"low": low, "high": high}
@@ -377,7 +368,11 @@ def stored_ids_among(
         bounds["before"] = before_file
     if not one_row(conn, "SELECT count(*) " + in_range, bounds)[0]:
         return 0
-    among = f"SELECT count(*) {in_range} AND t.transaction_id IN ({ids_sql})"
+    among = f"{in_range} AND t.transaction_id IN ({ids_sql})"
+    if into is not None:
+        among = f"INSERT INTO {into} SELECT DISTINCT t.transaction_id {among}"
+    else:
+        among = f"SELECT count(*) {among}"
     return int(one_row(conn, among, {**params, **bounds})[0])
 
 
@@ -473,11 +468,13 @@ def _place_rejects(
     reader_rejects: list[Reject],
     *,
     kept: int,
+    records: int | None = None,
 ) -> None:
     """The rejects staged by ordinal moved to their lines, with the raw text of those found in
     SQL (from ``staged_raw``, then dropped); the lines the reader set aside added by their own
     line. ``kept``: the reader's records (when every line after the header is one of them,
-    lines follow from ordinals; else records are counted as validate_rows counts them)."""
+    lines follow from ordinals; else records are counted as validate_rows counts them);
+    ``records``: the lines after the header, if the caller counted them."""
     found = conn.execute(
         """SELECT s.line_number, r.raw_fields FROM staged_rejects s
            JOIN staged_raw r ON r.ordinal = s.line_number"""
@@ -486,7 +483,9 @@ def _place_rejects(
     if aside:  # lines are records (the caller checked)
         lines = _lines_around(header, ordinals, [line for line, _, _ in aside])
     else:
-        by_line = bool(found) and kept == data_lines(source) - header.line_number
+        if found and records is None:
+            records = data_lines(source) - header.line_number
+        by_line = bool(found) and kept == records
         lines = record_lines(source, header, ordinals, by_line=by_line)
     mapping = pa.table(
         {

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import logging
-import os
-import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,29 +43,13 @@ from moneylion.validate import (
     read_header,
 )
 
-__all__ = ["FileOutcome", "file_sha256", "ingest_file", "ingest_staged", "warehouse_status"]
+__all__ = ["FileOutcome", "ingest_file", "ingest_staged", "warehouse_status"]
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-HASH_CHUNK = 4 * 1024 * 1024
 WIDE_COLUMNS = 512
 DEFAULT_TOP_USERS_KEPT = 1000
-
-
-def file_sha256(path: Path) -> tuple[str, int]:
-    """(hex digest, size) of a regular file's bytes, never following a link nor opening anything
-    else. Raises OSError if it cannot be read (or is not a regular file)."""
-    digest = hashlib.sha256()
-    size = 0
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise IsADirectoryError(f"{path.name} is not a regular file")
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
 
 
 def ingest_file(
@@ -247,10 +228,9 @@ def _reader_paths(
             extra={"fields": {"file": name, "path": path.__name__, "reason": applied.reason}},
         )
         conn.execute("BEGIN TRANSACTION")
+        report(f"{applied.reason}: {'validating every row' if applied.final else then}")
         if applied.final:
-            report(f"{applied.reason}: validating every row")
             break
-        report(f"{applied.reason}: {then}")
     return applied
 
 

@@ -419,32 +419,45 @@ def _read_all(fd: int, expected: int) -> bytes:
 def _copy_hashing(fd: int, copy: Path, expected: int) -> tuple[str, int]:
     """(sha256, bytes) of everything read from ``fd``, copied to the new file ``copy``.
 
-    The kernel copies (``copy_file_range``: no trip of the bytes through this process, and
-    several times faster than reading and writing them, bench/micro.py --only staging), and the
-    hash is then taken of the private copy itself: exactly the bytes every reader will read.
-    Where the kernel cannot copy between the two files, the bytes are read, hashed and written.
+    The kernel copies (``copy_file_range``: the bytes never pass through this process; right
+    after a large load, writing the copy through this process cost several times more, see
+    docs/performance.md and bench/micro.py --only staging), and the hash is then taken of the
+    private copy itself: exactly the bytes every reader will read. Where the kernel cannot
+    copy between the two files, the bytes are read, hashed and written.
     """
     out = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        size = _kernel_copy(fd, out)
-    except OSError as exc:
-        if exc.errno not in _NO_KERNEL_COPY:
-            os.close(out)
-            raise
-        os.ftruncate(out, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.lseek(out, 0, os.SEEK_SET)
         try:
+            _kernel_copy(fd, out)
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+            os.ftruncate(out, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.lseek(out, 0, os.SEEK_SET)
             return _read_hash_write(fd, out, expected)
-        finally:
-            os.close(out)
-    os.close(out)
+    finally:
+        os.close(out)
+    return file_sha256(copy)
+
+
+def file_sha256(path: Path) -> tuple[str, int]:
+    """(hex digest, size) of a regular file's bytes, never following a link nor opening anything
+    else. Raises OSError if it cannot be read (or is not a regular file)."""
     digest = hashlib.sha256()
-    with copy.open("rb", buffering=0) as handle:
-        buffer = bytearray(min(CHUNK_BYTES, size + 1))
+    size = 0
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb", buffering=0) as handle:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise IsADirectoryError(f"{path.name} is not a regular file")
+        # Sized to the file (a small file must not pay for zeroing a large buffer), plus a byte
+        # to see the end at once.
+        buffer = bytearray(min(CHUNK_BYTES, status.st_size + 1))
         view = memoryview(buffer)
         while read := handle.readinto(buffer):
             digest.update(view[:read])  # releases the GIL for large chunks
+            size += read
     return digest.hexdigest(), size
 
 
@@ -453,12 +466,10 @@ def _copy_hashing(fd: int, copy: Path, expected: int) -> tuple[str, int]:
 _NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 
 
-def _kernel_copy(fd: int, out: int) -> int:
-    """Copy everything ``fd`` holds to ``out`` inside the kernel; the bytes copied."""
-    size = 0
-    while copied := os.copy_file_range(fd, out, CHUNK_BYTES * 16):
-        size += copied
-    return size
+def _kernel_copy(fd: int, out: int) -> None:
+    """Copy everything ``fd`` holds to ``out`` inside the kernel."""
+    while os.copy_file_range(fd, out, CHUNK_BYTES * 16):
+        pass
 
 
 def _read_hash_write(fd: int, out: int, expected: int) -> tuple[str, int]:

@@ -26,10 +26,10 @@ from moneylion import inbox
 from moneylion.batch import Item, ingest_batch, item_of
 from moneylion.config import Config
 from moneylion.errors import FileChanged, is_transient
-from moneylion.ingest import FileOutcome, file_sha256, ingest_file
+from moneylion.ingest import FileOutcome, ingest_file
 from moneylion.priority import lower_thread_priority
 from moneylion.schema import one_row
-from moneylion.source import StagedFile
+from moneylion.source import StagedFile, file_sha256
 from moneylion.stream import IngestStats
 from moneylion.watcher import ONE_FILE, BatchLimits, InboxQueue, TakenFile
 

@@ -34,19 +34,13 @@ def reference_only() -> Iterator[None]:
     from moneylion import ingest
     from moneylion.append import Fallback
 
-    names = ("append_checked", "append_fast", "append_located")
-    real = {name: getattr(ingest, name) for name in names}
-
     def forced(*args: object) -> Fallback:
         return Fallback("forced by the test")
 
-    try:
-        for name in names:
-            setattr(ingest, name, forced)
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("append_checked", "append_fast", "append_located"):
+            patch.setattr(ingest, name, forced)
         yield
-    finally:
-        for name, path in real.items():
-            setattr(ingest, name, path)
 
 
 # The seed's CSV columns and types, spelled here rather than taken from moneylion.model, so that
