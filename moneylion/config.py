@@ -58,7 +58,11 @@ class Config:
     log_level: str = "INFO"
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 5
-    settle_seconds: float = 0.5
+    settle_seconds: float = 0.5  # a file not known complete must be quiet this long, at two looks
+    writer_timeout_seconds: float = 60.0  # the longest a file held open for writing is waited for
+    empty_file_seconds: float = 60.0  # a file still empty this long is refused as empty
+    continuation_seconds: float = 300.0  # a taken file is tailed this long after it goes quiet
+    rescan_seconds: float = 10.0  # how often the inbox and the tailed files are looked at anyway
     top_users_kept: int = 1000
     sqlite_export: bool = True
     max_file_bytes: int = 0  # larger inbox files are refused unread (too_large); 0: no limit

@@ -2,11 +2,11 @@
 
 inotify via watchdog 7.1 tells us how a file arrived: written in place (Created, Opened,
 Modified..., Closed), renamed inside the inbox (Moved), or moved in from elsewhere on the same
-file system (Moved with no source: the observer reports unpaired moves as such). A Closed or
-Moved file is complete; a bare Created one (a link or a pipe made in place) is taken once it has
-stopped changing (settle), and one that is still being written (Modified while a handle is open)
-waits for its Closed. The watch is on the inbox alone, never on done/ or failed/. The startup
-scan and a periodic rescan (inotify drops events when its kernel queue overflows) find the rest.
+file system (Moved with no source: the observer reports unpaired moves as such). The watcher only
+turns events into "look at this path"; when a file may be taken is readiness.py's rule, and bytes
+written into a file after it was taken are tail.py's. The watch is on the inbox alone, never on
+done/ or failed/. The startup scan and a periodic rescan (inotify drops events when its kernel
+queue overflows) find the rest.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 from watchdog.events import (
@@ -41,6 +40,8 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
+
+from moneylion.readiness import Arrival, Rules, Watch
 
 log = logging.getLogger(__name__)
 
@@ -111,22 +112,14 @@ def scan_inbox(inbox: Path) -> list[Path]:
     return [path for _, _, path in sorted(found)]
 
 
-class Arrival(Enum):
-    """What we know about a queued file's writer."""
-
-    COMPLETE = "complete"  # Closed or Moved in: take it
-    SETTLING = "settling"  # bare Created or found by a scan: take it once it stops changing
-    WRITING = "writing"  # Modified while a handle is open: wait for the Closed
-
-
 @dataclass
 class _Entry:
     path: Path
-    arrival: Arrival
-    since: float  # monotonic time of the last event or observed change
+    watch: Watch
     first_seen: float = 0.0  # monotonic time of its first event: its place in the order
     not_before: float = 0.0  # monotonic time before which a retry must not start
     attempts: int = 0
+    pending: int = -1  # a tailed file's bytes not loaded yet (-1: an inbox file, sized by lstat)
 
 
 @dataclass(frozen=True)
@@ -136,6 +129,8 @@ class TakenFile:
     path: Path
     attempts: int
     size: int = 0  # bytes when it was taken (0 for what is not a regular file)
+    renamed: bool = False  # it came by a rename: complete, its last record included
+    tail: bool = False  # bytes written into a taken file after it was taken (tail.py)
 
 
 @dataclass(frozen=True)
@@ -155,11 +150,13 @@ class InboxQueue:
     """Files waiting to be ingested, in arrival order, each at most once (queued or in progress).
 
     The observer thread reports events; the single worker thread ``take_batch``es the files at
-    the head of the queue that are ready, in order, and ``finish``es each. A file that is not
-    ready yet holds back the files that arrived after it, for at most ``order_wait`` seconds
-    from its first event (a file still settling, or still being written); after that they pass
-    it. A file backing off after an error holds nothing back. An event for a file in progress
-    means it changed under us: the file is queued again instead of being moved away.
+    the head of the queue that are ready (readiness.py), in order, and ``finish``es each. A file
+    that is not ready yet holds back the files that arrived after it, for at most ``order_wait``
+    seconds from its first event (a file still settling, or still being written); after that
+    they pass it. A file backing off after an error holds nothing back. Events for a file in
+    progress are kept: the worker decides, by the file's identity, whether it may still be
+    moved (``settle_taken``). Tailed files (tail.py) queue their new bytes here too, so that
+    they take their turn with everything else.
     """
 
     def __init__(
@@ -167,11 +164,11 @@ class InboxQueue:
         settle_seconds: float,
         *,
         writing_timeout: float = 60.0,
+        empty_file_seconds: float = 60.0,
         order_wait: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.settle_seconds = settle_seconds
-        self.writing_timeout = writing_timeout
+        self.rules = Rules(settle_seconds, writing_timeout, empty_file_seconds)
         self.order_wait = order_wait
         self._clock = clock
         self._entries: dict[Path, _Entry] = {}  # insertion order = arrival order
@@ -185,9 +182,13 @@ class InboxQueue:
     # -- events (observer thread) -------------------------------------------------------------
 
     def file_complete(self, path: Path) -> None:
-        """Closed after writing, or renamed into place: ready now."""
+        """Closed after writing: ready now."""
         self._closed_handle(path)
         self._note(path, Arrival.COMPLETE)
+
+    def file_renamed(self, path: Path) -> None:
+        """Renamed into place (within the inbox, or moved in): complete, its last record too."""
+        self._note(path, Arrival.COMPLETE, renamed=True)
 
     def file_created(self, path: Path) -> None:
         """A bare Created: the start of an in-place write, or a link or pipe made in place."""
@@ -201,9 +202,13 @@ class InboxQueue:
         self._note(path, Arrival.WRITING if writing else Arrival.SETTLING)
 
     def file_opened(self, path: Path) -> None:
-        """Somebody opened the file (to write, or to read: this process's own reads too)."""
+        """Somebody opened the file (to write, or to read). A queued file not known complete
+        waits for the close: ``cp`` reports nothing between its open and its final close."""
         with self._cond:
             self._open_handles[path] = self._open_handles.get(path, 0) + 1
+            entry = self._entries.get(path)
+            if entry is not None and entry.watch.arrival is Arrival.SETTLING:
+                entry.watch.event(Arrival.WRITING, self._clock())
 
     def file_closed_unwritten(self, path: Path) -> None:
         """A handle that wrote nothing was closed."""
@@ -211,7 +216,7 @@ class InboxQueue:
 
     def _closed_handle(self, path: Path) -> None:
         """One handle fewer; with none left nobody can be writing: a file waiting for its
-        writer's Closed (it may have been this process's own read) is settled instead."""
+        writer's Closed (it may have been a reader's handle) is settled instead."""
         with self._cond:
             left = self._open_handles.pop(path, 0) - 1
             if left > 0:
@@ -220,9 +225,9 @@ class InboxQueue:
             if self._in_progress.get(path) is Arrival.WRITING:
                 self._in_progress[path] = Arrival.SETTLING
             entry = self._entries.get(path)
-            if entry is not None and entry.arrival is Arrival.WRITING:
-                entry.arrival = Arrival.SETTLING
-                entry.since = self._clock()
+            if entry is not None and entry.watch.arrival is Arrival.WRITING:
+                entry.watch.arrival = Arrival.SETTLING
+                entry.watch.since = self._clock()
                 self._cond.notify_all()
 
     def file_found(self, path: Path) -> None:
@@ -233,13 +238,28 @@ class InboxQueue:
             if path in self._given_up and not self._changed_since_given_up(path):
                 return
             now = self._clock()
-            self._entries[path] = _Entry(path, Arrival.SETTLING, now, now)
+            self._entries[path] = _Entry(path, Watch(Arrival.SETTLING, now), now)
+            self._cond.notify_all()
+
+    def file_continues(self, path: Path, pending: int) -> None:
+        """A tailed file (tail.py) has ``pending`` new bytes ready: queue them at the back."""
+        with self._cond:
+            if self._closed or path in self._in_progress:
+                return  # the tail looks again once the part in progress is done
+            entry = self._entries.get(path)
+            if entry is not None:
+                entry.pending = pending
+                return
+            now = self._clock()
+            self._entries[path] = _Entry(path, Watch(Arrival.COMPLETE, now), now, pending=pending)
             self._cond.notify_all()
 
     def file_gone(self, path: Path) -> None:
         """Deleted or renamed away: forget it."""
         with self._cond:
-            self._entries.pop(path, None)
+            entry = self._entries.get(path)
+            if entry is None or entry.pending < 0:
+                self._entries.pop(path, None)
             self._open_handles.pop(path, None)
             self._given_up.pop(path, None)
 
@@ -270,7 +290,7 @@ class InboxQueue:
         with self._cond:
             return len(self._given_up)
 
-    def _note(self, path: Path, arrival: Arrival) -> None:
+    def _note(self, path: Path, arrival: Arrival, *, renamed: bool = False) -> None:
         with self._cond:
             if self._closed:
                 return
@@ -279,14 +299,11 @@ class InboxQueue:
                 self._in_progress[path] = arrival
                 return
             entry = self._entries.get(path)
-            if entry is None:
-                self._entries[path] = _Entry(path, arrival, now, now)
-            elif arrival is Arrival.SETTLING and entry.arrival is not Arrival.SETTLING:
-                # A late Created never downgrades what a Closed or Modified already told us.
-                entry.since = now
+            if entry is None or entry.pending >= 0:
+                self._entries[path] = _Entry(path, Watch(arrival, now, renamed), now)
             else:
-                entry.arrival = arrival
-                entry.since = now
+                entry.watch.event(arrival, now)
+                entry.watch.renamed = entry.watch.renamed or renamed
             self._cond.notify_all()
 
     # -- the worker ---------------------------------------------------------------------------
@@ -339,7 +356,9 @@ class InboxQueue:
             alone = size > limits.alone_bytes
             if chosen and (alone or len(chosen) >= limits.files or total + size > limits.bytes):
                 break
-            chosen.append(TakenFile(entry.path, entry.attempts, size))
+            chosen.append(
+                TakenFile(entry.path, entry.attempts, size, entry.watch.renamed, entry.pending >= 0)
+            )
             total += size
             if alone or len(chosen) >= limits.files:
                 break
@@ -350,32 +369,24 @@ class InboxQueue:
 
     def _ready_at(self, entry: _Entry, now: float) -> tuple[float | None, int]:
         """(when ``entry`` may be taken (monotonic), its size); (None, 0) if its file is gone."""
-        if entry.arrival is Arrival.WRITING:
-            if now - entry.since < self.writing_timeout:
-                return max(entry.not_before, entry.since + self.writing_timeout), 0
-            # No Closed for a long time (a lost event?): fall back to the settle rule.
-            log.warning(
-                "file_close_not_seen",
-                extra={"fields": {"file": entry.path.name, "seconds": self.writing_timeout}},
-            )
-            entry.arrival = Arrival.SETTLING
-            entry.since = now
+        if entry.pending >= 0:  # a tailed file's new bytes: the tail found them ready
+            return entry.not_before, entry.pending
         try:
             found = os.lstat(entry.path)  # never follows a link
         except FileNotFoundError:
             # A complete file that vanished is still handed over: the worker records that.
-            return (entry.not_before, 0) if entry.arrival is Arrival.COMPLETE else (None, 0)
-        if not stat.S_ISREG(found.st_mode):  # nothing to wait for: refused unread
-            return entry.not_before, 0
-        if entry.arrival is Arrival.COMPLETE:
-            return entry.not_before, found.st_size
-        # Settled = no write for settle_seconds (every write moves the mtime). An empty file
-        # may be a writer that opened and has not written yet: watch it for settle_seconds too.
-        quiet_for = time.time() - found.st_mtime_ns / 1e9
-        ready = now + max(self.settle_seconds - quiet_for, 0.0)
-        if found.st_size == 0:
-            ready = max(ready, entry.since + self.settle_seconds)
-        return max(ready, entry.not_before), found.st_size
+            complete = entry.watch.arrival is Arrival.COMPLETE
+            return (entry.not_before, 0) if complete else (None, 0)
+        writing = entry.watch.arrival is Arrival.WRITING
+        at = entry.watch.ready_at(self.rules, now, found)
+        if writing and entry.watch.arrival is not Arrival.WRITING:
+            log.warning(
+                "file_close_not_seen",
+                extra={"fields": {"file": entry.path.name, "seconds": self.rules.writer_timeout}},
+            )
+            at = entry.watch.ready_at(self.rules, now, found)
+        size = found.st_size if stat.S_ISREG(found.st_mode) else 0
+        return max(at, entry.not_before), size
 
     def finish(self, path: Path, then: Callable[[], None] | None = None) -> bool:
         """End the work on ``path``. If it changed meanwhile, queue it again and return False;
@@ -383,13 +394,28 @@ class InboxQueue:
         with self._cond:
             changed = self._in_progress.pop(path, None)
             if changed is not None and not self._closed:
-                now = self._clock()
-                self._entries[path] = _Entry(path, changed, now, now)
-                self._cond.notify_all()
+                self._requeue(path, changed)
                 return False
             if then is not None:
                 then()
             return True
+
+    def settle_taken(self, path: Path, settle: Callable[[Arrival | None], bool]) -> bool:
+        """End the work on ``path`` by ``settle`` (given what events said of the file while it
+        was in progress, None: nothing), run before any new event is taken in: it moves the file
+        out and returns True, or leaves it (replaced or rewritten meanwhile) and returns False;
+        then the file is queued again, to be taken as a new file."""
+        with self._cond:
+            changed = self._in_progress.pop(path, None)
+            moved = settle(changed)
+            if not moved and not self._closed:
+                self._requeue(path, changed or Arrival.SETTLING)
+            return moved
+
+    def _requeue(self, path: Path, arrival: Arrival) -> None:
+        now = self._clock()
+        self._entries[path] = _Entry(path, Watch(arrival, now), now)
+        self._cond.notify_all()
 
     def retry(self, path: Path, attempts: int, delay: float) -> None:
         """Queue ``path`` again (at the back) after an environment error, not before ``delay``."""
@@ -400,7 +426,11 @@ class InboxQueue:
             now = self._clock()
             self._entries.pop(path, None)
             self._entries[path] = _Entry(
-                path, Arrival.COMPLETE, now, now, not_before=now + delay, attempts=attempts
+                path,
+                Watch(Arrival.COMPLETE, now),
+                now,
+                not_before=now + delay,
+                attempts=attempts,
             )
             self._cond.notify_all()
 
@@ -411,9 +441,10 @@ class InboxQueue:
             head: dict[Path, _Entry] = {}
             for item in taken:
                 changed = self._in_progress.pop(item.path, None)
-                head[item.path] = _Entry(
-                    item.path, changed or Arrival.COMPLETE, now, 0.0, attempts=item.attempts
-                )
+                watch = Watch(changed or Arrival.COMPLETE, now, item.renamed)
+                head[item.path] = _Entry(item.path, watch, 0.0, attempts=item.attempts, pending=-1)
+                if item.tail:
+                    head[item.path].pending = item.size
             if not self._closed:
                 head.update((p, e) for p, e in self._entries.items() if p not in head)
                 self._entries = head
@@ -475,7 +506,7 @@ class InboxEventHandler(FileSystemEventHandler):
             self.queue.file_gone(source)
         dest = self._candidate(event.dest_path)
         if dest is not None:  # a rename is atomic: what arrives by one is complete
-            self.queue.file_complete(dest)
+            self.queue.file_renamed(dest)
 
 
 # What each watchdog event of an inbox file (but a move, see on_moved) tells the queue.
