@@ -232,6 +232,7 @@ def _outcome(
         seconds=seconds,
         finished_at=finished_at,
         received_at=received_at,
+        part=read.part if read else None,
     )
     if plan.refused is not None:
         return dataclasses.replace(

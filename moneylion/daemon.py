@@ -27,6 +27,7 @@ from moneylion.priority import lower_thread_priority
 from moneylion.schema import WarehouseLocked, open_warehouse
 from moneylion.source import clear_staging
 from moneylion.stream import StreamStats
+from moneylion.tail import Tails
 from moneylion.watcher import InboxQueue, InboxWatcher
 from moneylion.worker import IngestWorker
 
@@ -48,8 +49,14 @@ class Daemon:
         self.conn = conn
         # The worker writes through its own cursor; the API reads through others of ``conn``.
         self.worker_conn = conn.cursor()
-        self.queue = InboxQueue(config.settle_seconds, order_wait=config.order_wait_seconds)
-        self.watcher = InboxWatcher(config.inbox, self.queue)
+        self.queue = InboxQueue(
+            config.settle_seconds,
+            writing_timeout=config.writer_timeout_seconds,
+            empty_file_seconds=config.empty_file_seconds,
+            order_wait=config.order_wait_seconds,
+        )
+        self.watcher = InboxWatcher(config.inbox, self.queue, rescan_seconds=config.rescan_seconds)
+        self.tails: Tails | None = None
         self.exporter = (
             SqliteExporter(conn.cursor(), config.sqlite_path, nice=config.ingest_nice)
             if config.sqlite_export
@@ -64,11 +71,20 @@ class Daemon:
             self.lake = LakeMode(conn.cursor(), config, self.exporter)
             self.worker = self.lake.worker(self.worker_conn, self.queue)
         else:
+            # Taken files are tailed by inode (tail.py); lake mode takes whole files only.
+            self.tails = Tails(
+                settle_seconds=config.settle_seconds,
+                continuation_seconds=config.continuation_seconds,
+                rescan_seconds=config.rescan_seconds,
+                staging=config.staging_dir,
+                enqueue=self.queue.file_continues,
+            )
             self.worker = IngestWorker(
                 self.worker_conn,
                 config,
                 self.queue,
                 on_commit=self.exporter.poke if self.exporter is not None else None,
+                tails=self.tails,
             )
         self._started = False
         self._stopped = False
@@ -85,6 +101,9 @@ class Daemon:
         clear_staging(self.config.staging_dir)  # this process holds the warehouse: ours only
         if self.lake is not None:
             self.lake.start()
+        if self.tails is not None:
+            self.tails.recover(self.worker_conn, self.config.done_dir)
+            self.tails.start()
         self.watcher.start()
         self.worker.start()
         if self.exporter is not None:
@@ -117,6 +136,8 @@ class Daemon:
             self.stopped_cleanly = self.lake.stop() and self.stopped_cleanly
         self.exporter_stopped = self.exporter is None or self.exporter.stop(grace=0.5)
         self.watcher.stop()
+        if self.tails is not None:
+            self.tails.stop()
         log.info(
             "daemon_stopped",
             extra={

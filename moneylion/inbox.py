@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from moneylion.source import csv_name
@@ -105,6 +106,18 @@ def move_without_overwrite(path: Path, folder: Path, *, companion_suffix: str = 
             return target
         os.unlink(path)
         return target
+
+
+def candidate_names(name: str, folder: Path) -> Iterator[Path]:
+    """The paths ``move_without_overwrite`` may have given a file of this name in ``folder``:
+    its own (shortened) name, then ``<stem>.<n><suffix>`` while those exist."""
+    name = safe_name(name)
+    stem, suffix = os.path.splitext(name)
+    for n in itertools.count():
+        target = folder / (f"{stem}.{n}{suffix}" if n else name)
+        if n and not os.path.lexists(target):
+            return
+        yield target
 
 
 def _same_file(a: Path, b: Path) -> bool:

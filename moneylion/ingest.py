@@ -37,13 +37,13 @@ from moneylion.ledger import FileOutcome
 from moneylion.model import FileKind
 from moneylion.resolve import Applied, utc_now
 from moneylion.schema import rollback
-from moneylion.source import StagedFile, stage
+from moneylion.source import Part, StagedFile, stage
 from moneylion.validate import (
     Header,
     read_header,
 )
 
-__all__ = ["FileOutcome", "ingest_file", "ingest_staged", "warehouse_status"]
+__all__ = ["FileOutcome", "ingest_file", "ingest_staged", "record_unread", "warehouse_status"]
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +76,27 @@ def ingest_file(
             staging = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moneylion-")))
         try:
             staged = stage(path, staging, max_bytes=config.max_file_bytes if config else 0)
-        except FileRefused as refused:  # never read: no bytes, no sha256
-            arrival = _Arrival(path, path.name, None, 0, received_at, started, _next_file_id(conn))
-            return _record_failure(conn, arrival, None, refused)
+        except FileRefused as refused:
+            return record_unread(conn, path, refused, started=started, received_at=received_at)
         stack.callback(staged.discard)
         return ingest_staged(
             conn, staged, config, started=started, received_at=received_at, progress=progress
         )
+
+
+def record_unread(
+    conn: duckdb.DuckDBPyConnection,
+    path: Path,
+    refused: FileRefused,
+    *,
+    started: float | None = None,
+    received_at: dt.datetime | None = None,
+) -> FileOutcome:
+    """The ledger row of an inbox entry refused without being read: no bytes, no sha256."""
+    started = time.perf_counter() if started is None else started
+    received_at = utc_now() if received_at is None else received_at
+    arrival = _Arrival(path, path.name, None, 0, received_at, started, _next_file_id(conn))
+    return _record_failure(conn, arrival, None, refused)
 
 
 def ingest_staged(
@@ -115,7 +129,14 @@ def ingest_staged(
     # One id per new file, taken outside the transaction: DuckDB sequences do not roll back, and
     # a file that falls back from the fast path must keep the number it started with.
     arrival = _Arrival(
-        staged.origin, staged.name, sha256, size, received_at, started, _next_file_id(conn)
+        staged.origin,
+        staged.name,
+        sha256,
+        size,
+        received_at,
+        started,
+        _next_file_id(conn),
+        staged.part,
     )
     if staged.refused is not None:  # read and hashed, refused whole (a broken archive)
         return _record_failure(conn, arrival, None, staged.refused)
@@ -145,6 +166,7 @@ class _Arrival:
     received_at: dt.datetime
     started: float
     file_id: int
+    part: Part | None = None  # a continuation of a file loaded before (tail.py)
 
 
 def _load(
@@ -200,6 +222,7 @@ def _load(
         size_bytes=arrival.size,
         finished_at=utc_now(),
         received_at=arrival.received_at,
+        part=source.part,
     )
 
 
@@ -271,6 +294,7 @@ def _record_failure(
             size_bytes=arrival.size,
             finished_at=utc_now(),
             received_at=arrival.received_at,
+            part=arrival.part,
         )
         ledger.insert(conn, [outcome])
         conn.execute("COMMIT")

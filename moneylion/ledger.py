@@ -19,6 +19,7 @@ import duckdb
 import pyarrow as pa
 
 from moneylion.resolve import append_arrow
+from moneylion.source import Part
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class FileOutcome:
     finished_at: dt.datetime | None = None
     received_at: dt.datetime | None = None
     seen_before: bool = False  # the ledger had these bytes: nothing was written
+    part: Part | None = None  # a continuation of a file loaded before (tail.py)
 
     @property
     def committed(self) -> bool:
@@ -108,7 +110,9 @@ class FileOutcome:
 
 
 def insert(conn: duckdb.DuckDBPyConnection, outcomes: Sequence[FileOutcome]) -> None:
-    """Write the ledger rows of ``outcomes`` (new files) in the open transaction, one statement."""
+    """Write the ledger rows of ``outcomes`` (new files) in the open transaction, one statement;
+    and for the continuations among them, which file and bytes each is, with their rejects
+    numbered by the file's lines."""
     if not outcomes:
         return
     rows = [outcome.row() for outcome in outcomes]
@@ -116,6 +120,21 @@ def insert(conn: duckdb.DuckDBPyConnection, outcomes: Sequence[FileOutcome]) -> 
         {name: pa.array([r[name] for r in rows], type=LEDGER[name]) for name in LEDGER_COLUMNS}
     )
     append_arrow(conn, "files", table)
+    parts = [(o.file_id, o.part) for o in outcomes if o.part is not None]
+    if parts:
+        conn.executemany(
+            _PART_INSERT,
+            [(i, p.first_file_id, p.number, p.start, p.end) for i, p in parts],
+        )
+        shifted = [(p.line_shift, i) for i, p in parts if p.line_shift]
+        if shifted:
+            conn.executemany(_REJECT_LINES_SHIFT, shifted)
+
+
+_PART_INSERT = "INSERT INTO file_parts VALUES (?, ?, ?, ?, ?)"
+# A part is read as the file's header and then its records: its rejects' line numbers are made
+# the file's by the lines of the file before the part, less the header's.
+_REJECT_LINES_SHIFT = "UPDATE rejects SET line_number = line_number + ? WHERE file_id = ?"
 
 
 Known = tuple[int, str, str | None, str | None]  # file_id, status, error_reason, error
@@ -200,12 +219,14 @@ def log_committed(outcome: FileOutcome, extra_columns: Sequence[str] = ()) -> No
             "extra_columns_ignored",
             extra={"fields": {"file": outcome.name, "columns": list(extra_columns)}},
         )
+    part = {} if outcome.part is None else _part_fields(outcome.part)
     log.info(
         "file_loaded",
         extra={
             "fields": {
                 "file": outcome.name,
                 "file_id": outcome.file_id,
+                **part,
                 "kind": outcome.kind,
                 "loaded": outcome.rows_loaded,
                 "duplicate": outcome.rows_duplicate,
@@ -214,3 +235,8 @@ def log_committed(outcome: FileOutcome, extra_columns: Sequence[str] = ()) -> No
             }
         },
     )
+
+
+def _part_fields(part: Part) -> dict[str, int]:
+    """A continuation's place, for the log events."""
+    return {"part_of": part.first_file_id, "part": part.number, "bytes_loaded": part.end}

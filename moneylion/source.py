@@ -23,13 +23,14 @@ import errno
 import hashlib
 import io
 import itertools
+import mmap
 import os
 import stat
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import zstandard
 
@@ -50,6 +51,25 @@ fault_hook: Callable[[str, Path], None] | None = None
 _counter = itertools.count()
 
 
+@dataclass(frozen=True)
+class Part:
+    """A continuation of a taken file (tail.py): its bytes [start, end) of the file, loaded with
+    the file's header. Reject line numbers are the file's: ``line_shift`` is added to the line
+    numbers read from the header-and-records copy."""
+
+    first_file_id: int  # the ledger row of the file's first part
+    number: int  # 2, 3, ...
+    start: int
+    end: int
+    line_shift: int
+    lines: int  # line breaks in [start, end)
+    digest: Any  # sha256 of the file's bytes [0, end), to go on from
+
+
+# (dev, inode, size, mtime_ns) of an inbox file when it was read.
+Seen = tuple[int, int, int, int]
+
+
 @dataclass
 class StagedFile:
     """An inbox file's bytes, read once, with their sha256: what every reader reads.
@@ -68,6 +88,8 @@ class StagedFile:
     path: Path | None = None  # the private copy of the CSV, once there is one
     csv_size: int = -1  # the CSV's bytes (decompressed); -1: the same as ``size``
     refused: FileRefused | None = None  # read and hashed, but refused whole (bad_compression)
+    seen: Seen | None = None  # the inbox file as it was read
+    part: Part | None = None  # a continuation of a file already loaded (tail.py)
 
     def __post_init__(self) -> None:
         if self.csv_size < 0:
@@ -83,7 +105,7 @@ class StagedFile:
         """The private copy's path (written now if the bytes are in memory)."""
         if self.path is None:
             assert self.data is not None
-            self.path = _private_name(self.staging)
+            self.path = private_name(self.staging)
             self.path.write_bytes(self.data)
         return self.path
 
@@ -94,7 +116,7 @@ class StagedFile:
             self.path = None
 
 
-def _private_name(staging: Path) -> Path:
+def private_name(staging: Path) -> Path:
     """A new private file: always a plain CSV (DuckDB's reader is told ``compression='none'``)."""
     staging.mkdir(parents=True, exist_ok=True)
     return staging / f"{os.getpid()}-{next(_counter)}.csv"
@@ -173,7 +195,7 @@ def stage(
                 data = _read_all(fd, before.st_size)
                 sha256, size = hashlib.sha256(data).hexdigest(), len(data)
             else:
-                copy = _private_name(staging)
+                copy = private_name(staging)
                 sha256, size = _copy_hashing(fd, copy, before.st_size)
             after = os.fstat(fd)
             if size != before.st_size or _identity(after) != _identity(before):
@@ -186,16 +208,87 @@ def stage(
             raise
     finally:
         os.close(fd)
+    seen = (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns)
     if inflated is not None:
         staged = StagedFile(
             origin.name, origin, sha256, size, staging, inflated.data, inflated.path,
-            csv_size=inflated.size, refused=inflated.refused,
+            csv_size=inflated.size, refused=inflated.refused, seen=seen,
         )  # fmt: skip
     else:
-        staged = StagedFile(origin.name, origin, sha256, size, staging, data, copy)
+        staged = StagedFile(origin.name, origin, sha256, size, staging, data, copy, seen=seen)
     if fault_hook is not None:
         fault_hook("staged", origin)
     return staged
+
+
+# --- records ----------------------------------------------------------------------------------
+
+_QUOTE_PIECE = 1 << 23
+
+
+def records_end(data: bytes | mmap.mmap, start: int = 0) -> int:
+    """Where the last complete record of ``data[start:]`` ends (``start`` is a record's start):
+    just after a line break outside quotes (RFC 4180: a quoted field may hold line breaks, and
+    an escaped quote is two quotes, so quotes are balanced exactly where an even number of them
+    came before). ``start`` if no record is complete."""
+    last = data.rfind(b"\n", start)
+    if last < 0:
+        return start
+    if data.find(b'"', start, last) < 0:  # no quotes: the common case, one memchr
+        return last + 1
+    quotes = _quotes(data, start, last)
+    while True:
+        if quotes % 2 == 0:
+            return last + 1
+        before = data.rfind(b"\n", start, last)
+        if before < 0:
+            return start
+        quotes -= _quotes(data, before, last)
+        last = before
+
+
+def _quotes(data: bytes | mmap.mmap, start: int, end: int) -> int:
+    if isinstance(data, bytes):
+        return data.count(b'"', start, end)
+    return sum(
+        data[at : min(at + _QUOTE_PIECE, end)].count(b'"') for at in range(start, end, _QUOTE_PIECE)
+    )
+
+
+def header_bytes(head: bytes) -> bytes:
+    """The bytes of a file's header (blank lines before it included) with its line break, from
+    the file's first bytes ``head``: what a continuation of the file is read with."""
+    at = 0
+    while True:
+        end = head.find(b"\n", at)
+        if end < 0:
+            return head
+        line = head[at:end].strip(b" \t\r").removeprefix(b"\xef\xbb\xbf").strip(b" \t\r")
+        if line:
+            return head[: end + 1]
+        at = end + 1
+
+
+def complete_records(staged: StagedFile) -> int:
+    """Where the last complete record of a plain staged file ends (its size if it ends with
+    one): what may be loaded of it while its writer may still be at work."""
+    if staged.data is not None:
+        return records_end(staged.data)
+    assert staged.path is not None
+    with staged.path.open("rb") as handle:
+        if not staged.size:
+            return 0
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return records_end(mapped)
+
+
+def keep_complete(staged: StagedFile, end: int) -> None:
+    """Cut a plain staged file (a private copy) to its first ``end`` bytes: the records
+    complete when it was read; its sha256 and size are then those of what is kept."""
+    assert staged.path is not None
+    os.truncate(staged.path, end)
+    staged.sha256, staged.size = file_sha256(staged.path)
+    staged.csv_size = staged.size
 
 
 # --- compressed files -------------------------------------------------------------------------
@@ -334,7 +427,7 @@ class _CsvSink:
                 )
             )
         if self._fd is None and self.size > self.memory_bytes:
-            self.path = _private_name(self.staging)
+            self.path = private_name(self.staging)
             self._fd = os.open(
                 self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
             )

@@ -1,9 +1,14 @@
 """The ingest worker: the one DuckDB writer. It takes the ready files at the head of the inbox
 queue, commits them (small ones together in one batch, a large one alone), moves each out, and
-pokes the exporter after every commit.
+pokes the exporter after every commit. Bytes written into a file after it was taken come back
+through the same queue as the file's next part (tail.py).
 
 Commit first, then move: a crash in between leaves committed files in the inbox, which the
-ledger recognises on restart (seen before) and which are then only moved. Errors of the
+ledger recognises on restart (seen before) and which are then only moved. The bytes that were
+read and hashed are what loads; just before the move the file is compared with what was read:
+grown, it is moved and its new records load as its continuation; replaced or rewritten, it is
+left in the inbox and taken again as a new file. Nothing is moved from under a change that was
+seen. Errors of the
 environment (``errors.is_transient``) are retried with backoff, a bounded number of times; a
 bug fails the file at once. A batch that fails is retried file by file, so one bad file never
 holds back the others.
@@ -14,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,12 +31,22 @@ import duckdb
 from moneylion import inbox
 from moneylion.batch import Item, ingest_batch, item_of
 from moneylion.config import Config
-from moneylion.errors import FileChanged, is_transient
-from moneylion.ingest import FileOutcome, ingest_file
+from moneylion.errors import FileChanged, FileRefused, is_transient
+from moneylion.ingest import FileOutcome, ingest_file, ingest_staged, record_unread
 from moneylion.priority import lower_thread_priority
+from moneylion.readiness import Arrival
 from moneylion.schema import one_row
-from moneylion.source import StagedFile, file_sha256
+from moneylion.source import (
+    MEMORY_BYTES,
+    StagedFile,
+    complete_records,
+    compression_suffix,
+    file_sha256,
+    keep_complete,
+)
 from moneylion.stream import IngestStats
+from moneylion.tail import Tail, Tails
+from moneylion.validate import read_header
 from moneylion.watcher import ONE_FILE, BatchLimits, InboxQueue, TakenFile
 
 log = logging.getLogger(__name__)
@@ -65,6 +81,7 @@ class IngestWorker(threading.Thread):
         ingest: IngestOne = ingest_file,
         batch: IngestBatch | None = _DEFAULT_BATCH,
         backoff: tuple[float, ...] = BACKOFF_SECONDS,
+        tails: Tails | None = None,
     ) -> None:
         super().__init__(name="ingest-worker", daemon=True)
         self.ingest = ingest
@@ -81,6 +98,7 @@ class IngestWorker(threading.Thread):
         self.config = config
         self.queue = queue
         self.on_commit = on_commit
+        self.tails = tails  # None: taken files are not tailed (lake mode, stand-in ingests)
         self.stopping = threading.Event()
         self.stats = IngestStats()
         self.files_done = 0
@@ -114,18 +132,100 @@ class IngestWorker(threading.Thread):
         log.info(
             "file_started", extra={"fields": {"file": path.name, "attempt": taken.attempts + 1}}
         )
+        item: Item | None = None
         try:
-            outcome = self.ingest(self.conn, path, self.config)
+            if self.ingest is ingest_file:  # staged here: the move compares it with the file
+                item = self._stage(taken, MEMORY_BYTES)
+                if item is None:
+                    return
+                if isinstance(item, StagedFile):
+                    outcome = ingest_staged(self.conn, item, self.config)
+                else:
+                    outcome = record_unread(self.conn, item.origin, item.refused)
+            else:
+                outcome = self.ingest(self.conn, path, self.config)
         except Exception as exc:
             self._failed(taken, exc)
             return
+        finally:
+            if isinstance(item, StagedFile):
+                item.discard()
         self._committed([outcome])
-        self._settle(taken, outcome)
+        self._settle(taken, outcome, item)
+
+    def _stage(self, taken: TakenFile, memory_bytes: int) -> Item | None:
+        """The bytes to ingest for ``taken``: a tailed file's new part, or an inbox file read
+        once; None when there is nothing to ingest now (the file is dealt with here)."""
+        if taken.tail:
+            assert self.tails is not None
+            part = self.tails.read_part(taken.path)
+            if part is None:  # nothing complete yet: the tail looks again
+                self.tails.released(taken.path)
+                self.queue.finish(taken.path)
+            return part
+        item = item_of(taken.path, self.config, memory_bytes=memory_bytes)
+        if self.tails is None or not isinstance(item, StagedFile) or item.refused:
+            return item
+        if compression_suffix(item.name) or item.seen is None:
+            return item
+        tail = self.tails.recent(item.name)
+        if tail is not None and _headerless(item):
+            self._continue_by_name(taken, item, tail)
+            return None
+        quiet_for = time.time() - item.seen[3] / 1e9
+        if not taken.renamed and quiet_for < self.config.settle_seconds:
+            # Its writer may be at work: a trailing record without its line break (or inside
+            # quotes) is not taken yet. A small file waits until it is quiet; of a large one the
+            # complete records load now and the rest as its next part.
+            end = complete_records(item)
+            if end < item.size:
+                if item.data is not None or end == 0:
+                    item.discard()
+                    self.queue.retry(
+                        taken.path, taken.attempts, self.config.settle_seconds - quiet_for
+                    )
+                    return None
+                keep_complete(item, end)
+        return item
+
+    def _continue_by_name(self, taken: TakenFile, item: StagedFile, tail: Tail) -> None:
+        """A headerless file under the name of a file taken within continuation_seconds (a
+        producer reopened the path with ``>>`` after the move): its bytes go onto that file,
+        where they load as its continuation, and it leaves the inbox."""
+        assert self.tails is not None
+        tails = self.tails
+
+        def append_and_remove(changed: Arrival | None) -> bool:
+            if not _unchanged(taken.path, item):
+                return False  # written to meanwhile: taken again, whole
+            try:
+                tails.adopt(tail, item)
+            except OSError as exc:  # the file it continues is gone: refused as headerless
+                log.warning(
+                    "file_not_continued",
+                    extra={"fields": {"file": item.name, "error": str(exc)}},
+                )
+                return False
+            os.unlink(taken.path)
+            return True
+
+        try:
+            self.queue.settle_taken(taken.path, append_and_remove)
+        finally:
+            item.discard()
 
     def _failed(self, taken: TakenFile, exc: Exception) -> None:
         """What an exception while ingesting ``taken`` means for it."""
         path = taken.path
-        if isinstance(exc, FileNotFoundError):
+        if taken.tail:  # a tailed file's new bytes: nothing was recorded, the tail tries again
+            assert self.tails is not None
+            log.warning(
+                "file_part_failed",
+                extra={"fields": {"file": path.name, "error": f"{type(exc).__name__}: {exc}"}},
+            )
+            self.tails.released(path, error=not self.stopping.is_set())
+            self.queue.finish(path)
+        elif isinstance(exc, FileNotFoundError):
             log.info("file_vanished", extra={"fields": {"file": path.name, "stage": "ingest"}})
             self.queue.finish(path)
         elif isinstance(exc, FileChanged):  # nothing was recorded: take it again once quiet
@@ -149,11 +249,14 @@ class IngestWorker(threading.Thread):
         items: list[Item] = []
         for one in taken:
             try:
-                items.append(
-                    item_of(one.path, self.config, memory_bytes=self.config.batch_file_max_bytes)
-                )
+                item = self._stage(one, self.config.batch_file_max_bytes)
             except Exception as exc:
                 self._failed(one, exc)
+                continue
+            if item is not None:
+                items.append(item)
+        if not items:
+            return
         # A compressed file small on disk may hold a large CSV: that one goes alone (the fast
         # paths), the files before it as this batch, the ones after it back to the queue.
         large = next(
@@ -203,8 +306,9 @@ class IngestWorker(threading.Thread):
                     }
                 },
             )
+            staged = {item.origin: item for item in items}
             for outcome in outcomes:
-                self._settle(of[outcome.path], outcome)
+                self._settle(of[outcome.path], outcome, staged[outcome.path])
             self.queue.untake([of[item.origin] for item in left])
         finally:
             for item in items:
@@ -221,7 +325,7 @@ class IngestWorker(threading.Thread):
                 self._failed(of[item.origin], exc)
                 continue
             self._committed(outcomes)
-            self._settle(of[item.origin], outcomes[0])
+            self._settle(of[item.origin], outcomes[0], item)
 
     # -- after a commit -----------------------------------------------------------------------
 
@@ -237,11 +341,24 @@ class IngestWorker(threading.Thread):
         if self.on_commit is not None:
             self.on_commit()  # there is something to export
 
-    def _settle(self, taken: TakenFile, outcome: FileOutcome) -> None:
-        """Move a committed file out of the inbox (unless it changed meanwhile)."""
+    def _settle(self, taken: TakenFile, outcome: FileOutcome, item: Item | None) -> None:
+        """After the commit: a part's bytes are loaded; an inbox file is moved out, unless it
+        was replaced or rewritten meanwhile (then it is taken again as a new file)."""
         path = taken.path
+        staged = item if isinstance(item, StagedFile) else None
+        if taken.tail:
+            assert self.tails is not None
+            assert staged is not None
+            self.tails.committed(staged, outcome.file_id if outcome.committed else None)
+            self.queue.finish(path)
+            return
         try:
-            moved = self.queue.finish(path, then=lambda: self._move(outcome))
+            moved = self.queue.settle_taken(
+                path,
+                lambda changed: self._move_unless_changed(
+                    outcome, staged, changed, renamed=taken.renamed
+                ),
+            )
         except OSError as exc:
             if not path.exists():
                 log.info("file_vanished", extra={"fields": {"file": path.name, "stage": "move"}})
@@ -254,9 +371,48 @@ class IngestWorker(threading.Thread):
         self.files_done += 1
         self.last_file_at = time.time()
 
-    def _move(self, outcome: FileOutcome) -> None:
+    def _move_unless_changed(
+        self,
+        outcome: FileOutcome,
+        staged: StagedFile | None,
+        changed: Arrival | None,
+        *,
+        renamed: bool,
+    ) -> bool:
+        """Move the file out if it is still the file that was read (grown is fine: a new file's
+        new bytes are tailed); False, leaving it, if it was replaced, rewritten or truncated."""
+        if staged is None or staged.seen is None:  # read by a stand-in: the events decide
+            if changed is not None:
+                return False
+            self._move(outcome)
+            return True
+        try:
+            now = os.lstat(outcome.path)
+        except FileNotFoundError:
+            return True  # removed by its producer: nothing left to move
+        dev, ino, size, mtime_ns = staged.seen
+        tailed = (
+            self.tails is not None
+            and outcome.committed
+            and outcome.status == "loaded"
+            and not compression_suffix(outcome.name)
+        )
+        if (now.st_dev, now.st_ino) != (dev, ino):
+            return False
+        if now.st_size < size or (now.st_size == size and now.st_mtime_ns != mtime_ns):
+            return False
+        if now.st_size > size and not tailed and outcome.status != "failed":
+            return False  # grown, and not a file that is tailed: taken again, whole
+        target = self._move(outcome)
+        if tailed:
+            assert self.tails is not None
+            assert outcome.file_id is not None
+            self.tails.register(staged, outcome.file_id, target, renamed=renamed)
+        return True
+
+    def _move(self, outcome: FileOutcome) -> Path:
         """Loaded and duplicate files go to done/<day>/, failed ones to failed/<day>/ with their
-        reason."""
+        reason; where it went."""
         if outcome.status == "failed":
             target = inbox.move_without_overwrite(
                 outcome.path,
@@ -285,6 +441,7 @@ class IngestWorker(threading.Thread):
                 }
             },
         )
+        return target
 
     # -- errors -------------------------------------------------------------------------------
 
@@ -366,3 +523,21 @@ def last_file_id(conn: duckdb.DuckDBPyConnection) -> int:
         return int(one_row(cursor, "SELECT coalesce(max(file_id), 0) FROM files")[0])
     finally:
         cursor.close()
+
+
+def _headerless(item: StagedFile) -> bool:
+    """Whether a staged file's first line is no header (of any kind)."""
+    try:
+        read_header(item)
+    except FileRefused:
+        return True
+    return False
+
+
+def _unchanged(path: Path, item: StagedFile) -> bool:
+    """Whether the inbox file is still exactly as it was read."""
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) == item.seen
