@@ -188,10 +188,28 @@ class FileEntry(msgspec.Struct):
     seconds: float
     error_reason: str | None
     error: str | None
+    part_of: int | None = None  # a continuation (tail.py): the file_id of the file's first part
+    part: int = 1  # its place among the file's parts
+
+
+class FilePart(msgspec.Struct):
+    """One part of a file: the ledger row that loaded bytes [offset_start, offset_end) of it."""
+
+    file_id: int
+    part: int
+    offset_start: int
+    offset_end: int
+    status: str
+    rows_loaded: int
+    rows_duplicate: int
+    rows_rejected: int
+    finished_at: dt.datetime
 
 
 class FileDetail(FileEntry):
-    rejected_by_reason: dict[str, int]
+    rejected_by_reason: dict[str, int] = msgspec.field(default_factory=dict)
+    bytes_loaded: int = 0  # of the whole file, through its last part
+    parts: list[FilePart] = msgspec.field(default_factory=list)  # every part, the first included
 
 
 class FilesPage(msgspec.Struct):

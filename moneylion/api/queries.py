@@ -18,6 +18,7 @@ import duckdb
 
 from moneylion.ledger import LEDGER_COLUMNS
 from moneylion.model import TRANSACTION_TYPES, USER_TOTALS
+from moneylion.schema import int_constants
 
 
 @contextmanager
@@ -214,13 +215,22 @@ def country_monthly(
     return list(found.values())
 
 
-_FILE_COLUMNS = ", ".join(LEDGER_COLUMNS)
-_FILE_NAMES = LEDGER_COLUMNS
-_FILES_PAGE = f"SELECT {_FILE_COLUMNS} FROM files ORDER BY file_id LIMIT $limit OFFSET $offset"
-_LATEST_FILES = f"SELECT {_FILE_COLUMNS} FROM files ORDER BY file_id DESC LIMIT $limit"
+# A ledger row, and which file it continues (tail.py: a part has a row in file_parts).
+_FILE_COLUMNS = ", ".join(f"f.{name}" for name in LEDGER_COLUMNS)
+_FILE_NAMES = (*LEDGER_COLUMNS, "part_of", "part")
+_FILE_ROWS = f"""SELECT {_FILE_COLUMNS}, p.first_file_id, coalesce(p.part, 1)
+FROM files f LEFT JOIN file_parts p USING (file_id)"""
+_FILES_PAGE = f"{_FILE_ROWS} ORDER BY f.file_id LIMIT $limit OFFSET $offset"
+_LATEST_FILES = f"{_FILE_ROWS} ORDER BY f.file_id DESC LIMIT $limit"
 _FILES_COUNT = "SELECT count(*) FROM files"
 _FILE_BY_SHA256 = "SELECT file_id FROM files WHERE sha256 = $sha256"
-_FILE = f"SELECT {_FILE_COLUMNS} FROM files WHERE file_id = $id"
+_FILE = f"{_FILE_ROWS} WHERE f.file_id = $id"
+# The parts of a file after its first, by the first's id; their ledger rows by id (constants:
+# the primary key's index).
+_LATER_PARTS = """SELECT file_id, part, offset_start, offset_end FROM file_parts
+WHERE first_file_id = $first ORDER BY part"""
+_PART_ROWS = """SELECT file_id, status, rows_loaded, rows_duplicate, rows_rejected, size_bytes,
+finished_at FROM files WHERE file_id IN ({ids})"""
 _FILE_REJECT_REASONS = """
 SELECT reason, count(*) FROM rejects WHERE file_id = $id GROUP BY reason ORDER BY reason
 """
@@ -257,7 +267,34 @@ def file_detail(
         if row is None:
             return None
         reasons = cursor.execute(_FILE_REJECT_REASONS, {"id": file_id}).fetchall()
-    return dict(zip(_FILE_NAMES, row, strict=True)), {r: int(n) for r, n in reasons}
+        detail = dict(zip(_FILE_NAMES, row, strict=True))
+        detail["parts"] = _parts(cursor, detail["part_of"] or file_id)
+    detail["bytes_loaded"] = detail["parts"][-1]["offset_end"]
+    return detail, {r: int(n) for r, n in reasons}
+
+
+def _parts(cursor: duckdb.DuckDBPyConnection, first: int) -> list[dict[str, Any]]:
+    """Every part of the file whose first ledger row is ``first``, in order, with its bytes."""
+    later = cursor.execute(_LATER_PARTS, {"first": first}).fetchall()
+    places = {first: (1, 0, None)} | {i: (n, start, end) for i, n, start, end in later}
+    rows = cursor.execute(_PART_ROWS.format(ids=int_constants(places))).fetchall()
+    parts = []
+    for file_id, status, loaded, duplicate, rejected, size, finished_at in rows:
+        number, start, end = places[file_id]
+        parts.append(
+            {
+                "file_id": file_id,
+                "part": number,
+                "offset_start": start,
+                "offset_end": size if end is None else end,
+                "status": status,
+                "rows_loaded": loaded,
+                "rows_duplicate": duplicate,
+                "rows_rejected": rejected,
+                "finished_at": finished_at,
+            }
+        )
+    return sorted(parts, key=lambda part: part["part"])
 
 
 @dataclass(frozen=True)

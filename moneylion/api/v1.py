@@ -38,6 +38,7 @@ from moneylion.api.models import (
     DailyTotals,
     FileDetail,
     FileEntry,
+    FilePart,
     FilesPage,
     LakeReplica,
     Liveness,
@@ -95,7 +96,7 @@ _NOT_FOUND = problem_spec("Not found")
 def utc(row: dict[str, Any]) -> dict[str, Any]:
     """The ledger stores naive UTC timestamps; say so in the JSON (``...Z``)."""
     for key in ("received_at", "finished_at"):
-        if isinstance(row[key], dt.datetime) and row[key].tzinfo is None:
+        if isinstance(row.get(key), dt.datetime) and row[key].tzinfo is None:
             row[key] = row[key].replace(tzinfo=dt.UTC)
     return row
 
@@ -243,7 +244,8 @@ def file_detail_of(cursor: duckdb.DuckDBPyConnection, file_id: int) -> FileDetai
     if found is None:
         return None
     row, reasons = found
-    return FileDetail(**utc(row), rejected_by_reason=reasons)
+    parts = [FilePart(**utc(part)) for part in row.pop("parts")]
+    return FileDetail(**utc(row), rejected_by_reason=reasons, parts=parts)
 
 
 @get(
