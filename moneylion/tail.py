@@ -101,7 +101,7 @@ class Tails:
         continuation_seconds: float,
         rescan_seconds: float,
         staging: Path,
-        enqueue: Callable[[Path, int], None],
+        enqueue: Callable[[Path, int], bool],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settle = settle_seconds
@@ -181,9 +181,7 @@ class Tails:
                 "fields": {"file": tail.name, "file_id": tail.first_file_id, "bytes": staged.size}
             },
         )
-        with self._lock:
-            tail.changed_at = self._clock()
-        self._wake.set()
+        self._look_at(tail, self._clock())
 
     # -- parts (worker thread) --------------------------------------------------------------
 
@@ -306,7 +304,7 @@ class Tails:
                 }
             },
         )
-        self._wake.set()
+        self._look_at(tail, self._clock())  # more may have come meanwhile
 
     def released(self, path: Path, *, error: bool = False) -> None:
         """The worker is done with ``path``'s queued bytes without a commit (nothing complete
@@ -385,7 +383,9 @@ class Tails:
             if ready:
                 tail.queued = True
         if ready:
-            self.enqueue(tail.path, pending)
+            if not self.enqueue(tail.path, pending):
+                with self._lock:
+                    tail.queued = False
         elif pending < 0:
             self._drop(tail, "truncated")
         elif self._expired(tail, now):

@@ -241,18 +241,20 @@ class InboxQueue:
             self._entries[path] = _Entry(path, Watch(Arrival.SETTLING, now), now)
             self._cond.notify_all()
 
-    def file_continues(self, path: Path, pending: int) -> None:
-        """A tailed file (tail.py) has ``pending`` new bytes ready: queue them at the back."""
+    def file_continues(self, path: Path, pending: int) -> bool:
+        """A tailed file (tail.py) has ``pending`` new bytes ready: queue them at the back.
+        False if they cannot be queued now (a part of it is in progress, or the queue closed)."""
         with self._cond:
             if self._closed or path in self._in_progress:
-                return  # the tail looks again once the part in progress is done
+                return False  # the tail looks again once the part in progress is done
             entry = self._entries.get(path)
             if entry is not None:
                 entry.pending = pending
-                return
+                return True
             now = self._clock()
             self._entries[path] = _Entry(path, Watch(Arrival.COMPLETE, now), now, pending=pending)
             self._cond.notify_all()
+            return True
 
     def file_gone(self, path: Path) -> None:
         """Deleted or renamed away: forget it."""

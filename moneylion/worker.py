@@ -160,8 +160,8 @@ class IngestWorker(threading.Thread):
             assert self.tails is not None
             part = self.tails.read_part(taken.path)
             if part is None:  # nothing complete yet: the tail looks again
-                self.tails.released(taken.path)
                 self.queue.finish(taken.path)
+                self.tails.released(taken.path)
             return part
         item = item_of(taken.path, self.config, memory_bytes=memory_bytes)
         if self.tails is None or not isinstance(item, StagedFile) or item.refused:
@@ -223,8 +223,8 @@ class IngestWorker(threading.Thread):
                 "file_part_failed",
                 extra={"fields": {"file": path.name, "error": f"{type(exc).__name__}: {exc}"}},
             )
-            self.tails.released(path, error=not self.stopping.is_set())
             self.queue.finish(path)
+            self.tails.released(path, error=not self.stopping.is_set())
         elif isinstance(exc, FileNotFoundError):
             log.info("file_vanished", extra={"fields": {"file": path.name, "stage": "ingest"}})
             self.queue.finish(path)
@@ -349,8 +349,8 @@ class IngestWorker(threading.Thread):
         if taken.tail:
             assert self.tails is not None
             assert staged is not None
-            self.tails.committed(staged, outcome.file_id if outcome.committed else None)
             self.queue.finish(path)
+            self.tails.committed(staged, outcome.file_id if outcome.committed else None)
             return
         try:
             moved = self.queue.settle_taken(
