@@ -61,6 +61,7 @@ class Watch:
     arrival: Arrival
     since: float  # monotonic time of the last event or observed change
     renamed: bool = False  # it came by a rename: final, whatever its last record looks like
+    held: bool = False  # a writer held it open past writer_timeout: its last record may be cut
     look: Identity | None = None  # the identity at the last look
     looked_at: float = 0.0  # monotonic time of that look
 
@@ -68,6 +69,8 @@ class Watch:
         """An event of the file: a late create never downgrades what a close or a write said."""
         if not (arrival is Arrival.SETTLING and self.arrival is not Arrival.SETTLING):
             self.arrival = arrival
+        if arrival is Arrival.COMPLETE:
+            self.held = False
         self.since = now
 
     def ready_at(self, rules: Rules, now: float, found: os.stat_result) -> float:
@@ -83,7 +86,7 @@ class Watch:
                 return self.since + rules.writer_timeout
             # No close for a long time (a lost event, a writer that keeps its handle): the
             # settle rule decides, and whatever it writes later is tailed.
-            self.arrival = Arrival.SETTLING
+            self.arrival, self.held = Arrival.SETTLING, True
         seen = identity(found)
         if seen != self.look:  # the first look, or changed since the last one: look again
             self.look, self.looked_at = seen, now

@@ -226,25 +226,31 @@ def stage(
 _QUOTE_PIECE = 1 << 23
 
 
-def records_end(data: bytes | mmap.mmap, start: int = 0) -> int:
+def records_end(data: bytes | mmap.mmap, start: int = 0, *, last: bool = False) -> int:
     """Where the last complete record of ``data[start:]`` ends (``start`` is a record's start):
     just after a line break outside quotes (RFC 4180: a quoted field may hold line breaks, and
     an escaped quote is two quotes, so quotes are balanced exactly where an even number of them
-    came before). ``start`` if no record is complete."""
-    last = data.rfind(b"\n", start)
-    if last < 0:
+    came before). ``start`` if no record is complete. With ``last`` (nothing more is expected
+    soon), a trailing record without its line break counts as complete too, unless it ends
+    inside quotes."""
+    end = len(data)
+    unterminated = last and end > start and data[end - 1 : end] != b"\n"
+    if unterminated and (data.find(b'"', start) < 0 or _quotes(data, start, end) % 2 == 0):
+        return end
+    newline = data.rfind(b"\n", start)
+    if newline < 0:
         return start
-    if data.find(b'"', start, last) < 0:  # no quotes: the common case, one memchr
-        return last + 1
-    quotes = _quotes(data, start, last)
+    if data.find(b'"', start, newline) < 0:  # no quotes: the common case, one memchr
+        return newline + 1
+    quotes = _quotes(data, start, newline)
     while True:
         if quotes % 2 == 0:
-            return last + 1
-        before = data.rfind(b"\n", start, last)
+            return newline + 1
+        before = data.rfind(b"\n", start, newline)
         if before < 0:
             return start
-        quotes -= _quotes(data, before, last)
-        last = before
+        quotes -= _quotes(data, before, newline)
+        newline = before
 
 
 def _quotes(data: bytes | mmap.mmap, start: int, end: int) -> int:
@@ -269,25 +275,29 @@ def header_bytes(head: bytes) -> bytes:
         at = end + 1
 
 
-def complete_records(staged: StagedFile) -> int:
-    """Where the last complete record of a plain staged file ends (its size if it ends with
-    one): what may be loaded of it while its writer may still be at work."""
+def complete_records(staged: StagedFile, *, last: bool) -> int:
+    """Where the last complete record of a plain staged file ends (``records_end``): what may be
+    loaded of it while its writer may still be at work."""
     if staged.data is not None:
-        return records_end(staged.data)
+        return records_end(staged.data, last=last)
     assert staged.path is not None
     with staged.path.open("rb") as handle:
         if not staged.size:
             return 0
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return records_end(mapped)
+            return records_end(mapped, last=last)
 
 
 def keep_complete(staged: StagedFile, end: int) -> None:
-    """Cut a plain staged file (a private copy) to its first ``end`` bytes: the records
-    complete when it was read; its sha256 and size are then those of what is kept."""
-    assert staged.path is not None
-    os.truncate(staged.path, end)
-    staged.sha256, staged.size = file_sha256(staged.path)
+    """Cut a plain staged file to its first ``end`` bytes (the records complete when it was
+    read): its sha256 and size are then those of what is kept, the bytes that load."""
+    if staged.data is not None:
+        staged.data = staged.data[:end]
+        staged.sha256, staged.size = hashlib.sha256(staged.data).hexdigest(), end
+    else:
+        assert staged.path is not None
+        os.truncate(staged.path, end)
+        staged.sha256, staged.size = file_sha256(staged.path)
     staged.csv_size = staged.size
 
 

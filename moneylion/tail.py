@@ -8,7 +8,9 @@ by (dev, inode) for ``continuation_seconds`` after it last changed: the complete
 byte offset already loaded are read with the file's header and ingested as the file's next
 *part*, in arrival order with every other file, in the same micro-batches. A record is complete
 at a line break outside quotes; a trailing record without its line break waits for the next
-append, or is taken as the last record once the file has been quiet for ``settle_seconds``.
+append, or is taken as the last record once the file has been quiet for ``settle_seconds``
+(unless it ends inside quotes, or a writer held the file open past ``writer_timeout_seconds``:
+it may be cut mid-field; then it waits until the tail ends, quiet for ``continuation_seconds``).
 
 A producer that reopens the path after the move (``>>`` creates a new, headerless file in the
 inbox) continues the file of that name taken within ``continuation_seconds``: its bytes are
@@ -81,9 +83,11 @@ class Tail:
     lines: int = 0  # line breaks in [0, loaded), known with the digest
     header: bytes = b""  # the header's bytes, line break included, known with the digest
     queued: bool = False  # its new bytes are queued or being loaded
-    waiting: int = -1  # the size at which it held no complete record (waits for more or quiet)
+    waiting: tuple[int, bool] = (-1, False)  # (size, quiet) when nothing was complete
     errors: int = 0  # failed tries of its current part
     hot: bool = True  # looked at often while it changed recently (False: with the rescan only)
+    held: bool = False  # a writer held it open: a last record without line break may be cut
+    finishing: bool = False  # quiet for continuation_seconds: what is left loads as is
     not_before: float = 0.0  # monotonic time before which it is not tried again
 
 
@@ -121,7 +125,9 @@ class Tails:
 
     # -- registering (worker thread) --------------------------------------------------------
 
-    def register(self, staged: StagedFile, file_id: int, path: Path, *, renamed: bool) -> None:
+    def register(
+        self, staged: StagedFile, file_id: int, path: Path, *, renamed: bool, held: bool
+    ) -> None:
         """A new file was loaded from ``staged`` (ledger row ``file_id``) and is now at ``path``:
         tail it. Compressed files are not tailed (an appended archive member is not records).
         A file renamed in was handed over whole: it is looked at with the rescan only, until it
@@ -132,7 +138,7 @@ class Tails:
         tail = Tail(
             file_id, staged.name, path, dev, ino, staged.size, 1, staged.sha256, self._clock()
         )
-        tail.hot = not renamed
+        tail.hot, tail.held = not renamed, held
         self._add(tail)
         self._wake.set()
 
@@ -209,24 +215,30 @@ class Tails:
             if tail.digest is None and not self._known_prefix(fd, tail):
                 return None
             quiet = time.time() - found.st_mtime_ns / 1e9 >= self.settle
+            last = tail.finishing or (quiet and not tail.held)
             seen = (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns)
-            staged = self._part(fd, tail, found.st_size - tail.loaded, quiet)
+            staged = self._part(
+                fd, tail, found.st_size - tail.loaded, last=last, everything=tail.finishing
+            )
         finally:
             os.close(fd)
         if staged is None:
             with self._lock:
-                tail.waiting = found.st_size
+                tail.waiting = (found.st_size, quiet)
             return None
         staged.origin, staged.seen = path, seen
         return staged
 
-    def _part(self, fd: int, tail: Tail, pending: int, quiet: bool) -> StagedFile | None:
+    def _part(
+        self, fd: int, tail: Tail, pending: int, *, last: bool, everything: bool
+    ) -> StagedFile | None:
         """The part holding the complete records of ``pending`` bytes from the offset loaded
-        (all of them once the file is quiet): in memory when small, else a private copy."""
+        (``records_end``; with ``everything``, all of them): in memory when small, else a
+        private copy."""
         digest = tail.digest.copy()
         if pending <= MEMORY_BYTES:
             data = _read_from(fd, tail.loaded, pending)
-            end = len(data) if quiet else records_end(data)
+            end = len(data) if everything else records_end(data, last=last)
             chunk = memoryview(data)[:end]
             digest.update(chunk)
             lines = data.count(b"\n", 0, end)
@@ -234,7 +246,16 @@ class Tails:
             copy = None
         else:
             copy = private_name(self.staging)
-            end, lines = _copy_records(fd, tail.loaded, pending, tail.header, copy, digest, quiet)
+            end, lines = _copy_records(
+                fd,
+                tail.loaded,
+                pending,
+                tail.header,
+                copy,
+                digest,
+                last=last,
+                everything=everything,
+            )
             body = None
         if end == 0:
             if copy is not None:
@@ -289,7 +310,8 @@ class Tails:
             tail.digest = part.digest
             tail.lines += part.lines
             tail.queued = False
-            tail.waiting = -1
+            tail.waiting = (-1, False)
+            tail.finishing = False
             tail.errors = 0
             tail.changed_at = self._clock()
         log.info(
@@ -379,7 +401,10 @@ class Tails:
                 tail.changed_at = now
             pending = found.st_size - tail.loaded
             quiet = time.time() - found.st_mtime_ns / 1e9 >= self.settle
-            ready = pending > 0 and (tail.waiting != found.st_size or quiet)
+            if pending > 0 and self._expired(tail, now):
+                tail.finishing = True  # quiet for continuation_seconds: the rest loads as is
+            # Looked at again only once it changed or went quiet since nothing was complete.
+            ready = pending > 0 and (tail.finishing or tail.waiting != (found.st_size, quiet))
             if ready:
                 tail.queued = True
         if ready:
@@ -478,7 +503,15 @@ def _places(name: str, finished_at: dt.datetime, done: Path) -> Iterator[Path]:
 
 
 def _copy_records(
-    fd: int, offset: int, count: int, header: bytes, copy: Path, digest: Any, quiet: bool
+    fd: int,
+    offset: int,
+    count: int,
+    header: bytes,
+    copy: Path,
+    digest: Any,
+    *,
+    last: bool,
+    everything: bool,
 ) -> tuple[int, int]:
     """Write ``header`` and the complete records of ``count`` bytes of ``fd`` from ``offset``
     into the new file ``copy``, hashing the records into ``digest``; (their bytes, lines)."""
@@ -497,7 +530,9 @@ def _copy_records(
                 view = view[os.write(out, view) :]
             copied += len(chunk)
         with mmap.mmap(out, 0, access=mmap.ACCESS_READ) as mapped:
-            end = copied if quiet else records_end(mapped, len(header)) - len(header)
+            end = (
+                copied if everything else records_end(mapped, len(header), last=last) - len(header)
+            )
             lines = 0
             for start in range(len(header), len(header) + end, CHUNK_BYTES):
                 piece = mapped[start : min(start + CHUNK_BYTES, len(header) + end)]

@@ -131,6 +131,8 @@ class TakenFile:
     size: int = 0  # bytes when it was taken (0 for what is not a regular file)
     renamed: bool = False  # it came by a rename: complete, its last record included
     tail: bool = False  # bytes written into a taken file after it was taken (tail.py)
+    closed: bool = False  # its writer's close was seen
+    held: bool = False  # a writer held it open past writer_timeout (its last record may be cut)
 
 
 @dataclass(frozen=True)
@@ -358,8 +360,17 @@ class InboxQueue:
             alone = size > limits.alone_bytes
             if chosen and (alone or len(chosen) >= limits.files or total + size > limits.bytes):
                 break
+            watch = entry.watch
             chosen.append(
-                TakenFile(entry.path, entry.attempts, size, entry.watch.renamed, entry.pending >= 0)
+                TakenFile(
+                    entry.path,
+                    entry.attempts,
+                    size,
+                    renamed=watch.renamed,
+                    tail=entry.pending >= 0,
+                    closed=watch.arrival is Arrival.COMPLETE and not watch.renamed,
+                    held=watch.held,
+                )
             )
             total += size
             if alone or len(chosen) >= limits.files:
@@ -443,7 +454,7 @@ class InboxQueue:
             head: dict[Path, _Entry] = {}
             for item in taken:
                 changed = self._in_progress.pop(item.path, None)
-                watch = Watch(changed or Arrival.COMPLETE, now, item.renamed)
+                watch = Watch(changed or Arrival.COMPLETE, now, item.renamed, held=item.held)
                 head[item.path] = _Entry(item.path, watch, 0.0, attempts=item.attempts, pending=-1)
                 if item.tail:
                     head[item.path].pending = item.size

@@ -173,17 +173,20 @@ class IngestWorker(threading.Thread):
             self._continue_by_name(taken, item, tail)
             return None
         quiet_for = time.time() - item.seen[3] / 1e9
-        if not taken.renamed and quiet_for < self.config.settle_seconds:
-            # Its writer may be at work: a trailing record without its line break (or inside
-            # quotes) is not taken yet. A small file waits until it is quiet; of a large one the
-            # complete records load now and the rest as its next part.
-            end = complete_records(item)
+        quiet = quiet_for >= self.config.settle_seconds
+        if not taken.renamed:
+            # Its writer may be at work: what loads is the records complete when it was read,
+            # and a trailing record without its line break once the file is quiet, unless it
+            # ends inside quotes or a writer held the file open past writer_timeout (it may be
+            # cut mid-field): then it waits for the next append, or the end of the tail.
+            end = complete_records(item, last=quiet and not taken.held)
             if end < item.size:
-                if item.data is not None or end == 0:
+                if end == 0 or (taken.closed and not quiet and item.data is not None):
+                    # Nothing complete yet, or a small file just closed: take it again once
+                    # quiet (one part rather than two).
                     item.discard()
-                    self.queue.retry(
-                        taken.path, taken.attempts, self.config.settle_seconds - quiet_for
-                    )
+                    delay = max(self.config.settle_seconds - quiet_for, 0.05)
+                    self.queue.retry(taken.path, taken.attempts, delay)
                     return None
                 keep_complete(item, end)
         return item
@@ -355,9 +358,7 @@ class IngestWorker(threading.Thread):
         try:
             moved = self.queue.settle_taken(
                 path,
-                lambda changed: self._move_unless_changed(
-                    outcome, staged, changed, renamed=taken.renamed
-                ),
+                lambda changed: self._move_unless_changed(outcome, staged, changed, taken),
             )
         except OSError as exc:
             if not path.exists():
@@ -376,8 +377,7 @@ class IngestWorker(threading.Thread):
         outcome: FileOutcome,
         staged: StagedFile | None,
         changed: Arrival | None,
-        *,
-        renamed: bool,
+        taken: TakenFile,
     ) -> bool:
         """Move the file out if it is still the file that was read (grown is fine: a new file's
         new bytes are tailed); False, leaving it, if it was replaced, rewritten or truncated."""
@@ -407,7 +407,9 @@ class IngestWorker(threading.Thread):
         if tailed:
             assert self.tails is not None
             assert outcome.file_id is not None
-            self.tails.register(staged, outcome.file_id, target, renamed=renamed)
+            self.tails.register(
+                staged, outcome.file_id, target, renamed=taken.renamed, held=taken.held
+            )
         return True
 
     def _move(self, outcome: FileOutcome) -> Path:

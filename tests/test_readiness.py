@@ -95,6 +95,14 @@ def test_records_end_at_the_last_line_break_outside_quotes() -> None:
     assert records_end(b"x\n1,2\n3", 2) == 6  # from a record's start
 
 
+def test_a_last_record_without_its_line_break_counts_once_nothing_more_is_expected() -> None:
+    assert records_end(b"1,2\n3,4", last=True) == 7
+    assert records_end(b'1,2\n3,"a', last=True) == 4  # inside quotes: still cut
+    assert records_end(b'1,2\n3,"a\nb"', last=True) == 11
+    assert records_end(b"1,2\n", last=True) == 4
+    assert records_end(b"", last=True) == 0
+
+
 def test_header_bytes_keep_blank_lines_and_the_bom_before_the_header() -> None:
     assert header_bytes(b"a,b\n1,2\n") == b"a,b\n"
     assert header_bytes(b"\n  \r\n\xef\xbb\xbfa,b\r\n1,2\n") == b"\n  \r\n\xef\xbb\xbfa,b\r\n"
