@@ -149,6 +149,17 @@ class DaemonProcess:
         """The names of the files set aside in done/ or failed/ (in their day folders)."""
         return sorted(p.name for p in set_aside_files(self.inbox / name))
 
+    def ledger(self) -> list[dict[str, Any]]:
+        """Every row of the files ledger as ``/v1/files`` pages it, in file_id order."""
+        page = self.get("/v1/files", limit=1000)
+        items: list[dict[str, Any]] = page["items"]
+        while len(items) < page["total"]:
+            page = self.get("/v1/files", limit=1000, offset=len(items))
+            if not page["items"]:
+                break
+            items.extend(page["items"])
+        return items
+
 
 def assert_api_totals(daemon: DaemonProcess, expected: Expected, sample: int = 60) -> None:
     """Every day's totals, and a sample of users', as the API shows them, equal ``expected``."""
