@@ -64,7 +64,7 @@ HOT_POLL_SECONDS = 0.1
 MAX_PART_ATTEMPTS = 5  # failed tries of one part (errors of the environment) before giving up
 
 
-@dataclass
+@dataclass(slots=True)
 class Tail:
     """One taken file being tailed."""
 

@@ -484,10 +484,14 @@ class InboxQueue:
             return list(self._entries)
 
     def backlog(self) -> tuple[int, int]:
-        """(files, bytes) waiting: queued or in progress (bytes of the regular files)."""
+        """(files, bytes) waiting: queued or in progress (bytes of the regular files; of a
+        tailed file's queued part, its new bytes)."""
         with self._cond:
-            paths = [*self._entries, *self._in_progress]
-        return len(paths), regular_bytes(paths)
+            pending = sum(e.pending for e in self._entries.values() if e.pending >= 0)
+            paths = [p for p, e in self._entries.items() if e.pending < 0]
+            paths += self._in_progress
+            files = len(self._entries) + len(self._in_progress)
+        return files, regular_bytes(paths) + pending
 
 
 class InboxEventHandler(FileSystemEventHandler):
