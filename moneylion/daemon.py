@@ -27,7 +27,7 @@ from moneylion.priority import lower_thread_priority
 from moneylion.schema import WarehouseLocked, open_warehouse
 from moneylion.source import clear_staging
 from moneylion.stream import StreamStats
-from moneylion.tail import Tails
+from moneylion.tail import Tails, put_back_continuing
 from moneylion.watcher import InboxQueue, InboxWatcher
 from moneylion.worker import IngestWorker
 
@@ -103,6 +103,7 @@ class Daemon:
             self.lake.start()
         if self.tails is not None:
             self.tails.recover(self.worker_conn, self.config.done_dir)
+            put_back_continuing(self.config.inbox)
             self.tails.start()
         self.watcher.start()
         self.worker.start()

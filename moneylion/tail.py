@@ -30,6 +30,7 @@ the others every ``rescan_seconds`` (writes into a moved file raise no event in 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import logging
@@ -62,6 +63,9 @@ log = logging.getLogger(__name__)
 HOT_SECONDS = 5.0  # a file taken or changed this recently is looked at often
 HOT_POLL_SECONDS = 0.1
 MAX_PART_ATTEMPTS = 5  # failed tries of one part (errors of the environment) before giving up
+# A headerless inbox file being appended to the file it continues is renamed to this prefix and
+# its name first (hidden: the watcher ignores it); one left by a stop is put back at start.
+CONTINUING_PREFIX = ".continuing-"
 
 
 @dataclass(slots=True)
@@ -85,7 +89,6 @@ class Tail:
     queued: bool = False  # its new bytes are queued or being loaded
     waiting: tuple[int, bool] = (-1, False)  # (size, quiet) when nothing was complete
     errors: int = 0  # failed tries of its current part
-    hot: bool = True  # looked at often while it changed recently (False: with the rescan only)
     held: bool = False  # a writer held it open: a last record without line break may be cut
     finishing: bool = False  # quiet for continuation_seconds: what is left loads as is
     not_before: float = 0.0  # monotonic time before which it is not tried again
@@ -117,6 +120,7 @@ class Tails:
         self._by_inode: dict[tuple[int, int], Tail] = {}
         self._by_path: dict[Path, Tail] = {}
         self._by_name: dict[str, Tail] = {}
+        self._hot: dict[tuple[int, int], Tail] = {}  # looked at every HOT_POLL_SECONDS
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -138,11 +142,10 @@ class Tails:
         tail = Tail(
             file_id, staged.name, path, dev, ino, staged.size, 1, staged.sha256, self._clock()
         )
-        tail.hot, tail.held = not renamed, held
-        self._add(tail)
-        self._wake.set()
+        tail.held = held
+        self._add(tail, hot=not renamed)
 
-    def _add(self, tail: Tail) -> None:
+    def _add(self, tail: Tail, *, hot: bool) -> None:
         with self._lock:
             old = self._by_inode.pop((tail.dev, tail.ino), None)
             if old is not None:
@@ -150,6 +153,16 @@ class Tails:
             self._by_inode[(tail.dev, tail.ino)] = tail
             self._by_path[tail.path] = tail
             self._by_name[tail.name] = tail
+        if hot:
+            self._heat(tail)
+
+    def _heat(self, tail: Tail) -> None:
+        """Look at ``tail`` often from now on (for HOT_SECONDS after its last change)."""
+        with self._lock:
+            was_cold = not self._hot
+            self._hot[(tail.dev, tail.ino)] = tail
+        if was_cold:
+            self._wake.set()
 
     def of_path(self, path: Path) -> Tail | None:
         with self._lock:
@@ -164,30 +177,37 @@ class Tails:
     def _expired(self, tail: Tail, now: float) -> bool:
         return now - tail.changed_at > self.keep
 
-    def adopt(self, tail: Tail, staged: StagedFile) -> None:
-        """A headerless inbox file of a tailed file's name (a producer reopened the path with
-        ``>>`` after the move): append its bytes to the tailed file, where they load as its
-        continuation. The caller removes the inbox file afterwards."""
-        fd = os.open(tail.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+    def adopt(self, tail: Tail, path: Path, inode: int) -> bool:
+        """A headerless inbox file ``path`` (``inode``) of a tailed file's name (a producer
+        reopened the path with ``>>`` after the move): its bytes go onto the end of the tailed
+        file, where they load as its continuation, and it leaves the inbox. False if it is not
+        that inode any more (then it is left, to be taken again).
+
+        It is first renamed to a hidden name: a later ``>>`` creates a new file, and a writer
+        that opened it before writes into the renamed one, which is copied until it stops
+        growing (after the copy is on disk), then removed."""
+        hidden = path.with_name(f"{CONTINUING_PREFIX}{path.name}")
+        os.rename(path, hidden)
         try:
-            found = os.fstat(fd)
-            if (found.st_dev, found.st_ino) != (tail.dev, tail.ino):
-                raise FileNotFoundError(f"{tail.path.name} is no longer the tailed file")
-            with staged.open_binary() as source:
-                while chunk := source.read(CHUNK_BYTES):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            source = os.open(hidden, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                if os.fstat(source).st_ino != inode:  # replaced meanwhile: put it back
+                    _put_back(hidden, path)
+                    return False
+                copied = _append_growing(source, tail)
+            finally:
+                os.close(source)
+        except FileNotFoundError:  # the tailed file is gone: not a continuation after all
+            _put_back(hidden, path)
+            self._drop(tail, "gone")
+            return False
+        os.unlink(hidden)
         log.info(
             "file_continued_by_name",
-            extra={
-                "fields": {"file": tail.name, "file_id": tail.first_file_id, "bytes": staged.size}
-            },
+            extra={"fields": {"file": tail.name, "file_id": tail.first_file_id, "bytes": copied}},
         )
         self._look_at(tail, self._clock())
+        return True
 
     # -- parts (worker thread) --------------------------------------------------------------
 
@@ -341,7 +361,6 @@ class Tails:
                 tail.not_before = self._clock() + min(2.0**tail.errors, 60.0)
         if tail.errors >= MAX_PART_ATTEMPTS:
             self._drop(tail, "error")
-        self._wake.set()
 
     def _drop(self, tail: Tail, why: str) -> None:
         with self._lock:
@@ -351,6 +370,8 @@ class Tails:
                 del self._by_path[tail.path]
             if self._by_name.get(tail.name) is tail:
                 del self._by_name[tail.name]
+            if self._hot.get((tail.dev, tail.ino)) is tail:
+                del self._hot[(tail.dev, tail.ino)]
         level = logging.DEBUG if why == "quiet" else logging.WARNING
         log.log(
             level,
@@ -372,13 +393,11 @@ class Tails:
         """Look at the tailed files (the recently changed ones, or all) and queue new bytes."""
         now = self._clock()
         with self._lock:
-            tails = [
-                t
-                for t in self._by_inode.values()
-                if not t.queued
-                and t.not_before <= now
-                and (everything or (t.hot and now - t.changed_at <= HOT_SECONDS))
-            ]
+            for key, tail in list(self._hot.items()):
+                if now - tail.changed_at > HOT_SECONDS:
+                    del self._hot[key]
+            looked = self._by_inode if everything else self._hot
+            tails = [t for t in looked.values() if not t.queued and t.not_before <= now]
         for tail in tails:
             self._look_at(tail, now)
 
@@ -393,10 +412,11 @@ class Tails:
         if (found.st_dev, found.st_ino) != (tail.dev, tail.ino):
             self._drop(tail, "replaced")
             return
+        changed = (found.st_size, found.st_mtime_ns) != (tail.size, tail.mtime_ns)
+        if changed and tail.size >= 0:  # changed since the last look: somebody writes it
+            self._heat(tail)
         with self._lock:
-            if (found.st_size, found.st_mtime_ns) != (tail.size, tail.mtime_ns):
-                if tail.size >= 0:  # changed since the last look: somebody writes it
-                    tail.hot = True
+            if changed:
                 tail.size, tail.mtime_ns = found.st_size, found.st_mtime_ns
                 tail.changed_at = now
             pending = found.st_size - tail.loaded
@@ -431,10 +451,9 @@ class Tails:
             except Exception:  # a bug: log it, keep tailing
                 log.exception("tail_look_failed")
             with self._lock:
-                hot = any(
-                    t.hot and now - t.changed_at <= HOT_SECONDS for t in self._by_inode.values()
-                )
-            self._wake.wait(HOT_POLL_SECONDS if hot else min(self.rescan, 1.0))
+                hot = bool(self._hot)
+            sweep_in = self._swept + self.rescan - self._clock()
+            self._wake.wait(HOT_POLL_SECONDS if hot else max(sweep_in, 0.0))
             self._wake.clear()
 
     def stop(self, timeout: float = 1.0) -> None:
@@ -474,7 +493,8 @@ class Tails:
                     Tail(
                         first, name, path, seen.st_dev, seen.st_ino, loaded, parts, sha256,
                         self._clock(), seen.st_size, seen.st_mtime_ns,
-                    )
+                    ),
+                    hot=False,
                 )  # fmt: skip
                 found += 1
         if found:
@@ -542,6 +562,51 @@ def _copy_records(
     finally:
         os.close(out)
     return end, lines
+
+
+def _put_back(hidden: Path, path: Path) -> None:
+    """Give a hidden continuing file its inbox name back (never over a file of that name)."""
+    with contextlib.suppress(OSError):
+        os.link(hidden, path)
+        os.unlink(hidden)
+
+
+def put_back_continuing(inbox: Path) -> int:
+    """At start: headerless files a stop left half appended to the file they continue get their
+    inbox names back, to be taken again (records appended twice count as duplicates)."""
+    count = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(inbox) as entries:
+        for entry in entries:
+            if entry.name.startswith(CONTINUING_PREFIX) and entry.is_file(follow_symlinks=False):
+                _put_back(Path(entry.path), inbox / entry.name[len(CONTINUING_PREFIX) :])
+                count += 1
+    return count
+
+
+def _append_growing(source: int, tail: Tail) -> int:
+    """Append everything ``source`` holds to the tailed file, until it holds no more after the
+    appended bytes are on disk; the bytes appended."""
+    out = os.open(tail.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        found = os.fstat(out)
+        if (found.st_dev, found.st_ino) != (tail.dev, tail.ino):
+            raise FileNotFoundError(f"{tail.path.name} is no longer the tailed file")
+        copied = 0
+        while True:
+            size = os.fstat(source).st_size
+            if size <= copied:
+                return copied
+            while copied < size:
+                chunk = os.pread(source, min(CHUNK_BYTES, size - copied), copied)
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view) :]
+                copied += len(chunk)
+            os.fsync(out)
+    finally:
+        os.close(out)
 
 
 def _read_from(fd: int, offset: int, count: int) -> bytes:

@@ -8,10 +8,9 @@ ledger recognises on restart (seen before) and which are then only moved. The by
 read and hashed are what loads; just before the move the file is compared with what was read:
 grown, it is moved and its new records load as its continuation; replaced or rewritten, it is
 left in the inbox and taken again as a new file. Nothing is moved from under a change that was
-seen. Errors of the
-environment (``errors.is_transient``) are retried with backoff, a bounded number of times; a
-bug fails the file at once. A batch that fails is retried file by file, so one bad file never
-holds back the others.
+seen. Errors of the environment (``errors.is_transient``) are retried with backoff, a bounded
+number of times; a bug fails the file at once. A batch that fails is retried file by file, so
+one bad file never holds back the others.
 """
 
 from __future__ import annotations
@@ -196,26 +195,17 @@ class IngestWorker(threading.Thread):
         producer reopened the path with ``>>`` after the move): its bytes go onto that file,
         where they load as its continuation, and it leaves the inbox."""
         assert self.tails is not None
-        tails = self.tails
+        assert item.seen is not None
+        tails, inode = self.tails, item.seen[1]
+        item.discard()
 
         def append_and_remove(changed: Arrival | None) -> bool:
-            if not _unchanged(taken.path, item):
-                return False  # written to meanwhile: taken again, whole
             try:
-                tails.adopt(tail, item)
-            except OSError as exc:  # the file it continues is gone: refused as headerless
-                log.warning(
-                    "file_not_continued",
-                    extra={"fields": {"file": item.name, "error": str(exc)}},
-                )
-                return False
-            os.unlink(taken.path)
-            return True
+                return tails.adopt(tail, taken.path, inode)
+            except FileNotFoundError:  # removed by its producer meanwhile
+                return True
 
-        try:
-            self.queue.settle_taken(taken.path, append_and_remove)
-        finally:
-            item.discard()
+        self.queue.settle_taken(taken.path, append_and_remove)
 
     def _failed(self, taken: TakenFile, exc: Exception) -> None:
         """What an exception while ingesting ``taken`` means for it."""
@@ -534,12 +524,3 @@ def _headerless(item: StagedFile) -> bool:
     except FileRefused:
         return True
     return False
-
-
-def _unchanged(path: Path, item: StagedFile) -> bool:
-    """Whether the inbox file is still exactly as it was read."""
-    try:
-        now = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    return (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) == item.seen
