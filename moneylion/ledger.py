@@ -120,18 +120,28 @@ def insert(conn: duckdb.DuckDBPyConnection, outcomes: Sequence[FileOutcome]) -> 
         {name: pa.array([r[name] for r in rows], type=LEDGER[name]) for name in LEDGER_COLUMNS}
     )
     append_arrow(conn, "files", table)
-    parts = [(o.file_id, o.part) for o in outcomes if o.part is not None]
+    parts = [o for o in outcomes if o.part is not None]
     if parts:
-        conn.executemany(
-            _PART_INSERT,
-            [(i, p.first_file_id, p.number, p.start, p.end) for i, p in parts],
-        )
-        shifted = [(p.line_shift, i) for i, p in parts if p.line_shift]
+        append_arrow(conn, "file_parts", _parts_table(parts))
+        shifted = [(o.part.line_shift, o.file_id) for o in parts if o.part and o.rows_rejected]
         if shifted:
             conn.executemany(_REJECT_LINES_SHIFT, shifted)
 
 
-_PART_INSERT = "INSERT INTO file_parts VALUES (?, ?, ?, ?, ?)"
+def _parts_table(parts: Sequence[FileOutcome]) -> pa.Table:
+    """The ``file_parts`` rows of continuations, in the table's column order."""
+    places = [(o.file_id, o.part) for o in parts if o.part is not None]
+    return pa.table(
+        {
+            "file_id": pa.array([i for i, _ in places], pa.int64()),
+            "first_file_id": pa.array([p.first_file_id for _, p in places], pa.int64()),
+            "part": pa.array([p.number for _, p in places], pa.int32()),
+            "offset_start": pa.array([p.start for _, p in places], pa.int64()),
+            "offset_end": pa.array([p.end for _, p in places], pa.int64()),
+        }
+    )
+
+
 # A part is read as the file's header and then its records: its rejects' line numbers are made
 # the file's by the lines of the file before the part, less the header's.
 _REJECT_LINES_SHIFT = "UPDATE rejects SET line_number = line_number + ? WHERE file_id = ?"
