@@ -442,12 +442,12 @@ class _CsvSink:
                 self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
             )
             for chunk in self.chunks:
-                _write_all(self._fd, chunk)
+                write_all(self._fd, chunk)
             self.chunks = []
         if self._fd is None:
             self.chunks.append(piece)
         else:
-            _write_all(self._fd, piece)
+            write_all(self._fd, piece)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -471,7 +471,8 @@ class _CsvSink:
             self.path = None
 
 
-def _write_all(fd: int, chunk: bytes | memoryview) -> None:
+def write_all(fd: int, chunk: bytes | memoryview) -> None:
+    """Write all of ``chunk`` to ``fd`` (a write may take only part of it)."""
     written = 0
     while written < len(chunk):
         written += os.write(fd, chunk[written:])

@@ -56,6 +56,7 @@ from moneylion.source import (
     header_bytes,
     private_name,
     records_end,
+    write_all,
 )
 
 log = logging.getLogger(__name__)
@@ -537,18 +538,8 @@ def _copy_records(
     into the new file ``copy``, hashing the records into ``digest``; (their bytes, lines)."""
     out = os.open(copy, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        written = 0
-        while written < len(header):
-            written += os.write(out, header[written:])
-        copied = 0
-        while copied < count:
-            chunk = os.pread(fd, min(CHUNK_BYTES, count - copied), offset + copied)
-            if not chunk:
-                break
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(out, view) :]
-            copied += len(chunk)
+        write_all(out, header)
+        copied = _copy_range(fd, out, offset, count)
         with mmap.mmap(out, 0, access=mmap.ACCESS_READ) as mapped:
             end = (
                 copied if everything else records_end(mapped, len(header), last=last) - len(header)
@@ -592,21 +583,25 @@ def _append_growing(source: int, tail: Tail) -> int:
         if (found.st_dev, found.st_ino) != (tail.dev, tail.ino):
             raise FileNotFoundError(f"{tail.path.name} is no longer the tailed file")
         copied = 0
-        while True:
-            size = os.fstat(source).st_size
-            if size <= copied:
-                return copied
-            while copied < size:
-                chunk = os.pread(source, min(CHUNK_BYTES, size - copied), copied)
-                if not chunk:
-                    break
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(out, view) :]
-                copied += len(chunk)
+        while (size := os.fstat(source).st_size) > copied:
+            copied += _copy_range(source, out, copied, size - copied)
             os.fsync(out)
+        return copied
     finally:
         os.close(out)
+
+
+def _copy_range(source: int, out: int, offset: int, count: int) -> int:
+    """Copy ``count`` bytes of ``source`` from ``offset`` onto ``out``; the bytes copied (fewer
+    if ``source`` ends first)."""
+    copied = 0
+    while copied < count:
+        chunk = os.pread(source, min(CHUNK_BYTES, count - copied), offset + copied)
+        if not chunk:
+            break
+        write_all(out, chunk)
+        copied += len(chunk)
+    return copied
 
 
 def _read_from(fd: int, offset: int, count: int) -> bytes:
