@@ -463,10 +463,6 @@ class Tails:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._by_inode)
-
     # -- after a restart ---------------------------------------------------------------------
 
     def recover(self, conn: duckdb.DuckDBPyConnection, done: Path) -> int:
