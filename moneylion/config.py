@@ -66,6 +66,12 @@ class Config:
     top_users_kept: int = 1000
     sqlite_export: bool = True
     max_file_bytes: int = 0  # larger inbox files are refused unread (too_large); 0: no limit
+    # A compressed file inflating past this is refused while it is read (too_large); 0: no limit.
+    max_decompressed_bytes: int = 16 * 1024**3
+    # Past 1 GiB inflated, more than this many bytes out per byte in is refused (compression_ratio).
+    max_compression_ratio: int = 1000
+    min_free_disk_bytes: int = 1024**3  # staging never leaves the warehouse's disk with less free
+    reject_line_bytes: int = 4096  # a refused row's raw_line is kept up to this many bytes
     batch_max_files: int = 1000  # files committed together in one transaction, at most
     batch_max_rows: int = 200_000  # records of a batch, at most (past it the rest waits)
     batch_max_bytes: int = 64 * 1024 * 1024  # bytes of a batch, at most
@@ -75,6 +81,16 @@ class Config:
     # Bearer token every route but liveness requires; "" (unset) is allowed on loopback only.
     api_token: str = dataclasses.field(default="", repr=False)
     max_upload_bytes: int = 64 * 1024 * 1024  # larger bodies of POST /v1/files answer 413
+    # Host header values answered; empty: the loopback names and ``host``. Others: 421.
+    allowed_hosts: list[str] = dataclasses.field(default_factory=list)
+    # Addresses (or networks) whose X-Forwarded-For names the client; empty: trust none.
+    trusted_proxies: list[str] = dataclasses.field(default_factory=list)
+    session_max_age_seconds: int = 12 * 3600  # a dashboard login lasts this long (logout ends it)
+    auth_failures_per_minute: int = 10  # past this, a client's failed logins/tokens answer 429
+    request_head_seconds: float = 10.0  # a request's line and headers must arrive within this
+    request_body_min_rate: int = 1024  # bytes per second a body must keep up (over 10 s windows)
+    max_connections: int = 256  # open HTTP connections; past it only liveness is answered
+    umask: str = "027"  # the daemon's file mode mask: warehouse files unreadable to other users
     # Lake mode (moneylion/lake/): a shared Delta Lake's URI; "" (unset): local mode.
     lake_uri: str = ""
     # delta-rs storage options (s3://...: credentials, endpoint, locking), passed through as is.
@@ -92,6 +108,10 @@ class Config:
     log_dir = _Below("warehouse", "logs")
     done_dir = _Below("inbox", "done")
     failed_dir = _Below("inbox", "failed")
+
+    @property
+    def umask_bits(self) -> int:
+        return int(self.umask, 8)
 
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with some fields replaced (paths made absolute)."""
@@ -121,6 +141,11 @@ def _coerce(name: str, raw: Any, target: Any) -> Any:
             return int(raw)
         if target in (float, "float"):
             return float(raw)
+        if target == "list[str]":  # a TOML array, or comma-separated in the environment
+            found = raw.split(",") if isinstance(raw, str) else raw
+            if not isinstance(found, list):
+                raise ValueError(raw)
+            return [str(item).strip() for item in found if str(item).strip()]
         if target == "dict[str, str]":  # a TOML table, or JSON in the environment
             found = json.loads(raw) if isinstance(raw, str) else raw
             if not isinstance(found, dict):
@@ -163,6 +188,13 @@ def load_config(
         typed["lake_uri"] = str((base / lake).resolve())
     if not 0 <= typed.get("ingest_nice", 0) <= NICEST:
         raise ConfigError(f"config key 'ingest_nice': {typed['ingest_nice']} is not in 0..{NICEST}")
+    try:
+        if not 0 <= int(typed.get("umask", "027"), 8) <= 0o777:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"config key 'umask': {typed['umask']!r} is not an octal mode mask"
+        ) from None
     token = typed.get("api_token", "")
     if token and (len(token) < MIN_TOKEN_LENGTH or token != token.strip()):
         raise ConfigError(
