@@ -39,6 +39,12 @@ def _fields(record: logging.LogRecord) -> Mapping[str, Any]:
     return fields if isinstance(fields, Mapping) else {}
 
 
+# JSON escapes the C0 controls itself but leaves these raw, and they end a line for readers
+# that split on every Unicode line break (Python's str.splitlines among them). They can only
+# occur inside a JSON string, where the escape means the same character.
+_JSON_LINE_BREAKS = {code: f"\\u{code:04x}" for code in (0x85, 0x2028, 0x2029)}
+
+
 class JsonLineFormatter(logging.Formatter):
     """One JSON object per record: ts (UTC, ISO 8601), level, event, logger, then the fields."""
 
@@ -54,19 +60,44 @@ class JsonLineFormatter(logging.Formatter):
                 line[key] = value
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str, ensure_ascii=False)
+        return json.dumps(line, default=str, ensure_ascii=False).translate(_JSON_LINE_BREAKS)
+
+
+# What a console line may not carry as is: C0 controls (newline, carriage return, ESC...), DEL,
+# C1 controls, and the Unicode line and paragraph separators. A client can put any of them in a
+# path or a value that gets logged; raw, they would end the line (and start a forged one) or
+# drive the terminal. Each becomes a visible escape: "\n", "\x1b", "\u2028".
+_CONSOLE_ESCAPES = {
+    code: ascii(chr(code))[1:-1] for code in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)
+} | {ord("\\"): "\\\\"}
+# A traceback's own lines, after the record's line, start with this: none can pass for a record.
+_CONTINUATION = "  | "
+
+
+def console_text(value: object) -> str:
+    """``str(value)`` with every control character and line separator escaped (and the
+    backslash, so an escape in the text cannot pass for one made here)."""
+    return str(value).translate(_CONSOLE_ESCAPES)
 
 
 class ConsoleFormatter(logging.Formatter):
-    """``2026-01-01 12:00:00 INFO  moneylion.ingest file_loaded file=a.csv rows=3``."""
+    """``2026-01-01 12:00:00 INFO  moneylion.ingest file_loaded file=a.csv rows=3``: one line per
+    record (every field, the message and the logger escaped by ``console_text``); a traceback
+    follows on lines that each start with ``_CONTINUATION``."""
 
     def format(self, record: logging.LogRecord) -> str:
         ts = datetime.fromtimestamp(record.created).strftime("%Y-%m-%d %H:%M:%S")
-        parts = [f"{ts} {record.levelname:<8} {record.name} {record.getMessage()}"]
-        parts.extend(f"{key}={value}" for key, value in _fields(record).items())
+        name, message = console_text(record.name), console_text(record.getMessage())
+        parts = [f"{ts} {record.levelname:<8} {name} {message}"]
+        parts.extend(
+            f"{console_text(key)}={console_text(value)}" for key, value in _fields(record).items()
+        )
         text = " ".join(parts)
         if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
+            # The exception's message may be a client's text: its lines are escaped one by one
+            # (a newline in it stays a line break, but every line is marked as a continuation).
+            trace = self.formatException(record.exc_info).split("\n")
+            text += "".join(f"\n{_CONTINUATION}{console_text(line)}" for line in trace)
         return text
 
 

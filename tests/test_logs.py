@@ -119,3 +119,56 @@ def test_rotation_keeps_backups_and_counts_span_them(config: Config) -> None:
         assert counts_before["WARNING"] == 0
     finally:
         logs.teardown_logging()
+
+
+FORGED = "2026-01-01 12:00:00 ERROR    moneylion.worker disk_full"
+
+
+@pytest.mark.parametrize(
+    ("hostile", "shown"),
+    [
+        ("\n", "\\n"),
+        ("\r", "\\r"),
+        ("\x1b[2K", "\\x1b[2K"),
+        ("\x7f", "\\x7f"),
+        ("\x85", "\\x85"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ],
+)
+def test_console_lines_escape_control_characters_in_every_part(
+    config: Config, console: io.StringIO, hostile: str, shown: str
+) -> None:
+    text, event = f"a{hostile}{FORGED}", f"event{hostile}x"
+    logging.getLogger(f"moneylion{hostile}x").warning(
+        event, extra={"fields": {f"key{hostile}": text, "path": text}}
+    )
+    output = console.getvalue()
+    assert output.count("\n") == 1  # the record's own line end, nothing else
+    for part in (f"moneylion{shown}x", f"event{shown}x", f"key{shown}=a{shown}{FORGED}"):
+        assert part in output
+    assert f"path=a{shown}{FORGED}" in output
+    # The JSON file keeps the exact text, on one line whoever splits it.
+    (line,) = read_lines(config)
+    assert line["path"] == text
+
+
+def test_a_backslash_is_escaped_so_it_cannot_fake_an_escape(
+    config: Config, console: io.StringIO
+) -> None:
+    logging.getLogger("x").warning("e", extra={"fields": {"a": "\\n", "b": "\n"}})
+    assert "a=\\\\n b=\\n" in console.getvalue()
+
+
+def test_a_traceback_s_lines_are_marked_as_continuations(
+    config: Config, console: io.StringIO
+) -> None:
+    try:
+        raise ValueError(f"bad\n{FORGED}\x1b[31m")
+    except ValueError:
+        logging.getLogger("x").exception("it_failed")
+    first, *rest = console.getvalue().splitlines()
+    assert "it_failed" in first
+    assert rest
+    assert all(line.startswith(logs._CONTINUATION) for line in rest)
+    assert f"{logs._CONTINUATION}{FORGED}\\x1b[31m" in rest
