@@ -31,7 +31,7 @@ from moneylion.ledger import FileOutcome
 from moneylion.model import FileKind
 from moneylion.resolve import Applied, Stager, resolve_gathered, utc_now
 from moneylion.schema import rollback
-from moneylion.source import MEMORY_BYTES, StagedFile, stage
+from moneylion.source import MEMORY_BYTES, Bounds, StagedFile, stage
 from moneylion.validate import Header, ValidatedRows, read_header, validate_rows
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,10 @@ Item = StagedFile | Unread
 
 def item_of(path: Path, config: Config, *, memory_bytes: int = MEMORY_BYTES) -> Item:
     """``path`` staged (``source.stage``), or an ``Unread`` if it is refused unread (not a
-    regular file, larger than ``max_file_bytes``). Errors of the environment propagate."""
+    regular file, larger than ``max_file_bytes``). Errors of the environment propagate (DiskLow
+    included: the file waits)."""
     try:
-        return stage(
-            path, config.staging_dir, max_bytes=config.max_file_bytes, memory_bytes=memory_bytes
-        )
+        return stage(path, config.staging_dir, bounds=Bounds.of(config), memory_bytes=memory_bytes)
     except FileRefused as refused:
         return Unread(path.name, path, refused)
 
@@ -161,7 +160,8 @@ def _commit(
     try:
         for stager in stagers.values():
             if stager.lines or stager.rejects:
-                applied.update(resolve_gathered(conn, stager, utc_now()))
+                found = resolve_gathered(conn, stager, utc_now(), config.reject_line_bytes)
+                applied.update(found)
         loaded = {
             kind: sum(
                 applied[p.file_id].loaded

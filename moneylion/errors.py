@@ -25,6 +25,21 @@ class FileChanged(Transient):
     """An inbox file changed while it was being read: taken again once it is quiet."""
 
 
+class DiskLow(Transient):
+    """Staging a file would leave the warehouse's disk with less than ``min_free_disk_bytes``
+    free. Not the file's fault: it waits in the inbox and is taken again later."""
+
+    def __init__(self, name: str, free_bytes: int, needed_bytes: int, min_free_bytes: int) -> None:
+        super().__init__(
+            f"{name}: staging needs {needed_bytes} more bytes; {free_bytes} bytes are free on the "
+            f"warehouse's disk, and min_free_disk_bytes ({min_free_bytes}) must stay free"
+        )
+        self.name = name
+        self.free_bytes = free_bytes
+        self.needed_bytes = needed_bytes
+        self.min_free_bytes = min_free_bytes
+
+
 class FileFailure(enum.StrEnum):
     """Why a whole file was refused (nothing of it is loaded)."""
 
@@ -36,8 +51,10 @@ class FileFailure(enum.StrEnum):
     DUPLICATE_COLUMN = "duplicate_column"
     HEADER_TOO_LONG = "header_too_long"
     NOT_A_REGULAR_FILE = "not_a_regular_file"
-    TOO_LARGE = "too_large"
+    TOO_LARGE = "too_large"  # the file, or the CSV a compressed one holds, past its limit
     BAD_COMPRESSION = "bad_compression"
+    # Past 1 GiB inflated, more bytes out per compressed byte than max_compression_ratio.
+    COMPRESSION_RATIO = "compression_ratio"
 
 
 class FileRefused(MoneylionError):

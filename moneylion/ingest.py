@@ -37,7 +37,7 @@ from moneylion.ledger import FileOutcome
 from moneylion.model import FileKind
 from moneylion.resolve import Applied, utc_now
 from moneylion.schema import rollback
-from moneylion.source import Part, StagedFile, stage
+from moneylion.source import Bounds, Part, StagedFile, stage
 from moneylion.validate import (
     Header,
     read_header,
@@ -75,7 +75,7 @@ def ingest_file(
         else:
             staging = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moneylion-")))
         try:
-            staged = stage(path, staging, max_bytes=config.max_file_bytes if config else 0)
+            staged = stage(path, staging, bounds=Bounds.of(config))
         except FileRefused as refused:
             return record_unread(conn, path, refused, started=started, received_at=received_at)
         stack.callback(staged.discard)
@@ -113,6 +113,7 @@ def ingest_staged(
     received_at = utc_now() if received_at is None else received_at
     report = progress or (lambda stage: None)
     kept = config.top_users_kept if config else DEFAULT_TOP_USERS_KEPT
+    line_bytes = (config or Config).reject_line_bytes
     sha256, size = staged.sha256, staged.size
     found = ledger.known(conn, [sha256]).get(sha256)
     if found is not None:
@@ -147,7 +148,7 @@ def ingest_staged(
 
     report(f"{header.kind} file, {size} bytes")
     try:
-        outcome = _load(conn, arrival, staged, header, kept, report)
+        outcome = _load(conn, arrival, staged, header, kept, line_bytes, report)
     except FileRefused as refused:
         return _record_failure(conn, arrival, header, refused)
     _insert_ledger_committed(conn, outcome)
@@ -175,6 +176,7 @@ def _load(
     source: StagedFile,
     header: Header,
     kept: int,
+    line_bytes: int,
     report: Progress,
 ) -> FileOutcome:
     """Apply the file (read from ``source``, its bytes as read once) inside an open
@@ -188,10 +190,12 @@ def _load(
         # limit there; bench/micro.py --only wide).
         read = header.field_count <= WIDE_COLUMNS
         applied = (
-            _reader_paths(conn, arrival.name, source, header, file_id, report) if read else None
+            _reader_paths(conn, arrival.name, source, header, file_id, line_bytes, report)
+            if read
+            else None
         )
         if not isinstance(applied, Applied):
-            applied = append_reference(conn, source, header, file_id)
+            applied = append_reference(conn, source, header, file_id, line_bytes)
         if applied.loaded:
             report(f"appended {applied.loaded} rows: updating aggregates")
             transactions = header.kind is FileKind.TRANSACTIONS
@@ -232,6 +236,7 @@ def _reader_paths(
     source: StagedFile,
     header: Header,
     file_id: int,
+    line_bytes: int,
     report: Progress,
 ) -> Applied | Fallback:
     """The paths through DuckDB's reader for the file's kind, fastest first, inside the open
@@ -242,7 +247,7 @@ def _reader_paths(
         (append_fast, "checking them one by one"),
         (later, "validating every row"),
     ):
-        applied = path(conn, source, header, file_id)
+        applied = path(conn, source, header, file_id, line_bytes)
         if isinstance(applied, Applied):
             return applied
         conn.execute("ROLLBACK")

@@ -12,13 +12,20 @@ quiet: never half recorded.
 
 A compressed file (``*.csv.gz``, ``*.csv.zst``: COMPRESSIONS, by the name's last suffix) is hashed
 as it arrived, and decompressed once while it is read: every reader reads the CSV, and line
-numbers are the CSV's. The decompressed size is held to ``max_bytes`` as well (a decompression
-bomb is ``too_large``), a broken archive is ``bad_compression``; either way the whole file is
-still hashed, so the ledger knows the bytes.
+numbers are the CSV's. A broken archive is ``bad_compression``. A decompression bomb is stopped
+while it inflates, before more than its limit is held or written (``Bounds``): past
+``max_decompressed_bytes`` (or ``max_file_bytes``, the smaller) it is ``too_large``, and past
+RATIO_FROM_BYTES inflated, more than ``max_compression_ratio`` bytes out per byte in is
+``compression_ratio``. Either way the whole file is still hashed, so the ledger knows the bytes.
+
+Staging never leaves the warehouse's disk with less than ``min_free_disk_bytes`` free: a plain
+file is measured before it is copied, a compressed one as it inflates (its partial copy is then
+removed). That raises ``DiskLow``: not the file's fault, it waits in the inbox.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import io
@@ -34,7 +41,8 @@ from typing import Any, BinaryIO, Protocol
 
 import zstandard
 
-from moneylion.errors import FileChanged, FileFailure, FileRefused
+from moneylion.config import Config
+from moneylion.errors import DiskLow, FileChanged, FileFailure, FileRefused
 
 CHUNK_BYTES = 4 * 1024 * 1024
 # Files up to this size are read into memory rather than copied: creating the private file
@@ -49,6 +57,76 @@ _Identity = tuple[int, int, int, int, int]
 fault_hook: Callable[[str, Path], None] | None = None
 
 _counter = itertools.count()
+
+# The compression ratio is bounded only once this much has been inflated: small files
+# legitimately compress very well (a CSV of one repeated row inflates thousands of times), and the
+# ratio only matters when the output is large enough to hurt.
+RATIO_FROM_BYTES = 1 << 30
+# A compressed file being inflated to disk looks at the free space again after this many bytes,
+# and needs this much room beyond min_free_disk_bytes to go on (so it never writes past the floor).
+DISK_CHECK_BYTES = 8 * 1024 * 1024
+
+
+# The config keys of Bounds' fields, in order.
+_BOUND_KEYS = (
+    "max_file_bytes",
+    "max_decompressed_bytes",
+    "max_compression_ratio",
+    "min_free_disk_bytes",
+)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What reading one inbox file may take (config.py's keys; 0: no limit)."""
+
+    file_bytes: int = 0  # max_file_bytes: the file as it arrived, and the CSV it holds
+    decompressed_bytes: int = 0  # max_decompressed_bytes: the CSV a compressed file holds
+    compression_ratio: int = 0  # max_compression_ratio, past RATIO_FROM_BYTES inflated
+    min_free_disk: int = 0  # min_free_disk_bytes: left free on the staging folder's disk
+
+    @classmethod
+    def of(cls, config: Config | None) -> Bounds:
+        """``config``'s bounds; config.py's defaults for None (a file read without a config)."""
+        if config is None:
+            defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Config)}
+            return cls(*(int(defaults[key]) for key in _BOUND_KEYS))
+        return cls(*(int(getattr(config, key)) for key in _BOUND_KEYS))
+
+    def csv_limit(self) -> tuple[int, str]:
+        """(bytes, config key) of the CSV a compressed file may hold: the smaller limit set;
+        (0, "") for none."""
+        limits = [
+            (limit, key)
+            for limit, key in (
+                (self.decompressed_bytes, "max_decompressed_bytes"),
+                (self.file_bytes, "max_file_bytes"),
+            )
+            if limit
+        ]
+        return min(limits) if limits else (0, "")
+
+
+NO_BOUNDS = Bounds()
+
+
+def free_disk_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still write on the file system of ``path`` (or of its
+    nearest existing parent)."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    found = os.statvfs(probe)
+    return found.f_bavail * found.f_frsize
+
+
+def ensure_room(name: str, staging: Path, needed: int, min_free: int) -> None:
+    """DiskLow unless writing ``needed`` more bytes under ``staging`` leaves ``min_free`` free."""
+    if not min_free:
+        return
+    free = free_disk_bytes(staging)
+    if free - needed < min_free:
+        raise DiskLow(name, free, needed, min_free)
 
 
 @dataclass(frozen=True)
@@ -156,15 +234,20 @@ def refuse_unless_regular(path: Path) -> os.stat_result:
 
 
 def stage(
-    origin: Path, staging: Path, *, max_bytes: int = 0, memory_bytes: int = MEMORY_BYTES
+    origin: Path,
+    staging: Path,
+    *,
+    bounds: Bounds = NO_BOUNDS,
+    memory_bytes: int = MEMORY_BYTES,
 ) -> StagedFile:
     """Read the inbox file ``origin`` once while hashing it: into memory when it holds at most
     ``memory_bytes``, else into a private copy in ``staging``; a compressed one decompressed on
-    the way (the CSV held to the same limits).
+    the way (the CSV held to ``bounds`` as it inflates).
 
-    Raises FileRefused (not a regular file, larger than ``max_bytes`` when that is set),
-    FileChanged (it moved while being read), or OSError (vanished, unreadable). A compressed
-    file that is broken or decompresses past ``max_bytes`` comes back hashed, with ``refused``.
+    Raises FileRefused (not a regular file, larger than ``max_file_bytes`` when that is set),
+    DiskLow (no room to stage it now: nothing of it is kept), FileChanged (it moved while being
+    read), or OSError (vanished, unreadable). A compressed file that is broken or inflates past
+    its bounds comes back hashed, with ``refused``.
     """
     checked = refuse_unless_regular(origin)
     fd = os.open(origin, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -175,21 +258,24 @@ def stage(
             checked.st_ino,
         ):
             raise FileChanged(f"{origin.name} was replaced while it was being opened")
-        if max_bytes and before.st_size > max_bytes:
+        if bounds.file_bytes and before.st_size > bounds.file_bytes:
             raise FileRefused(
                 FileFailure.TOO_LARGE,
                 f"{origin.name} holds {before.st_size} bytes, more than max_file_bytes "
-                f"({max_bytes})",
+                f"({bounds.file_bytes})",
             )
+        inflater = inflater_for(origin.name)
+        # A compressed file is measured as it inflates; a plain one by the copy it needs, if any.
+        copied = 0 if inflater is not None or before.st_size <= memory_bytes else before.st_size
+        ensure_room(origin.name, staging, copied, bounds.min_free_disk)
         if fault_hook is not None:
             fault_hook("opened", origin)
         data: bytes | None = None
         copy: Path | None = None
         inflated: _CsvSink | None = None
         try:
-            inflater = inflater_for(origin.name)
             if inflater is not None:
-                inflated = _CsvSink(origin.name, staging, memory_bytes, max_bytes)
+                inflated = _CsvSink(origin.name, staging, memory_bytes, bounds)
                 sha256, size = _inflate_hashing(fd, before.st_size, inflater, inflated)
             elif before.st_size <= memory_bytes:
                 data = _read_all(fd, before.st_size)
@@ -312,6 +398,8 @@ ZSTD_PIECE_BYTES = 1024
 class Inflater(Protocol):
     """A streaming decompressor with bounded output per piece."""
 
+    consumed: int  # compressed bytes taken in so far (by the pieces yielded so far)
+
     def feed(self, chunk: bytes) -> Iterator[bytes]:
         """The CSV bytes ``chunk`` completes, in pieces; raises ValueError if it is broken."""
         ...
@@ -327,6 +415,7 @@ class _Gzip:
     def __init__(self) -> None:
         self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
         self._started = False
+        self.consumed = 0
 
     def feed(self, chunk: bytes) -> Iterator[bytes]:
         data = chunk
@@ -334,14 +423,17 @@ class _Gzip:
             while data:
                 self._started = True
                 out = self._obj.decompress(data, INFLATE_PIECE_BYTES)
+                ended = self._obj.eof
+                rest = self._obj.unused_data if ended else self._obj.unconsumed_tail
+                self.consumed += len(data) - len(rest)
                 if out:
                     yield out
-                if self._obj.eof:  # a member ended: what follows is the next member
-                    data = self._obj.unused_data
+                if ended:  # a member ended: what follows is the next member
+                    data = rest
                     self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
                     self._started = False
                     continue
-                data = self._obj.unconsumed_tail
+                data = rest
                 while not data and len(out) == INFLATE_PIECE_BYTES:  # output still pending
                     out = self._obj.decompress(b"", INFLATE_PIECE_BYTES)
                     if out:
@@ -361,6 +453,7 @@ class _Zstd:
         self._decompressor = zstandard.ZstdDecompressor()
         self._obj = self._decompressor.decompressobj()
         self._started = False
+        self.consumed = 0
 
     def feed(self, chunk: bytes) -> Iterator[bytes]:
         view = memoryview(chunk)
@@ -369,14 +462,16 @@ class _Zstd:
                 data = bytes(view[start : start + ZSTD_PIECE_BYTES])
                 while data:
                     self._started = True
+                    self.consumed += len(data)
                     out = self._obj.decompress(data)
-                    if out:
-                        yield out
                     data = b""
                     if self._obj.eof:  # a frame ended: what follows is the next frame
                         data = self._obj.unused_data
+                        self.consumed -= len(data)
                         self._obj = self._decompressor.decompressobj()
                         self._started = False
+                    if out:
+                        yield out
         except zstandard.ZstdError as exc:
             raise ValueError(f"not a valid zstd stream ({exc})") from exc
 
@@ -413,29 +508,56 @@ class _Refusal(Exception):
 
 
 class _CsvSink:
-    """The decompressed CSV: in memory up to ``memory_bytes``, then in a private copy; never
-    more than ``max_bytes`` (when set)."""
+    """The decompressed CSV: in memory up to ``memory_bytes``, then in a private copy. A piece
+    that would take it past its bounds is refused before it is kept: never more than the limit
+    is held or written, and never past the disk's floor."""
 
-    def __init__(self, name: str, staging: Path, memory_bytes: int, max_bytes: int) -> None:
+    def __init__(self, name: str, staging: Path, memory_bytes: int, bounds: Bounds) -> None:
         self.name = name
         self.staging = staging
         self.memory_bytes = memory_bytes
-        self.max_bytes = max_bytes
+        self.bounds = bounds
+        self.limit, self.limit_key = bounds.csv_limit()
         self.chunks: list[bytes] = []
         self.size = 0
         self.path: Path | None = None
         self._fd: int | None = None
+        self._written = 0  # bytes in the private copy
+        self._room_until = 0  # the size up to which the disk was seen to have room
         self.refused: FileRefused | None = None
 
-    def write(self, piece: bytes) -> None:
-        self.size += len(piece)
-        if self.max_bytes and self.size > self.max_bytes:
+    def write(self, piece: bytes, consumed: int) -> None:
+        """Keep ``piece``, the CSV's next bytes, inflated from the first ``consumed`` bytes of
+        the compressed file. Raises _Refusal past the bounds, DiskLow past the disk's floor."""
+        size = self.size + len(piece)
+        if self.limit and size > self.limit:
             raise _Refusal(
                 FileRefused(
                     FileFailure.TOO_LARGE,
-                    f"{self.name} decompresses to more than max_file_bytes ({self.max_bytes})",
+                    f"{self.name} decompresses to more than {self.limit_key} ({self.limit} bytes)",
                 )
             )
+        ratio = self.bounds.compression_ratio
+        if ratio and size > RATIO_FROM_BYTES and size > ratio * consumed:
+            raise _Refusal(
+                FileRefused(
+                    FileFailure.COMPRESSION_RATIO,
+                    f"{self.name} inflates to more than {ratio} bytes per compressed byte past "
+                    f"{RATIO_FROM_BYTES} bytes, more than max_compression_ratio ({ratio})",
+                )
+            )
+        to_disk = self._fd is not None or size > self.memory_bytes
+        if to_disk and self.bounds.min_free_disk and size > self._room_until:
+            # Room for what this write adds and a window beyond: until the next look, nothing
+            # written can take the disk below its floor.
+            ensure_room(
+                self.name,
+                self.staging,
+                size - self._written + DISK_CHECK_BYTES,
+                self.bounds.min_free_disk,
+            )
+            self._room_until = size + DISK_CHECK_BYTES
+        self.size = size
         if self._fd is None and self.size > self.memory_bytes:
             self.path = private_name(self.staging)
             self._fd = os.open(
@@ -448,6 +570,7 @@ class _CsvSink:
             self.chunks.append(piece)
         else:
             write_all(self._fd, piece)
+            self._written = self.size
 
     def close(self) -> None:
         if self._fd is not None:
@@ -480,7 +603,8 @@ def write_all(fd: int, chunk: bytes | memoryview) -> None:
 
 def _inflate_hashing(fd: int, expected: int, inflater: Inflater, sink: _CsvSink) -> tuple[str, int]:
     """(sha256, bytes) of everything read from ``fd``, decompressed into ``sink``. A broken
-    archive or a CSV past the limit leaves ``sink.refused`` set; the rest is still hashed."""
+    archive or a CSV past its bounds leaves ``sink.refused`` set; the rest is still hashed (not
+    inflated). DiskLow propagates: the caller removes the partial copy."""
     digest = hashlib.sha256()
     size = 0
     chunk_bytes = min(CHUNK_BYTES, expected + 1)
@@ -491,7 +615,7 @@ def _inflate_hashing(fd: int, expected: int, inflater: Inflater, sink: _CsvSink)
             if sink.refused is None:
                 try:
                     for piece in inflater.feed(chunk):
-                        sink.write(piece)
+                        sink.write(piece, inflater.consumed)
                 except ValueError as exc:
                     sink.refuse(_broken(sink.name, str(exc)))
                 except _Refusal as refusal:

@@ -1,4 +1,5 @@
-"""The worker's recent commits, as the API shows them: the last batch and the rates.
+"""The worker's recent commits, as the API shows them: the last batch, the rates, and the files
+waiting for room on the disk.
 
 The worker records each commit; the API reads a snapshot (thread-safe). Nothing here reads the
 warehouse: these are the figures of this process since it started.
@@ -6,11 +7,13 @@ warehouse: these are the figures of this process since it started.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 RATE_WINDOW_SECONDS = 60.0  # commits counted in the rates
 
@@ -26,6 +29,7 @@ class StreamStats:
     rows_per_second: float
     commits: int
     files_set_aside: int  # given up for reasons of the environment since the start
+    files_waiting_for_disk: int = 0  # inbox files waiting for min_free_disk_bytes to be free
 
 
 class IngestStats:
@@ -38,6 +42,7 @@ class IngestStats:
         self._last = (0, 0, 0.0)
         self._commits = 0
         self._set_aside = 0
+        self._waiting_for_disk: frozenset[Path] = frozenset()
 
     def committed(self, files: int, rows: int, seconds: float) -> None:
         now = self._clock()
@@ -51,12 +56,20 @@ class IngestStats:
         with self._lock:
             self._set_aside += 1
 
+    def waiting_for_disk(self, paths: Iterable[Path]) -> None:
+        """The inbox files that wait for room on the disk (worker.py's DiskLow)."""
+        with self._lock:
+            self._waiting_for_disk = frozenset(paths)
+
     def _trim(self, now: float) -> None:
         while self._recent and self._recent[0][0] < now - RATE_WINDOW_SECONDS:
             self._recent.popleft()
 
     def snapshot(self) -> StreamStats:
         now = self._clock()
+        # A waiting file removed from the inbox meanwhile waits no more (the worker may not hear
+        # of it: the queue forgets a deleted file).
+        waiting = sum(os.path.lexists(path) for path in self._waiting_for_disk)
         with self._lock:
             self._trim(now)
             files = sum(f for _, f, _ in self._recent)
@@ -70,4 +83,5 @@ class IngestStats:
                 rows / RATE_WINDOW_SECONDS,
                 self._commits,
                 self._set_aside,
+                waiting,
             )

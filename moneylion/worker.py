@@ -30,7 +30,7 @@ import duckdb
 from moneylion import inbox
 from moneylion.batch import Item, ingest_batch, item_of
 from moneylion.config import Config
-from moneylion.errors import FileChanged, FileRefused, is_transient
+from moneylion.errors import DiskLow, FileChanged, FileRefused, is_transient
 from moneylion.ingest import FileOutcome, ingest_file, ingest_staged, record_unread
 from moneylion.priority import lower_thread_priority
 from moneylion.readiness import Arrival
@@ -102,6 +102,7 @@ class IngestWorker(threading.Thread):
         self.stats = IngestStats()
         self.files_done = 0
         self.last_file_at: float | None = None
+        self.waiting_for_disk: set[Path] = set()  # inbox files that wait for room (DiskLow)
         # The id of the last file committed in DuckDB: the API's change token and the mark the
         # SQLite export must reach before user summaries are read from it.
         self.committed_file_id = last_file_id(conn)
@@ -210,6 +211,8 @@ class IngestWorker(threading.Thread):
     def _failed(self, taken: TakenFile, exc: Exception) -> None:
         """What an exception while ingesting ``taken`` means for it."""
         path = taken.path
+        if not isinstance(exc, DiskLow):
+            self._disk_wait_over(path)
         if taken.tail:  # a tailed file's new bytes: nothing was recorded, the tail tries again
             assert self.tails is not None
             log.warning(
@@ -218,6 +221,8 @@ class IngestWorker(threading.Thread):
             )
             self.queue.finish(path)
             self.tails.released(path, error=not self.stopping.is_set())
+        elif isinstance(exc, DiskLow):
+            self._wait_for_disk(taken, exc)
         elif isinstance(exc, FileNotFoundError):
             log.info("file_vanished", extra={"fields": {"file": path.name, "stage": "ingest"}})
             self.queue.finish(path)
@@ -231,6 +236,33 @@ class IngestWorker(threading.Thread):
         else:
             reason = "unreadable" if isinstance(exc, OSError) else "ingest_error"
             self._retry_or_fail(taken, reason, exc)
+
+    def _wait_for_disk(self, taken: TakenFile, low: DiskLow) -> None:
+        """Staging ``taken`` would take the warehouse's disk below min_free_disk_bytes: not the
+        file's fault, so it is not refused. It waits in the inbox (holding back no other file)
+        and is taken again after rescan_seconds; logged once per file."""
+        if taken.path not in self.waiting_for_disk:
+            self.waiting_for_disk.add(taken.path)
+            self.stats.waiting_for_disk(self.waiting_for_disk)
+            log.warning(
+                "disk_low",
+                extra={
+                    "fields": {
+                        "file": taken.path.name,
+                        "free_bytes": low.free_bytes,
+                        "needed_bytes": low.needed_bytes,
+                        "min_free_disk_bytes": low.min_free_bytes,
+                    }
+                },
+            )
+        self.queue.retry(taken.path, taken.attempts, self.config.rescan_seconds)
+
+    def _disk_wait_over(self, path: Path) -> None:
+        """``path`` no longer waits for room (staged, or gone)."""
+        if path in self.waiting_for_disk:
+            self.waiting_for_disk.discard(path)
+            self.stats.waiting_for_disk(self.waiting_for_disk)
+            log.info("disk_wait_over", extra={"fields": {"file": path.name}})
 
     # -- a batch of small files ---------------------------------------------------------------
 
@@ -338,6 +370,7 @@ class IngestWorker(threading.Thread):
         """After the commit: a part's bytes are loaded; an inbox file is moved out, unless it
         was replaced or rewritten meanwhile (then it is taken again as a new file)."""
         path = taken.path
+        self._disk_wait_over(path)
         staged = item if isinstance(item, StagedFile) else None
         if taken.tail:
             assert self.tails is not None

@@ -1,7 +1,9 @@
 """Compressed inbox files (``*.csv.gz``, ``*.csv.zst``): read as the CSV they hold on every path
 (a file alone: DuckDB's reader or the reference rules; a batch of small files), identified by the
 sha256 of their compressed bytes, refused whole as ``bad_compression`` when the archive is broken
-and as ``too_large`` when the CSV would pass max_file_bytes. Rejects carry the CSV's line numbers.
+and as ``too_large`` when the CSV would pass max_file_bytes or max_decompressed_bytes (never more
+than that staged), ``compression_ratio`` past max_compression_ratio; a file that would take the
+disk below min_free_disk_bytes is left unread (DiskLow). Rejects carry the CSV's line numbers.
 Every test that ingests ends with ``verify``."""
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import pytest
 import zstandard
 from litestar.testing import TestClient
 
+from moneylion import source
 from moneylion.aggregates import verify
 from moneylion.api import create_app
 from moneylion.batch import Unread, ingest_batch, item_of
 from moneylion.config import Config
+from moneylion.errors import DiskLow
 from moneylion.inbox import safe_name
 from moneylion.ingest import FileOutcome, ingest_file
 from moneylion.schema import connect
@@ -438,3 +442,183 @@ def test_compressed_files_waiting_before_start_are_ingested_on_start(tmp_path: P
         assert result.returncode == 0, result.stdout + result.stderr
     finally:
         daemon.close()
+
+
+# --- bounds while inflating (decompression bombs, the disk's floor) -----------------------------
+
+
+def zstd_bomb(path: Path, csv_bytes: int) -> Path:
+    """A valid CSV of one row repeated to ``csv_bytes``, zstd-compressed as it is written (the
+    CSV is never held whole): a few kB on disk."""
+    row = b"1,1,2024-01-02,1.00,deposit\n"
+    block = row * ((1 << 20) // len(row))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compressor = zstandard.ZstdCompressor(level=3)
+    with path.open("wb") as handle, compressor.stream_writer(handle) as writer:
+        writer.write(f"{TX_HEADER}\n".encode())
+        for _ in range(csv_bytes // len(block)):
+            writer.write(block)
+    return path
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_a_bomb_is_too_large_past_max_decompressed_bytes_and_no_more_is_ever_written(
+    tmp_path: Path,
+    config: Config,
+    warehouse: duckdb.DuckDBPyConnection,
+    how: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cap = 24 * 1024 * 1024  # a few of the inflater's pieces (each up to ~32 MiB)
+    limited = config.with_overrides(max_decompressed_bytes=cap)
+    bomb = zstd_bomb(tmp_path / "files" / "bomb.csv.zst", 64 * 1024 * 1024)
+    small = "".join(f"{i},1,2024-01-02,1.00,deposit\n" for i in range(1, 1_001))
+    fits = write(
+        tmp_path / "files", "fits.csv.zst", compress("zst", f"{TX_HEADER}\n{small}".encode())
+    )
+    written: list[int] = []  # bytes written into each private copy, as they are written
+    real_write_all = source.write_all
+
+    def counting(fd: int, chunk: bytes | memoryview) -> None:
+        written.append(len(chunk))
+        real_write_all(fd, chunk)
+
+    monkeypatch.setattr(source, "write_all", counting)
+
+    refused, loaded = load(warehouse, limited, [bomb, fits], how)
+
+    assert (refused.status, refused.error_reason) == ("failed", "too_large")
+    assert refused.error is not None
+    assert f"max_decompressed_bytes ({cap} bytes)" in refused.error
+    assert refused.sha256 == hashlib.sha256(bomb.read_bytes()).hexdigest()
+    assert 0 < sum(written) <= cap  # what was staged of the bomb: never past the cap
+    assert loaded.rows_loaded == 1_000
+    assert verify(warehouse) == []
+    assert list(limited.staging_dir.glob("*")) == []
+
+
+def test_the_smaller_of_max_file_bytes_and_max_decompressed_bytes_applies(tmp_path: Path) -> None:
+    assert source.Bounds(file_bytes=10, decompressed_bytes=20).csv_limit() == (10, "max_file_bytes")
+    assert source.Bounds(file_bytes=30, decompressed_bytes=20).csv_limit() == (
+        20,
+        "max_decompressed_bytes",
+    )
+    assert source.Bounds(file_bytes=0, decompressed_bytes=20).csv_limit() == (
+        20,
+        "max_decompressed_bytes",
+    )
+    assert source.Bounds().csv_limit() == (0, "")
+
+
+def test_the_default_bounds_are_configs_defaults(config: Config) -> None:
+    assert source.Bounds.of(None) == source.Bounds.of(config)
+    assert source.Bounds.of(None).decompressed_bytes > 0  # on by default
+    assert source.Bounds.of(None).compression_ratio > 0
+
+
+def test_the_ratio_bound_applies_only_past_its_threshold(tmp_path: Path) -> None:
+    """Below RATIO_FROM_BYTES any ratio passes; past it, more than max_compression_ratio bytes
+    out per byte in is refused before the piece is kept. (The same 64 MiB piece is kept by
+    reference: the sink holds it in memory, nothing is copied.)"""
+    ratio = 1000
+    piece = bytes(64 * 1024 * 1024)
+    threshold = source.RATIO_FROM_BYTES
+    bounds = source.Bounds(compression_ratio=ratio)
+    sink = source._CsvSink("x.csv.gz", tmp_path, threshold * 2, bounds)
+    while sink.size + len(piece) <= threshold:
+        sink.write(piece, 1)  # a ratio of millions, but under the threshold: kept
+    # Past the threshold: at exactly `ratio` bytes out per byte in it is kept, past it refused.
+    sink.write(piece, -(-(sink.size + len(piece)) // ratio))
+    with pytest.raises(source._Refusal) as refusal:
+        sink.write(piece, (sink.size + len(piece)) // ratio - 1)
+    assert refusal.value.refused.reason == "compression_ratio"
+    assert "max_compression_ratio (1000)" in refusal.value.refused.message
+    assert sink.size == threshold + len(piece)  # the refused piece was not kept
+    sink.discard()
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_the_inflaters_count_the_compressed_bytes_they_took_in(codec: str) -> None:
+    """Several members (frames), fed in odd pieces: ``consumed`` ends at the file's size."""
+    rows = "".join(f"{i},1,2024-01-02,1.00,deposit\n" for i in range(1, 5_000)).encode()
+    data = compress(codec, rows) + compress(codec, rows[:1000])
+    inflater = source.inflater_for(f"x.csv.{codec}")
+    assert inflater is not None
+    out = 0
+    for start in range(0, len(data), 777):
+        for piece in inflater.feed(data[start : start + 777]):
+            out += len(piece)
+            assert 0 < inflater.consumed <= min(start + 777, len(data))
+    inflater.finish()
+    assert (out, inflater.consumed) == (len(rows) + 1000, len(data))
+
+
+def test_a_plain_file_waits_for_room_and_nothing_of_it_is_staged(
+    tmp_path: Path, config: Config
+) -> None:
+    rows = "".join(f"{i},1,2024-01-02,1.00,deposit\n" for i in range(1, 100_000))
+    plain = write(tmp_path / "files", "big.csv", f"{TX_HEADER}\n{rows}".encode())
+    free = source.free_disk_bytes(config.staging_dir)
+    floor = free - plain.stat().st_size // 2  # room for half of it
+    with pytest.raises(DiskLow) as low:
+        item_of(plain, config.with_overrides(min_free_disk_bytes=floor))
+    assert low.value.needed_bytes == plain.stat().st_size
+    assert "min_free_disk_bytes" in str(low.value)
+    assert list(config.staging_dir.glob("*")) == []
+    staged = item_of(plain, config.with_overrides(min_free_disk_bytes=1024 * 1024))
+    assert isinstance(staged, source.StagedFile)
+    staged.discard()
+
+
+def test_a_compressed_file_stops_inflating_at_the_disks_floor_and_its_copy_is_removed(
+    tmp_path: Path, config: Config
+) -> None:
+    bomb = zstd_bomb(tmp_path / "files" / "bomb.csv.zst", 64 * 1024 * 1024)
+    free = source.free_disk_bytes(config.staging_dir)
+    # Room for less than one look's window: it gives up as soon as it writes to disk.
+    floor = free - source.DISK_CHECK_BYTES // 2
+    with pytest.raises(DiskLow):
+        source.stage(
+            bomb,
+            config.staging_dir,
+            bounds=source.Bounds(min_free_disk=floor),
+            memory_bytes=1024 * 1024,
+        )
+    assert list(config.staging_dir.glob("*")) == []
+    # With room, the same file inflates whole (past several looks at the disk).
+    staged = source.stage(
+        bomb,
+        config.staging_dir,
+        bounds=source.Bounds(min_free_disk=1024 * 1024),
+        memory_bytes=1024 * 1024,
+    )
+    assert staged.refused is None
+    assert staged.csv_size > 4 * source.DISK_CHECK_BYTES
+    staged.discard()
+
+
+def test_moneylion_ingest_leaves_a_file_unread_while_the_disk_is_low(
+    tmp_path: Path, config: Config
+) -> None:
+    path = write(
+        tmp_path / "files", "x.csv.gz", gzip.compress(f"{TX_HEADER}\n{ROWS[1][0]}\n".encode())
+    )
+    floor = source.free_disk_bytes(config.warehouse) + 1024**4  # more than the disk has free
+    env = {
+        **os.environ,
+        "MONEYLION_WAREHOUSE": str(config.warehouse),
+        "MONEYLION_INBOX": str(config.inbox),
+        "MONEYLION_MIN_FREE_DISK_BYTES": str(floor),
+    }
+    low = run_cli("ingest", "--quiet", str(path), env=env)
+    assert low.returncode == 1
+    assert "min_free_disk_bytes" in low.stderr
+    assert "Traceback" not in low.stderr
+    roomy = run_cli(
+        "ingest", "--quiet", str(path), env={**env, "MONEYLION_MIN_FREE_DISK_BYTES": "0"}
+    )
+    assert roomy.returncode == 0, roomy.stderr
+    # Nothing was recorded the first time: this is the ledger's first file.
+    assert "x.csv.gz: transactions file #1: loaded 1," in roomy.stdout
+    result = run_cli("verify", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
