@@ -13,6 +13,8 @@ The ways, tried in order by ingest.py:
 * ``append_reference``: validate_rows reads every record itself (wrong field counts in a file
   whose records span lines, odd lines).
 All but the fast one share ``resolve``: copies within the file, rows already stored, the append.
+Every path stores its rejects through ``resolve.store_rejects``, raw lines kept up to
+``line_bytes`` (Config.reject_line_bytes).
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class Fallback:
 
 
 def append_fast(
-    conn: duckdb.DuckDBPyConnection, source: Source, header: Header, file_id: int
+    conn: duckdb.DuckDBPyConnection, source: Source, header: Header, file_id: int, line_bytes: int
 ) -> Applied | Fallback:
     """Append a file whose every field passes its check straight from DuckDB's reader in one
     statement: a field failing its check aborts the statement through error() (a Fallback: the
@@ -115,7 +117,7 @@ def append_fast(
             return Fallback("a field fails its check")
         raise
     if not users:
-        return _settle(conn, source, header, file_id, int(inserted), failing=False)
+        return _settle(conn, source, header, file_id, int(inserted), line_bytes, failing=False)
     if aside := _reader_errors(conn, header.file_name):
         return Fallback(f"the reader set {aside} line(s) aside (field count or length)")
     return Applied(loaded=int(inserted))
@@ -127,7 +129,7 @@ def _read_params(source: Source, header: Header) -> dict[str, object]:
 
 
 def append_checked(
-    conn: duckdb.DuckDBPyConnection, source: Source, header: Header, file_id: int
+    conn: duckdb.DuckDBPyConnection, source: Source, header: Header, file_id: int, line_bytes: int
 ) -> Applied | Fallback:
     """Append a file of transactions with fields failing their checks: every row passing them
     in one statement from DuckDB's reader, then (``_settle``) the rest."""
@@ -138,7 +140,7 @@ def append_checked(
             f"FROM ({typed_select_sql(header)}) WHERE ok",
             {**_read_params(source, header), "file_id": file_id},
         ).fetchall()[0][0]
-    return _settle(conn, source, header, file_id, int(inserted), failing=True)
+    return _settle(conn, source, header, file_id, int(inserted), line_bytes, failing=True)
 
 
 @contextlib.contextmanager
@@ -163,6 +165,7 @@ def _settle(
     header: Header,
     file_id: int,
     inserted: int,
+    line_bytes: int,
     *,
     failing: bool,
 ) -> Applied | Fallback:
@@ -229,7 +232,7 @@ def _settle(
     applied.loaded += inserted - moved
     _place_rejects(conn, source, header, file_id, aside, reader_rejects, kept=kept, records=records)
     conn.execute("DROP TABLE contested; DROP TABLE unappended")
-    applied.rejected_by_reason = store_rejects(conn).get(file_id, {})
+    applied.rejected_by_reason = store_rejects(conn, line_bytes).get(file_id, {})
     return applied
 
 
@@ -380,7 +383,7 @@ def stored_ids_among(
 
 
 def append_reference(
-    conn: duckdb.DuckDBPyConnection, source: Source, header: Header, file_id: int
+    conn: duckdb.DuckDBPyConnection, source: Source, header: Header, file_id: int, line_bytes: int
 ) -> Applied:
     """Stage the whole file through validate_rows (Python, line numbers), then resolve it."""
     create_staging(conn, header.kind)
@@ -388,18 +391,20 @@ def append_reference(
     for batch in validate_rows(source, header):
         stager.add(file_id, batch)
         stager.flush(conn)  # a batch at a time: memory stays flat
-    return _one_file(conn, header.kind, file_id)
+    return _one_file(conn, header.kind, file_id, line_bytes)
 
 
-def _one_file(conn: duckdb.DuckDBPyConnection, kind: FileKind, file_id: int) -> Applied:
+def _one_file(
+    conn: duckdb.DuckDBPyConnection, kind: FileKind, file_id: int, line_bytes: int
+) -> Applied:
     """``resolve`` and ``store_rejects`` for the one file staged."""
     applied = resolve(conn, kind).get(file_id, Applied())
-    applied.rejected_by_reason = store_rejects(conn).get(file_id, {})
+    applied.rejected_by_reason = store_rejects(conn, line_bytes).get(file_id, {})
     return applied
 
 
 def append_located(
-    conn: duckdb.DuckDBPyConnection, source: Source, header: Header, file_id: int
+    conn: duckdb.DuckDBPyConnection, source: Source, header: Header, file_id: int, line_bytes: int
 ) -> Applied | Fallback:
     """Stage with DuckDB's reader, send only the rows failing a fast check through the
     reference rules, and find line numbers for the rejects alone.
@@ -436,7 +441,7 @@ def append_located(
     _stage_failing(conn, header, file_id)
     applied = resolve(conn, kind).get(file_id, Applied())
     _place_rejects(conn, source, header, file_id, aside, reader_rejects, kept=kept)
-    applied.rejected_by_reason = store_rejects(conn).get(file_id, {})
+    applied.rejected_by_reason = store_rejects(conn, line_bytes).get(file_id, {})
     return applied
 
 

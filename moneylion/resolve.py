@@ -262,12 +262,50 @@ def resolve(conn: duckdb.DuckDBPyConnection, kind: FileKind) -> dict[int, Applie
     return dict(applied)
 
 
-def store_rejects(conn: duckdb.DuckDBPyConnection) -> dict[int, dict[str, int]]:
-    """``staged_rejects`` into ``rejects`` (in line order); per file id, rejects by reason."""
+# Every reject reaches ``rejects`` through this statement, from a relation of staged_rejects'
+# columns ({rows}), in line order. Its raw line is kept up to $line_bytes bytes, cut at a
+# character boundary (valid UTF-8 has one among any four consecutive cuts), with the line's own
+# length and whether it was cut. A line_too_long reject holds only the line's start: cut, its
+# length not measured (NULL).
+_STORE_REJECTS = """
+INSERT INTO rejects (file_id, line_number, reason, message, raw_line, raw_line_bytes,
+                     raw_line_truncated)
+SELECT file_id, line_number, reason, message,
+       CASE WHEN strlen(raw_line) <= $line_bytes THEN raw_line
+            ELSE coalesce({cuts}) END,
+       CASE WHEN reason <> $too_long THEN strlen(raw_line) END,
+       coalesce(reason = $too_long OR strlen(raw_line) > $line_bytes, false)
+FROM ({rows}) ORDER BY file_id, line_number
+""".replace(
+    "{cuts}",
+    ", ".join(
+        f"try(decode(encode(raw_line)[1:greatest($line_bytes - {back}, 0)]))" for back in range(4)
+    ),
+)
+
+
+def insert_rejects(
+    conn: duckdb.DuckDBPyConnection,
+    rows: str,
+    line_bytes: int,
+    params: dict[str, object] | None = None,
+) -> None:
+    """Store the rejects ``rows`` selects (staged_rejects' columns), each raw line kept up to
+    ``line_bytes`` bytes (Config.reject_line_bytes)."""
     conn.execute(
-        "INSERT INTO rejects SELECT file_id, line_number, reason, message, raw_line "
-        "FROM staged_rejects ORDER BY file_id, line_number"
+        _STORE_REJECTS.replace("{rows}", rows),
+        {
+            **(params or {}),
+            "line_bytes": line_bytes,
+            "too_long": str(RejectReason.LINE_TOO_LONG),
+        },
     )
+
+
+def store_rejects(conn: duckdb.DuckDBPyConnection, line_bytes: int) -> dict[int, dict[str, int]]:
+    """``staged_rejects`` into ``rejects`` (in line order, raw lines kept up to ``line_bytes``);
+    per file id, rejects by reason."""
+    insert_rejects(conn, "SELECT * FROM staged_rejects", line_bytes)
     by_file: dict[int, dict[str, int]] = defaultdict(dict)
     for file_id, reason, count in conn.execute(
         "SELECT file_id, reason, count(*) FROM staged_rejects GROUP BY ALL"
@@ -286,10 +324,11 @@ def store_rejects(conn: duckdb.DuckDBPyConnection) -> dict[int, dict[str, int]]:
 
 
 def resolve_gathered(
-    conn: duckdb.DuckDBPyConnection, stager: Stager, now: dt.datetime
+    conn: duckdb.DuckDBPyConnection, stager: Stager, now: dt.datetime, line_bytes: int
 ) -> dict[int, Applied]:
     """Decide the rows gathered in ``stager`` (files in order), append those that load, store
-    every reject (the field rules' and these) in line order; per file id, what was applied."""
+    every reject (the field rules' and these) in line order, raw lines kept up to
+    ``line_bytes``; per file id, what was applied."""
     kind = stager.kind
     key, *rest = COLUMNS[kind]
     ids = stager.columns[key]
@@ -347,8 +386,11 @@ def resolve_gathered(
     if loaded:
         _append_loaded(conn, stager, loaded, now)
     if rejects:
-        rejects.sort(key=lambda pair: (pair[0], pair[1].line_number))
-        append_arrow(conn, "rejects", arrow_rejects(rejects))
+        conn.register("gathered_rejects", arrow_rejects(rejects))
+        try:
+            insert_rejects(conn, "SELECT * FROM gathered_rejects", line_bytes)
+        finally:
+            conn.unregister("gathered_rejects")
         for file_id, reject in rejects:
             reasons = applied[file_id].rejected_by_reason
             reasons[reject.reason] = reasons.get(reject.reason, 0) + 1

@@ -53,6 +53,7 @@ def open_text(source: Source) -> io.TextIOWrapper:
 
 
 BIGINT_MAX = 2**63 - 1
+BIGINT_DIGITS = len(str(BIGINT_MAX))  # more significant digits than this: past BIGINT
 AMOUNT_MAX_INTEGER_DIGITS = 16  # DECIMAL(18,2)
 TRIM_CHARS = " \t"
 HEADER_PROBE_BYTES = 64 * 1024
@@ -217,17 +218,18 @@ def _is_digits(text: str) -> bool:
 
 
 def parse_id(text: str, column: str) -> tuple[int | None, RejectReason | None, str]:
-    """A positive BIGINT written as digits."""
+    """A positive BIGINT written as digits. Digits past what a BIGINT can hold are refused by
+    their count, before any conversion (int() refuses long text: sys.get_int_max_str_digits)."""
     if text.startswith("-") and _is_digits(text[1:]):
-        return None, RejectReason.NON_POSITIVE_ID, f"{column} {text!r} is not positive"
+        return None, RejectReason.NON_POSITIVE_ID, f"{column} {quote(text)} is not positive"
     if not _is_digits(text):
-        return None, RejectReason.BAD_INTEGER, f"{column} {text!r} is not an integer"
-    value = int(text)
-    if value == 0:
-        return None, RejectReason.NON_POSITIVE_ID, f"{column} {text!r} is not positive"
-    if value > BIGINT_MAX:
-        return None, RejectReason.BAD_INTEGER, f"{column} {text!r} is past BIGINT"
-    return value, None, ""
+        return None, RejectReason.BAD_INTEGER, f"{column} {quote(text)} is not an integer"
+    significant = text.lstrip("0")
+    if not significant:
+        return None, RejectReason.NON_POSITIVE_ID, f"{column} {quote(text)} is not positive"
+    if len(significant) > BIGINT_DIGITS or int(significant) > BIGINT_MAX:
+        return None, RejectReason.BAD_INTEGER, f"{column} {quote(text)} is past BIGINT"
+    return int(significant), None, ""
 
 
 def parse_date(text: str, column: str) -> tuple[dt.date | None, RejectReason | None, str]:
@@ -237,23 +239,33 @@ def parse_date(text: str, column: str) -> tuple[dt.date | None, RejectReason | N
             return dt.date.fromisoformat(text), None, ""
         except ValueError:
             pass
-    return None, RejectReason.BAD_DATE, f"{column} {text!r} is not an existing YYYY-MM-DD date"
+    return (
+        None,
+        RejectReason.BAD_DATE,
+        f"{column} {quote(text)} is not an existing YYYY-MM-DD date",
+    )
 
 
 def parse_amount(text: str, column: str) -> tuple[Decimal | None, RejectReason | None, str]:
-    """A plain positive decimal with at most 2 decimals that fits DECIMAL(18,2)."""
+    """A plain positive decimal with at most 2 decimals that fits DECIMAL(18,2). Decided on the
+    digits' text alone: only a value that fits is converted (never long text)."""
     negative = text.startswith("-")
     body = text[1:] if negative else text
     whole, dot, fraction = body.partition(".")
     if not _is_digits(whole) or (dot and not _is_digits(fraction)):
-        return None, RejectReason.BAD_AMOUNT, f"{column} {text!r} is not a plain decimal"
-    if negative or (int(whole) == 0 and (not fraction or int(fraction) == 0)):
-        return None, RejectReason.NON_POSITIVE_AMOUNT, f"{column} {text!r} is not positive"
+        return None, RejectReason.BAD_AMOUNT, f"{column} {quote(text)} is not a plain decimal"
+    significant = whole.lstrip("0")
+    if negative or not (significant or fraction.strip("0")):
+        return None, RejectReason.NON_POSITIVE_AMOUNT, f"{column} {quote(text)} is not positive"
     if len(fraction) > 2:
-        return None, RejectReason.TOO_MANY_DECIMALS, f"{column} {text!r} has more than 2 decimals"
-    if len(whole.lstrip("0")) > AMOUNT_MAX_INTEGER_DIGITS:
-        return None, RejectReason.BAD_AMOUNT, f"{column} {text!r} does not fit DECIMAL(18,2)"
-    return Decimal(text), None, ""
+        return (
+            None,
+            RejectReason.TOO_MANY_DECIMALS,
+            f"{column} {quote(text)} has more than 2 decimals",
+        )
+    if len(significant) > AMOUNT_MAX_INTEGER_DIGITS:
+        return None, RejectReason.BAD_AMOUNT, f"{column} {quote(text)} does not fit DECIMAL(18,2)"
+    return Decimal((significant or "0") + dot + fraction), None, ""
 
 
 def parse_type(text: str, column: str) -> tuple[str | None, RejectReason | None, str]:
@@ -264,7 +276,7 @@ def parse_type(text: str, column: str) -> tuple[str | None, RejectReason | None,
     return (
         None,
         RejectReason.UNKNOWN_TYPE,
-        f"{column} {text!r} is not one of " + (", ".join(TRANSACTION_TYPES)),
+        f"{column} {quote(text)} is not one of " + (", ".join(TRANSACTION_TYPES)),
     )
 
 
@@ -300,7 +312,10 @@ class FieldRule:
 _CAST = "TRY_CAST({raw} AS {type})"  # to the column's DuckDB type
 RULES: dict[Rule, FieldRule] = {
     Rule.ID: FieldRule(parse_id, _CAST, "CAST({typed} AS VARCHAR) = {raw} AND {typed} > 0"),
-    Rule.DATE: FieldRule(parse_date, _CAST, "CAST({typed} AS VARCHAR) = {raw}"),
+    # The length too: DuckDB writes a year past 9999 with more digits, and reads it back.
+    Rule.DATE: FieldRule(
+        parse_date, _CAST, "length({raw}) = 10 AND CAST({typed} AS VARCHAR) = {raw}"
+    ),
     Rule.AMOUNT: FieldRule(
         parse_amount,
         _CAST,
@@ -670,3 +685,11 @@ def located_of_marked_sql(header: Header, marked: str) -> str:
 def field_check_sql(column: str) -> str:
     """For tests: the fast path's verdict and typed value for one bound raw field ``$v``."""
     return f"SELECT {_check(column, '$v')}, {_typed(column, '$v')}"
+
+
+def stored_check_sql(column: str, value: str) -> str:
+    """SQL true only where ``value``, a typed value of ``column`` read from elsewhere (a lake
+    row), is one these rules give: not NULL, and what they make of its own text (the same
+    check and typed value as a CSV field's, over ``CAST(value AS VARCHAR)``)."""
+    raw = f"CAST({value} AS VARCHAR)"
+    return f"coalesce({_check(column, raw)} AND {_typed(column, raw)} = {value}, false)"

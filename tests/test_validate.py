@@ -629,3 +629,159 @@ def test_an_unknown_header_is_quoted_short_and_escaped(
     assert "\x1b" not in outcome.error  # escaped, so no terminal control reaches a log or page
     assert "y" * 100 not in outcome.error
     assert verify(warehouse) == []
+
+
+# --- hostile numbers and long fields ------------------------------------------------------------
+
+# More digits than int() converts (sys.get_int_max_str_digits, 4,300 by default).
+HUGE = "9" * 5000
+PATHS = ["readers", "reference"]  # DuckDB's reader paths first, or the reference path alone
+GOOD_ROWS = {
+    FileKind.TRANSACTIONS: [
+        {"transaction_id": "1", "user_id": "7", "amount": "10.25", "transaction_type": "deposit"},
+        {"transaction_id": "2", "user_id": "8", "amount": "5.50", "transaction_type": "purchase"},
+        {"transaction_id": "3", "user_id": "7", "amount": "1.05", "transaction_type": "deposit"},
+    ],
+    FileKind.USERS: [
+        {"user_id": "7", "country": "Chile"},
+        {"user_id": "8", "country": "Peru"},
+        {"user_id": "9", "country": "Laos"},
+    ],
+}
+
+
+def row_text(kind: FileKind, row: dict[str, str]) -> str:
+    dates = {"transaction_date": "2024-01-02", "signup_date": "2023-05-06"}
+    return ",".join(row.get(column, dates.get(column, "")) for column in COLUMNS[kind])
+
+
+def file_with(tmp_path: Path, kind: FileKind, middle: str) -> Path:
+    """A file of ``kind``: a good row, then ``middle`` (line 3), then two good rows."""
+    first, *rest = (row_text(kind, row) for row in GOOD_ROWS[kind])
+    path = tmp_path / f"{kind}.csv"
+    path.write_text("\n".join([",".join(COLUMNS[kind]), first, middle, *rest]) + "\n", "utf-8")
+    return path
+
+
+def on_path(path: str) -> contextlib.AbstractContextManager[None]:
+    return reference_only() if path == "reference" else contextlib.nullcontext()
+
+
+NUMERIC_FIELDS = [
+    (FileKind.TRANSACTIONS, "transaction_id", RejectReason.BAD_INTEGER),
+    (FileKind.TRANSACTIONS, "user_id", RejectReason.BAD_INTEGER),
+    (FileKind.TRANSACTIONS, "amount", RejectReason.BAD_AMOUNT),
+    (FileKind.USERS, "user_id", RejectReason.BAD_INTEGER),
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("kind", "column", "reason"), NUMERIC_FIELDS)
+def test_a_number_of_5000_digits_rejects_its_row_and_the_good_rows_load(
+    warehouse: duckdb.DuckDBPyConnection,
+    tmp_path: Path,
+    path: str,
+    kind: FileKind,
+    column: str,
+    reason: RejectReason,
+) -> None:
+    bad = dict(GOOD_ROWS[kind][0], **{column: HUGE})
+    if column != "user_id":
+        bad["user_id"] = "50"
+    if column != "transaction_id" and kind is FileKind.TRANSACTIONS:
+        bad["transaction_id"] = "50"
+    source = file_with(tmp_path, kind, row_text(kind, bad))
+    with on_path(path):
+        outcome = ingest_file(warehouse, source)
+
+    assert (outcome.status, outcome.rows_loaded) == ("loaded", 3)
+    assert outcome.rejected_by_reason == {reason: 1}
+    ((line, found, message),) = warehouse.execute(
+        "SELECT line_number, reason, message FROM rejects"
+    ).fetchall()
+    assert (line, found) == (3, reason)
+    assert len(message) < 200  # a short escaped prefix of the field, not the field
+    if kind is FileKind.TRANSACTIONS:
+        assert warehouse.execute("SELECT sum(amount) FROM transactions").fetchall() == [
+            (Decimal("16.80"),)
+        ]
+    assert warehouse.execute(f"SELECT count(*) FROM {kind}").fetchall() == [(3,)]
+    assert verify(warehouse) == []
+
+
+@pytest.mark.parametrize(
+    ("column", "text", "expected", "value"),
+    [
+        ("transaction_id", HUGE, RejectReason.BAD_INTEGER, None),
+        ("user_id", "-" + HUGE, RejectReason.NON_POSITIVE_ID, None),
+        ("user_id", "0" * 5000, RejectReason.NON_POSITIVE_ID, None),
+        ("user_id", "0" * 5000 + "42", None, 42),
+        ("amount", HUGE, RejectReason.BAD_AMOUNT, None),
+        ("amount", HUGE + ".50", RejectReason.BAD_AMOUNT, None),
+        ("amount", "-" + HUGE, RejectReason.NON_POSITIVE_AMOUNT, None),
+        ("amount", "0." + "0" * 5000, RejectReason.NON_POSITIVE_AMOUNT, None),
+        ("amount", "0." + "0" * 5000 + "1", RejectReason.TOO_MANY_DECIMALS, None),
+        ("amount", "0" * 5000 + "12.5", None, Decimal("12.5")),
+    ],
+    ids=lambda v: v if isinstance(v, str) and len(v) < 30 else None,
+)
+def test_long_digit_strings_are_judged_without_converting_them(
+    column: str, text: str, expected: RejectReason | None, value: object
+) -> None:
+    found, reason, message = parse_field(column, text)
+    assert (found, reason) == (value, expected)
+    assert len(message) < 200
+    fast_ok, _ = duckdb.connect().execute(field_check_sql(column), {"v": text}).fetchall()[0]
+    assert not (fast_ok and reason is not None)  # the fast path never passes what is refused
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_400_kb_field_is_rejected_with_a_short_message_and_a_bounded_raw_line(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path, path: str
+) -> None:
+    config = config.with_overrides(reject_line_bytes=1000)
+    line = "50,7,2024-01-02," + "é" * 200_000 + ",deposit"  # 400 KB of two-byte characters
+    short = "51,7,2024-01-02,1.00,refund"
+    source = file_with(tmp_path, FileKind.TRANSACTIONS, f"{line}\n{short}")
+    with on_path(path):
+        outcome = ingest_file(warehouse, source, config)
+
+    assert outcome.rows_loaded == 3
+    assert outcome.rejected_by_reason == {"bad_amount": 1, "unknown_type": 1}
+    rows = warehouse.execute(
+        "SELECT reason, message, raw_line, raw_line_bytes, raw_line_truncated FROM rejects "
+        "ORDER BY line_number"
+    ).fetchall()
+    (_, message, raw, size, cut), (_, _, short_raw, short_size, short_cut) = rows
+    assert len(message) < 200
+    assert "éééé" in message  # a short prefix is quoted
+    assert 997 <= len(raw.encode()) <= 1000  # cut at a character boundary within the bound
+    assert line.startswith(raw)
+    assert (size, cut) == (len(line.encode()), True)
+    assert (short_raw, short_size, short_cut) == (short, len(short), False)
+    assert verify(warehouse) == []
+
+
+@pytest.mark.parametrize("how", ["one_file", "batch"])
+def test_a_conflicting_row_with_a_long_field_keeps_a_bounded_raw_line(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path, how: str
+) -> None:
+    """Rejects decided against other rows (``resolve``, ``resolve_gathered``) are bounded too."""
+    from moneylion.batch import ingest_batch, item_of
+
+    long = "10,2023-05-06," + "x" * 400_000
+    source = file_with(tmp_path, FileKind.USERS, f"{long}\n10,2023-05-06,Chile")
+    if how == "batch":
+        (outcome,), _ = ingest_batch(warehouse, [item_of(source, config)], config)
+    else:
+        outcome = ingest_file(warehouse, source, config)
+
+    assert outcome.rejected_by_reason == {"duplicate_in_file": 2}
+    rows = warehouse.execute(
+        "SELECT raw_line, raw_line_bytes, raw_line_truncated FROM rejects ORDER BY line_number"
+    ).fetchall()
+    assert rows == [
+        (long[: config.reject_line_bytes], len(long), True),
+        ("10,2023-05-06,Chile", 19, False),
+    ]
+    assert verify(warehouse) == []
