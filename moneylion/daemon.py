@@ -235,9 +235,13 @@ def serve(config: Config) -> int:
     import uvicorn
 
     from moneylion.api.app import create_app
-    from moneylion.api.server import BoundedHttpProtocol
+    from moneylion.api.metrics import ConnectionsCollector
+    from moneylion.api.server import HttpLimits, bounded_protocol
     from moneylion.logs import setup_logging
 
+    # Before any file is made: DuckDB's and SQLite's own files (WAL, -shm) and the logs take
+    # the process's umask; files that exist keep their mode.
+    os.umask(config.umask_bits)
     setup_logging(config)
     try:
         conn = open_at_lower_priority(config)
@@ -247,6 +251,8 @@ def serve(config: Config) -> int:
     daemon = Daemon(conn, config)
     try:
         app = create_app(config, db=conn, ingest=daemon, lifespan=[daemon.lifespan])
+        protocol = bounded_protocol(HttpLimits.from_config(config))
+        app.state.metrics_registry.register(ConnectionsCollector(protocol.gate))
         server = uvicorn.Server(
             uvicorn.Config(
                 app,
@@ -256,7 +262,10 @@ def serve(config: Config) -> int:
                 access_log=False,
                 lifespan="on",
                 timeout_graceful_shutdown=1,
-                http=BoundedHttpProtocol,
+                http=protocol,  # bounds on heads, bodies and connections (api/server.py)
+                ws="none",  # no websocket routes: an upgrade would leave the connection count
+                # X-Forwarded-* are trusted from Config.trusted_proxies only (api/access.py).
+                proxy_headers=False,
             )
         )
         log.info(

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import logging
+import socket
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
 
 import httpx
 import pytest
+import uvicorn
 
 from moneylion.api import create_app
+from moneylion.api.server import (
+    CONNECTION_RESERVE,
+    Admission,
+    BodyPace,
+    ConnectionGate,
+    HttpLimits,
+    PausedClock,
+    bounded_protocol,
+)
 from tests.conftest import (
     ORPHAN,
     USER_WITHOUT_TRANSACTIONS,
@@ -17,6 +36,7 @@ from tests.conftest import (
     parse_metrics,
     serving,
 )
+from tests.daemon_process import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +165,153 @@ def test_v1_errors_over_http_are_problem_details(
     assert response.status_code == status
     assert response.headers["content-type"].startswith("application/problem+json")
     assert response.json()["status"] == status
+
+
+# -- the server's own bounds (moneylion.api.server) under a real uvicorn --------------------------
+
+
+def test_a_body_pace_needs_the_rate_in_every_window_of_reading_time() -> None:
+    pace = BodyPace(min_rate=1024, window=10.0, reading_time=0.0)
+    assert pace.check(4.0) == 6.0  # a window not over yet
+    pace.received = 10 * 1024 - 1
+    assert pace.check(10.0) is None
+    slow_link = BodyPace(min_rate=1024, window=10.0, reading_time=0.0)
+    for second in range(1, (64 << 20) // (100 << 10) + 1):  # 64 MiB at 100 KiB/s
+        slow_link.received += 100 << 10
+        assert slow_link.check(float(second)) is not None
+
+
+def test_the_reading_clock_stands_still_while_the_server_pauses_reading() -> None:
+    now = [100.0]
+
+    class Transport:
+        def pause_reading(self) -> None: ...
+
+        def resume_reading(self) -> None: ...
+
+    clock = PausedClock(cast("asyncio.Transport", Transport()), clock=lambda: now[0])
+    now[0] = 103.0
+    assert clock.reading_time() == 103.0
+    clock.pause_reading()
+    now[0] = 160.0
+    assert clock.reading_time() == 103.0
+    clock.resume_reading()
+    now[0] = 161.0
+    assert clock.reading_time() == 104.0
+
+
+async def _echo_size(scope: Any, receive: Any, send: Any, *, delay: float) -> None:
+    """A tiny ASGI app: waits ``delay`` s before reading the body, answers its size."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    await asyncio.sleep(delay)
+    size = 0
+    while True:
+        message = await receive()
+        size += len(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    body = str(size).encode()
+    headers = [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+@contextmanager
+def bounded_serving(limits: HttpLimits, delay: float = 0.0) -> Iterator[int]:
+    """uvicorn with ``bounded_protocol(limits)`` serving ``_echo_size`` in a thread: its port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    app = functools.partial(_echo_size, delay=delay)
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        http=bounded_protocol(limits),
+        ws="none",
+        interface="asgi3",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 30, "uvicorn started")
+    try:
+        yield int(sock.getsockname()[1])
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def _read_answer(sock: socket.socket) -> bytes:
+    sock.settimeout(30)
+    answer = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_time_the_server_does_not_read_a_body_is_not_held_against_the_client() -> None:
+    """The app reads nothing for longer than several windows: uvicorn pauses reading, and the
+    client, who sent everything at once, is not answered 408."""
+    limits = HttpLimits(
+        head_seconds=5.0, body_min_rate=1 << 20, max_connections=8, body_window_seconds=0.3
+    )
+    body = b"x" * (4 << 20)
+    head = b"POST / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+    with (
+        bounded_serving(limits, delay=1.5) as port,
+        socket.create_connection(("127.0.0.1", port)) as sock,
+    ):
+        sock.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        answer = _read_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    assert answer.endswith(str(len(body)).encode())
+
+
+def test_a_body_below_the_rate_is_408_and_bytes_between_requests_do_not_hold_a_connection() -> None:
+    limits = HttpLimits(
+        head_seconds=0.5, body_min_rate=64 << 10, max_connections=8, body_window_seconds=0.5
+    )
+    with bounded_serving(limits) as port:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n")
+            for _ in range(10):  # 1 KB every 0.1 s: a sixth of the rate
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"y" * 1000)
+                time.sleep(0.1)
+            answer = _read_answer(sock)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:300]
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            sock.settimeout(10)
+            first = b""
+            while not first.endswith(b"\r\n\r\n0"):  # the answer: an empty body's size
+                first += sock.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200 ")
+            opened = time.monotonic()
+            sock.sendall(b"\r\n")  # a keep-alive connection fed line ends only
+            assert _read_answer(sock).startswith(b"HTTP/1.1 408 ")
+            assert time.monotonic() - opened < 5
+
+
+def test_the_gate_allows_liveness_past_the_bound_closes_past_the_reserve_and_logs_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="moneylion.api.server")
+    gate = ConnectionGate(HttpLimits(head_seconds=1.0, body_min_rate=1, max_connections=2))
+    admitted = [gate.admit() for _ in range(2 + CONNECTION_RESERVE + 1)]
+    assert admitted == (
+        [Admission.SERVED] * 2 + [Admission.LIVENESS_ONLY] * CONNECTION_RESERVE + [Admission.CLOSED]
+    )
+    for _ in admitted:
+        gate.release()
+    assert (gate.open, gate.refused) == (0, 1)
+    events = [r.getMessage() for r in caplog.records if r.name == "moneylion.api.server"]
+    assert events == ["http_connections_bound_hit", "http_connections_bound_cleared"]
+    unbounded = ConnectionGate(HttpLimits(head_seconds=1.0, body_min_rate=1, max_connections=0))
+    assert {unbounded.admit() for _ in range(1000)} == {Admission.SERVED}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from litestar import MediaType, get
 from litestar.datastructures import State
@@ -29,6 +30,9 @@ from moneylion import health
 from moneylion.api.queries import failed_files_by_reason, rejects_by_reason
 from moneylion.api.warehouse import ApiContext
 
+if TYPE_CHECKING:
+    from moneylion.api.server import ConnectionGate
+
 log = logging.getLogger(__name__)
 
 STREAM_GAUGES = {
@@ -38,6 +42,7 @@ STREAM_GAUGES = {
     "files_per_second": "Files committed per second over the last minute",
     "rows_per_second": "Rows loaded per second over the last minute",
     "files_stuck": "Inbox files left alone: failing, and impossible to set aside",
+    "files_waiting_for_disk": "Inbox files waiting for min_free_disk_bytes to be free",
 }
 STREAM_COUNTERS = {
     "commits": "Commits since the daemon started",
@@ -129,8 +134,23 @@ class WarehouseCollector:
                 "Seconds since the lake was read",
                 lag.seconds_since_check,
             ),
+            (
+                "lake_quarantined_files",
+                "Lake ledger entries skipped here: a ledger row or a row broke a rule",
+                lag.quarantined_files,
+            ),
+            (
+                "lake_apply_failing",
+                "1 while applying the lake fails here",
+                1 if lag.apply_error is not None else 0,
+            ),
         ):
             yield GaugeMetricFamily(f"moneylion_{name}", text, value=value)
+        yield CounterMetricFamily(
+            "moneylion_lake_apply_errors",
+            "Attempts to apply the lake that failed here (retried)",
+            value=lag.apply_errors,
+        )
 
     def _warehouse_metrics(self) -> Iterator[Metric]:
         with self.ctx.cursor() as cursor:
@@ -171,6 +191,26 @@ class WarehouseCollector:
         if age is not None:
             last.add_metric([], age)
             yield last
+
+
+class ConnectionsCollector:
+    """The HTTP server's open connections and its refusals past ``max_connections``."""
+
+    def __init__(self, gate: ConnectionGate) -> None:
+        self.gate = gate
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "moneylion_http_connections_open", "Open HTTP connections", value=self.gate.open
+        )
+        yield CounterMetricFamily(
+            "moneylion_http_connections_refused",
+            "Requests answered 503 and connections closed at once past max_connections",
+            value=self.gate.refused,
+        )
 
 
 class _DefaultRegistry:
