@@ -129,7 +129,7 @@ async def _drive(port: int, plan: list[tuple[str, str]], rate: float) -> tuple[l
     async def one(name: str, path: str) -> None:
         reader, writer = await pool.get()
         sent = time.perf_counter()
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         status = int((await reader.readline()).split()[1])
         length = 0
         while (line := await reader.readline()) not in (b"\r\n", b""):
@@ -265,7 +265,7 @@ def main() -> None:
     context = multiprocessing.get_context("spawn")
     try:
         daemon.start(timeout=300)
-        days = [d["date"] for d in daemon.get("/v1/daily", type="deposit")["days"]]
+        days = [d["date"] for d in daemon.pages("/v1/daily", "days", type="deposit")]
         with ProcessPoolExecutor(max_workers=2, mp_context=context) as loader:
             loader.submit(drive, daemon.port, make_plan(400, args.users, days, 0), 200.0).result()
             warm = make_dashboard_plan(70, args.users, days, 0)

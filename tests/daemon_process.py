@@ -125,6 +125,18 @@ class DaemonProcess:
         response.raise_for_status()
         return response.json()
 
+    def pages(self, path: str, key: str, **params: Any) -> list[Any]:
+        """Every row of a paged answer (``/v1/daily``, ``/v1/countries/monthly``): the ``key``
+        rows of each page, following ``next`` until it is null."""
+        body = self.get(path, **params)
+        rows: list[Any] = list(body[key])
+        while body["next"] is not None:
+            response = self.client.get(body["next"])
+            response.raise_for_status()
+            body = response.json()
+            rows.extend(body[key])
+        return rows
+
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM and wait; the exit code."""
         assert self.proc is not None
@@ -163,7 +175,7 @@ class DaemonProcess:
 
 def assert_api_totals(daemon: DaemonProcess, expected: Expected, sample: int = 60) -> None:
     """Every day's totals, and a sample of users', as the API shows them, equal ``expected``."""
-    days = daemon.get("/v1/daily", **{"from": "2000-01-01", "to": "2099-12-31"})["days"]
+    days = daemon.pages("/v1/daily", "days", **{"from": "2000-01-01", "to": "2099-12-31"})
     shown = {(d["date"], d["type"]): Decimal(d["total_amount"]) for d in days}
     assert shown == {key: value for key, value in expected.daily.items()}
     counts = {(d["date"], d["type"]): d["transaction_count"] for d in days}

@@ -252,9 +252,9 @@ def api_answers(daemon: DaemonProcess, users: range) -> dict[str, Any]:
     return {
         "rejects": rejects,
         "users": summaries,
-        "daily": daemon.get("/v1/daily")["days"],
+        "daily": daemon.pages("/v1/daily", "days"),
         "top": daemon.get("/v1/users/top", limit=50)["users"],
-        "countries": daemon.get("/v1/countries/monthly"),
+        "countries": daemon.pages("/v1/countries/monthly", "months"),
         "files": files,
     }
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
@@ -337,12 +338,10 @@ def test_v1_daily_over_everything_equals_an_independent_sum(
     client: TestClient[Litestar], loaded: Loaded
 ) -> None:
     exp = loaded.expected
-    body = client.get("/v1/daily").json()
-    got = {
-        (d["date"], d["type"]): (d["transaction_count"], d["total_amount"]) for d in body["days"]
-    }
+    days = [day for page in follow_pages(client, "/v1/daily", "days") for day in page]
+    got = {(d["date"], d["type"]): (d["transaction_count"], d["total_amount"]) for d in days}
     assert got == {key: (exp.daily_count[key], money(total)) for key, total in exp.daily.items()}
-    order = [(d["date"], d["type"]) for d in body["days"]]
+    order = [(d["date"], d["type"]) for d in days]
     assert order == sorted(order)
 
 
@@ -359,6 +358,76 @@ def test_v1_daily_filters_by_range_and_type(client: TestClient[Litestar], loaded
     assert body["type"] == "withdrawal"
     empty = client.get("/v1/daily?from=2022-03-05&to=2022-03-01").json()
     assert empty["days"] == []  # an inverted range is empty, not an error
+
+
+def follow_pages(client: TestClient[Litestar], url: str, key: str) -> list[list[Any]]:
+    """Every page's ``key`` list, following ``next`` from ``url`` until it is null."""
+    pages: list[list[Any]] = []
+    next_url: str | None = url
+    while next_url is not None:
+        response = client.get(next_url)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        pages.append(body[key])
+        next_url = body["next"]
+        assert len(pages) <= 1000, "next never ends"
+    return pages
+
+
+def test_v1_daily_pages_together_equal_the_whole_range(
+    client: TestClient[Litestar], loaded: Loaded
+) -> None:
+    first = client.get("/v1/daily").json()
+    assert (first["limit"], first["offset"], len(first["days"])) == (1000, 0, 1000)
+    assert first["next"] == "/v1/daily?from=0001-01-01&to=9999-12-31&limit=1000&offset=1000"
+    whole = client.get("/v1/daily?limit=10000").json()
+    assert whole["next"] is None
+    assert len(whole["days"]) > 1000  # more than one default page
+    pages = follow_pages(client, "/v1/daily?limit=97", "days")
+    assert [len(page) for page in pages[:-1]] == [97] * (len(pages) - 1)
+    assert 1 <= len(pages[-1]) <= 97
+    assert [day for page in pages for day in page] == whole["days"]
+    filtered = follow_pages(client, "/v1/daily?type=deposit&from=2022-03-01&limit=5", "days")
+    assert [d for page in filtered for d in page] == [
+        d for d in whole["days"] if d["type"] == "deposit" and d["date"] >= "2022-03-01"
+    ]
+
+
+def test_v1_countries_monthly_pages_together_equal_the_whole_range(
+    client: TestClient[Litestar], loaded: Loaded
+) -> None:
+    whole = client.get("/v1/countries/monthly").json()
+    assert whole["next"] is None
+    rows = whole["months"]
+    assert len(rows) > 2
+    pages = follow_pages(client, "/v1/countries/monthly?limit=2", "months")
+    assert [len(page) for page in pages[:-1]] == [2] * (len(pages) - 1)
+    assert [row for page in pages for row in page] == rows
+    past = client.get("/v1/countries/monthly", params={"offset": len(rows)}).json()
+    assert (past["months"], past["next"]) == ([], None)
+
+
+@pytest.mark.parametrize("path", ["/v1/daily", "/v1/countries/monthly"])
+@pytest.mark.parametrize("query", ["limit=0", "limit=10001", "offset=-1", "limit=many"])
+def test_v1_aggregate_pages_are_bounded(
+    client: TestClient[Litestar], path: str, query: str
+) -> None:
+    response = client.get(f"{path}?{query}")
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("application/problem+json")
+
+
+def test_the_openapi_schema_documents_the_aggregate_pages(client: TestClient[Litestar]) -> None:
+    schema = client.get("/schema/openapi.json").json()
+    for path, body in (
+        ("/v1/daily", "DailyTotals"),
+        ("/v1/countries/monthly", "CountryMonthlyTotals"),
+    ):
+        params = {p["name"]: p for p in schema["paths"][path]["get"]["parameters"]}
+        assert params["limit"]["schema"]["maximum"] == 10_000
+        assert "offset" in params
+        fields = schema["components"]["schemas"][body]["properties"]
+        assert {"limit", "offset", "next"} <= set(fields)
 
 
 @pytest.mark.parametrize(

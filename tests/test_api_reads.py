@@ -18,7 +18,7 @@ from litestar.testing import TestClient
 
 from moneylion.aggregates import verify
 from moneylion.api import create_app
-from moneylion.api.cache import SnapshotCache
+from moneylion.api.cache import SnapshotCache, answer_bytes
 from moneylion.api.queries import user_summary
 from moneylion.api.replica import SqliteReplica
 from moneylion.config import Config
@@ -231,3 +231,39 @@ def test_a_failed_load_reaches_every_waiter_and_is_not_cached() -> None:
     assert calls.acquire(blocking=False)
     assert not calls.acquire(blocking=False)
     assert asyncio.run(cache.get("k", lambda: 7)) == 7
+
+
+def test_the_cache_is_bounded_in_bytes_dropping_the_least_recently_used() -> None:
+    answer = ["x" * 1000]  # about a kilobyte encoded
+    one = answer_bytes(answer)
+    cache = SnapshotCache(lambda: 1, max_age=None, max_bytes=3 * one)
+    loads: list[str] = []
+
+    def load(key: str) -> list[str]:
+        loads.append(key)
+        return list(answer)
+
+    async def get(key: str) -> list[str]:
+        return await cache.get(key, lambda: load(key))
+
+    for key in ("a", "b", "c"):
+        asyncio.run(get(key))
+    assert cache.bytes == 3 * one
+    asyncio.run(get("a"))  # a hit: "a" is now the most recently used
+    asyncio.run(get("d"))  # one answer too many: "b", the least recently used, goes
+    assert cache.bytes == 3 * one
+    assert loads == ["a", "b", "c", "d"]
+    asyncio.run(get("a"))
+    asyncio.run(get("c"))
+    assert loads == ["a", "b", "c", "d"]  # still kept
+    asyncio.run(get("b"))
+    assert loads == ["a", "b", "c", "d", "b"]  # dropped, so loaded again
+
+
+def test_an_answer_larger_than_the_cache_is_served_but_not_kept() -> None:
+    cache = SnapshotCache(lambda: 1, max_age=None, max_bytes=100)
+    big = "y" * 1000
+    assert asyncio.run(cache.get("big", lambda: big)) == big
+    assert cache.bytes == 0
+    assert asyncio.run(cache.get("big", lambda: big)) == big
+    assert cache.hits == 0

@@ -331,7 +331,7 @@ def check_producers(
     refused = [entry for entry in refused if entry[2] != "loaded"]
     if refused:
         problems.append(f"ledger rows not loaded: {some(refused)}")
-    days = daemon.get("/v1/daily", **{"from": "2000-01-01", "to": "2099-12-31"})["days"]
+    days = daemon.pages("/v1/daily", "days", **{"from": "2000-01-01", "to": "2099-12-31"})
     shown = (
         sum(int(day["transaction_count"]) for day in days),
         sum((Decimal(day["total_amount"]) for day in days), Decimal(0)),

@@ -12,6 +12,10 @@ The cache drops everything when its change token moves:
 
 The token is taken *before* a load, so a commit racing the load makes the entry look stale,
 never fresh. Concurrent misses of one key share one load (no stampede into DuckDB).
+
+The cache is bounded in entries and in bytes: each answer is measured when it is loaded (the
+length of its MessagePack encoding, in the worker thread that loaded it) and the least recently
+used answers are dropped past ``MAX_BYTES``; an answer larger than that is served, not kept.
 """
 
 from __future__ import annotations
@@ -26,8 +30,22 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio.to_thread
+import msgspec
 
 T = TypeVar("T")
+
+# What the kept answers may add up to, in encoded bytes (Python objects take a few times more).
+MAX_BYTES = 32 * 1024 * 1024
+MAX_ENTRIES = 1024
+
+# Values MessagePack has no type for (a dashboard's Markup is a str and passes) count as their
+# repr: a size estimate, not a serialization anyone reads.
+_MEASURE = msgspec.msgpack.Encoder(enc_hook=repr)
+
+
+def answer_bytes(value: object) -> int:
+    """An estimate of ``value``'s size: the length of its MessagePack encoding."""
+    return len(_MEASURE.encode(value))
 
 
 def file_token(files: tuple[Path, ...]) -> Callable[[], Hashable]:
@@ -48,15 +66,23 @@ def file_token(files: tuple[Path, ...]) -> Callable[[], Hashable]:
 
 
 class SnapshotCache:
-    """A small LRU of answers, all dropped when the change token moves."""
+    """A small LRU of answers (at most ``size`` of them, ``max_bytes`` together), all dropped
+    when the change token moves."""
 
     def __init__(
-        self, token: Callable[[], Hashable], *, max_age: float | None = 1.0, size: int = 1024
+        self,
+        token: Callable[[], Hashable],
+        *,
+        max_age: float | None = 1.0,
+        size: int = MAX_ENTRIES,
+        max_bytes: int = MAX_BYTES,
     ) -> None:
         self.token = token
         self.max_age = max_age
         self.size = size
-        self._entries: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.bytes = 0  # of the entries kept, as answer_bytes measured them
+        self._entries: OrderedDict[Hashable, tuple[float, Any, int]] = OrderedDict()
         self._token: Hashable = object()  # equal to no token: the first lookup clears
         self._lock = threading.Lock()
         self._loading: dict[tuple[Hashable, Hashable], asyncio.Future[Any]] = {}
@@ -69,6 +95,7 @@ class SnapshotCache:
         with self._lock:
             if token != self._token:
                 self._entries.clear()
+                self.bytes = 0
                 self._token = token
             entry = self._entries.get(key)
             if entry is not None and (self.max_age is None or now - entry[0] <= self.max_age):
@@ -78,15 +105,23 @@ class SnapshotCache:
             self.misses += 1
             return False, None
 
-    def store(self, key: Hashable, token: Hashable, value: Any, loaded_at: float) -> None:
-        """Keep ``value`` if the token is still the one taken before it was loaded."""
+    def store(
+        self, key: Hashable, token: Hashable, value: Any, loaded_at: float, size: int = 0
+    ) -> None:
+        """Keep ``value`` (``size`` bytes, ``answer_bytes``) if the token is still the one taken
+        before it was loaded and it fits; drop the least recently used past the bounds."""
         with self._lock:
             if token != self._token:
                 return  # something committed meanwhile (or the cache moved on): don't keep it
-            self._entries[key] = (loaded_at, value)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.bytes -= old[2]
+            if size > self.max_bytes:
+                return  # larger than the whole cache: served, never kept
+            self._entries[key] = (loaded_at, value, size)
+            self.bytes += size
+            while len(self._entries) > self.size or self.bytes > self.max_bytes:
+                self.bytes -= self._entries.popitem(last=False)[1][2]
 
     async def get(self, key: Hashable, load: Callable[[], T]) -> T:
         """The cached answer, or ``load()`` run in a worker thread (never on the event loop);
@@ -104,7 +139,7 @@ class SnapshotCache:
         self._loading[(key, token)] = future
         try:
             loaded_at = time.monotonic()
-            fresh = await anyio.to_thread.run_sync(load)
+            fresh, size = await anyio.to_thread.run_sync(lambda: _measured(load))
         except asyncio.CancelledError:
             future.cancel()
             raise
@@ -114,7 +149,13 @@ class SnapshotCache:
             raise
         else:
             future.set_result(fresh)
-            self.store(key, token, fresh, loaded_at)
+            self.store(key, token, fresh, loaded_at, size)
             return fresh
         finally:
             del self._loading[(key, token)]
+
+
+def _measured(load: Callable[[], T]) -> tuple[T, int]:
+    """``load()`` and its size, both off the event loop."""
+    value = load()
+    return value, answer_bytes(value)

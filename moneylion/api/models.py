@@ -142,9 +142,14 @@ class DailyTotal(msgspec.Struct):
 
 
 class DailyTotals(msgspec.Struct):
+    """One page of the range's days: ``next`` is the URL of the next page, null on the last."""
+
     date_from: dt.date = msgspec.field(name="from")
     date_to: dt.date = msgspec.field(name="to")
     type: str | None
+    limit: int
+    offset: int
+    next_page: str | None = msgspec.field(name="next")
     days: list[DailyTotal]
 
 
@@ -164,9 +169,15 @@ class CountryMonth(msgspec.Struct):
 
 
 class CountryMonthlyTotals(msgspec.Struct):
+    """One page of the range's (month, country) rows: ``next`` is the URL of the next page, null
+    on the last."""
+
     month_from: str | None = msgspec.field(name="from")
     month_to: str | None = msgspec.field(name="to")
     country: str | None
+    limit: int
+    offset: int
+    next_page: str | None = msgspec.field(name="next")
     months: list[CountryMonth]
 
 
@@ -220,17 +231,27 @@ class FilesPage(msgspec.Struct):
 
 
 class RejectEntry(msgspec.Struct):
+    """One rejected row. ``raw_line`` is at most ``reject_line_bytes`` bytes of the line:
+    ``raw_line_truncated`` says it is only its start, ``raw_line_bytes`` is the whole line's
+    length (null for a line_too_long reject: longer than any reader takes, not measured)."""
+
     line: int
     reason: str
     message: str
     raw_line: str | None
+    raw_line_bytes: int | None
+    raw_line_truncated: bool
 
 
 class RejectsPage(msgspec.Struct):
+    """One page of a file's rejects: at most ``limit`` items, fewer when their bytes pass a
+    bound; ``next`` is the URL of the next page (offset + items shown), null on the last."""
+
     file_id: int
     total: int
     limit: int
     offset: int
+    next_page: str | None = msgspec.field(name="next")
     items: list[RejectEntry]
 
 
@@ -248,12 +269,25 @@ class LakeReplica(msgspec.Struct):
     applied_files: int
     lag_files: int
     seconds_since_check: float
+    quarantined_files: int = 0  # ledger entries skipped: a row broke a rule (docs/lake.md)
+    apply_errors: int = 0  # attempts to apply that failed here and were retried
+    apply_error: str | None = None  # the kind of error the last attempt ended in
+
+
+class DiskLowAnswer(msgspec.Struct):
+    """The warehouse's disk has less free than ``min_free_disk_bytes``, or files wait for room
+    to be staged (they stay in the inbox, and load once there is room)."""
+
+    free_bytes: int
+    min_free_disk_bytes: int
+    files_waiting: int
 
 
 class Readiness(msgspec.Struct):
     status: str
     warehouse_open: bool
     lake: LakeReplica | None = None
+    disk_low: DiskLowAnswer | None = None
 
 
 class LogStats(msgspec.Struct):

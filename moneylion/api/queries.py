@@ -152,6 +152,7 @@ FROM daily_totals
 WHERE transaction_date BETWEEN $from AND $to
   AND ($type IS NULL OR transaction_type::VARCHAR = $type)
 ORDER BY transaction_date, type
+LIMIT $limit OFFSET $offset
 """
 
 
@@ -168,10 +169,16 @@ class Span:
 
 
 def daily_totals(
-    cursor: duckdb.DuckDBPyConnection, days: Span, transaction_type: str | None = None
+    cursor: duckdb.DuckDBPyConnection,
+    days: Span,
+    transaction_type: str | None = None,
+    limit: int | None = None,
+    offset: int = 0,
 ) -> list[DailyTotal]:
-    """Per-day, per-type totals of ``days``, ordered by date then type."""
-    rows = cursor.execute(_DAILY, {**days.bounds(), "type": transaction_type}).fetchall()
+    """Per-day, per-type totals of ``days``, ordered by date then type; at most ``limit`` rows
+    (None: all) after the first ``offset``."""
+    bound = {**days.bounds(), "type": transaction_type, "limit": limit, "offset": offset}
+    rows = cursor.execute(_DAILY, bound).fetchall()
     return [DailyTotal(day, kind, int(count), total) for day, kind, count, total in rows]
 
 
@@ -185,21 +192,37 @@ class CountryMonth:
     total_amount: dict[str, Decimal]
 
 
-# Rows a count fell to zero in are kept for the export (tombstones): never shown.
+# Rows a count fell to zero in are kept for the export (tombstones): never shown. A page is
+# ``$limit`` (month, country) pairs, each with its rows of every type (one statement: one
+# snapshot).
 _COUNTRY_MONTHLY = """
-SELECT month, country, transaction_type::VARCHAR, tx_count, total_amount
-FROM country_monthly_totals
-WHERE month BETWEEN $from AND $to AND tx_count > 0 AND ($country IS NULL OR country = $country)
-ORDER BY month, country NULLS LAST
+WITH shown AS (
+    SELECT month, country, transaction_type, tx_count, total_amount
+    FROM country_monthly_totals
+    WHERE month BETWEEN $from AND $to AND tx_count > 0
+      AND ($country IS NULL OR country = $country)
+), page AS (
+    SELECT DISTINCT month, country FROM shown
+    ORDER BY month, country NULLS LAST LIMIT $limit OFFSET $offset
+)
+SELECT s.month, s.country, s.transaction_type::VARCHAR, s.tx_count, s.total_amount
+FROM shown s JOIN page p ON s.month = p.month AND s.country IS NOT DISTINCT FROM p.country
+ORDER BY s.month, s.country NULLS LAST
 """
 
 
 def country_monthly(
-    cursor: duckdb.DuckDBPyConnection, months: Span, country: str | None = None
+    cursor: duckdb.DuckDBPyConnection,
+    months: Span,
+    country: str | None = None,
+    limit: int | None = None,
+    offset: int = 0,
 ) -> list[CountryMonth]:
     """Per month of ``months`` (first days) and country, ordered by month then country
-    (orphans last): count and total per type, zeros for a type without transactions."""
-    rows = cursor.execute(_COUNTRY_MONTHLY, {**months.bounds(), "country": country}).fetchall()
+    (orphans last): count and total per type, zeros for a type without transactions; at most
+    ``limit`` (month, country) pairs (None: all) after the first ``offset``."""
+    bound = {**months.bounds(), "country": country, "limit": limit, "offset": offset}
+    rows = cursor.execute(_COUNTRY_MONTHLY, bound).fetchall()
     found: dict[tuple[dt.date, str | None], CountryMonth] = {}
     for month, where, kind, count, total in rows:
         entry = found.get((month, where))
@@ -302,30 +325,46 @@ class RejectRow:
     line_number: int
     reason: str
     message: str
-    raw_line: str | None
+    raw_line: str | None  # at most Config.reject_line_bytes bytes of the line
+    raw_line_bytes: int | None  # the whole line's (None: line_too_long, not measured)
+    raw_line_truncated: bool  # raw_line is the start of the line, not all of it
 
 
 _FILE_EXISTS = "SELECT count(*) FROM files WHERE file_id = $id"
 _REJECTS_COUNT = "SELECT count(*) FROM rejects WHERE file_id = $id"
-_REJECTS_PAGE = """
-SELECT line_number, reason, message, raw_line FROM rejects
-WHERE file_id = $id ORDER BY line_number, reason LIMIT $limit OFFSET $offset
+# A page of rejects ends early after the row whose message and raw line take it past this many
+# bytes (it always holds one row): the answer stays small whatever the page size and however
+# long the lines kept (Config.reject_line_bytes). Pages go on from offset + rows shown.
+REJECTS_PAGE_BYTES = 1024 * 1024
+_REJECT_SIZE = "strlen(message) + coalesce(strlen(raw_line), 0)"
+_REJECTS_PAGE = f"""
+SELECT line_number, reason, message, raw_line, raw_line_bytes, raw_line_truncated FROM (
+    SELECT *, sum({_REJECT_SIZE}) OVER (ORDER BY line_number, reason ROWS UNBOUNDED PRECEDING)
+              - {_REJECT_SIZE} AS before
+    FROM (SELECT * FROM rejects WHERE file_id = $id
+          ORDER BY line_number, reason LIMIT $limit OFFSET $offset)
+) WHERE before < $max_bytes ORDER BY line_number, reason
 """
 
 
 def rejects_page(
-    cursor: duckdb.DuckDBPyConnection, file_id: int, limit: int, offset: int
+    cursor: duckdb.DuckDBPyConnection,
+    file_id: int,
+    limit: int,
+    offset: int,
+    max_bytes: int = REJECTS_PAGE_BYTES,
 ) -> tuple[int, list[RejectRow]] | None:
-    """(total rejects of the file, one page in line order), or None if the file is unknown."""
+    """(total rejects of the file, one page in line order: at most ``limit`` rows, fewer when
+    their bytes pass ``max_bytes``), or None if the file is unknown."""
     with snapshot(cursor):
         if not _count(cursor.execute(_FILE_EXISTS, {"id": file_id}).fetchone()):
             return None
         total = _count(cursor.execute(_REJECTS_COUNT, {"id": file_id}).fetchone())
-        rows = cursor.execute(
-            _REJECTS_PAGE, {"id": file_id, "limit": limit, "offset": offset}
-        ).fetchall()
+        bound = {"id": file_id, "limit": limit, "offset": offset, "max_bytes": max_bytes}
+        rows = cursor.execute(_REJECTS_PAGE, bound).fetchall()
     return total, [
-        RejectRow(int(line), reason, message, raw) for line, reason, message, raw in rows
+        RejectRow(int(line), reason, message, raw, None if size is None else int(size), cut)
+        for line, reason, message, raw, size, cut in rows
     ]
 
 

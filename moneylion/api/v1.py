@@ -8,7 +8,10 @@
   ``to`` is an empty range, not an error).
 * ``/v1/countries/monthly`` lists per-month, per-country totals (the user's current country;
   orphans under ``country: null``) in an inclusive range of ``YYYY-MM`` months.
-* ``/v1/files`` pages the ledger; ``/v1/files/{id}/rejects`` pages a file's rejected rows.
+* Both answer one page (``limit``, ``offset``) and the URL of the next (``next``, null on the
+  last): a range of any width is read page by page, never in one unbounded answer.
+* ``/v1/files`` pages the ledger; ``/v1/files/{id}/rejects`` pages a file's rejected rows (a
+  page also ends when its bytes pass a bound: follow ``next``).
 
 Ids in paths are 1-18 digits (anything else is a 400): every such id fits a BIGINT, and a
 digit pattern survives JSON-schema tools that would round an integer bound near 2**63.
@@ -21,6 +24,7 @@ import datetime as dt
 import logging
 from decimal import Decimal
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 import anyio.to_thread
 import duckdb
@@ -36,6 +40,7 @@ from moneylion.api.models import (
     CountryMonthlyTotals,
     DailyTotal,
     DailyTotals,
+    DiskLowAnswer,
     FileDetail,
     FileEntry,
     FilePart,
@@ -67,6 +72,7 @@ from moneylion.api.queries import (
 from moneylion.api.uploads import receive_upload
 from moneylion.api.warehouse import ApiContext
 from moneylion.model import TRANSACTION_TYPES, TransactionType
+from moneylion.source import free_disk_bytes
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +81,10 @@ log = logging.getLogger(__name__)
 ID_PATTERN = r"^[1-9][0-9]{0,17}$"
 MAX_OFFSET = 2**53 - 1  # the largest integer a float (so every JSON tool) keeps exact
 MAX_PAGE = 1000
+# Pages of the aggregates (rows of /v1/daily, month-and-country rows of /v1/countries/monthly):
+# the default keeps a year of daily rows in one page, the maximum keeps an answer to a few MB.
+AGGREGATE_PAGE = 1000
+AGGREGATE_MAX_PAGE = 10_000
 # The widest range /v1/daily accepts when a bound is left out.
 EARLIEST = dt.date(1, 1, 1)
 LATEST = dt.date(9999, 12, 31)
@@ -86,6 +96,14 @@ Sha256 = Annotated[
 ]
 Limit = Annotated[int, QueryParameter(ge=1, le=MAX_PAGE, description="page size (1-1000)")]
 Offset = Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET, description="rows to skip")]
+AggregateLimit = Annotated[
+    int,
+    QueryParameter(
+        ge=1,
+        le=AGGREGATE_MAX_PAGE,
+        description=f"page size (1-{AGGREGATE_MAX_PAGE}); follow `next` for the rest",
+    ),
+]
 # YYYY-MM from 0001-01 (a date's range) to 9999-12.
 MONTH_PATTERN = r"^(000[1-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-9][0-9]{3})-(0[1-9]|1[0-2])$"
 
@@ -108,6 +126,17 @@ def _per_type(counts: dict[str, int], totals: dict[str, Decimal]) -> dict[str, A
         fields[f"{kind}_count"] = counts[kind]
         fields[f"total_{kind}"] = money(totals[kind])
     return fields
+
+
+def next_page(
+    path: str, params: dict[str, str | None], limit: int, offset: int, shown: int, more: bool
+) -> str | None:
+    """The URL of the page after one that showed ``shown`` rows from ``offset`` (None when
+    there is no more): the same query, the offset moved on."""
+    if not more:
+        return None
+    query = {key: value for key, value in params.items() if value is not None}
+    return f"{path}?{urlencode({**query, 'limit': limit, 'offset': offset + shown})}"
 
 
 def context(state: State) -> ApiContext:
@@ -164,18 +193,34 @@ async def daily_v1(
         dt.date | None, QueryParameter(name="to", description="last day (inclusive)")
     ] = None,
     type_: Annotated[TransactionType | None, QueryParameter(name="type")] = None,
+    limit: AggregateLimit = AGGREGATE_PAGE,
+    offset: Offset = 0,
 ) -> DailyTotals:
-    """Per-day, per-type totals in [from, to], ordered by date then type."""
+    """Per-day, per-type totals in [from, to], ordered by date then type, one page of at most
+    ``limit`` rows; ``next`` is the URL of the next page (null on the last)."""
     transaction_type = None if type_ is None else type_.value
     first = date_from or EARLIEST
     last = date_to or LATEST
-    # from > to is an empty range, hence no days (not an error).
-    rows = await context(state).cached(daily_totals, Span(first, last), transaction_type)
+    # from > to is an empty range, hence no days (not an error). One row more than the page
+    # says whether another page follows.
+    found = await context(state).cached(
+        daily_totals, Span(first, last), transaction_type, limit + 1, offset
+    )
+    rows = found[:limit]
     days = [
         DailyTotal(r.transaction_date, r.transaction_type, r.tx_count, money(r.total_amount))
         for r in rows
     ]
-    return DailyTotals(date_from=first, date_to=last, type=transaction_type, days=days)
+    params = {"from": first.isoformat(), "to": last.isoformat(), "type": transaction_type}
+    return DailyTotals(
+        date_from=first,
+        date_to=last,
+        type=transaction_type,
+        limit=limit,
+        offset=offset,
+        next_page=next_page("/v1/daily", params, limit, offset, len(rows), len(found) > limit),
+        days=days,
+    )
 
 
 def first_day(month: str) -> dt.date:
@@ -198,12 +243,19 @@ async def country_monthly_v1(
     country: Annotated[
         str | None, QueryParameter(min_length=1, max_length=200, description="one country")
     ] = None,
+    limit: AggregateLimit = AGGREGATE_PAGE,
+    offset: Offset = 0,
 ) -> CountryMonthlyTotals:
     """Per month and country, count and total per type in [from, to] (months, inclusive),
-    ordered by month then country; the country is the user's current one (null: orphans)."""
+    ordered by month then country; the country is the user's current one (null: orphans).
+    One page of at most ``limit`` rows; ``next`` is the URL of the next page (null on the
+    last)."""
     first = first_day(month_from) if month_from else EARLIEST
     last = first_day(month_to) if month_to else LATEST
-    rows = await context(state).cached(country_monthly, Span(first, last), country)
+    found = await context(state).cached(
+        country_monthly, Span(first, last), country, limit + 1, offset
+    )
+    rows = found[:limit]
     months = [
         CountryMonth(
             month=r.month.strftime("%Y-%m"),
@@ -214,8 +266,16 @@ async def country_monthly_v1(
         )
         for r in rows
     ]
+    params = {"from": month_from, "to": month_to, "country": country}
+    more = len(found) > limit
     return CountryMonthlyTotals(
-        month_from=month_from, month_to=month_to, country=country, months=months
+        month_from=month_from,
+        month_to=month_to,
+        country=country,
+        limit=limit,
+        offset=offset,
+        next_page=next_page("/v1/countries/monthly", params, limit, offset, len(rows), more),
+        months=months,
     )
 
 
@@ -297,18 +357,34 @@ async def upload_v1(request: Request[Any, Any, Any], state: State) -> Response[U
     responses={400: _BAD_REQUEST, 404: _NOT_FOUND},
 )
 def rejects_v1(state: State, file_id: Id, limit: Limit = 100, offset: Offset = 0) -> RejectsPage:
-    """A file's rejected rows in line order, one page: line, reason code, message, raw line."""
+    """A file's rejected rows in line order, one page: line, reason code, message, raw line
+    (its start, if ``raw_line_truncated``). A page ends early when its bytes pass a bound:
+    ``next`` is the URL of the next page (null on the last)."""
     with context(state).cursor() as cursor:
         found = rejects_page(cursor, int(file_id), limit, offset)
     if found is None:
         raise problem(404, f"no file {file_id} in the ledger")
     total, rows = found
+    more = offset + len(rows) < total
     return RejectsPage(
         file_id=int(file_id),
         total=total,
         limit=limit,
         offset=offset,
-        items=[RejectEntry(r.line_number, r.reason, r.message, r.raw_line) for r in rows],
+        next_page=next_page(
+            f"/v1/files/{int(file_id)}/rejects", {}, limit, offset, len(rows), more
+        ),
+        items=[
+            RejectEntry(
+                r.line_number,
+                r.reason,
+                r.message,
+                r.raw_line,
+                r.raw_line_bytes,
+                r.raw_line_truncated,
+            )
+            for r in rows
+        ],
     )
 
 
@@ -323,7 +399,8 @@ async def live() -> Liveness:
     responses={503: problem_spec("The warehouse is not open or the watcher is not running")},
 )
 async def ready(state: State) -> Readiness:
-    """200 once the warehouse is open and answers and the daemon's workers run, else 503."""
+    """200 once the warehouse is open and answers and the daemon's workers run, else 503.
+    ``disk_low`` (else null): files wait in the inbox for room on the warehouse's disk."""
     ctx = context(state)
     if ctx.db is None:
         raise problem(503, "not ready: the warehouse is not open")
@@ -334,9 +411,10 @@ async def ready(state: State) -> Readiness:
         raise problem(503, "not ready: the warehouse does not answer") from None
     if not ctx.ready():
         raise problem(503, "not ready: the watcher is not running")
+    disk = _disk_low(ctx)
     lag = ctx.lake_lag()
     if lag is None:
-        return Readiness(status="ready", warehouse_open=True)
+        return Readiness(status="ready", warehouse_open=True, disk_low=disk)
     replica = LakeReplica(
         lag.lake_version,
         lag.applied_version,
@@ -345,8 +423,22 @@ async def ready(state: State) -> Readiness:
         lag.applied_files,
         lag.files,
         round(lag.seconds_since_check, 3),
+        lag.quarantined_files,
+        lag.apply_errors,
+        lag.apply_error,
     )
-    return Readiness(status="ready", warehouse_open=True, lake=replica)
+    return Readiness(status="ready", warehouse_open=True, lake=replica, disk_low=disk)
+
+
+def _disk_low(ctx: ApiContext) -> DiskLowAnswer | None:
+    """The disk condition files wait on (None: none); still ready, reads are answered."""
+    stream = ctx.view.stream()
+    waiting = stream.files_waiting_for_disk if stream is not None else 0
+    free = free_disk_bytes(ctx.config.warehouse)
+    floor = ctx.config.min_free_disk_bytes
+    if not waiting and free >= floor:
+        return None
+    return DiskLowAnswer(free_bytes=free, min_free_disk_bytes=floor, files_waiting=waiting)
 
 
 def _ping(cursor: duckdb.DuckDBPyConnection) -> None:
