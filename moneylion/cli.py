@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from moneylion.config import Config, ConfigError, load_config
+from moneylion.errors import DiskLow
 from moneylion.schema import WarehouseLocked
 
 
 def _config(args: argparse.Namespace) -> Config:
+    """The config, with the process's umask set from it: every command that loads it may
+    create warehouse files (the database and its WAL, the export, logs, the staging folder)."""
     config = load_config(Path(args.config) if args.config else None)
     overrides = {}
     if getattr(args, "warehouse", None):
         overrides["warehouse"] = args.warehouse
     if getattr(args, "inbox", None):
         overrides["inbox"] = args.inbox
-    return config.with_overrides(**overrides) if overrides else config
+    config = config.with_overrides(**overrides) if overrides else config
+    os.umask(config.umask_bits)
+    return config
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -135,7 +141,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the daemon: watcher, ingest worker, exporter and API in one process."""
-    from moneylion.api.access import exposure_refusal
+    from moneylion.api.access import exposure_refusal, host_note
     from moneylion.daemon import serve
 
     config = _config(args)
@@ -143,6 +149,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if refusal is not None:
         print(f"moneylion: {refusal}", file=sys.stderr)
         return 2
+    note = host_note(config)  # ConfigError (exit 2) for a bad allowed_hosts or trusted_proxies
+    if note is not None:
+        print(f"moneylion: {note}", file=sys.stderr)
     return serve(config)
 
 
@@ -215,3 +224,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WarehouseLocked as exc:
         print(f"moneylion: {exc}", file=sys.stderr)
         return 3
+    except DiskLow as exc:  # the file is left as it is: run again once there is room
+        print(f"moneylion: {exc}", file=sys.stderr)
+        return 1

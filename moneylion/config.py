@@ -81,7 +81,7 @@ class Config:
     # Bearer token every route but liveness requires; "" (unset) is allowed on loopback only.
     api_token: str = dataclasses.field(default="", repr=False)
     max_upload_bytes: int = 64 * 1024 * 1024  # larger bodies of POST /v1/files answer 413
-    # Host header values answered; empty: the loopback names and ``host``. Others: 421.
+    # Host header values answered besides the loopback names and ``host``. Others: 421.
     allowed_hosts: list[str] = dataclasses.field(default_factory=list)
     # Addresses (or networks) whose X-Forwarded-For names the client; empty: trust none.
     trusted_proxies: list[str] = dataclasses.field(default_factory=list)

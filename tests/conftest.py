@@ -63,11 +63,19 @@ def write_csv(path: Path, header: str, lines: Iterable[str]) -> Path:
     return path
 
 
+# The host Litestar's TestClient names in every request: allowed beside the loopback names.
+TEST_CLIENT_HOST = "testserver.local"
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
     """The project's defaults with inbox and warehouse inside tmp_path."""
     base = load_config(environ={})
-    cfg = base.with_overrides(inbox=tmp_path / "inbox", warehouse=tmp_path / "warehouse")
+    cfg = base.with_overrides(
+        inbox=tmp_path / "inbox",
+        warehouse=tmp_path / "warehouse",
+        allowed_hosts=[TEST_CLIENT_HOST],
+    )
     cfg.inbox.mkdir(parents=True)
     cfg.warehouse.mkdir(parents=True)
     return cfg
@@ -118,7 +126,7 @@ class Loaded:
 def build_loaded(base: Path, seed_files: tuple[Path, Path]) -> Loaded:
     """Seed + extra files ingested with ingest_file into a warehouse under ``base``."""
     config = load_config(environ={}).with_overrides(
-        inbox=base / "inbox", warehouse=base / "warehouse"
+        inbox=base / "inbox", warehouse=base / "warehouse", allowed_hosts=[TEST_CLIENT_HOST]
     )
     config.inbox.mkdir(parents=True)
     extra_dir = base / "extra"

@@ -131,6 +131,26 @@ def test_login_takes_the_token_and_sets_an_http_only_strict_cookie(
     context.close()
 
 
+def test_log_out_ends_the_session_on_the_server(browser: Any, daemon: DaemonProcess) -> None:
+    """The browser's own forms post with its Origin: the login and the logout pass the
+    same-origin rule; the cookie kept from before the logout opens nothing."""
+    context = browser.new_context()
+    tab = context.new_page()
+    tab.goto(url(daemon, "/"))
+    tab.fill("#token", TOKEN)
+    tab.click("form[action='/login'] button")
+    tab.wait_for_selector("h1:text('Dashboard')")
+    (cookie,) = context.cookies()
+    kept = {"Cookie": f"moneylion_session={cookie['value']}"}
+    assert httpx.get(url(daemon, "/v1/files"), headers=kept, timeout=10).status_code == 200
+    tab.click("form[action='/logout'] button")
+    tab.wait_for_selector("h1:text('Log in')")
+    assert context.cookies() == []
+    assert httpx.get(url(daemon, "/v1/files"), headers=kept, timeout=10).status_code == 401
+    assert tab.goto(url(daemon, "/")).status == 401
+    context.close()
+
+
 # --- each section against the API -------------------------------------------------------------
 
 

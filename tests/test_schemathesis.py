@@ -3,7 +3,9 @@
 For every operation in /schema/openapi.json, schemathesis generates valid requests and, for
 operations with parameters, invalid ones, and checks status codes, content types, headers and
 bodies against the schema. Bounded to 25 examples per operation and mode. The app has an
-``api_token``, as it must off loopback: every call carries it.
+``api_token``, as it must off loopback: every call carries it. It runs under real uvicorn on
+127.0.0.1 with the default host and origin rules (``access.RequestGuard``): every call names
+``Host: 127.0.0.1:<port>`` as any client does, and the same server refuses another host.
 
 (schemathesis.pytest.from_fixture fails on pytest 9 — it sets ``node._nodeid`` — so each test
 draws the operation's cases with hypothesis directly.)
@@ -11,8 +13,10 @@ draws the operation's cases with hypothesis directly.)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -23,7 +27,7 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from moneylion.api import create_app
 from moneylion.config import load_config
-from tests.conftest import Loaded
+from tests.conftest import Loaded, serving
 
 TOKEN = "schemathesis-token-0123456789"  # noqa: S105 - a test token
 
@@ -47,13 +51,36 @@ CASES = _cases()
 
 
 @pytest.fixture(scope="module")
-def api_schema(loaded: Loaded) -> OpenApiSchema:
-    app = create_app(loaded.config.with_overrides(api_token=TOKEN), loaded.conn)
+def base_url(loaded: Loaded) -> Iterator[str]:
+    """The app with the project's defaults for hosts and origins (nothing allowed beyond the
+    loopback names), served by uvicorn on 127.0.0.1. No limit on failed tokens: schemathesis
+    checks that each broken token is answered 401, which the limit would turn into 429 after
+    ten (the limit has its own tests)."""
+    config = loaded.config.with_overrides(
+        api_token=TOKEN, allowed_hosts=[], trusted_proxies=[], auth_failures_per_minute=0
+    )
+    with serving(create_app(config, loaded.conn)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def api_schema(base_url: str) -> OpenApiSchema:
     # schemathesis sends the token itself (so its negative cases can leave it out or break it).
     config = SchemathesisConfig.from_dict({"auth": {"openapi": {"bearer": {"bearer": TOKEN}}}})
-    return schemathesis.openapi.from_asgi(
-        "/schema/openapi.json", app, config=config, headers={"Authorization": f"Bearer {TOKEN}"}
+    return schemathesis.openapi.from_url(
+        f"{base_url}/schema/openapi.json",
+        config=config,
+        headers={"Authorization": f"Bearer {TOKEN}"},
     )
+
+
+def test_the_server_under_test_applies_the_host_and_origin_rules(base_url: str) -> None:
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=base_url, headers=bearer, timeout=10) as client:
+        assert client.get("/v1/files", headers={"Host": "evil.example"}).status_code == 421
+        evil = {"Origin": "http://evil.example", "Content-Type": "text/csv"}
+        assert client.post("/v1/files", headers=evil, content=b"").status_code == 403
+        assert client.get("/v1/files").status_code == 200
 
 
 def test_the_schema_has_every_operation() -> None:

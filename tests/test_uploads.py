@@ -193,7 +193,7 @@ def test_a_kill_during_an_upload_leaves_no_partial_file_in_the_inbox(tmp_path: P
         daemon.start()
         with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
             head = (
-                "POST /v1/files?name=interrupted.csv HTTP/1.1\r\nHost: test\r\n"
+                "POST /v1/files?name=interrupted.csv HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                 f"Content-Type: text/csv\r\nContent-Length: {len(body)}\r\n\r\n"
             )
             sock.sendall(head.encode() + body[:half])

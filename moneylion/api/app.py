@@ -19,7 +19,6 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.middleware import ASGIMiddleware
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import (
     Components,
     OpenAPIMediaType,
@@ -33,11 +32,12 @@ from litestar.template import TemplateConfig
 from litestar.types import Middleware
 
 from moneylion import health
-from moneylion.api.access import LIVENESS_PATH, TokenMiddleware
+from moneylion.api.access import LIVENESS_PATH, Access, RequestGuard, TokenMiddleware
 from moneylion.api.dashboard import dashboard_router, static_router
 from moneylion.api.errors import PROBLEM_MEDIA_TYPE, log_api_error, problem_details_plugin
 from moneylion.api.metrics import MetricsController, metrics_registry, prometheus_config
 from moneylion.api.seed import seed_router
+from moneylion.api.swagger import VendoredSwaggerPlugin, docs_router
 from moneylion.api.uploads import clear_uploads
 from moneylion.api.v1 import v1_router
 from moneylion.api.warehouse import ApiContext, DaemonView, IngestView, Standalone, WarehouseView
@@ -46,6 +46,9 @@ from moneylion.config import Config
 log = logging.getLogger(__name__)
 
 Lifespan = Callable[[Litestar], AbstractAsyncContextManager[None]]
+# A request body's bound unless its route sets its own (uploads count theirs, the login is 4 KiB):
+# past it, 413 before the body is read whole.
+REQUEST_BODY_MAX_BYTES = 64 * 1024
 
 
 def create_app(
@@ -88,21 +91,26 @@ def create_app(
 
     prometheus = prometheus_config()
     templates = templates_environment()
-    middleware: list[Middleware | ASGIMiddleware] = [prometheus.middleware]
-    if config.api_token:
+    # The guard first, in every mode: hosts, origins, the client behind trusted proxies.
+    middleware: list[Middleware | ASGIMiddleware] = [RequestGuard(config), prometheus.middleware]
+    access = Access.from_config(config) if config.api_token else None
+    if access is not None:
         login = templates.get_template("login.html")
         middleware.insert(
-            0,
+            1,
             TokenMiddleware(
-                config.api_token, lambda target, status: login.render(next=target, error=None)
+                access, lambda target, status, error: login.render(next=target, error=error)
             ),
         )
     app = Litestar(
         route_handlers=[seed_router, v1_router, MetricsController, dashboard_router, static_router],
-        state=State({"moneylion": ctx, "metrics_registry": metrics_registry(ctx)}),
+        state=State(
+            {"moneylion": ctx, "metrics_registry": metrics_registry(ctx), "access": access}
+        ),
         lifespan=[warehouse_lifespan, *lifespan],
         plugins=[problem_details_plugin()],
         middleware=middleware,
+        request_max_body_size=REQUEST_BODY_MAX_BYTES,
         after_exception=[log_api_error],
         template_config=TemplateConfig(engine=JinjaTemplateEngine.from_environment(templates)),
         openapi_config=OpenAPIConfig(
@@ -110,7 +118,9 @@ def create_app(
             version="1",
             description="Exact aggregates over CSV files dropped in an inbox.",
             path="/schema",
-            render_plugins=[SwaggerRenderPlugin()],
+            openapi_router=docs_router("/schema"),
+            # Served at /schema too; no other renderer (Litestar's load from a CDN).
+            render_plugins=[VendoredSwaggerPlugin()],
             security=[{"bearer": []}] if config.api_token else None,
             components=Components(
                 security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}
@@ -127,14 +137,16 @@ def create_app(
 
 def document_token(app: Litestar) -> None:
     """Say in the OpenAPI schema (built now, then served as is) that every operation but
-    liveness needs the bearer token and may answer 401."""
+    liveness needs the bearer token and may answer 401, or 429 past auth_failures_per_minute."""
+    problem_content = {
+        PROBLEM_MEDIA_TYPE: OpenAPIMediaType(schema=Reference(ref="#/components/schemas/Problem"))
+    }
     unauthorized = OpenAPIResponse(
-        description="No token, or not the api_token",
-        content={
-            PROBLEM_MEDIA_TYPE: OpenAPIMediaType(
-                schema=Reference(ref="#/components/schemas/Problem")
-            )
-        },
+        description="No token, or not the api_token", content=problem_content
+    )
+    locked_out = OpenAPIResponse(
+        description="Too many failed tokens from this address (Retry-After says how long)",
+        content=problem_content,
     )
     for path, item in (app.openapi_schema.paths or {}).items():
         for method in ("get", "post", "put", "patch", "delete"):
@@ -145,6 +157,7 @@ def document_token(app: Litestar) -> None:
                 operation.security = [{}]  # no requirement: liveness answers anyone
             elif operation.responses is not None:
                 operation.responses["401"] = unauthorized
+                operation.responses["429"] = locked_out
 
 
 def templates_environment() -> Environment:

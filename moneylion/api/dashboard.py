@@ -12,23 +12,30 @@ no DuckDB statement while nothing commits. htmx is vendored in ``static/``."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from litestar import Request, Response, Router, get, post
 from litestar.datastructures import CacheControlHeader, Cookie, ResponseHeader, State
-from litestar.enums import RequestEncodingType
 from litestar.exceptions import NotFoundException
-from litestar.params import Body, PathParameter, QueryParameter
+from litestar.params import PathParameter, QueryParameter
 from litestar.response import Redirect, Template
 from litestar.static_files import create_static_files_router
 from markupsafe import Markup
 
 from moneylion import health
-from moneylion.api.access import PAGE_POLICY, SESSION_COOKIE, session_value, token_matches
+from moneylion.api.access import (
+    PAGE_POLICY,
+    SESSION_COOKIE,
+    Access,
+    client_address,
+    token_matches,
+    too_many_failures,
+)
 from moneylion.api.charts import SERIES, daily_chart, daily_table_rows, series_of
 from moneylion.api.models import money
 from moneylion.api.queries import (
@@ -46,6 +53,8 @@ from moneylion.api.queries import (
 from moneylion.api.uploads import receive_upload
 from moneylion.api.warehouse import ApiContext
 
+log = logging.getLogger(__name__)
+
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 REFRESH_SECONDS = 2
 DEFAULT_DAYS = 31  # the chart's range when none is chosen: the last month with data
@@ -54,6 +63,8 @@ FILES_SHOWN = (10, 20, 50, 100)
 TOP_SHOWN = (5, 10, 20, 50)
 REJECTS_PAGE = 50
 ONE_DAY = dt.timedelta(days=1)
+LOGIN_BODY_MAX_BYTES = 4096  # the login form: a token, a path to go back to
+LOGIN_FIELDS_MAX = 8
 Text = Annotated[str | None, QueryParameter(required=False)]
 
 
@@ -291,25 +302,39 @@ async def upload_form(request: Request[Any, Any, Any], state: State) -> Response
 
 @get("/login", include_in_schema=False)
 async def login_form(state: State, next: Text = None) -> Response[Any]:
-    if not context(state).config.api_token:
+    if _access(state) is None:
         return Redirect("/", status_code=303)
     return Template(template_name="login.html", context={"next": _local(next), "error": None})
 
 
-@post("/login", include_in_schema=False, status_code=303)
-async def login(
-    request: Request[Any, Any, Any],
-    state: State,
-    data: Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)],
-) -> Response[Any]:
-    """Check the token; set the session cookie (HttpOnly, SameSite=Strict) and go on."""
-    token = context(state).config.api_token
-    target = _local(data.get("next"))
-    if not token or not token_matches(data.get("token", ""), token):
+@post(
+    "/login",
+    include_in_schema=False,
+    status_code=303,
+    request_max_body_size=LOGIN_BODY_MAX_BYTES,  # larger: 413 before anything is parsed
+)
+async def login(request: Request[Any, Any, Any], state: State) -> Response[Any]:
+    """Check the token; set a session cookie (HttpOnly, SameSite=Strict, Max-Age) and go on.
+    Failed attempts count towards ``auth_failures_per_minute``: past it, 429."""
+    access = _access(state)
+    if access is None:
+        return Redirect("/", status_code=303)
+    form = _login_form(await request.body())
+    target = _local(form.get("next"))
+    if not token_matches(form.get("token", ""), access.token):
+        retry = access.failures.refuse(client_address(request.scope))
+        log.info(
+            "login_refused",
+            extra={"fields": {"client": client_address(request.scope), "limited": bool(retry)}},
+        )
         return Template(
             template_name="login.html",
-            context={"next": target, "error": "That is not the token."},
-            status_code=401,
+            context={
+                "next": target,
+                "error": "That is not the token." if retry is None else too_many_failures(retry),
+            },
+            status_code=401 if retry is None else 429,
+            headers={"retry-after": str(retry)} if retry is not None else None,
         )
     return Redirect(
         target,
@@ -317,7 +342,8 @@ async def login(
         cookies=[
             Cookie(
                 key=SESSION_COOKIE,
-                value=session_value(token),
+                value=access.sessions.issue(),
+                max_age=access.sessions.max_age_seconds,
                 httponly=True,
                 samesite="strict",
                 secure=request.url.scheme == "https",  # behind a TLS proxy passing the scheme
@@ -328,12 +354,34 @@ async def login(
 
 
 @post("/logout", include_in_schema=False, status_code=303)
-async def logout() -> Redirect:
+async def logout(request: Request[Any, Any, Any], state: State) -> Redirect:
+    """End the session server-side (its cookie no longer works, even if kept) and drop it."""
+    access = _access(state)
+    value = request.cookies.get(SESSION_COOKIE)
+    if access is not None and value:
+        access.sessions.revoke(value)
     return Redirect(
         "/login",
         status_code=303,
         cookies=[Cookie(key=SESSION_COOKIE, value="", max_age=0, path="/")],
     )
+
+
+def _access(state: State) -> Access | None:
+    access: Access | None = state.get("access")
+    return access
+
+
+def _login_form(body: bytes) -> dict[str, str]:
+    """The login form's fields (the first value of each); a malformed body has none."""
+    try:
+        pairs = parse_qsl(body.decode("utf-8", "replace"), max_num_fields=LOGIN_FIELDS_MAX)
+    except ValueError:
+        return {}
+    form: dict[str, str] = {}
+    for key, value in pairs:
+        form.setdefault(key, value)
+    return form
 
 
 def _local(target: str | None) -> str:

@@ -19,12 +19,14 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
 from litestar import Request
+from litestar.exceptions import InternalServerException
 from multipart import MultipartError, MultipartSegment, PushMultipartParser
 
 from moneylion.api.errors import problem
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers allowed beyond the file
 NAME_MAX = 120  # characters kept of the client's file name
+CLIENT_GONE = "client disconnected prematurely"  # Litestar's detail for an http.disconnect
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -135,7 +138,7 @@ async def receive_upload(request: Request[Any, Any, Any], ctx: ApiContext) -> Up
             await _receive_form(request, staged, options.get("boundary", ""))
         else:
             staged.name = request.query_params.get("name")
-            async for chunk in request.stream():
+            async for chunk in _body(request):
                 if chunk:
                     staged.write(chunk)
         await anyio.to_thread.run_sync(os.fsync, staged.fd)
@@ -170,7 +173,7 @@ async def _receive_form(request: Request[Any, Any, Any], staged: _Staged, bounda
     other_bytes = 0
     try:
         with PushMultipartParser(boundary, max_segment_count=16) as parser:
-            async for chunk in request.stream():
+            async for chunk in _body(request):
                 for event in parser.parse(chunk):
                     if isinstance(event, MultipartSegment):
                         taking = not taken and (event.filename is not None or event.name == "file")
@@ -191,6 +194,19 @@ async def _receive_form(request: Request[Any, Any, Any], staged: _Staged, bounda
         raise problem(400, f"malformed multipart/form-data: {exc}") from None
     if not taken:
         raise problem(400, "the form holds no file (a part named 'file' or with a filename)")
+
+
+async def _body(request: Request[Any, Any, Any]) -> AsyncIterator[bytes]:
+    """The request's body as it arrives. A client gone before its end (it hung up, or the
+    server cut a body that came too slowly) is the client's doing: a 400 logged as a client
+    error, not Litestar's 500 with a traceback."""
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except InternalServerException as exc:
+        if exc.detail != CLIENT_GONE:
+            raise
+        raise problem(400, "the client went away before the upload was complete") from None
 
 
 def _publish(staged: Path, inbox: Path, requested: str | None, sha256: str) -> str:
