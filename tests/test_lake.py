@@ -486,3 +486,33 @@ def test_the_scenario_is_not_trivial(tmp_path: Path) -> None:
     assert scenario.shared
     assert scenario.only[0]
     assert scenario.only[1]
+
+
+def test_a_local_error_while_applying_is_retried_never_a_quarantine(
+    lake_config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk or a lock while a replica applies says nothing of the lake's rows: the
+    entry stays pending (no quarantine, the mark unmoved) and applies once the error is gone."""
+    paths = files_of(tmp_path / "src", seed=6)[:4]
+    LakePublisher(lake_for(lake_config), lake_config).publish_paths(paths, lake_config)
+    conn = open_warehouse(lake_config)
+    tailer = LakeTailer(conn.cursor(), lake_config)
+    screen_rows = apply.screen_rows
+
+    def disk_full(*args: Any, **kwargs: Any) -> Any:
+        raise duckdb.IOException("No space left on device")
+
+    monkeypatch.setattr(apply, "screen_rows", disk_full)
+    with pytest.raises(duckdb.IOException):
+        tailer.catch_up(lake_for(lake_config))
+    assert tailer.mark == apply.Mark()
+    assert tailer.lag().quarantined_files == 0
+    monkeypatch.setattr(apply, "screen_rows", screen_rows)
+    tailer.catch_up(lake_for(lake_config))
+    assert tailer.lag().files == 0
+    assert tailer.lag().quarantined_files == 0
+    assert conn.execute("SELECT count(*) FROM lake_quarantine").fetchall() == [(0,)]
+    (files,) = conn.execute("SELECT count(*) FROM files").fetchall()[0]
+    assert files == len(ledger_rows(Path(lake_config.lake_uri)))
+    assert verify(conn) == []
+    conn.close()

@@ -10,6 +10,10 @@ split the ledger into commits, derives the same state.
 
 The mark (``lake_applied``: the lake version and the last file applied) is written in the same
 DuckDB transaction as the rows: a crash loses neither, and nothing is applied twice.
+
+Nothing read from the lake is believed for more than its content shows (``screen.py``): a
+ledger entry whose ledger row or rows break a rule is skipped whole, and recorded as such in
+the same transaction as the mark.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import itertools
 import logging
 import time
 from collections import defaultdict
@@ -31,6 +36,7 @@ import pyarrow as pa
 from moneylion import aggregates, ledger
 from moneylion.append import stored_ids_among
 from moneylion.config import ConfigError
+from moneylion.lake.screen import QUARANTINE_DDL, Quarantined, record, screen_rows
 from moneylion.lake.store import Lake
 from moneylion.lake.tables import ROW_TABLES, SHA256, WRITE_ID
 from moneylion.ledger import FileOutcome
@@ -39,6 +45,7 @@ from moneylion.resolve import (
     Applied,
     Stager,
     create_staging,
+    insert_rejects,
     resolve,
     resolve_gathered,
     store_rejects,
@@ -72,6 +79,7 @@ class Mark:
 def open_mark(conn: duckdb.DuckDBPyConnection) -> Mark:
     """The replica's mark (made if missing); refuses a warehouse filled in local mode."""
     conn.execute(MARK_DDL)
+    conn.execute(QUARANTINE_DDL)
     rows = conn.execute("SELECT version, file_id FROM lake_applied").fetchall()
     if rows:
         return Mark(int(rows[0][0]), int(rows[0][1]))
@@ -84,45 +92,60 @@ def open_mark(conn: duckdb.DuckDBPyConnection) -> Mark:
     return Mark()
 
 
+Entry = tuple[dict[str, Any], Quarantined | None]  # a ledger row, skipped (and why) or not
+
+
 def apply_files(
     conn: duckdb.DuckDBPyConnection,
     lake: Lake,
-    ledger_rows: list[dict[str, Any]],
+    entries: list[Entry],
     mark: Mark,
     *,
     top_users_kept: int,
-) -> list[FileOutcome]:
-    """Apply ``ledger_rows`` (consecutive files after ``mark.file_id``, in order) in one local
-    transaction that also moves the mark to ``mark.version``; their outcomes here."""
-    if not ledger_rows:
-        return []
-    first, last = ledger_rows[0]["file_id"], ledger_rows[-1]["file_id"]
-    if first != mark.file_id + 1 or last - first + 1 != len(ledger_rows):
-        raise RuntimeError(f"ledger files {first}..{last} do not follow file {mark.file_id}")
-    started = time.perf_counter()
+    reject_line_bytes: int,
+) -> tuple[list[FileOutcome], list[Quarantined]]:
+    """Apply ``entries`` (ledger rows screened by ``screen.screen_ledger``, in order, their
+    file ids increasing) in one local transaction that also moves the mark to ``mark``; the
+    outcomes of the files applied, and the entries skipped (theirs, and those whose rows
+    break a rule)."""
+    skipped = [entry for _, entry in entries if entry is not None]
     of_kind: dict[FileKind, list[dict[str, Any]]] = defaultdict(list)
-    for row in ledger_rows:
-        if row["status"] == "loaded" and row[WRITE_ID] is not None:
+    for row, entry in entries:
+        if entry is None and row["status"] == "loaded" and row[WRITE_ID] is not None:
             of_kind[FileKind(row["kind"])].append(row)
+    for kind, files in of_kind.items():
+        broken = screen_rows(conn, lake, kind, files)
+        skipped += broken.values()
+        of_kind[kind] = [row for row in files if row["file_id"] not in broken]
+    gone = {id(entry.row) for entry in skipped}
+    ledger_rows = [row for row, _ in entries if id(row) not in gone]
+    ids = [int(row["file_id"]) for row in ledger_rows]
+    if any(b <= a for a, b in itertools.pairwise(ids)) or ids[-1:] > [mark.file_id]:
+        raise RuntimeError(f"ledger files {ids} do not increase up to file {mark.file_id}")
+    first, last = (ids[0], ids[-1]) if ids else (mark.file_id, mark.file_id)
+    started = time.perf_counter()
     applied: dict[int, Applied] = {}
     rejected: dict[int, dict[str, int]] = {}
     conn.execute("BEGIN TRANSACTION")
     try:
         for kind, files in of_kind.items():
-            alone = _append_alone(conn, lake, kind, files)
+            if not files:
+                continue
+            alone = _append_alone(conn, lake, kind, files, reject_line_bytes)
             if alone is not None:
                 applied[files[0]["file_id"]], rejected[files[0]["file_id"]] = alone
                 continue
             if sum(int(r["rows_loaded"] or 0) for r in files) <= GATHERED_ROWS:
                 # Few rows: decided in Python with a lookup or two, as local mode's batches.
-                found = resolve_gathered(conn, _gather(conn, lake, kind, files), utc_now())
+                gathered = _gather(conn, lake, kind, files)
+                found = resolve_gathered(conn, gathered, utc_now(), reject_line_bytes)
                 applied.update(found)
                 rejected.update({f: a.rejected_by_reason for f, a in found.items()})
                 continue
             create_staging(conn, kind)
             _stage(conn, lake, kind, files)
             applied.update(resolve(conn, kind))
-            rejected.update(store_rejects(conn))
+            rejected.update(store_rejects(conn, reject_line_bytes))
         loaded = {
             kind: sum(applied.get(r["file_id"], Applied()).loaded for r in of_kind.get(kind, []))
             for kind in FileKind
@@ -138,10 +161,11 @@ def apply_files(
             )
         outcomes = [_outcome(row, applied, rejected) for row in ledger_rows]
         ledger.insert(conn, outcomes)
+        record(conn, skipped)
         conn.execute("DELETE FROM lake_applied")
         conn.execute(
             "INSERT INTO lake_applied VALUES ($version, $file_id, $now)",
-            {"version": mark.version, "file_id": last, "now": dt.datetime.now(dt.UTC)},
+            {"version": mark.version, "file_id": mark.file_id, "now": dt.datetime.now(dt.UTC)},
         )
         conn.execute("COMMIT")
     except BaseException:
@@ -156,11 +180,12 @@ def apply_files(
                 "last": last,
                 "version": mark.version,
                 "rows": sum(o.rows_loaded for o in outcomes),
+                "skipped": len(skipped),
                 "seconds": round(time.perf_counter() - started, 4),
             }
         },
     )
-    return outcomes
+    return outcomes, skipped
 
 
 def move_mark(conn: duckdb.DuckDBPyConnection, mark: Mark) -> None:
@@ -204,13 +229,17 @@ _APPEND_ALONE = (
     f"FROM lake_rows WHERE {_ALONE_WHERE}"
 )
 _REJECTS_ALONE = (
-    "INSERT INTO rejects BY NAME SELECT $file_id AS file_id, line_number, reason, message, "
-    f"raw_line FROM lake_rows WHERE {_ALONE_WHERE} ORDER BY line_number"
+    "SELECT $file_id AS file_id, line_number, reason, message, raw_line "
+    f"FROM lake_rows WHERE {_ALONE_WHERE}"
 )
 
 
 def _append_alone(
-    conn: duckdb.DuckDBPyConnection, lake: Lake, kind: FileKind, files: list[dict[str, Any]]
+    conn: duckdb.DuckDBPyConnection,
+    lake: Lake,
+    kind: FileKind,
+    files: list[dict[str, Any]],
+    reject_line_bytes: int,
 ) -> tuple[Applied, dict[str, int]] | None:
     """The fast way for a large transactions file alone (see above); None: not this one."""
     if kind is not FileKind.TRANSACTIONS or len(files) != 1:
@@ -237,7 +266,9 @@ def _append_alone(
     if int(row["rows_rejected"] or 0):
         conn.register("lake_rows", lake.rows_of("rejects", owner))
         try:
-            conn.execute(_REJECTS_ALONE, {**params, "file_id": row["file_id"]})
+            insert_rejects(
+                conn, _REJECTS_ALONE, reject_line_bytes, {**params, "file_id": row["file_id"]}
+            )
             found = conn.execute(
                 f"SELECT reason, count(*) FROM lake_rows WHERE {_ALONE_WHERE} GROUP BY ALL",
                 params,

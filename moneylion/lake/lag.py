@@ -15,6 +15,9 @@ class LakeLag:
     lake_files: int  # files in the lake's ledger (the last file id)
     applied_files: int  # files applied here (the last file id)
     seconds_since_check: float  # since the lake's version was last read
+    quarantined_files: int = 0  # ledger entries skipped: a row broke a rule (lake/screen.py)
+    apply_errors: int = 0  # attempts to apply that failed here (retried), since the start
+    apply_error: str | None = None  # the kind of error the last attempt ended in; None: none
 
     @property
     def versions(self) -> int:

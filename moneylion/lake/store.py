@@ -26,11 +26,20 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from moneylion.errors import Transient
-from moneylion.lake.tables import FILES_SCHEMA, LAKE_VERSION, SCHEMAS, WRITE_ID, app_id
+from moneylion.lake.tables import (
+    FILE_ID_MAX,
+    FILES_SCHEMA,
+    LAKE_VERSION,
+    SCHEMAS,
+    WRITE_ID,
+    app_id,
+)
 from moneylion.ledger import Known
 
 log = logging.getLogger(__name__)
 
+# The ledger's order (the first two decide for every row a daemon commits).
+LEDGER_ORDER = (LAKE_VERSION, "file_id", "sha256", "name", WRITE_ID)
 LEDGER_ATTEMPTS = 200  # commits lost to other daemons before a ledger commit gives up
 # Compaction once a table has this many data files: a small file is one or a few commits.
 COMPACT_AFTER_FILES = 64
@@ -167,13 +176,15 @@ class Lake:
 
     def ledger_since(self, version: int, table: DeltaTable | None = None) -> pa.Table:
         """The ledger rows committed after ``version`` (up to the version ``table`` is at), in
-        file order."""
+        the ledger's order: by commit, then file id (the same as file order for the rows
+        ``commit_ledger`` writes), then the columns that tell any other rows apart, so that
+        every reader sees rows written by others in one order too."""
         files = table if table is not None else self.table("files")
         if files.version() <= version:
             return FILES_SCHEMA.empty_table()
         dataset = files.to_pyarrow_dataset(file_pruning_predicate=f"{LAKE_VERSION} > {version}")
         found = dataset.to_table(filter=ds.field(LAKE_VERSION) > version)
-        return found.sort_by("file_id")
+        return found.sort_by([(name, "ascending") for name in LEDGER_ORDER])
 
     def refresh_index(self) -> DeltaTable:
         """Bring the ledger index up to the latest version of ``files``; the table at it."""
@@ -184,9 +195,13 @@ class Lake:
             for row in rows.select(
                 ["file_id", "sha256", "status", "error_reason", "error"]
             ).to_pylist():
+                # Rows another writer made need not be well formed (screen.py): a file id
+                # out of range is not followed, and the first row of a sha256 is its file.
+                if not isinstance(row["file_id"], int) or not 0 < row["file_id"] <= FILE_ID_MAX:
+                    continue
                 if row["sha256"] is not None:
                     known = (row["file_id"], row["status"], row["error_reason"], row["error"])
-                    self.index.files[row["sha256"]] = known
+                    self.index.files.setdefault(row["sha256"], known)
                 self.index.last_file_id = max(self.index.last_file_id, row["file_id"])
             self.index.version = version
         return files

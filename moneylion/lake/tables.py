@@ -22,6 +22,9 @@ from moneylion.model import TABLES, FileKind
 WRITE_ID = "write_id"
 SHA256 = "file_sha256"
 LAKE_VERSION = "lake_version"
+# File ids any JSON reader holds exactly; past it, a ledger row is not one a daemon writes
+# (and the ids after it would soon leave BIGINT).
+FILE_ID_MAX = 2**53 - 1
 # Columns every row table has before the model's: whose rows these are.
 _OWNER = [pa.field(SHA256, pa.string(), nullable=False), pa.field(WRITE_ID, pa.int64(), False)]
 _WHERE = [pa.field("line", pa.int64(), False), pa.field("raw_line", pa.string())]

@@ -6,6 +6,10 @@ version every ``lake_poll_seconds``; new ledger rows are applied in chunks of bo
 each one local transaction with its mark (``apply.py``). A new replica, or one whose warehouse
 was deleted, starts from mark (-1, 0): it rebuilds itself from the whole ledger.
 
+A ledger entry that breaks a rule (``screen.py``) is skipped, and counted; an error of this
+side (a full disk, a lock, the lake out of reach) is retried after a pause, and counted too:
+both show in health and metrics.
+
 A second thread runs the lake's maintenance (compaction, checkpoints) every
 ``lake_maintenance_seconds``, on its own ``Lake`` (DeltaTable objects are not shared).
 """
@@ -16,13 +20,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import duckdb
 
 from moneylion.config import Config
-from moneylion.lake.apply import Mark, apply_files, move_mark, open_mark
+from moneylion.lake.apply import Entry, Mark, apply_files, move_mark, open_mark
 from moneylion.lake.lag import LakeLag
+from moneylion.lake.screen import log_quarantined, quarantined_count, screen_ledger
 from moneylion.lake.store import Lake
 from moneylion.priority import lower_thread_priority
 from moneylion.schema import rollback
@@ -53,6 +57,9 @@ class LakeTailer(threading.Thread):
         self.config = config
         self.on_applied = on_applied
         self.mark = open_mark(conn)
+        self.quarantined = quarantined_count(conn)
+        self.apply_errors = 0
+        self.apply_error: str | None = None  # the kind of error the last attempt ended in
         self.lake_version = -1
         self.lake_files = 0
         self.checked_at = time.monotonic()
@@ -74,6 +81,9 @@ class LakeTailer(threading.Thread):
             self.lake_files,
             self.mark.file_id,
             time.monotonic() - self.checked_at,
+            self.quarantined,
+            self.apply_errors,
+            self.apply_error,
         )
 
     def run(self) -> None:
@@ -92,12 +102,15 @@ class LakeTailer(threading.Thread):
         while not self.stopping.is_set():
             try:
                 self.catch_up(lake)
-            except Exception:
+            except Exception as exc:
+                self.apply_errors += 1
+                self.apply_error = type(exc).__name__
                 log.exception("lake_apply_failed", extra={"fields": {"file_id": self.mark.file_id}})
                 rollback(self.conn)
                 self.stopping.wait(ERROR_BACKOFF_SECONDS)
                 lake = lake_for(self.config)
                 continue
+            self.apply_error = None
             self._poked.wait(self.config.lake_poll_seconds)
             self._poked.clear()
         log.info("lake_tailer_stopped", extra={"fields": {"file_id": self.mark.file_id}})
@@ -110,9 +123,9 @@ class LakeTailer(threading.Thread):
         if version <= self.mark.version:
             return 0
         rows = lake.ledger_since(self.mark.version, files)
-        pending = [r for r in rows.to_pylist() if r["file_id"] > self.mark.file_id]
-        if rows.num_rows:
-            self.lake_files = max(self.lake_files, int(rows.column("file_id").to_pylist()[-1]))
+        screened = screen_ledger(self.conn, rows.to_pylist(), self.mark.file_id)
+        self.lake_files = max(self.lake_files, screened.last_file_id or 0)
+        pending = screened.entries
         done = 0
         while pending and not self.stopping.is_set():
             chunk = _chunk(pending)
@@ -120,14 +133,20 @@ class LakeTailer(threading.Thread):
             # The mark's version moves only with the last chunk: until then, later versions
             # are only partly applied (the file id says how far).
             through = version if not pending else self.mark.version
-            apply_files(
+            passed = [int(row["file_id"]) for row, skipped in chunk if skipped is None]
+            mark = Mark(through, passed[-1] if passed else self.mark.file_id)
+            _, skipped = apply_files(
                 self.conn,
                 lake,
                 chunk,
-                Mark(through, self.mark.file_id),
+                mark,
                 top_users_kept=self.config.top_users_kept,
+                reject_line_bytes=self.config.reject_line_bytes,
             )
-            self.mark = Mark(through, int(chunk[-1]["file_id"]))
+            self.mark = mark
+            if skipped:
+                self.quarantined = quarantined_count(self.conn)
+                log_quarantined(skipped)
             done += len(chunk)
             if self.on_applied is not None:
                 self.on_applied()
@@ -153,11 +172,12 @@ class LakeTailer(threading.Thread):
         return not self.is_alive()
 
 
-def _chunk(pending: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _chunk(pending: list[Entry]) -> list[Entry]:
     """The files at the head of ``pending`` that one local transaction takes (at least one)."""
     rows = 0
-    for at, row in enumerate(pending):
-        rows += int(row["rows_loaded"] or 0)
+    for at, (row, skipped) in enumerate(pending):
+        if skipped is None:
+            rows += int(row["rows_loaded"])
         if at and (rows > CHUNK_ROWS or at >= CHUNK_FILES):
             return pending[:at]
     return pending
