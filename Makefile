@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-bench run test test-fast lint format bench screenshots clean
+.PHONY: help install install-bench run test test-fast lint format bench bench-compare screenshots clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -23,8 +23,9 @@ install-bench: $(STAMP) ## add the bench extra (pyspark, for bench/lake.py's Spa
 run: $(STAMP) ## start the daemon on config.toml (inbox/ -> warehouse/, API on 127.0.0.1:8000)
 	$(BIN)/moneylion serve
 
-test: $(STAMP) ## run the whole test suite
-	$(BIN)/python -m pytest -q
+test: $(STAMP) ## run the whole test suite: on two workers, then the tests that time an answer alone
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not serial"
+	$(BIN)/python -m pytest -q -m serial
 
 test-fast: $(STAMP) ## the test suite without the slow end-to-end, crash and property tests
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -47,6 +48,9 @@ bench: $(STAMP) ## run the benchmarks and print their figures (takes minutes)
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/crash.py
 	$(BIN)/python bench/lake.py
+
+bench-compare: $(STAMP) ## this tree's single-file figures against bench/BASELINE's commit, interleaved, with ratios
+	$(BIN)/python bench/compare.py
 
 screenshots: $(STAMP) ## retake docs/dashboard-{desktop,phone}.png with the browser tests (needs chromium)
 	MONEYLION_SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/test_dashboard_browser.py -k screenshot
