@@ -189,7 +189,17 @@ def checkout(ref: str) -> Side:
         print(f"installing {ref} ({commit[:12]}) into {tree}/.venv ...", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(tree / ".venv")], check=True)
         subprocess.run(
-            [str(python), "-m", "pip", "install", "--quiet", "-c", "constraints.txt", "-e", "."],
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "-c",
+                "constraints.txt",
+                "-e",
+                ".[dev]",
+            ],
             cwd=tree,
             check=True,
         )

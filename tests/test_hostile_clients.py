@@ -1,4 +1,4 @@
-"""Issue 24's hostile clients and inputs, one test per row of its table, each against a real
+"""Hostile clients and inputs, one test per case of the table below, each against a real
 ``moneylion serve`` (real uvicorn, real sockets, real files; an "evil" origin in the headers,
 real zstd and gzip bombs built here, real Delta tables written by another writer). Every case
 is followed by an ordinary request or file that must still work, and every test that ingests
