@@ -68,6 +68,14 @@ TEST_CLIENT_HOST = "testserver.local"
 
 
 @pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A folder beside the inbox where tests write files before moving them in whole."""
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
 def config(tmp_path: Path) -> Config:
     """The project's defaults with inbox and warehouse inside tmp_path."""
     base = load_config(environ={})

@@ -102,22 +102,12 @@ MIB = 1024 * 1024
 
 
 @pytest.fixture
-def outside(tmp_path: Path) -> Path:
-    folder = tmp_path / "outside"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
 def daemons(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], DaemonProcess]]:
     """Start a daemon on tmp_path's inbox and warehouse with extra MONEYLION_* settings."""
     started: list[DaemonProcess] = []
 
     def start(env: dict[str, str]) -> DaemonProcess:
-        process = DaemonProcess(
-            tmp_path / "inbox", tmp_path / "warehouse", env={"MONEYLION_LOG_LEVEL": "INFO", **env}
-        )
-        process.inbox.mkdir(exist_ok=True)
+        process = make_daemon(tmp_path, env)
         started.append(process)
         process.start()
         return process
@@ -323,11 +313,8 @@ PROMPT_SECONDS = 1.0  # liveness must answer within this while a big body is ref
 
 
 def access_daemon(tmp_path: Path, token: bool = True, **env: str) -> DaemonProcess:
-    settings = {"MONEYLION_LOG_LEVEL": "INFO", **env}
-    if token:
-        settings["MONEYLION_API_TOKEN"] = TOKEN
-    process = DaemonProcess(tmp_path / "inbox", tmp_path / "warehouse", env=settings)
-    process.inbox.mkdir(exist_ok=True)
+    settings = {**env, "MONEYLION_API_TOKEN": TOKEN} if token else env
+    process = make_daemon(tmp_path, settings)
     if token:
         process.client.headers.update(BEARER)
     return process
@@ -671,18 +658,14 @@ SLACK = 3.0  # seconds a timeout may be late by on a busy machine
 
 
 def slow_daemon_process(tmp_path: Path, head_seconds: float = HEAD_SECONDS) -> DaemonProcess:
-    process = DaemonProcess(
-        tmp_path / "inbox",
-        tmp_path / "warehouse",
-        env={
-            "MONEYLION_LOG_LEVEL": "INFO",
+    return make_daemon(
+        tmp_path,
+        {
             "MONEYLION_REQUEST_HEAD_SECONDS": str(head_seconds),
             "MONEYLION_REQUEST_BODY_MIN_RATE": str(MIN_RATE),
             "MONEYLION_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
         },
     )
-    process.inbox.mkdir(exist_ok=True)
-    return process
 
 
 @pytest.fixture
@@ -1087,10 +1070,7 @@ FORGED = "2030-01-01 00:00:00 ERROR    moneylion.worker disk_full warehouse=gone
 
 @pytest.fixture
 def reads_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
-    process = DaemonProcess(
-        tmp_path / "inbox", tmp_path / "warehouse", env={"MONEYLION_LOG_LEVEL": "INFO"}
-    )
-    process.inbox.mkdir()
+    process = make_daemon(tmp_path)
     process.start()
     yield process
     process.close()
@@ -1099,10 +1079,7 @@ def reads_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
 @pytest.fixture
 def guarded(tmp_path: Path) -> Iterator[DaemonProcess]:
     """A daemon with an api_token: the docs page needs the dashboard's login."""
-    process = DaemonProcess(
-        tmp_path / "inbox", tmp_path / "warehouse", env={"MONEYLION_API_TOKEN": DOCS_TOKEN}
-    )
-    process.inbox.mkdir()
+    process = make_daemon(tmp_path, {"MONEYLION_API_TOKEN": DOCS_TOKEN})
     process.client.headers["Authorization"] = f"Bearer {DOCS_TOKEN}"
     process.start()
     yield process

@@ -35,16 +35,14 @@ pytestmark = pytest.mark.slow
 SECRET = "vm-7f3a9c-outside-the-inbox"  # noqa: S105 - text to look for, not a password
 
 
-@pytest.fixture
-def outside(tmp_path: Path) -> Path:
-    folder = tmp_path / "outside"
-    folder.mkdir()
-    return folder
-
-
-def make_daemon(tmp_path: Path, **kwargs: Any) -> DaemonProcess:
+def make_daemon(tmp_path: Path, env: dict[str, str] | None = None, **kwargs: Any) -> DaemonProcess:
+    """A daemon (not started) on ``tmp_path``'s inbox and warehouse, logging at INFO, with
+    ``env``'s MONEYLION_* settings besides."""
     process = DaemonProcess(
-        tmp_path / "inbox", tmp_path / "warehouse", env={"MONEYLION_LOG_LEVEL": "INFO"}, **kwargs
+        tmp_path / "inbox",
+        tmp_path / "warehouse",
+        env={"MONEYLION_LOG_LEVEL": "INFO", **(env or {})},
+        **kwargs,
     )
     process.inbox.mkdir(exist_ok=True)
     return process
