@@ -15,7 +15,7 @@ import duckdb
 import pyarrow as pa
 
 from moneylion.model import DAILY_TOTALS, TYPE_COLUMN, USER_TOTALS, Aggregate, Fold, Measure
-from moneylion.schema import INDEX_LOOKUP_MAX, int_constants
+from moneylion.db import INDEX_LOOKUP_MAX, int_constants
 
 
 def _measure_sql(measure: Measure) -> str:

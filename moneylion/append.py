@@ -40,7 +40,7 @@ from moneylion.resolve import (
     store_rejects,
     utc_now,
 )
-from moneylion.schema import one_row
+from moneylion.db import one_row
 from moneylion.validate import (
     BATCH_ROWS,
     QUOTE_CHARS,

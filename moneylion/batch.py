@@ -30,7 +30,7 @@ from moneylion.errors import FileRefused
 from moneylion.ledger import FileOutcome
 from moneylion.model import FileKind
 from moneylion.resolve import Applied, Stager, resolve_gathered, utc_now
-from moneylion.schema import rollback
+from moneylion.db import rollback
 from moneylion.source import MEMORY_BYTES, Bounds, StagedFile, stage
 from moneylion.validate import Header, ValidatedRows, read_header, validate_rows
 

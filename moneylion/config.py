@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any, overload
 
 from moneylion.errors import MoneylionError
+from moneylion.tuning import Tuning
 
 ENV_PREFIX = "MONEYLION_"
 DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / "config.toml"
 NICEST = 19  # the lowest CPU priority Linux gives a thread
 MIN_TOKEN_LENGTH = 16  # a shorter api_token is refused (guessable)
+NOT_KEYS = ("tuning",)  # Config fields no config file or variable sets
 
 
 class ConfigError(MoneylionError, ValueError):
@@ -72,6 +74,8 @@ class Config:
     max_compression_ratio: int = 1000
     min_free_disk_bytes: int = 1024**3  # staging never leaves the warehouse's disk with less free
     reject_line_bytes: int = 4096  # a refused row's raw_line is kept up to this many bytes
+    # A transaction dated more than this many days after its file's arrival day is refused.
+    max_future_days: int = 1
     batch_max_files: int = 1000  # files committed together in one transaction, at most
     batch_max_rows: int = 200_000  # records of a batch, at most (past it the rest waits)
     batch_max_bytes: int = 64 * 1024 * 1024  # bytes of a batch, at most
@@ -97,6 +101,8 @@ class Config:
     lake_storage_options: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
     lake_poll_seconds: float = 0.2  # how often a replica looks for other daemons' commits
     lake_maintenance_seconds: float = 60.0  # how often a daemon compacts and checkpoints
+    # Not a key: how the work is done, never what it gives (moneylion/tuning.py).
+    tuning: Tuning = dataclasses.field(default_factory=Tuning, repr=False)
 
     duckdb_path = _Below("warehouse", "moneylion.duckdb")
     sqlite_path = _Below("warehouse", "moneylion.sqlite")
@@ -170,7 +176,7 @@ def load_config(
         with config_file.open("rb") as handle:
             values = tomllib.load(handle)
     base = config_file.resolve().parent
-    fields = {f.name: f.type for f in dataclasses.fields(Config)}
+    fields = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in NOT_KEYS}
     unknown = set(values) - set(fields)
     if unknown:
         raise ConfigError(f"unknown config keys in {config_file}: {sorted(unknown)}")

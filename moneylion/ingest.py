@@ -36,7 +36,7 @@ from moneylion.errors import FileRefused
 from moneylion.ledger import FileOutcome
 from moneylion.model import FileKind
 from moneylion.resolve import Applied, utc_now
-from moneylion.schema import rollback
+from moneylion.db import rollback
 from moneylion.source import Bounds, Part, StagedFile, stage
 from moneylion.validate import (
     Header,

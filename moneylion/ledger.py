@@ -18,7 +18,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from moneylion.resolve import append_arrow
+from moneylion.db import append_arrow
 from moneylion.source import Part
 
 log = logging.getLogger(__name__)

@@ -27,16 +27,11 @@ import pyarrow as pa
 
 from moneylion import aggregates
 from moneylion.model import COLUMNS, DOMAINS, TABLES, FileKind
-from moneylion.schema import INDEX_LOOKUP_MAX, int_constants
+from moneylion.db import INDEX_LOOKUP_MAX, append_arrow, int_constants, utc_now
 from moneylion.validate import Reject, RejectReason, ValidatedRows
 
 REJECTED_HERE = ("duplicate_in_file", "conflicts_with_stored")
 DUPLICATES = ("duplicate", "copy")  # the same row again: stored, earlier in the batch, or a copy
-
-
-def utc_now() -> dt.datetime:
-    """Now, in UTC, without a zone (DuckDB TIMESTAMP)."""
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 @dataclass
@@ -116,14 +111,6 @@ def arrow_rejects(rejects: list[tuple[int, Reject]]) -> pa.Table:
             "raw_line": pa.array([r.raw_line for _, r in rejects], type=pa.string()),
         }
     )
-
-
-def append_arrow(conn: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None:
-    conn.register("arrow_batch", rows)
-    try:
-        conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM arrow_batch")
-    finally:
-        conn.unregister("arrow_batch")
 
 
 # --- verdicts ---------------------------------------------------------------------------------

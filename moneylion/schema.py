@@ -6,16 +6,14 @@ brings it up to date and opening a current one changes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Any, cast
 
 import duckdb
 
 from moneylion.config import Config
+from moneylion.db import one_row, transaction
 from moneylion.errors import MoneylionError
 
 _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
@@ -35,36 +33,6 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-# Up to this many keys are looked up as a list of constants written into the statement, which
-# DuckDB serves from the column's index; more are joined (a long list of constants costs more
-# than the scan a join does).
-INDEX_LOOKUP_MAX = 256
-
-
-def int_constants(values: Iterable[object]) -> str:
-    """Integer keys as a SQL list of constants, each through ``int()``: only digits are
-    written into the statement. ``NULL`` for none (an IN list that matches nothing)."""
-    return ", ".join(str(int(cast(int, value))) for value in values) or "NULL"
-
-
-def one_row(conn: duckdb.DuckDBPyConnection, sql: str, params: object = None) -> tuple[Any, ...]:
-    """The single row a query returns, read to the end.
-
-    DuckDB 2 keeps a result read with ``fetchone()`` open, and then refuses ``register()`` and
-    similar calls on that connection; ``fetchall()`` finishes it.
-    """
-    rows = conn.execute(sql, params).fetchall()
-    if len(rows) != 1:
-        raise LookupError(f"expected one row, got {len(rows)}: {sql[:80]}")
-    return tuple(rows[0])
-
-
-def rollback(conn: duckdb.DuckDBPyConnection) -> None:
-    """Roll back if a transaction is open (it may already be, after a failed statement)."""
-    with contextlib.suppress(duckdb.TransactionException):
-        conn.execute("ROLLBACK")
-
-
 def schema_version(conn: duckdb.DuckDBPyConnection) -> int:
     """The highest migration applied to this database, 0 for a new one."""
     conn.execute(
@@ -81,16 +49,11 @@ def migrate(conn: duckdb.DuckDBPyConnection) -> int:
     for version, name, sql in migrations():
         if version <= current:
             continue
-        conn.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(conn):
             conn.execute(sql)
             conn.execute(
                 "INSERT INTO schema_version (version, name) VALUES (?, ?)", [version, name]
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         current = version
     return current
 

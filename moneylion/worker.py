@@ -34,7 +34,7 @@ from moneylion.errors import DiskLow, FileChanged, FileRefused, is_transient
 from moneylion.ingest import FileOutcome, ingest_file, ingest_staged, record_unread
 from moneylion.priority import lower_thread_priority
 from moneylion.readiness import Arrival
-from moneylion.schema import one_row
+from moneylion.db import one_row
 from moneylion.source import (
     MEMORY_BYTES,
     StagedFile,

@@ -18,7 +18,7 @@ import duckdb
 
 from moneylion.ledger import LEDGER_COLUMNS
 from moneylion.model import TRANSACTION_TYPES, USER_TOTALS
-from moneylion.schema import int_constants
+from moneylion.db import int_constants
 
 
 @contextmanager

@@ -51,7 +51,7 @@ from moneylion.resolve import (
     store_rejects,
     utc_now,
 )
-from moneylion.schema import one_row, rollback
+from moneylion.db import one_row, rollback
 from moneylion.validate import Reject, RejectReason, ValidatedRows
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from moneylion.lake.lag import LakeLag
 from moneylion.lake.screen import log_quarantined, quarantined_count, screen_ledger
 from moneylion.lake.store import Lake
 from moneylion.priority import lower_thread_priority
-from moneylion.schema import rollback
+from moneylion.db import rollback
 
 log = logging.getLogger(__name__)
 
