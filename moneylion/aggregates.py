@@ -14,8 +14,8 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
-from moneylion.model import DAILY_TOTALS, TYPE_COLUMN, USER_TOTALS, Aggregate, Fold, Measure
 from moneylion.db import INDEX_LOOKUP_MAX, int_constants
+from moneylion.model import DAILY_TOTALS, TYPE_COLUMN, USER_TOTALS, Aggregate, Fold, Measure
 
 
 def _measure_sql(measure: Measure) -> str:

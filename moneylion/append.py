@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import duckdb
 import pyarrow as pa
 
+from moneylion.db import one_row
 from moneylion.errors import FileFailure, FileRefused
 from moneylion.model import COLUMNS, TABLES, FileKind
 from moneylion.resolve import (
@@ -40,7 +41,6 @@ from moneylion.resolve import (
     store_rejects,
     utc_now,
 )
-from moneylion.db import one_row
 from moneylion.validate import (
     BATCH_ROWS,
     QUOTE_CHARS,

@@ -26,11 +26,11 @@ import duckdb
 
 from moneylion import aggregates, ledger
 from moneylion.config import Config
+from moneylion.db import rollback
 from moneylion.errors import FileRefused
 from moneylion.ledger import FileOutcome
 from moneylion.model import FileKind
 from moneylion.resolve import Applied, Stager, resolve_gathered, utc_now
-from moneylion.db import rollback
 from moneylion.source import MEMORY_BYTES, Bounds, StagedFile, stage
 from moneylion.validate import Header, ValidatedRows, read_header, validate_rows
 

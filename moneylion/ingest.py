@@ -32,11 +32,11 @@ from moneylion.append import (
     append_reference,
 )
 from moneylion.config import Config
+from moneylion.db import rollback
 from moneylion.errors import FileRefused
 from moneylion.ledger import FileOutcome
 from moneylion.model import FileKind
 from moneylion.resolve import Applied, utc_now
-from moneylion.db import rollback
 from moneylion.source import Bounds, Part, StagedFile, stage
 from moneylion.validate import (
     Header,

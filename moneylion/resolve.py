@@ -26,8 +26,8 @@ import duckdb
 import pyarrow as pa
 
 from moneylion import aggregates
-from moneylion.model import COLUMNS, DOMAINS, TABLES, FileKind
 from moneylion.db import INDEX_LOOKUP_MAX, append_arrow, int_constants, utc_now
+from moneylion.model import COLUMNS, DOMAINS, TABLES, FileKind
 from moneylion.validate import Reject, RejectReason, ValidatedRows
 
 REJECTED_HERE = ("duplicate_in_file", "conflicts_with_stored")

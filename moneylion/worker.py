@@ -30,11 +30,11 @@ import duckdb
 from moneylion import inbox
 from moneylion.batch import Item, ingest_batch, item_of
 from moneylion.config import Config
+from moneylion.db import one_row
 from moneylion.errors import DiskLow, FileChanged, FileRefused, is_transient
 from moneylion.ingest import FileOutcome, ingest_file, ingest_staged, record_unread
 from moneylion.priority import lower_thread_priority
 from moneylion.readiness import Arrival
-from moneylion.db import one_row
 from moneylion.source import (
     MEMORY_BYTES,
     StagedFile,

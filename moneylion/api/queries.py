@@ -16,9 +16,9 @@ from typing import Any
 
 import duckdb
 
+from moneylion.db import int_constants
 from moneylion.ledger import LEDGER_COLUMNS
 from moneylion.model import TRANSACTION_TYPES, USER_TOTALS
-from moneylion.db import int_constants
 
 
 @contextmanager

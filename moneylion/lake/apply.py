@@ -36,6 +36,7 @@ import pyarrow as pa
 from moneylion import aggregates, ledger
 from moneylion.append import stored_ids_among
 from moneylion.config import ConfigError
+from moneylion.db import one_row, rollback
 from moneylion.lake.screen import QUARANTINE_DDL, Quarantined, record, screen_rows
 from moneylion.lake.store import Lake
 from moneylion.lake.tables import ROW_TABLES, SHA256, WRITE_ID
@@ -51,7 +52,6 @@ from moneylion.resolve import (
     store_rejects,
     utc_now,
 )
-from moneylion.db import one_row, rollback
 from moneylion.validate import Reject, RejectReason, ValidatedRows
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,9 @@ import pyarrow as pa
 
 from moneylion.append import Fallback, abort_unless, distinct_ids
 from moneylion.config import Config
+from moneylion.db import one_row
 from moneylion.lake.tables import SHA256, WRITE_ID, row_schema
 from moneylion.model import COLUMNS, TABLES, Rule
-from moneylion.db import one_row
 from moneylion.source import StagedFile
 from moneylion.validate import Header, data_lines, located_select_sql
 

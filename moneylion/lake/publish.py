@@ -37,13 +37,13 @@ from moneylion import ledger
 from moneylion.append import not_clean
 from moneylion.batch import Item, Unread, item_of
 from moneylion.config import Config
+from moneylion.db import utc_now
 from moneylion.errors import FileRefused
 from moneylion.lake.large import CleanFile, check_clean, clean_rows, scratch
 from moneylion.lake.store import Candidate, Lake, LakeUnavailable
 from moneylion.lake.tables import REJECTS_SCHEMA, ROW_TABLES, SHA256, WRITE_ID, row_schema
 from moneylion.ledger import FileOutcome
 from moneylion.model import COLUMNS, DOMAINS, FileKind
-from moneylion.db import utc_now
 from moneylion.source import StagedFile
 from moneylion.validate import Header, Reject, RejectReason, read_header, validate_rows
 

@@ -30,11 +30,11 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from moneylion.db import one_row
 from moneylion.lake.store import Lake
 from moneylion.lake.tables import FILE_ID_MAX, LAKE_VERSION, ROW_TABLES, SHA256, WRITE_ID
 from moneylion.ledger import LEDGER_COLUMNS
 from moneylion.model import COLUMNS, FileKind
-from moneylion.db import one_row
 from moneylion.validate import RejectReason, stored_check_sql
 
 log = logging.getLogger(__name__)

@@ -24,12 +24,12 @@ from collections.abc import Callable
 import duckdb
 
 from moneylion.config import Config
+from moneylion.db import rollback
 from moneylion.lake.apply import Entry, Mark, apply_files, move_mark, open_mark
 from moneylion.lake.lag import LakeLag
 from moneylion.lake.screen import log_quarantined, quarantined_count, screen_ledger
 from moneylion.lake.store import Lake
 from moneylion.priority import lower_thread_priority
-from moneylion.db import rollback
 
 log = logging.getLogger(__name__)
 
