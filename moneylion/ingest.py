@@ -58,8 +58,13 @@ def ingest_file(
     config: Config | None = None,
     *,
     progress: Progress | None = None,
+    received_at: dt.datetime | None = None,
 ) -> FileOutcome:
     """Ingest one CSV file in one DuckDB transaction; return what happened.
+
+    ``received_at``: when the file arrived (UTC, no zone; default now): the ledger's
+    ``received_at``, and the day ``future_date`` counts from (a replay of ``done/`` passes the
+    original's, so that it decides the same).
 
     The file is read once, into a private copy hashed on the way (source.stage), and only that
     copy is loaded. Bad input is never an exception: a refused file comes back with status
@@ -67,7 +72,7 @@ def ingest_file(
     source.FileChanged) and DuckDB errors propagate, after rollback.
     """
     started = time.perf_counter()
-    received_at = utc_now()
+    received_at = utc_now() if received_at is None else received_at
     path = Path(path)
     with contextlib.ExitStack() as stack:
         if config is not None:

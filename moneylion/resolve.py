@@ -28,7 +28,8 @@ import pyarrow as pa
 from moneylion import aggregates
 from moneylion.db import INDEX_LOOKUP_MAX, append_arrow, int_constants, utc_now
 from moneylion.model import COLUMNS, DOMAINS, TABLES, FileKind
-from moneylion.validate import Reject, RejectReason, ValidatedRows
+from moneylion.rules import RejectReason
+from moneylion.validate import Reject, ValidatedRows
 
 REJECTED_HERE = ("duplicate_in_file", "conflicts_with_stored")
 DUPLICATES = ("duplicate", "copy")  # the same row again: stored, earlier in the batch, or a copy

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import enum
 import io
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import BinaryIO, NamedTuple, Protocol
 
 from moneylion.errors import FileFailure, FileRefused
 from moneylion.model import COLUMNS, DOMAINS, TRANSACTION_TYPES, FileKind, Rule
+from moneylion.rules import RejectReason
 
 
 class Source(Protocol):
@@ -63,21 +63,6 @@ HEADER_PROBE_BYTES = 64 * 1024
 LINE_MAX_BYTES = 2 * 1024 * 1024
 # What a refusal or a too-long line's reject quotes of the file's own text, at most (escaped).
 QUOTE_CHARS = 80
-
-
-class RejectReason(enum.StrEnum):
-    MISSING_FIELD = "missing_field"
-    BAD_INTEGER = "bad_integer"
-    NON_POSITIVE_ID = "non_positive_id"
-    BAD_DATE = "bad_date"
-    BAD_AMOUNT = "bad_amount"
-    NON_POSITIVE_AMOUNT = "non_positive_amount"
-    TOO_MANY_DECIMALS = "too_many_decimals"
-    UNKNOWN_TYPE = "unknown_type"
-    DUPLICATE_IN_FILE = "duplicate_in_file"
-    CONFLICTS_WITH_STORED = "conflicts_with_stored"
-    WRONG_FIELD_COUNT = "wrong_field_count"
-    LINE_TOO_LONG = "line_too_long"
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from moneylion.generate import (
     write_users,
 )
 from moneylion.ingest import ingest_file
-from moneylion.validate import RejectReason
+from moneylion.rules import RejectReason
 
 # conflicts_with_stored needs stored rows; line_too_long a 2 MiB line (tests/test_validate.py).
 ROW_REASONS = {r.value for r in RejectReason} - {"conflicts_with_stored", "line_too_long"}

@@ -20,11 +20,8 @@ from moneylion.aggregates import verify
 from moneylion.config import Config, load_config
 from moneylion.ingest import ingest_file
 from moneylion.model import COLUMNS, FileKind
-from moneylion.validate import (
-    RejectReason,
-    field_check_sql,
-    parse_field,
-)
+from moneylion.rules import RejectReason
+from moneylion.validate import field_check_sql, parse_field
 
 from .conftest import CASES_DIR, TX_HEADER, reference_only
 

@@ -52,7 +52,8 @@ from moneylion.resolve import (
     store_rejects,
     utc_now,
 )
-from moneylion.validate import Reject, RejectReason, ValidatedRows
+from moneylion.rules import RejectReason
+from moneylion.validate import Reject, ValidatedRows
 
 log = logging.getLogger(__name__)
 

@@ -44,8 +44,9 @@ from moneylion.lake.store import Candidate, Lake, LakeUnavailable
 from moneylion.lake.tables import REJECTS_SCHEMA, ROW_TABLES, SHA256, WRITE_ID, row_schema
 from moneylion.ledger import FileOutcome
 from moneylion.model import COLUMNS, DOMAINS, FileKind
+from moneylion.rules import RejectReason
 from moneylion.source import StagedFile
-from moneylion.validate import Header, Reject, RejectReason, read_header, validate_rows
+from moneylion.validate import Header, Reject, read_header, validate_rows
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,8 @@ from moneylion.lake.store import Lake
 from moneylion.lake.tables import FILE_ID_MAX, LAKE_VERSION, ROW_TABLES, SHA256, WRITE_ID
 from moneylion.ledger import LEDGER_COLUMNS
 from moneylion.model import COLUMNS, FileKind
-from moneylion.validate import RejectReason, stored_check_sql
+from moneylion.rules import RejectReason
+from moneylion.validate import stored_check_sql
 
 log = logging.getLogger(__name__)
 
