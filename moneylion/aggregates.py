@@ -14,8 +14,9 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
-from moneylion.db import INDEX_LOOKUP_MAX, int_constants
+from moneylion.db import INDEX_LOOKUP_MAX, int_constants, transaction
 from moneylion.model import DAILY_TOTALS, TYPE_COLUMN, USER_TOTALS, Aggregate, Fold, Measure
+from moneylion.tuning import DEFAULT, Tuning
 
 
 def _measure_sql(measure: Measure) -> str:
@@ -73,11 +74,6 @@ USER_TOTALS_COMPACT = (
 # The log's indexes (sql/005) are dropped before a compaction's large append and made again on
 # the compacted table, as the catalog describes them.
 LOG_INDEXES = "SELECT index_name, sql FROM duckdb_indexes() WHERE table_name = 'user_totals_log'"
-# Compact once this many rows wait in the log (a few hundred 1,000-row files), so a user's
-# totals stay a handful of rows and compaction (a rewrite of every user's row) stays rare; and right
-# after a file of more rows than REBUILD_THRESHOLD (its delta touches many users anyway).
-COMPACT_AFTER_ROWS = 250_000
-REBUILD_THRESHOLD = 20_000
 
 DAILY_TOTALS_DELTA = (
     f"INSERT INTO {DAILY_TOTALS.table} "
@@ -209,13 +205,14 @@ def apply_deltas(
     transactions: int,
     users: int,
     top_users_kept: int,
+    tuning: Tuning = DEFAULT,
 ) -> None:
     """Everything a commit of files ``first`` .. ``last`` (one file, or a batch) changes in
     the aggregates, given the transactions it appended and the profiles it wrote."""
     touched: list[int] | None = []  # no new transactions: none of their users to look up
     if transactions:
         touched = apply_transaction_deltas(
-            conn, first, transactions, top_users_kept, last_file_id=last
+            conn, first, transactions, top_users_kept, last_file_id=last, tuning=tuning
         )
     if transactions or users:
         apply_country_deltas(conn, first, last, users_written=bool(users), touched=touched)
@@ -262,12 +259,18 @@ def apply_transaction_deltas(
     top_users_kept: int,
     *,
     last_file_id: int | None = None,
+    tuning: Tuning,
 ) -> list[int] | None:
     """Fold the ``rows`` transactions appended by files ``file_id`` .. ``last_file_id`` (one
     file, or a batch) into every aggregate (inside the caller's transaction); the users they
-    touched, when the commit was small enough to list them."""
+    touched, when the commit was small enough to list them.
+
+    The log is compacted once ``tuning.compact_after_rows`` rows wait in it (a few hundred
+    1,000-row files), so a user's totals stay a handful of rows and compaction (a rewrite of
+    every user's row) stays rare; and right after a commit of more rows than
+    ``tuning.rebuild_threshold`` (its delta touches many users anyway)."""
     params = {"first": file_id, "last": file_id if last_file_id is None else last_file_id}
-    if rows > REBUILD_THRESHOLD:
+    if rows > tuning.rebuild_threshold:
         indexes = _drop_log_indexes(conn)  # else the append would update them row by row
         conn.execute(USER_TOTALS_APPEND, params)
         _compact(conn, indexes, top_users_kept)
@@ -275,7 +278,7 @@ def apply_transaction_deltas(
         return None
     appended = conn.execute(USER_TOTALS_APPEND + " RETURNING user_id, tx_count", params)
     touched: dict[int, int] = dict(appended.fetchall())
-    if _rows_waiting(conn) > COMPACT_AFTER_ROWS:
+    if _rows_waiting(conn) > tuning.compact_after_rows:
         _compact(conn, _drop_log_indexes(conn), top_users_kept)
     else:
         _rerank(conn, touched, top_users_kept)
@@ -367,18 +370,13 @@ def _rows_waiting(conn: duckdb.DuckDBPyConnection) -> int:
 
 def recompute(conn: duckdb.DuckDBPyConnection, top_users_kept: int = 1000) -> None:
     """Rebuild every aggregate from the base tables, in one transaction."""
-    conn.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(conn):
         for table, query in RECOMPUTED.items():
             # user_totals is a view over its log: the log gets one row per user again.
             target, extra = _RECOMPUTE_TARGETS.get(table, (table, ""))
             conn.execute(f"DELETE FROM {target}")
             params = {"kept": top_users_kept} if "$kept" in query else {}
             conn.execute(f"INSERT INTO {target} SELECT *{extra} FROM ({query})", params)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def verify(

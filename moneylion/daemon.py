@@ -58,7 +58,9 @@ class Daemon:
         self.watcher = InboxWatcher(config.inbox, self.queue, rescan_seconds=config.rescan_seconds)
         self.tails: Tails | None = None
         self.exporter = (
-            SqliteExporter(conn.cursor(), config.sqlite_path, nice=config.ingest_nice)
+            SqliteExporter(
+                conn.cursor(), config.sqlite_path, tuning=config.tuning, nice=config.ingest_nice
+            )
             if config.sqlite_export
             else None
         )

@@ -5,6 +5,7 @@ Every warehouse test ends with ``verify``: the maintained aggregates equal a ful
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import sqlite3
@@ -444,8 +445,11 @@ def test_large_increments_through_a_side_file_equal_a_full_export(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(increment, "LARGE_INCREMENT_ROWS", 0)  # every increment counts as large
-    export_new(warehouse, config.sqlite_path)
+    # Every increment counts as large.
+    config = config.with_overrides(
+        tuning=dataclasses.replace(config.tuning, large_increment_rows=0)
+    )
+    export_new(warehouse, config.sqlite_path, tuning=config.tuning)
     sides: list[bool] = []
     monkeypatch.setattr(
         outcome, "fault_hook", lambda point: sides.append(True) if point == "side_written" else None
@@ -453,7 +457,7 @@ def test_large_increments_through_a_side_file_equal_a_full_export(
     exported = []
     for path in random_files(tmp_path / "files", 12, seed=8):
         ingest_file(warehouse, path, config)
-        exported.append(export_new(warehouse, config.sqlite_path))
+        exported.append(export_new(warehouse, config.sqlite_path, tuning=config.tuning))
         assert_equals_full_export(warehouse, config.sqlite_path)
     loaded = [result for result in exported if result.users or result.transactions]
     assert len(sides) == len(loaded) > 0  # each went through a side file
@@ -466,7 +470,6 @@ def test_small_increments_after_a_large_one_add_to_the_users_it_brought(
     warehouse: duckdb.DuckDBPyConnection,
     config: Config,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ingest_file(
         warehouse, write_csv(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-05,1.00,deposit"])
@@ -474,12 +477,14 @@ def test_small_increments_after_a_large_one_add_to_the_users_it_brought(
     export_new(warehouse, config.sqlite_path)
     rows = [f"{n},{n % 50 + 1},2022-01-0{n % 9 + 1},{n}.25,purchase" for n in range(2, 300)]
     ingest_file(warehouse, write_csv(tmp_path / "b.csv", TX_HEADER, rows), config)
-    monkeypatch.setattr(increment, "LARGE_INCREMENT_ROWS", 100)
-    large = export_new(warehouse, config.sqlite_path)
+    config = config.with_overrides(
+        tuning=dataclasses.replace(config.tuning, large_increment_rows=100)
+    )
+    large = export_new(warehouse, config.sqlite_path, tuning=config.tuning)
     assert large.transactions == 298
     assert base_and_delta_users(config.sqlite_path) == (list(range(1, 51)), [])
     ingest_file(warehouse, write_csv(tmp_path / "c.csv", TX_HEADER, ["900,7,2022-02-01,3,deposit"]))
-    export_new(warehouse, config.sqlite_path)
+    export_new(warehouse, config.sqlite_path, tuning=config.tuning)
     assert base_and_delta_users(config.sqlite_path)[1] == [7]  # known from the large increment
     assert_equals_full_export(warehouse, config.sqlite_path)
     assert verify(warehouse) == []
@@ -489,11 +494,12 @@ def test_a_large_increment_exporting_a_transaction_twice_fails_and_leaves_the_fi
     warehouse: duckdb.DuckDBPyConnection,
     config: Config,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(increment, "LARGE_INCREMENT_ROWS", 0)
+    config = config.with_overrides(
+        tuning=dataclasses.replace(config.tuning, large_increment_rows=0)
+    )
     ingest_file(warehouse, write_csv(tmp_path / "a.csv", TX_HEADER, ["1,1,2022-01-01,5,deposit"]))
-    export_new(warehouse, config.sqlite_path)
+    export_new(warehouse, config.sqlite_path, tuning=config.tuning)
     lite = sqlite3.connect(config.sqlite_path)  # id 2 is already there, as by a bug
     lite.execute("INSERT INTO transactions VALUES (2, 1, '2022-01-02', 7.0, 'deposit')")
     lite.commit()
@@ -501,7 +507,7 @@ def test_a_large_increment_exporting_a_transaction_twice_fails_and_leaves_the_fi
     before = dump_sqlite(config.sqlite_path)
     ingest_file(warehouse, write_csv(tmp_path / "b.csv", TX_HEADER, ["2,1,2022-01-02,7,deposit"]))
     with pytest.raises(sqlite3.IntegrityError):
-        export_new(warehouse, config.sqlite_path)
+        export_new(warehouse, config.sqlite_path, tuning=config.tuning)
     assert dump_sqlite(config.sqlite_path) == before
     assert not bulk.side_path(config.sqlite_path).exists()
     assert verify(warehouse) == []
@@ -521,7 +527,8 @@ def test_an_export_failing_midway_leaves_the_file_whole_and_the_next_one_catches
     before = dump_sqlite(config.sqlite_path)
     rows = [f"{n},{n % 7 + 1},2022-01-02,7,deposit" for n in range(2, 502)]
     ingest_file(warehouse, write_csv(tmp_path / "b.csv", TX_HEADER, rows), config)
-    monkeypatch.setattr(increment, "LARGE_INCREMENT_ROWS", 0)  # a side file, a long INSERT
+    # A side file, a long INSERT.
+    large = config.with_overrides(tuning=dataclasses.replace(config.tuning, large_increment_rows=0))
     if failure == "bulk_write_refused":  # a column the side file lacks: the driver refuses it
         broken = (("transactions", "SELECT 1 AS no_such_column"),)
         monkeypatch.setattr(increment, "_SIDE_TRANSACTIONS", broken)
@@ -538,7 +545,7 @@ def test_an_export_failing_midway_leaves_the_file_whole_and_the_next_one_catches
         monkeypatch.setattr(outcome, "fault_hook", interrupt_while_running)
         message = "interrupted"
     with pytest.raises(sqlite3.OperationalError, match=message):
-        export_new(warehouse, config.sqlite_path)
+        export_new(warehouse, config.sqlite_path, tuning=large.tuning)
     assert dump_sqlite(config.sqlite_path) == before
     assert not bulk.side_path(config.sqlite_path).exists()
     monkeypatch.undo()
@@ -560,12 +567,14 @@ def test_background_checkpoints_keep_the_file_whole_and_close_removes_the_wal(
         real_checkpoint(self, lite)
         checkpoints.append(lite)
 
-    monkeypatch.setattr(writer, "CHECKPOINT_EVERY_CHANGES", 1)
+    config = config.with_overrides(
+        tuning=dataclasses.replace(config.tuning, checkpoint_every_changes=1)
+    )
     monkeypatch.setattr(writer.Checkpointer, "_checkpoint", counted)
-    export_new(warehouse, config.sqlite_path)
+    export_new(warehouse, config.sqlite_path, tuning=config.tuning)
     for path in random_files(tmp_path / "files", 10, seed=9):
         ingest_file(warehouse, path, config)
-        export_new(warehouse, config.sqlite_path)
+        export_new(warehouse, config.sqlite_path, tuning=config.tuning)
     close_sqlite()  # joins the checkpoint thread
     assert checkpoints
     assert not config.sqlite_path.with_name("moneylion.sqlite-wal").exists()
@@ -659,14 +668,15 @@ def test_a_large_delta_is_folded_into_the_base_with_the_same_totals(
     warehouse: duckdb.DuckDBPyConnection,
     config: Config,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(increment, "COMPACT_DELTA_USERS", 40)
-    export_new(warehouse, config.sqlite_path)
+    config = config.with_overrides(
+        tuning=dataclasses.replace(config.tuning, compact_delta_users=40)
+    )
+    export_new(warehouse, config.sqlite_path, tuning=config.tuning)
     delta_sizes = []
     for path in random_files(tmp_path / "files", 30, seed=11):
         ingest_file(warehouse, path, config)
-        export_new(warehouse, config.sqlite_path)
+        export_new(warehouse, config.sqlite_path, tuning=config.tuning)
         delta_sizes.append(len(base_and_delta_users(config.sqlite_path)[1]))
         assert_equals_full_export(warehouse, config.sqlite_path)
     assert max(delta_sizes) < 40  # folded as soon as it reached 40 users
@@ -680,13 +690,12 @@ def test_increments_touching_many_users_add_to_the_base_directly(
     warehouse: duckdb.DuckDBPyConnection,
     config: Config,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(increment, "COMPACT_DELTA_USERS", 1)
-    export_new(warehouse, config.sqlite_path)
+    config = config.with_overrides(tuning=dataclasses.replace(config.tuning, compact_delta_users=1))
+    export_new(warehouse, config.sqlite_path, tuning=config.tuning)
     for path in random_files(tmp_path / "files", 12, seed=12):
         ingest_file(warehouse, path, config)
-        export_new(warehouse, config.sqlite_path)
+        export_new(warehouse, config.sqlite_path, tuning=config.tuning)
         assert base_and_delta_users(config.sqlite_path)[1] == []
     assert_equals_full_export(warehouse, config.sqlite_path)
     assert verify(warehouse) == []
@@ -775,8 +784,10 @@ def test_a_full_export_written_by_two_threads_equals_one_written_by_one(
         return real_append(path, cur, tables, params)
 
     monkeypatch.setattr(bulk, "append", append)
-    monkeypatch.setattr(full, "PARALLEL_MIN_TRANSACTIONS", 1)
-    result = export_full(warehouse, config.sqlite_path)
+    config = config.with_overrides(
+        tuning=dataclasses.replace(config.tuning, parallel_min_transactions=1)
+    )
+    result = export_full(warehouse, config.sqlite_path, tuning=config.tuning)
     assert sorted(threads) == ["MainThread", "sqlite-export-transactions"]
     transactions = dump_sqlite(config.sqlite_path)["transactions"]
     assert result.transactions == len(transactions) > 0
@@ -804,14 +815,16 @@ def test_a_failing_thread_fails_the_full_export_and_leaves_the_old_file_whole(
     export_full(warehouse, config.sqlite_path)
     close_sqlite()
     before = dump_sqlite(config.sqlite_path)
-    monkeypatch.setattr(full, "PARALLEL_MIN_TRANSACTIONS", 1)
+    config = config.with_overrides(
+        tuning=dataclasses.replace(config.tuning, parallel_min_transactions=1)
+    )
     broken = (failing, "SELECT 1 AS no_such_column")
     if failing == "transactions":
         monkeypatch.setattr(full, "_TRANSACTIONS", broken)
     else:
         monkeypatch.setattr(full, "_OTHER_TABLES", (*full._OTHER_TABLES[:2], broken))
     with pytest.raises(sqlite3.OperationalError, match="no_such_column"):
-        export_full(warehouse, config.sqlite_path)
+        export_full(warehouse, config.sqlite_path, tuning=config.tuning)
     assert dump_sqlite(config.sqlite_path) == before
     assert sorted(p.name for p in config.warehouse.glob("moneylion.sqlite.*")) == []
     assert verify(warehouse) == []

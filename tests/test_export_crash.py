@@ -29,10 +29,10 @@ from tests.test_export import (  # noqa: F401 (close_exporter: an autouse fixtur
 # A child process: ingest the files (the DuckDB commits), then export; SIGKILL itself when the
 # exporter reaches the named step ("-" never).
 CHILD = r"""
-import os, signal, sys
+import dataclasses, os, signal, sys
 from pathlib import Path
 from moneylion import export
-from moneylion.export import full, increment, outcome
+from moneylion.export import outcome
 from moneylion.config import load_config
 from moneylion.ingest import ingest_file
 from moneylion.schema import open_warehouse
@@ -46,19 +46,23 @@ def die(reached):
 
 outcome.fault_hook = die
 if mode == "large":  # every increment through a side file
-    increment.LARGE_INCREMENT_ROWS = 0
+    config = config.with_overrides(
+        tuning=dataclasses.replace(config.tuning, large_increment_rows=0)
+    )
 if mode == "full_parallel":  # a full export of any size in two threads
-    full.PARALLEL_MIN_TRANSACTIONS = 1
+    config = config.with_overrides(
+        tuning=dataclasses.replace(config.tuning, parallel_min_transactions=1)
+    )
 conn = open_warehouse(config)
 print("started", flush=True)
 for name in files:
     ingest_file(conn, Path(name), config)
     if mode == "each":
-        export.export_new(conn, config.sqlite_path)
+        export.export_new(conn, config.sqlite_path, tuning=config.tuning)
 if mode.startswith("full"):
-    export.export_full(conn, config.sqlite_path)
+    export.export_full(conn, config.sqlite_path, tuning=config.tuning)
 else:
-    export.export_new(conn, config.sqlite_path)
+    export.export_new(conn, config.sqlite_path, tuning=config.tuning)
 conn.close()
 """
 

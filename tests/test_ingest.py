@@ -5,6 +5,7 @@ Every test ends with ``verify``: the maintained aggregates equal a full recomput
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import shutil
@@ -228,13 +229,14 @@ def test_status_lists_counts_and_last_files(
 
 @pytest.mark.parametrize("threshold", [0, 1_000_000])
 def test_large_and_small_deltas_give_the_same_totals(
-    monkeypatch: pytest.MonkeyPatch, config: Config, tmp_path: Path, threshold: int
+    config: Config, tmp_path: Path, threshold: int
 ) -> None:
     """Both ways of folding a delta into user_totals (rebuild, delete-and-append) are exact."""
-    from moneylion import aggregates
     from moneylion.schema import open_warehouse
 
-    monkeypatch.setattr(aggregates, "REBUILD_THRESHOLD", threshold)
+    config = config.with_overrides(
+        tuning=dataclasses.replace(config.tuning, rebuild_threshold=threshold)
+    )
     conn = open_warehouse(config)
     rows = [
         f"{i},{i % 7 + 1},2022-01-{i % 28 + 1:02d},{i}.{i % 100:02d},deposit" for i in range(1, 60)
@@ -267,14 +269,9 @@ def test_copies_are_found_whether_ids_are_dense_or_sparse(
 
 
 def test_the_user_totals_log_compacts_to_one_row_per_user_with_the_same_totals(
-    monkeypatch: pytest.MonkeyPatch,
-    warehouse: duckdb.DuckDBPyConnection,
-    config: Config,
-    tmp_path: Path,
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
 ) -> None:
-    from moneylion import aggregates
-
-    monkeypatch.setattr(aggregates, "COMPACT_AFTER_ROWS", 14)
+    config = config.with_overrides(tuning=dataclasses.replace(config.tuning, compact_after_rows=14))
     rows = [f"{i},{i % 4 + 1},2022-01-0{i % 9 + 1},{i}.25,purchase" for i in range(1, 41)]
     for n in range(4):  # 4 users a file: 4, 8, 12 rows wait; the fourth file (16) compacts
         ingest_file(

@@ -65,9 +65,9 @@ def run_export(config: Config, full: bool) -> int:
     conn = open_warehouse(config)
     try:
         if full:
-            result = export_full(conn, config.sqlite_path)
+            result = export_full(conn, config.sqlite_path, tuning=config.tuning)
         else:
-            result = export_new(conn, config.sqlite_path)
+            result = export_new(conn, config.sqlite_path, tuning=config.tuning)
     except (sqlite3.Error, OSError) as exc:
         print(f"moneylion export: {config.sqlite_path}: {exc}", file=sys.stderr)
         return 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -12,6 +13,7 @@ import duckdb
 
 from moneylion.export import close_sqlite, export_new, interrupt_export
 from moneylion.priority import lower_thread_priority
+from moneylion.tuning import DEFAULT, Tuning
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +23,18 @@ EXPORT_MIN_INTERVAL = 0.25  # seconds between two SQLite exports while commits k
 class SqliteExporter(threading.Thread):
     """Keeps the SQLite copy up to date in its own thread, so that exporting never delays the
     next file. Each export copies everything committed since the last one: pokes coalesce, and
-    a failed export loses nothing (it is retried with backoff)."""
+    a failed export loses nothing (it is retried with backoff).
+
+    ``export`` is what each export runs; by default ``export_new`` with ``tuning``, whose
+    SQLite connection the thread closes when it ends."""
 
     def __init__(
         self,
         conn: duckdb.DuckDBPyConnection,
         sqlite_path: Path,
-        export: Callable[[duckdb.DuckDBPyConnection, Path], object] = export_new,
+        export: Callable[[duckdb.DuckDBPyConnection, Path], object] | None = None,
         *,
+        tuning: Tuning = DEFAULT,
         min_interval: float = EXPORT_MIN_INTERVAL,
         nice: int = 0,
     ) -> None:
@@ -37,7 +43,8 @@ class SqliteExporter(threading.Thread):
         self.nice = nice
         self.conn = conn
         self.sqlite_path = sqlite_path
-        self.export = export
+        self.export = export or functools.partial(export_new, tuning=tuning)
+        self._owns_writer = export is None
         self.exports = 0
         self._wanted = threading.Event()
         self._stopping = threading.Event()
@@ -76,7 +83,7 @@ class SqliteExporter(threading.Thread):
                 continue
             failures = 0
             self.exports += 1
-        if self.export is export_new:
+        if self._owns_writer:
             # Checkpoint and close the SQLite file cleanly (its WAL is folded back in).
             try:
                 close_sqlite()

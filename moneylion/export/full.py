@@ -27,6 +27,7 @@ from moneylion.export.snapshot import (
     select_as_sqlite,
     snapshot,
 )
+from moneylion.tuning import DEFAULT, Tuning
 
 # Each table whole as of file $hi, in primary-key order (appending to SQLite's b-tree is
 # cheapest). Every file up to $hi is committed in the snapshot, and none after it.
@@ -46,20 +47,23 @@ _OTHER_TABLES = (
     ),
 )
 _TRANSACTION_COUNT = "SELECT count(*) FROM transactions WHERE file_id <= $hi"
-# From this many transactions on, a thread of their own writes them into the aside file while
-# the export's thread writes the other tables into a side file, copied in after.
-PARALLEL_MIN_TRANSACTIONS = 1_000_000
 
 
-def export_full(conn: duckdb.DuckDBPyConnection, sqlite_path: Path) -> ExportResult:
+def export_full(
+    conn: duckdb.DuckDBPyConnection, sqlite_path: Path, *, tuning: Tuning = DEFAULT
+) -> ExportResult:
     """Rebuild the SQLite file from one DuckDB snapshot: write aside, then rename over it."""
     started = time.perf_counter()
     with writer.LOCK:
-        return rebuild(conn, Path(sqlite_path), started)
+        return rebuild(conn, Path(sqlite_path), started, tuning)
 
 
-def rebuild(conn: duckdb.DuckDBPyConnection, sqlite_path: Path, started: float) -> ExportResult:
-    """``export_full`` with ``writer.LOCK`` held."""
+def rebuild(
+    conn: duckdb.DuckDBPyConnection, sqlite_path: Path, started: float, tuning: Tuning
+) -> ExportResult:
+    """``export_full`` with ``writer.LOCK`` held. From ``tuning.parallel_min_transactions``
+    transactions on, a thread of their own writes them into the aside file while this one
+    writes the other tables into a side file, copied in after."""
     sqlite_path.parent.mkdir(parents=True, exist_ok=True)
     aside = bulk.aside_path(sqlite_path)
     side = bulk.side_path(aside)
@@ -69,7 +73,7 @@ def rebuild(conn: duckdb.DuckDBPyConnection, sqlite_path: Path, started: float) 
         with snapshot(conn) as cur:
             high, high_sha = high_file(cur)
             (count,) = cur.execute(_TRANSACTION_COUNT, {"hi": high}).fetchall()[0]
-            if count < PARALLEL_MIN_TRANSACTIONS:
+            if count < tuning.parallel_min_transactions:
                 written = bulk.append(aside, cur, (_TRANSACTIONS, *_OTHER_TABLES), {"hi": high})
                 copied_in = None
             else:

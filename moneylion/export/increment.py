@@ -12,13 +12,13 @@ warehouse (the sha256 of file ``last_file_id`` differs) is rebuilt in full.
 
 Two ways, by the rows the range loaded:
 
-* **small** (up to LARGE_INCREMENT_ROWS, the daemon's usual file): rows are read from DuckDB as
-  tuples and bound by Python's sqlite3; the aggregates are not copied but ADDED: the new
-  transactions' per-user and per-day sums, in integer cents, summed in Python from the rows
-  being copied anyway (a DuckDB statement costs milliseconds however few its rows, and copying
-  the touched totals out of DuckDB costs more; docs/performance.md). Users the SQLite base has
-  get them in
-  ``user_totals_delta``, folded into the base after COMPACT_DELTA_USERS users (see schema.py).
+* **small** (up to ``Tuning.large_increment_rows``, the daemon's usual file): rows are read
+  from DuckDB as tuples and bound by Python's sqlite3; the aggregates are not copied but ADDED:
+  the new transactions' per-user and per-day sums, in integer cents, summed in Python from the
+  rows being copied anyway (a DuckDB statement costs milliseconds however few its rows, and
+  copying the touched totals out of DuckDB costs more; docs/performance.md). Users the SQLite
+  base has get them in ``user_totals_delta``, folded into the base after
+  ``Tuning.compact_delta_users`` users (see schema.py).
 * **large**: the bulk writer (ADBC, in C, off the GIL) writes the new rows, and DuckDB's totals
   of the users and days they touched, into a side file; the live file copies them in with a
   few ``INSERT ... SELECT`` statements (C again: sqlite3 releases the GIL while a statement
@@ -63,15 +63,10 @@ from moneylion.export.snapshot import (
 from moneylion.export.sums import cents_of, compile_summer
 from moneylion.ledger import AT, LEDGER_COLUMNS
 from moneylion.model import AMOUNT, DAILY_TOTALS, TABLES, USER_TOTALS, FileKind
+from moneylion.tuning import DEFAULT, Tuning
 
 log = logging.getLogger(__name__)
 
-# Rows loaded (users + transactions) above which an increment goes through a side file.
-LARGE_INCREMENT_ROWS = 50_000
-# Fold the user_totals delta into the base once it holds this many users (after the export that
-# crossed it, in a transaction of its own), so that it stays a few hundred pages. An increment
-# touching this many users adds to the base directly: it dirties most base pages anyway.
-COMPACT_DELTA_USERS = 20_000
 ROWS_PER_STATEMENT = 100  # multi-row VALUES: fewer statements, each of fixed cost
 
 _FILE_COLUMNS = ", ".join(LEDGER_COLUMNS)
@@ -145,7 +140,9 @@ _TRANSACTIONS_FROM_SIDE = (
 )
 
 
-def export_new(conn: duckdb.DuckDBPyConnection, sqlite_path: Path) -> ExportResult:
+def export_new(
+    conn: duckdb.DuckDBPyConnection, sqlite_path: Path, *, tuning: Tuning = DEFAULT
+) -> ExportResult:
     """Copy what files committed since the last export added, in one SQLite transaction.
 
     Cheap when nothing is new (a watermark comparison). Rebuilds with a full export when the
@@ -155,19 +152,19 @@ def export_new(conn: duckdb.DuckDBPyConnection, sqlite_path: Path) -> ExportResu
     sqlite_path = Path(sqlite_path)
     with writer.LOCK:
         if not sqlite_path.exists():
-            return rebuild(conn, sqlite_path, started)
+            return rebuild(conn, sqlite_path, started, tuning)
         try:
-            return _export_increment(conn, sqlite_path, started)
+            return _export_increment(conn, sqlite_path, started, tuning)
         except RebuildNeeded as reason:
             log.warning(
                 "sqlite_export_rebuild",
                 extra={"fields": {"sqlite": str(sqlite_path), "reason": str(reason)}},
             )
-            return rebuild(conn, sqlite_path, started)
+            return rebuild(conn, sqlite_path, started, tuning)
 
 
 def _export_increment(
-    conn: duckdb.DuckDBPyConnection, sqlite_path: Path, started: float
+    conn: duckdb.DuckDBPyConnection, sqlite_path: Path, started: float, tuning: Tuning
 ) -> ExportResult:
     opened = writer.writer(sqlite_path)
     lite = opened.lite
@@ -188,7 +185,7 @@ def _export_increment(
                 )
             high, high_sha = int(ledger[-1][_ID]), ledger[-1][_SHA256]
             loaded = _rows_loaded(ledger)
-            if sum(loaded.values()) > LARGE_INCREMENT_ROWS:
+            if sum(loaded.values()) > tuning.large_increment_rows:
                 side = bulk.side_path(sqlite_path)
                 written = _write_side(cur, side, last, high, loaded)
                 lite.execute("ATTACH DATABASE ? AS side", (str(side),))  # not in a transaction
@@ -207,7 +204,9 @@ def _export_increment(
             )
             new_users: list[tuple[int]] = []
             if side is None:
-                users, transactions = _copy_small(cur, lite, last, high, loaded, opened.base_users)
+                users, transactions = _copy_small(
+                    cur, lite, last, high, loaded, opened.base_users, tuning
+                )
             else:
                 users, transactions = written.get("users", 0), written.get("transactions", 0)
                 new_users = _copy_side(lite, transactions)
@@ -231,9 +230,9 @@ def _export_increment(
         sqlite_path, False, len(ledger), users, transactions, last, high,
         time.perf_counter() - started,
     )  # fmt: skip
-    opened.after_commit()
+    opened.after_commit(tuning.checkpoint_every_changes)
     log_result(result)
-    _compact_user_totals(opened)
+    _compact_user_totals(opened, tuning)
     return result
 
 
@@ -254,6 +253,7 @@ def _copy_small(
     hi: int,
     loaded: dict[str, int],
     base_users: writer.BaseUsers,
+    tuning: Tuning,
 ) -> tuple[int, int]:
     """A small range's users and transactions, and the sums they add; (users, transactions)."""
     params = {"lo": lo, "hi": hi}
@@ -270,7 +270,7 @@ def _copy_small(
             _insert_lists(lite, "transactions", _TRANSACTION_COLUMNS, lists, "INSERT")
             transactions = len(rows)
             columns = dict(zip((*_TRANSACTION_NAMES, *map(cents_of, _MONEY)), lists, strict=True))
-            _add_user_sums(lite, _USER_SUMS(columns), base_users)
+            _add_user_sums(lite, _USER_SUMS(columns), base_users, tuning)
             lite.executemany(ADD_DAILY_TOTALS, _DAILY_SUMS(columns))
             top = [v for row in cur.execute(_TOP_USERS).fetchall() for v in row]
             lite.execute("DELETE FROM top_users")
@@ -314,16 +314,18 @@ def _copy_side(lite: sqlite3.Connection, transactions: int) -> list[tuple[int]]:
     return new_users
 
 
-def _add_user_sums(lite: sqlite3.Connection, rows: list[Any], base_users: writer.BaseUsers) -> None:
+def _add_user_sums(
+    lite: sqlite3.Connection, rows: list[Any], base_users: writer.BaseUsers, tuning: Tuning
+) -> None:
     """Add per-user sums to what the ``user_totals`` view shows.
 
     The delta takes the users the base has; the others, and every user of an increment touching
-    COMPACT_DELTA_USERS users or more, are upserted into the base (new users are rare: a user's
-    first transactions).
+    ``tuning.compact_delta_users`` users or more (it dirties most base pages anyway), are
+    upserted into the base (new users are rare: a user's first transactions).
     """
     known: list[Any] = []
     others = rows
-    if len(rows) < COMPACT_DELTA_USERS:
+    if len(rows) < tuning.compact_delta_users:
         known, others = base_users.split(rows)
     lite.executemany(ADD_USER_DELTAS, known)
     lite.executemany(ADD_USER_TOTALS, others)
@@ -331,14 +333,16 @@ def _add_user_sums(lite: sqlite3.Connection, rows: list[Any], base_users: writer
         base_users.add(row[0])
 
 
-def _compact_user_totals(opened: writer.Writer) -> None:
-    """Fold the user_totals delta into the base once it is large, in a transaction of its own.
+def _compact_user_totals(opened: writer.Writer, tuning: Tuning) -> None:
+    """Fold the user_totals delta into the base once it holds ``tuning.compact_delta_users``
+    users (after the export that crossed it), in a transaction of its own, so that it stays a
+    few hundred pages.
 
     The view shows the same totals before and after; a crash rolls it back, changing nothing.
     """
     lite = opened.lite
     (waiting,) = lite.execute("SELECT count(*) FROM user_totals_delta").fetchone()
-    if waiting < COMPACT_DELTA_USERS:
+    if waiting < tuning.compact_delta_users:
         return
     started = time.perf_counter()
     try:
@@ -349,7 +353,7 @@ def _compact_user_totals(opened: writer.Writer) -> None:
     except BaseException:
         writer.drop()
         raise
-    opened.after_commit()
+    opened.after_commit(tuning.checkpoint_every_changes)
     log.info(
         "sqlite_user_totals_compacted",
         extra={

@@ -23,7 +23,6 @@ from moneylion.export.schema import SQLITE_SCHEMA, RebuildNeeded
 log = logging.getLogger(__name__)
 
 CACHE_KIB = 262_144  # page cache of the writer's connection: holds 1M users' totals
-CHECKPOINT_EVERY_CHANGES = 20_000  # rows written between two background WAL checkpoints
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is cut back to this after a checkpoint
 
 LOCK = threading.RLock()
@@ -137,10 +136,10 @@ class Writer:
     base_users: BaseUsers
     changes_at_checkpoint: int = 0
 
-    def after_commit(self) -> None:
-        """Ask for a checkpoint once enough rows changed since the last one."""
+    def after_commit(self, checkpoint_every_changes: int) -> None:
+        """Ask for a checkpoint once this many rows changed since the last one."""
         changes = self.lite.total_changes
-        if changes - self.changes_at_checkpoint >= CHECKPOINT_EVERY_CHANGES:
+        if changes - self.changes_at_checkpoint >= checkpoint_every_changes:
             self.changes_at_checkpoint = changes
             self.checkpointer.request()
 

@@ -24,17 +24,16 @@ from collections.abc import Callable
 import duckdb
 
 from moneylion.config import Config
-from moneylion.db import rollback
+from moneylion.db import rollback, transaction
 from moneylion.lake.apply import Entry, Mark, apply_files, move_mark, open_mark
 from moneylion.lake.lag import LakeLag
 from moneylion.lake.screen import log_quarantined, quarantined_count, screen_ledger
 from moneylion.lake.store import Lake
 from moneylion.priority import lower_thread_priority
+from moneylion.tuning import Tuning
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 500_000  # rows per local transaction while catching up (memory stays bounded)
-CHUNK_FILES = 2_000
 ERROR_BACKOFF_SECONDS = 1.0
 
 
@@ -128,7 +127,7 @@ class LakeTailer(threading.Thread):
         pending = screened.entries
         done = 0
         while pending and not self.stopping.is_set():
-            chunk = _chunk(pending)
+            chunk = _chunk(pending, self.config.tuning)
             pending = pending[len(chunk) :]
             # The mark's version moves only with the last chunk: until then, later versions
             # are only partly applied (the file id says how far).
@@ -142,6 +141,7 @@ class LakeTailer(threading.Thread):
                 mark,
                 top_users_kept=self.config.top_users_kept,
                 reject_line_bytes=self.config.reject_line_bytes,
+                tuning=self.config.tuning,
             )
             self.mark = mark
             if skipped:
@@ -151,13 +151,8 @@ class LakeTailer(threading.Thread):
             if self.on_applied is not None:
                 self.on_applied()
         if not pending and self.mark.version < version:
-            self.conn.execute("BEGIN TRANSACTION")
-            try:
+            with transaction(self.conn):
                 move_mark(self.conn, Mark(version, self.mark.file_id))
-                self.conn.execute("COMMIT")
-            except BaseException:
-                rollback(self.conn)
-                raise
             self.mark = Mark(version, self.mark.file_id)
         self.lake_files = max(self.lake_files, self.mark.file_id)
         return done
@@ -172,13 +167,15 @@ class LakeTailer(threading.Thread):
         return not self.is_alive()
 
 
-def _chunk(pending: list[Entry]) -> list[Entry]:
-    """The files at the head of ``pending`` that one local transaction takes (at least one)."""
+def _chunk(pending: list[Entry], tuning: Tuning) -> list[Entry]:
+    """The files at the head of ``pending`` that one local transaction takes (at least one):
+    past ``tuning.lake_chunk_rows`` rows or ``tuning.lake_chunk_files`` files, the next
+    transaction takes the rest (memory stays bounded while a replica catches up)."""
     rows = 0
     for at, (row, skipped) in enumerate(pending):
         if skipped is None:
             rows += int(row["rows_loaded"])
-        if at and (rows > CHUNK_ROWS or at >= CHUNK_FILES):
+        if at and (rows > tuning.lake_chunk_rows or at >= tuning.lake_chunk_files):
             return pending[:at]
     return pending
 
