@@ -48,16 +48,15 @@ from moneylion.export.sums import cents_of, compile_summer  # noqa: E402
 from moneylion.generate import TRANSACTIONS_HEADER  # noqa: E402
 from moneylion.ingest import ingest_file  # noqa: E402
 from moneylion.model import TABLES, USER_TOTALS, FileKind  # noqa: E402
-from moneylion.schema import connect, open_warehouse  # noqa: E402
-from moneylion.validate import (  # noqa: E402
-    Header,
+from moneylion.reader import (  # noqa: E402
     located_of_marked_sql,
     located_select_sql,
     marked_select_sql,
     read_csv_sql,
-    read_header,
     typed_select_sql,
 )
+from moneylion.schema import connect, open_warehouse  # noqa: E402
+from moneylion.validate import Header, read_header  # noqa: E402
 
 FOLDER = OUT / "micro"
 HEADERS = ("case", "compared", "A", "B", "A/B")
@@ -295,7 +294,7 @@ def case_user_summary(scratch: Scratch, args: argparse.Namespace) -> list[Row]:
 
 
 def case_sniffer(scratch: Scratch, args: argparse.Namespace) -> list[Row]:
-    """moneylion/validate.py read_csv_sql: explicit columns skip DuckDB's sniffer."""
+    """moneylion/reader.py read_csv_sql: explicit columns skip DuckDB's sniffer."""
     path = cached_transactions(100, users=50, first_id=1, seed=3)
     header = read_header(PlainFile(path))
     params = {"path": str(path), "skip": header.line_number}
@@ -332,7 +331,7 @@ def case_copies(scratch: Scratch, args: argparse.Namespace) -> list[Row]:
 
 
 def case_wide(scratch: Scratch, args: argparse.Namespace) -> list[Row]:
-    """moneylion/ingest.py WIDE_COLUMNS: DuckDB's reader binds every column of a wide file."""
+    """moneylion/tuning.py wide_columns: DuckDB's reader binds every column of a wide file."""
     conn = scratch.conn
     rows = 3
 
@@ -543,7 +542,7 @@ def case_staging(scratch: Scratch, args: argparse.Namespace) -> list[Row]:
 
 
 def case_ordinals(scratch: Scratch, args: argparse.Namespace) -> list[Row]:
-    """moneylion/validate.py marked_select_sql: the rows failing a check, numbered by a window
+    """moneylion/reader.py marked_select_sql: the rows failing a check, numbered by a window
     over a table the read makes in parallel, vs by a window over the read itself; on the
     10M-row file with 1% bad rows of bench/ingest.py."""
     path = cached_transactions(

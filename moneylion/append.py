@@ -1,20 +1,19 @@
-"""The rows of one file into the base tables, inside the caller's transaction.
+"""The load paths: one file's rows into the base tables, inside the caller's transaction. Which
+are tried, in which order, for which kind of file: ``ladder.py``.
 
-The ways, tried in order by ingest.py:
-* ``append_fast``: a file whose every field passes its check, straight from DuckDB's reader in
-  one statement. Users: only a clean file of new users. Transactions: then ``_settle`` sees to
+* ``Fast``: a file whose every field passes its check, straight from DuckDB's reader in one
+  statement. Users: only a clean file of new users. Transactions: then ``_reconcile`` sees to
   ids repeated in the file or stored and lines the reader set aside.
-* ``append_checked`` (transactions): every row passing the fast checks in one statement; then
-  ``_settle`` reads the file again for the rows that need more (those failing a check, those of
-  a contested id), which go through the reference rules and ``resolve``.
-* ``append_located`` (users): DuckDB stages the file; only the rows failing a fast check go
-  through the reference rules (validate.Batcher), and line numbers are found for the rejects
-  alone.
-* ``append_reference``: validate_rows reads every record itself (wrong field counts in a file
-  whose records span lines, odd lines).
+* ``Checked`` (transactions): every row passing the fast checks in one statement; then
+  ``_reconcile`` reads the file again for the rows that need more (those failing a check, those
+  of a contested id), which go through the reference rules and ``resolve``.
+* ``Located`` (users): DuckDB stages the file; only the rows failing a fast check go through the
+  reference rules (validate.Batcher), and line numbers are found for the rejects alone.
+* ``Reference``: validate_rows reads every record itself (wrong field counts in a file whose
+  records span lines, odd lines, wide files). It never gives up.
 All but the fast one share ``resolve``: copies within the file, rows already stored, the append.
-Every path stores its rejects through ``resolve.store_rejects``, raw lines kept up to
-``line_bytes`` (Config.reject_line_bytes).
+Every path stores its rejects through ``pending.store_rejects``, raw lines kept up to
+``Load.line_bytes``.
 """
 
 from __future__ import annotations
@@ -23,26 +22,23 @@ import bisect
 import contextlib
 import csv
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
 
-from moneylion.db import one_row
+from moneylion.db import append_arrow, one_row, utc_now
 from moneylion.errors import FileFailure, FileRefused
+from moneylion.load import Applied, Fallback, Load
 from moneylion.model import COLUMNS, TABLES, FileKind
-from moneylion.resolve import (
-    Applied,
-    Stager,
-    append_arrow,
-    arrow_rejects,
-    create_staging,
-    resolve,
-    store_rejects,
-    utc_now,
+from moneylion.pending import GatheredRows, arrow_rejects, create_pending, store_rejects
+from moneylion.reader import (
+    located_of_marked_sql,
+    located_select_sql,
+    marked_select_sql,
+    typed_select_sql,
 )
+from moneylion.resolve import resolve
 from moneylion.validate import (
-    BATCH_ROWS,
     QUOTE_CHARS,
     Batcher,
     Header,
@@ -51,12 +47,8 @@ from moneylion.validate import (
     Source,
     data_lines,
     is_blank,
-    located_of_marked_sql,
-    located_select_sql,
-    marked_select_sql,
     raw_text,
     record_lines,
-    typed_select_sql,
     validate_rows,
 )
 
@@ -77,27 +69,25 @@ def not_clean(exc: BaseException) -> bool:
     return NOT_CLEAN in str(exc)
 
 
-@dataclass(frozen=True)
-class Fallback:
-    """A path gave up on a file (the caller rolls back and takes the next one): why, for the
-    log. ``final``: no later path through DuckDB's reader can do better (the caller goes
-    straight to the reference path)."""
-
-    reason: str
-    final: bool = False
-
-
-def append_fast(
-    conn: duckdb.DuckDBPyConnection, source: Source, header: Header, file_id: int, line_bytes: int
-) -> Applied | Fallback:
+class Fast:
     """Append a file whose every field passes its check straight from DuckDB's reader in one
     statement: a field failing its check aborts the statement through error() (a Fallback: the
     next path appends the rows that pass, and reads again for the others).
 
     Users: a Fallback too when a line is set aside (a wrong field count lands in the reader's
     reject table) or a user id is repeated or stored (the PRIMARY KEY). Transactions: then
-    ``_settle`` decides the rest.
+    ``_reconcile`` decides the rest.
     """
+
+    name = "append_fast"
+    uses_reader = True
+
+    def run(self, load: Load) -> Applied | Fallback:
+        return _append_fast(load)
+
+
+def _append_fast(load: Load) -> Applied | Fallback:
+    conn, source, header, file_id = load.conn, load.source, load.header, load.file_id
     key, *rest = COLUMNS[header.kind]
     guarded = ", ".join([abort_unless("ok", key), *rest])
     users = header.kind is FileKind.USERS
@@ -117,7 +107,7 @@ def append_fast(
             return Fallback("a field fails its check")
         raise
     if not users:
-        return _settle(conn, source, header, file_id, int(inserted), line_bytes, failing=False)
+        return _reconcile(load, int(inserted), failing=False)
     if aside := _reader_errors(conn, header.file_name):
         return Fallback(f"the reader set {aside} line(s) aside (field count or length)")
     return Applied(loaded=int(inserted))
@@ -128,11 +118,19 @@ def _read_params(source: Source, header: Header) -> dict[str, object]:
     return {"path": str(source.disk_path()), "skip": header.line_number}
 
 
-def append_checked(
-    conn: duckdb.DuckDBPyConnection, source: Source, header: Header, file_id: int, line_bytes: int
-) -> Applied | Fallback:
+class Checked:
     """Append a file of transactions with fields failing their checks: every row passing them
-    in one statement from DuckDB's reader, then (``_settle``) the rest."""
+    in one statement from DuckDB's reader, then (``_reconcile``) the rest."""
+
+    name = "append_checked"
+    uses_reader = True
+
+    def run(self, load: Load) -> Applied | Fallback:
+        return _append_checked(load)
+
+
+def _append_checked(load: Load) -> Applied | Fallback:
+    conn, source, header, file_id = load.conn, load.source, load.header, load.file_id
     kind = header.kind
     with _without_filter_pushdown(conn):
         inserted = conn.execute(
@@ -140,7 +138,7 @@ def append_checked(
             f"FROM ({typed_select_sql(header)}) WHERE ok",
             {**_read_params(source, header), "file_id": file_id},
         ).fetchall()[0][0]
-    return _settle(conn, source, header, file_id, int(inserted), line_bytes, failing=True)
+    return _reconcile(load, int(inserted), failing=True)
 
 
 @contextlib.contextmanager
@@ -159,16 +157,7 @@ def _without_filter_pushdown(conn: duckdb.DuckDBPyConnection) -> Iterator[None]:
         )
 
 
-def _settle(
-    conn: duckdb.DuckDBPyConnection,
-    source: Source,
-    header: Header,
-    file_id: int,
-    inserted: int,
-    line_bytes: int,
-    *,
-    failing: bool,
-) -> Applied | Fallback:
+def _reconcile(load: Load, inserted: int, *, failing: bool) -> Applied | Fallback:
     """After the ``inserted`` rows of a transactions file that pass the fast checks were
     appended (``failing``: others may have failed them), the rest.
 
@@ -182,6 +171,7 @@ def _settle(
     lines cannot follow from the reader's rows (records span lines and the reader set some
     aside), or where the contested ids span too wide a range for their bitmap.
     """
+    conn, source, header, file_id = load.conn, load.source, load.header, load.file_id
     kind = header.kind
     read = _read_params(source, header)
     aside = _aside_lines(conn, header.file_name)
@@ -200,23 +190,23 @@ def _settle(
     # The rows that need more than the fast checks, read again: those failing a check and
     # those of a contested id.
     _read_again(conn, header, read, span, failing=failing, create=True)
-    (failed,) = one_row(conn, "SELECT count(*) FILTER (WHERE NOT ok) FROM staged_raw")
-    kept = inserted + int(failed)  # the reader's rows
+    (failed,) = one_row(conn, "SELECT count(*) FILTER (WHERE NOT ok) FROM pending_raw")
+    reader_rows = inserted + int(failed)  # the reader's rows
     reader_rejects: list[Reject] = []
     if aside:
-        if kept + len(aside) != records:  # records span lines: DuckDB's line numbers are not
+        if reader_rows + len(aside) != records:  # records span lines: DuckDB's line numbers are not
             return spanning
         found_aside = _reader_rejects(conn, header, aside)
         if isinstance(found_aside, Fallback):
             return found_aside
         reader_rejects = found_aside
-    create_staging(conn, kind)
+    create_pending(conn, kind)
     moved = _unappend(conn, file_id)
-    _stage_failing(conn, header, file_id)
+    _stage_failing(conn, header, file_id, load.tuning.reference_batch_rows)
     # A row that failed a fast check but passes the reference rules may share its id with a row
     # appended: those ids are contested too.
     conn.execute(
-        "INSERT INTO contested SELECT DISTINCT transaction_id FROM staged "
+        "INSERT INTO contested SELECT DISTINCT transaction_id FROM pending "
         f"WHERE transaction_id IN ({_APPENDED})",
         {"f": file_id},
     )
@@ -224,15 +214,24 @@ def _settle(
         _read_again(conn, header, read, span, failing=False)
         moved += _unappend(conn, file_id)
     conn.execute(
-        f"INSERT INTO staged SELECT $f, {', '.join(COLUMNS[kind])}, ordinal, NULL "
-        "FROM staged_raw WHERE ok AND transaction_id IN (SELECT id FROM unappended)",
+        f"INSERT INTO pending SELECT $f, {', '.join(COLUMNS[kind])}, ordinal, NULL "
+        "FROM pending_raw WHERE ok AND transaction_id IN (SELECT id FROM unappended)",
         {"f": file_id},
     )
     applied = resolve(conn, kind).get(file_id, Applied())
     applied.loaded += inserted - moved
-    _place_rejects(conn, source, header, file_id, aside, reader_rejects, kept=kept, records=records)
+    _place_rejects(
+        conn,
+        source,
+        header,
+        file_id,
+        aside,
+        reader_rejects,
+        reader_rows=reader_rows,
+        records=records,
+    )
     conn.execute("DROP TABLE contested; DROP TABLE unappended")
-    applied.rejected_by_reason = store_rejects(conn, line_bytes).get(file_id, {})
+    applied.rejected_by_reason = store_rejects(conn, load.line_bytes).get(file_id, {})
     return applied
 
 
@@ -250,7 +249,7 @@ def _read_again(
     failing: bool,
     create: bool = False,
 ) -> None:
-    """Add to ``staged_raw`` (``create``: a new one) the records of the contested ids not yet
+    """Add to ``pending_raw`` (``create``: a new one) the records of the contested ids not yet
     taken out of the table, and (``failing``) those failing a fast check: ordinal, typed
     columns, ``ok`` and raw fields, as ``located_select_sql`` gives them.
 
@@ -279,9 +278,9 @@ def _read_again(
     )
     rows = located_of_marked_sql(header, "marked")
     if create:
-        conn.execute(f"CREATE OR REPLACE TEMP TABLE staged_raw AS {rows}")
+        conn.execute(f"CREATE OR REPLACE TEMP TABLE pending_raw AS {rows}")
     else:
-        conn.execute(f"INSERT INTO staged_raw {rows}")
+        conn.execute(f"INSERT INTO pending_raw {rows}")
     conn.execute("DROP TABLE marked")
 
 
@@ -307,7 +306,7 @@ def _contested_ids(conn: duckdb.DuckDBPyConnection, file_id: int, inserted: int)
 
 def _unappend(conn: duckdb.DuckDBPyConnection, file_id: int) -> int:
     """Take the file's appended rows of the contested ids not yet taken out of the table again
-    (``resolve`` decides them, from their staged copies); how many rows left it."""
+    (``resolve`` decides them, from their pending copies); how many rows left it."""
     conn.execute(f"INSERT INTO unappended SELECT DISTINCT id FROM ({_NOT_UNAPPENDED})")
     return int(
         conn.execute(
@@ -382,16 +381,20 @@ def stored_ids_among(
 # --- reference path ---------------------------------------------------------------------------
 
 
-def append_reference(
-    conn: duckdb.DuckDBPyConnection, source: Source, header: Header, file_id: int, line_bytes: int
-) -> Applied:
+class Reference:
     """Stage the whole file through validate_rows (Python, line numbers), then resolve it."""
-    create_staging(conn, header.kind)
-    stager = Stager(header.kind)
-    for batch in validate_rows(source, header):
-        stager.add(file_id, batch)
-        stager.flush(conn)  # a batch at a time: memory stays flat
-    return _one_file(conn, header.kind, file_id, line_bytes)
+
+    name = "append_reference"
+    uses_reader = False
+
+    def run(self, load: Load) -> Applied:
+        conn, header = load.conn, load.header
+        create_pending(conn, header.kind)
+        rows_in = GatheredRows(header.kind)
+        for batch in validate_rows(load.source, header, load.tuning.reference_batch_rows):
+            rows_in.add(load.file_id, batch)
+            rows_in.flush(conn)  # a batch at a time: memory stays flat
+        return _one_file(conn, header.kind, load.file_id, load.line_bytes)
 
 
 def _one_file(
@@ -403,9 +406,7 @@ def _one_file(
     return applied
 
 
-def append_located(
-    conn: duckdb.DuckDBPyConnection, source: Source, header: Header, file_id: int, line_bytes: int
-) -> Applied | Fallback:
+class Located:
     """Stage with DuckDB's reader, send only the rows failing a fast check through the
     reference rules, and find line numbers for the rejects alone.
 
@@ -417,15 +418,25 @@ def append_located(
     validate_rows counts them, and a file with records set aside is left to the reference path
     (a Fallback: the caller rolls back, the reader's reject table with it).
     """
+
+    name = "append_located"
+    uses_reader = True
+
+    def run(self, load: Load) -> Applied | Fallback:
+        return _append_located(load)
+
+
+def _append_located(load: Load) -> Applied | Fallback:
+    conn, source, header, file_id = load.conn, load.source, load.header, load.file_id
     conn.execute(
-        "CREATE OR REPLACE TEMP TABLE staged_raw AS " + located_select_sql(header),
+        "CREATE OR REPLACE TEMP TABLE pending_raw AS " + located_select_sql(header),
         _read_params(source, header),
     )
     aside = _aside_lines(conn, header.file_name)
-    kept = int(one_row(conn, "SELECT count(*) FROM staged_raw")[0])
+    reader_rows = int(one_row(conn, "SELECT count(*) FROM pending_raw")[0])
     reader_rejects: list[Reject] = []
     if aside:
-        if kept + len(aside) != data_lines(source) - header.line_number:
+        if reader_rows + len(aside) != data_lines(source) - header.line_number:
             return Fallback("records span lines and the reader set some aside")
         found_aside = _reader_rejects(conn, header, aside)
         if isinstance(found_aside, Fallback):
@@ -433,35 +444,37 @@ def append_located(
         reader_rejects = found_aside
     kind = header.kind
     columns = ", ".join(COLUMNS[kind])
-    create_staging(conn, kind)
+    create_pending(conn, kind)
     conn.execute(
-        f"INSERT INTO staged SELECT $file_id, {columns}, ordinal, NULL FROM staged_raw WHERE ok",
+        f"INSERT INTO pending SELECT $file_id, {columns}, ordinal, NULL FROM pending_raw WHERE ok",
         {"file_id": file_id},
     )
-    _stage_failing(conn, header, file_id)
+    _stage_failing(conn, header, file_id, load.tuning.reference_batch_rows)
     applied = resolve(conn, kind).get(file_id, Applied())
-    _place_rejects(conn, source, header, file_id, aside, reader_rejects, kept=kept)
-    applied.rejected_by_reason = store_rejects(conn, line_bytes).get(file_id, {})
+    _place_rejects(conn, source, header, file_id, aside, reader_rejects, reader_rows=reader_rows)
+    applied.rejected_by_reason = store_rejects(conn, load.line_bytes).get(file_id, {})
     return applied
 
 
-def _stage_failing(conn: duckdb.DuckDBPyConnection, header: Header, file_id: int) -> None:
-    """The rows of ``staged_raw`` failing a fast check through the reference rules, into the
+def _stage_failing(
+    conn: duckdb.DuckDBPyConnection, header: Header, file_id: int, page_rows: int
+) -> None:
+    """The rows of ``pending_raw`` failing a fast check through the reference rules, into the
     staging tables, a page at a time (a cursor would not see this transaction's temp
     tables); a record's ordinal stands in for its line."""
     batcher = Batcher(header)
-    stager = Stager(header.kind)
+    rows_in = GatheredRows(header.kind)
     after = 0
     while rows := conn.execute(
-        "SELECT ordinal, raw_fields FROM staged_raw WHERE NOT ok AND ordinal > $after "
+        "SELECT ordinal, raw_fields FROM pending_raw WHERE NOT ok AND ordinal > $after "
         "ORDER BY ordinal LIMIT $page",
-        {"after": after, "page": BATCH_ROWS},
+        {"after": after, "page": page_rows},
     ).fetchall():
         for ordinal, fields in rows:
             batcher.add(ordinal, [f or "" for f in fields])
         after = rows[-1][0]
-        stager.add(file_id, batcher.take())
-        stager.flush(conn)
+        rows_in.add(file_id, batcher.take())
+        rows_in.flush(conn)
 
 
 def _place_rejects(
@@ -472,17 +485,17 @@ def _place_rejects(
     aside: list[tuple[int, str, str]],
     reader_rejects: list[Reject],
     *,
-    kept: int,
+    reader_rows: int,
     records: int | None = None,
 ) -> None:
-    """The rejects staged by ordinal moved to their lines, with the raw text of those found in
-    SQL (from ``staged_raw``, then dropped); the lines the reader set aside added by their own
-    line. ``kept``: the reader's records (when every line after the header is one of them,
+    """The rejects pending by ordinal moved to their lines, with the raw text of those found in
+    SQL (from ``pending_raw``, then dropped); the lines the reader set aside added by their own
+    line. ``reader_rows``: the reader's records (when every line after the header is one of them,
     lines follow from ordinals; else records are counted as validate_rows counts them);
     ``records``: the lines after the header, if the caller counted them."""
     found = conn.execute(
-        """SELECT s.line_number, r.raw_fields FROM staged_rejects s
-           JOIN staged_raw r ON r.ordinal = s.line_number"""
+        """SELECT s.line_number, r.raw_fields FROM pending_rejects s
+           JOIN pending_raw r ON r.ordinal = s.line_number"""
     ).fetchall()
     ordinals = {ordinal for ordinal, _ in found}
     if aside:  # lines are records (the caller checked)
@@ -490,7 +503,7 @@ def _place_rejects(
     else:
         if found and records is None:
             records = data_lines(source) - header.line_number
-        by_line = bool(found) and kept == records
+        by_line = bool(found) and reader_rows == records
         lines = record_lines(source, header, ordinals, by_line=by_line)
     mapping = pa.table(
         {
@@ -502,17 +515,17 @@ def _place_rejects(
     conn.register("reject_lines", mapping)
     try:
         conn.execute(
-            """UPDATE staged_rejects SET
-                   raw_line = coalesce(staged_rejects.raw_line, m.raw), line_number = m.line
-               FROM reject_lines m WHERE m.ordinal = staged_rejects.line_number"""
+            """UPDATE pending_rejects SET
+                   raw_line = coalesce(pending_rejects.raw_line, m.raw), line_number = m.line
+               FROM reject_lines m WHERE m.ordinal = pending_rejects.line_number"""
         )
     finally:
         conn.unregister("reject_lines")
-    conn.execute("DROP TABLE staged_raw")
+    conn.execute("DROP TABLE pending_raw")
     if aside:
         if reader_rejects:  # already by their line
             append_arrow(
-                conn, "staged_rejects", arrow_rejects([(file_id, r) for r in reader_rejects])
+                conn, "pending_rejects", arrow_rejects([(file_id, r) for r in reader_rejects])
             )
         # The reader appends to these tables: the next file must find only its own rows.
         conn.execute("DELETE FROM ingest_csv_errors")

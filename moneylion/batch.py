@@ -26,11 +26,14 @@ import duckdb
 
 from moneylion import aggregates, ledger
 from moneylion.config import Config
-from moneylion.db import rollback
+from moneylion.db import transaction, utc_now
 from moneylion.errors import FileRefused
-from moneylion.ledger import FileOutcome
+from moneylion.ledger import FileOutcome, FileStatus
+from moneylion.load import Applied
 from moneylion.model import FileKind
-from moneylion.resolve import Applied, Stager, resolve_gathered, utc_now
+from moneylion.pending import GatheredRows
+from moneylion.resolve import resolve_gathered
+from moneylion.rules import latest_date
 from moneylion.source import MEMORY_BYTES, Bounds, StagedFile, stage
 from moneylion.validate import Header, ValidatedRows, read_header, validate_rows
 
@@ -114,23 +117,23 @@ def ingest_batch(
                 continue
             first_of[item.sha256] = len(plans)
         fresh = _New(item)
-        _read(fresh)
+        _read(fresh, config, received_at)
         plans.append(fresh)
         new_items.append(item)
         rows += fresh.rows
     ids = iter(ledger.next_file_ids(conn, len(new_items)))
-    stagers = {kind: Stager(kind) for kind in FileKind}
+    gathered = {kind: GatheredRows(kind) for kind in FileKind}
     for plan in plans:
         if isinstance(plan, _New):
             plan.file_id = next(ids)
             if plan.header is not None:
                 for validated in plan.batches:
-                    stagers[plan.header.kind].add(plan.file_id, validated)
-    outcomes = _commit(conn, plans, stagers, config, started, received_at)
+                    gathered[plan.header.kind].add(plan.file_id, validated)
+    outcomes = _commit(conn, plans, gathered, config, started, received_at)
     return outcomes, list(items[taken:])
 
 
-def _read(plan: _New) -> None:
+def _read(plan: _New, config: Config, received_at: dt.datetime) -> None:
     """The file's header and records, checked by the reference rules; or the reason it is
     refused whole (then nothing of it is kept)."""
     item = plan.item
@@ -138,8 +141,9 @@ def _read(plan: _New) -> None:
         plan.refused = item.refused
         return
     try:
-        plan.header = read_header(item)
-        plan.batches = list(validate_rows(item, plan.header))
+        plan.header = read_header(item, latest_date(received_at, config.max_future_days))
+        rows = config.tuning.reference_batch_rows
+        plan.batches = list(validate_rows(item, plan.header, rows))
     except FileRefused as refused:
         plan.refused = refused
         plan.batches = []
@@ -148,7 +152,7 @@ def _read(plan: _New) -> None:
 def _commit(
     conn: duckdb.DuckDBPyConnection,
     plans: list[_New | FileOutcome | tuple[Item, int]],
-    stagers: dict[FileKind, Stager],
+    gathered: dict[FileKind, GatheredRows],
     config: Config,
     started: float,
     received_at: dt.datetime,
@@ -156,11 +160,10 @@ def _commit(
     """One transaction: rows, rejects, deltas and ledger rows of every new file; outcomes."""
     new = [plan for plan in plans if isinstance(plan, _New)]
     applied: dict[int, Applied] = {}
-    conn.execute("BEGIN TRANSACTION")
-    try:
-        for stager in stagers.values():
-            if stager.lines or stager.rejects:
-                found = resolve_gathered(conn, stager, utc_now(), config.reject_line_bytes)
+    with transaction(conn):
+        for rows_in in gathered.values():
+            if rows_in.lines or rows_in.rejects:
+                found = resolve_gathered(conn, rows_in, utc_now(), config.reject_line_bytes)
                 applied.update(found)
         loaded = {
             kind: sum(
@@ -179,20 +182,17 @@ def _commit(
                 transactions=loaded[FileKind.TRANSACTIONS],
                 users=loaded[FileKind.USERS],
                 top_users_kept=config.top_users_kept,
+                tuning=config.tuning,
             )
         finished_at = utc_now()
         seconds = time.perf_counter() - started
         done = {p.file_id: _outcome(p, applied, seconds, finished_at, received_at) for p in new}
         ledger.insert(conn, list(done.values()))
-        conn.execute("COMMIT")
-    except BaseException:
-        rollback(conn)
-        raise
     outcomes: list[FileOutcome] = []
     for plan in plans:
         if isinstance(plan, _New):
             outcome = done[plan.file_id]
-            ledger.log_committed(outcome, plan.header.extra_columns if plan.header else ())
+            ledger.log_committed(outcome)
         elif isinstance(plan, FileOutcome):
             outcome = plan
         else:  # the same bytes as an earlier file of this batch
@@ -225,7 +225,7 @@ def _outcome(
         name=item.name,
         path=item.origin,
         sha256=read.sha256 if read else None,
-        status="loaded",
+        status=FileStatus.LOADED,
         file_id=plan.file_id,
         kind=str(plan.header.kind) if plan.header else None,
         size_bytes=read.size if read else 0,
@@ -233,11 +233,12 @@ def _outcome(
         finished_at=finished_at,
         received_at=received_at,
         part=read.part if read else None,
+        extra_columns=plan.header.extra_columns if plan.header else (),
     )
     if plan.refused is not None:
         return dataclasses.replace(
             outcome,
-            status="failed",
+            status=FileStatus.FAILED,
             error_reason=str(plan.refused.reason),
             error=plan.refused.message,
         )

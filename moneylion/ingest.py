@@ -1,12 +1,11 @@
-"""One file -> one DuckDB transaction: ledger check, validate, dedupe, append, deltas, ledger row.
+"""One file -> one DuckDB transaction: ledger check, header, rows, deltas, ledger row.
 
 Exactly once: a file is its sha256. Bytes already in the ledger change nothing. Everything a
 file writes (rows, rejects, aggregate deltas, its ledger row) commits together or not at all.
 This module never moves the file: the caller does, after the commit (see daemon.py).
 
-The rows themselves go in through append.py: the fast way first, then, after a rollback, the
-checked way (transactions: it reads again only the rows needing more) or the located way
-(users), then the reference way, each covering what the one before could not.
+The rows themselves go in by the first path of the kind's ladder that takes them
+(``ladder.climb``; ``ladder.LADDERS`` declares the paths).
 """
 
 from __future__ import annotations
@@ -24,31 +23,23 @@ from typing import Any
 import duckdb
 
 from moneylion import aggregates, ledger
-from moneylion.append import (
-    Fallback,
-    append_checked,
-    append_fast,
-    append_located,
-    append_reference,
-)
 from moneylion.config import Config
-from moneylion.db import rollback
+from moneylion.db import transaction, utc_now
 from moneylion.errors import FileRefused
-from moneylion.ledger import FileOutcome
+from moneylion.ladder import LADDERS, Ladders, climb
+from moneylion.ledger import FileOutcome, FileStatus
+from moneylion.load import Load
 from moneylion.model import FileKind
-from moneylion.resolve import Applied, utc_now
+from moneylion.rules import latest_date
 from moneylion.source import Bounds, Part, StagedFile, stage
-from moneylion.validate import (
-    Header,
-    read_header,
-)
+from moneylion.tuning import DEFAULT as DEFAULT_TUNING
+from moneylion.validate import Header, read_header
 
 __all__ = ["FileOutcome", "ingest_file", "ingest_staged", "record_unread", "warehouse_status"]
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-WIDE_COLUMNS = 512
 DEFAULT_TOP_USERS_KEPT = 1000
 
 
@@ -59,6 +50,7 @@ def ingest_file(
     *,
     progress: Progress | None = None,
     received_at: dt.datetime | None = None,
+    ladders: Ladders = LADDERS,
 ) -> FileOutcome:
     """Ingest one CSV file in one DuckDB transaction; return what happened.
 
@@ -69,7 +61,8 @@ def ingest_file(
     The file is read once, into a private copy hashed on the way (source.stage), and only that
     copy is loaded. Bad input is never an exception: a refused file comes back with status
     ``failed`` and its reason. OSError (file vanished, unreadable, changed while read:
-    source.FileChanged) and DuckDB errors propagate, after rollback.
+    source.FileChanged) and DuckDB errors propagate, after rollback. ``ladders``: the paths
+    each kind of file may take (tests hold one ladder to another).
     """
     started = time.perf_counter()
     received_at = utc_now() if received_at is None else received_at
@@ -85,7 +78,13 @@ def ingest_file(
             return record_unread(conn, path, refused, started=started, received_at=received_at)
         stack.callback(staged.discard)
         return ingest_staged(
-            conn, staged, config, started=started, received_at=received_at, progress=progress
+            conn,
+            staged,
+            config,
+            started=started,
+            received_at=received_at,
+            progress=progress,
+            ladders=ladders,
         )
 
 
@@ -112,13 +111,12 @@ def ingest_staged(
     started: float | None = None,
     received_at: dt.datetime | None = None,
     progress: Progress | None = None,
+    ladders: Ladders = LADDERS,
 ) -> FileOutcome:
     """``ingest_file`` of a file already read (``source.stage``): every reader reads ``staged``."""
     started = time.perf_counter() if started is None else started
     received_at = utc_now() if received_at is None else received_at
     report = progress or (lambda stage: None)
-    kept = config.top_users_kept if config else DEFAULT_TOP_USERS_KEPT
-    line_bytes = (config or Config).reject_line_bytes
     sha256, size = staged.sha256, staged.size
     found = ledger.known(conn, [sha256]).get(sha256)
     if found is not None:
@@ -146,18 +144,18 @@ def ingest_staged(
     )
     if staged.refused is not None:  # read and hashed, refused whole (a broken archive)
         return _record_failure(conn, arrival, None, staged.refused)
+    max_future_days = (config or Config).max_future_days
     try:
-        header = read_header(staged)
+        header = read_header(staged, latest_date(received_at, max_future_days))
     except FileRefused as refused:
         return _record_failure(conn, arrival, None, refused)
 
     report(f"{header.kind} file, {size} bytes")
     try:
-        outcome = _load(conn, arrival, staged, header, kept, line_bytes, report)
+        outcome = _load(conn, arrival, staged, header, config, ladders, report)
     except FileRefused as refused:
         return _record_failure(conn, arrival, header, refused)
-    _insert_ledger_committed(conn, outcome)
-    ledger.log_committed(outcome, header.extra_columns)
+    ledger.log_committed(outcome)
     return outcome
 
 
@@ -180,27 +178,18 @@ def _load(
     arrival: _Arrival,
     source: StagedFile,
     header: Header,
-    kept: int,
-    line_bytes: int,
+    config: Config | None,
+    ladders: Ladders,
     report: Progress,
 ) -> FileOutcome:
-    """Apply the file (read from ``source``, its bytes as read once) inside an open
-    transaction; the caller writes the ledger row and commits. Rolls back and re-raises on any
-    error."""
+    """Apply the file (read from ``source``, its bytes as read once) and write its ledger row,
+    in one transaction."""
     file_id = arrival.file_id
-    conn.execute("BEGIN TRANSACTION")
-    try:
-        # DuckDB's reader binds every column of a wide file, at a cost that grows with the
-        # columns whatever the rows; past WIDE_COLUMNS the reference rules read it (no reader
-        # limit there; bench/micro.py --only wide).
-        read = header.field_count <= WIDE_COLUMNS
-        applied = (
-            _reader_paths(conn, arrival.name, source, header, file_id, line_bytes, report)
-            if read
-            else None
-        )
-        if not isinstance(applied, Applied):
-            applied = append_reference(conn, source, header, file_id, line_bytes)
+    tuning = config.tuning if config else DEFAULT_TUNING
+    line_bytes = (config or Config).reject_line_bytes
+    load = Load(conn, source, header, file_id, line_bytes, tuning)
+    with transaction(conn):
+        applied = climb(load, ladders[header.kind], report)
         if applied.loaded:
             report(f"appended {applied.loaded} rows: updating aggregates")
             transactions = header.kind is FileKind.TRANSACTIONS
@@ -210,71 +199,30 @@ def _load(
                 file_id,
                 transactions=applied.loaded if transactions else 0,
                 users=0 if transactions else applied.loaded,
-                top_users_kept=kept,
+                top_users_kept=config.top_users_kept if config else DEFAULT_TOP_USERS_KEPT,
+                tuning=tuning,
             )
-    except BaseException:
-        rollback(conn)
-        raise
-    return FileOutcome(
-        name=arrival.name,
-        path=arrival.path,
-        sha256=arrival.sha256,
-        status="loaded",
-        file_id=file_id,
-        kind=str(header.kind),
-        rows_total=applied.loaded + applied.duplicate + applied.rejected,
-        rows_loaded=applied.loaded,
-        rows_duplicate=applied.duplicate,
-        rows_rejected=applied.rejected,
-        rejected_by_reason=applied.rejected_by_reason,
-        seconds=time.perf_counter() - arrival.started,
-        size_bytes=arrival.size,
-        finished_at=utc_now(),
-        received_at=arrival.received_at,
-        part=source.part,
-    )
-
-
-def _reader_paths(
-    conn: duckdb.DuckDBPyConnection,
-    name: str,
-    source: StagedFile,
-    header: Header,
-    file_id: int,
-    line_bytes: int,
-    report: Progress,
-) -> Applied | Fallback:
-    """The paths through DuckDB's reader for the file's kind, fastest first, inside the open
-    transaction: each that gives up is rolled back, and its reason is logged and reported."""
-    applied: Applied | Fallback = Fallback("no path ran")
-    later = append_checked if header.kind is FileKind.TRANSACTIONS else append_located
-    for path, then in (
-        (append_fast, "checking them one by one"),
-        (later, "validating every row"),
-    ):
-        applied = path(conn, source, header, file_id, line_bytes)
-        if isinstance(applied, Applied):
-            return applied
-        conn.execute("ROLLBACK")
-        log.info(
-            "ingest_fallback",
-            extra={"fields": {"file": name, "path": path.__name__, "reason": applied.reason}},
+        outcome = FileOutcome(
+            name=arrival.name,
+            path=arrival.path,
+            sha256=arrival.sha256,
+            status=FileStatus.LOADED,
+            file_id=file_id,
+            kind=str(header.kind),
+            rows_total=applied.loaded + applied.duplicate + applied.rejected,
+            rows_loaded=applied.loaded,
+            rows_duplicate=applied.duplicate,
+            rows_rejected=applied.rejected,
+            rejected_by_reason=applied.rejected_by_reason,
+            seconds=time.perf_counter() - arrival.started,
+            size_bytes=arrival.size,
+            finished_at=utc_now(),
+            received_at=arrival.received_at,
+            part=source.part,
+            extra_columns=header.extra_columns,
         )
-        conn.execute("BEGIN TRANSACTION")
-        report(f"{applied.reason}: {'validating every row' if applied.final else then}")
-        if applied.final:
-            break
-    return applied
-
-
-def _insert_ledger_committed(conn: duckdb.DuckDBPyConnection, outcome: FileOutcome) -> None:
-    """Write the ledger row into the open transaction and commit it."""
-    try:
         ledger.insert(conn, [outcome])
-        conn.execute("COMMIT")
-    except BaseException:
-        rollback(conn)
-        raise
+    return outcome
 
 
 def _next_file_id(conn: duckdb.DuckDBPyConnection) -> int:
@@ -289,13 +237,12 @@ def _record_failure(
 ) -> FileOutcome:
     """A file-level failure: only its ledger row is written."""
     file_id = arrival.file_id
-    conn.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(conn):
         outcome = FileOutcome(
             name=arrival.name,
             path=arrival.path,
             sha256=arrival.sha256,
-            status="failed",
+            status=FileStatus.FAILED,
             file_id=file_id,
             kind=str(header.kind) if header else None,
             seconds=time.perf_counter() - arrival.started,
@@ -307,10 +254,6 @@ def _record_failure(
             part=arrival.part,
         )
         ledger.insert(conn, [outcome])
-        conn.execute("COMMIT")
-    except BaseException:
-        rollback(conn)
-        raise
     ledger.log_committed(outcome)
     return outcome
 

@@ -9,6 +9,7 @@ that reads or writes a ledger row goes by these names.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -50,6 +51,14 @@ LEDGER_COLUMNS = tuple(LEDGER)
 AT = {name: position for position, name in enumerate(LEDGER_COLUMNS)}
 
 
+class FileStatus(enum.StrEnum):
+    """A file's outcome in the ledger (and the API's ``status``)."""
+
+    LOADED = "loaded"  # its rows went in (some may be duplicates or refused)
+    FAILED = "failed"  # refused whole: nothing of it loaded
+    DUPLICATE_FILE = "duplicate_file"  # bytes the ledger had: nothing written (never stored)
+
+
 @dataclass(frozen=True)
 class FileOutcome:
     """What happened to one file; the daemon moves the file and logs from this."""
@@ -57,7 +66,7 @@ class FileOutcome:
     name: str
     path: Path
     sha256: str | None  # None for an entry that was never read (not a regular file, too large)
-    status: str  # "loaded" | "duplicate_file" | "failed"
+    status: FileStatus
     file_id: int | None
     kind: str | None = None
     rows_total: int = 0
@@ -73,6 +82,7 @@ class FileOutcome:
     received_at: dt.datetime | None = None
     seen_before: bool = False  # the ledger had these bytes: nothing was written
     part: Part | None = None  # a continuation of a file loaded before (tail.py)
+    extra_columns: tuple[str, ...] = ()  # header columns the file had beyond its kind's: ignored
 
     @property
     def committed(self) -> bool:
@@ -81,9 +91,9 @@ class FileOutcome:
 
     def summary(self) -> str:
         """One line for the CLI."""
-        if self.status == "failed":
+        if self.status is FileStatus.FAILED:
             return f"{self.name}: failed ({self.error_reason}): {self.error}"
-        if self.status == "duplicate_file":
+        if self.status is FileStatus.DUPLICATE_FILE:
             return f"{self.name}: duplicate of file #{self.file_id}, nothing loaded"
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected_by_reason.items()))
         return (
@@ -198,7 +208,7 @@ def seen_before(
         name=name,
         path=path,
         sha256=sha256,
-        status="duplicate_file" if status == "loaded" else "failed",
+        status=FileStatus.DUPLICATE_FILE if status == FileStatus.LOADED else FileStatus.FAILED,
         file_id=file_id,
         error_reason=error_reason,
         error=None if error is None else f"same bytes as file #{file_id}: {error}",
@@ -209,9 +219,9 @@ def seen_before(
     )
 
 
-def log_committed(outcome: FileOutcome, extra_columns: Sequence[str] = ()) -> None:
+def log_committed(outcome: FileOutcome) -> None:
     """The event of a new ledger row, after its commit."""
-    if outcome.status == "failed":
+    if outcome.status is FileStatus.FAILED:
         log.warning(
             "file_failed",
             extra={
@@ -224,10 +234,10 @@ def log_committed(outcome: FileOutcome, extra_columns: Sequence[str] = ()) -> No
             },
         )
         return
-    if extra_columns:
+    if outcome.extra_columns:
         log.warning(
             "extra_columns_ignored",
-            extra={"fields": {"file": outcome.name, "columns": list(extra_columns)}},
+            extra={"fields": {"file": outcome.name, "columns": list(outcome.extra_columns)}},
         )
     part = {} if outcome.part is None else _part_fields(outcome.part)
     log.info(

@@ -2,10 +2,10 @@
 (its rule and its DuckDB, Arrow and SQLite types), the transaction types, and the measures of
 the aggregates kept per user and per day.
 
-Validation, staging, every append path, the aggregates, the SQLite export and the API iterate
-these declarations; no other module writes a column list or a type name out. The migrations in
-``sql/`` are the warehouse's history and cannot import this module: ``tests/test_model.py``
-holds the migrated warehouse and a fresh export to it.
+Validation, the pending tables, every load path, the aggregates, the SQLite export and the API
+iterate these declarations; no other module writes a column list or a type name out. The
+migrations in ``sql/`` are the warehouse's history and cannot import this module:
+``tests/test_model.py`` holds the migrated warehouse and a fresh export to it.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ class Domain:
 
     rule: Rule
     duckdb: str  # the warehouse column's type
-    staged: str  # the type rows are staged in before the append (DuckDB)
-    arrow: pa.DataType  # the type of staged and appended Arrow columns
+    pending: str  # the type rows wait in before their verdict and append (DuckDB)
+    arrow: pa.DataType  # the type of pending and appended Arrow columns
     sqlite: str  # the SQLite export's column type
     to_sqlite: str  # DuckDB expression of the value SQLite stores ({} is the column)
 

@@ -2,7 +2,8 @@
 fields, each declared once with its message.
 
 A row's own rules (its fields, ``validate.RULES``; its date against its file's arrival,
-``future_date``) are decided by whichever reader reads it. The rules that need other rows are
+``future_date``) are decided by whichever reader reads it: ``validate.Batcher`` in Python,
+``reader.py``'s checks in DuckDB. The rules that need other rows are
 decided here, in two evaluators that read the same declarations: ``resolve.resolve`` (SQL, for
 large files and chunks: next to nothing per row) and ``resolve.resolve_gathered`` (Python, for
 a batch of small files: a statement's fixed cost is what those pay). The lake's publisher calls
@@ -21,6 +22,7 @@ evaluators equal.
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -182,3 +184,22 @@ def copies_in_file(ids: Sequence[Hashable], contents: Sequence[object]) -> list[
         else (Verdict.COPY if first[row_id] != i else None)
         for i, row_id in enumerate(ids)
     ]
+
+
+# future_date: a kind's column dated by its producer, which may not run ahead of its file's
+# arrival day (the UTC date of the ledger's received_at) by more than max_future_days.
+ARRIVAL_BOUNDED: dict[FileKind, str] = {FileKind.TRANSACTIONS: "transaction_date"}
+
+
+def latest_date(received_at: dt.datetime, max_future_days: int) -> dt.date:
+    """The last date a file arriving at ``received_at`` (UTC) may hold in its bounded column
+    (at most the last date there is)."""
+    days_left = (dt.date.max - received_at.date()).days
+    return received_at.date() + dt.timedelta(days=min(max_future_days, days_left))
+
+
+def future_date_message(column: str, value: dt.date, latest: dt.date) -> str:
+    return (
+        f"{column} {value.isoformat()} is after {latest.isoformat()} "
+        "(more than max_future_days past the file's arrival day)"
+    )

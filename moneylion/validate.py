@@ -1,17 +1,17 @@
-"""CSV -> typed rows + rejected rows. The row policies of DESIGN.md live here, twice over:
+"""CSV -> typed rows + rejected rows: the header's rules, and each field's rule twice over.
 
-* ``validate_rows`` is the reference: Python's csv module, every rule, the 1-based line number
-  where each record starts. It is what decides, and what runs whenever a file has anything to
-  reject.
-* ``typed_select_sql`` / ``clean_check_sql`` are the fast path for clean files: DuckDB's CSV reader
-  with cheap string checks. DuckDB's casts are lenient (``'12.0'`` -> 12, ``'1.234'`` -> 1.23,
-  ``'1e3'`` -> 1000), so every cast is guarded by a string check; a file where any check fails
-  goes back to ``validate_rows``. ``tests/test_validate.py`` checks that both agree on every field.
+* ``validate_rows`` (``Batcher`` for records read elsewhere) is the reference: Python's csv
+  module, every rule, the 1-based line number where each record starts. It decides every row
+  that has anything to reject.
+* ``RULES`` holds each field rule's reference (``parse``) beside its SQL form (``typed`` and
+  ``check``), which ``reader.py`` writes into DuckDB's read; ``tests/test_validate.py`` holds
+  both equal on every field.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import io
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +22,7 @@ from typing import BinaryIO, NamedTuple, Protocol
 
 from moneylion.errors import FileFailure, FileRefused
 from moneylion.model import COLUMNS, DOMAINS, TRANSACTION_TYPES, FileKind, Rule
-from moneylion.rules import RejectReason
+from moneylion.rules import ARRIVAL_BOUNDED, RejectReason, future_date_message
 
 
 class Source(Protocol):
@@ -75,6 +75,17 @@ class Header:
     field_count: int
     positions: dict[str, int]  # canonical column -> 0-based field index
     extra_columns: tuple[str, ...]
+    # The last date the kind's arrival-bounded column may hold (rules.ARRIVAL_BOUNDED); None:
+    # not bounded (a kind without one, or a file read outside an ingest).
+    latest_date: dt.date | None = None
+
+    @property
+    def bounded(self) -> tuple[str, dt.date] | None:
+        """The column ``future_date`` applies to and its last date, if any."""
+        column = ARRIVAL_BOUNDED.get(self.kind)
+        if column is None or self.latest_date is None:
+            return None
+        return column, self.latest_date
 
 
 @dataclass(frozen=True)
@@ -104,9 +115,9 @@ class ValidatedRows:
 # --- file level -------------------------------------------------------------------------------
 
 
-def read_header(source: Source) -> Header:
+def read_header(source: Source, latest_date: dt.date | None = None) -> Header:
     """Classify the file from its header, read whole (up to LINE_MAX_BYTES), or raise
-    FileRefused."""
+    FileRefused. ``latest_date``: the bound of ``future_date`` (``rules.latest_date``)."""
     name = source.name
     with source.open_binary() as handle:
         head = handle.read(HEADER_PROBE_BYTES)
@@ -123,7 +134,8 @@ def read_header(source: Source) -> Header:
         handle.seek(0)
         line_number, header_line = _header_line(handle, name)
     names = next(csv.reader([header_line]))
-    return parse_header(names, line_number, name, header_line)
+    header = parse_header(names, line_number, name, header_line)
+    return dataclasses.replace(header, latest_date=latest_date)
 
 
 def _header_line(handle: BinaryIO, name: str) -> tuple[int, str]:
@@ -434,21 +446,26 @@ def raw_text(fields: Sequence[str]) -> str:
     return out.getvalue()[:-2]
 
 
-BATCH_ROWS = 100_000
-
-
 class Batcher:
     """Checks records one by one into batches of typed good rows and rejects."""
 
     def __init__(self, header: Header) -> None:
         self.header = header
+        bounded = header.bounded
+        # (column, field index, parser, the last date it may hold or None)
         self.rules = [
-            (name, header.positions[name], FIELD_PARSERS[name]) for name in COLUMNS[header.kind]
+            (
+                name,
+                header.positions[name],
+                FIELD_PARSERS[name],
+                bounded[1] if bounded and bounded[0] == name else None,
+            )
+            for name in COLUMNS[header.kind]
         ]
         self.batch = self._new_batch()
 
     def _new_batch(self) -> ValidatedRows:
-        batch = ValidatedRows(self.header.kind, {name: [] for name, _, _ in self.rules})
+        batch = ValidatedRows(self.header.kind, {name: [] for name, *_ in self.rules})
         self._columns = list(batch.columns.values())
         return batch
 
@@ -474,11 +491,14 @@ class Batcher:
             )
             return
         values = []
-        for name, position, parse in self.rules:
+        for name, position, parse, latest in self.rules:
             text = fields[position].strip(TRIM_CHARS)
             value, reason, message = (
                 parse(text) if text else (None, RejectReason.MISSING_FIELD, f"{name} is empty")
             )
+            if latest is not None and isinstance(value, dt.date) and value > latest:
+                reason = RejectReason.FUTURE_DATE
+                message = future_date_message(name, value, latest)
             if reason is not None:
                 batch.rejects.append(Reject(line_number, reason, message, raw_text(fields)))
                 return
@@ -489,15 +509,13 @@ class Batcher:
         batch.raw_lines.append(raw_text(fields))
 
 
-def validate_rows(
-    source: Source, header: Header, batch_rows: int | None = None
-) -> Iterator[ValidatedRows]:
+def validate_rows(source: Source, header: Header, batch_rows: int) -> Iterator[ValidatedRows]:
     """Every record after the header -> typed good rows or a Reject, in file order, in batches
-    of at most ``batch_rows`` records (memory stays flat whatever the file's size).
+    of at most ``batch_rows`` records (``Tuning.reference_batch_rows``: memory stays flat
+    whatever the file's size).
 
     Raises FileRefused(NOT_UTF8) when a byte sequence is not UTF-8.
     """
-    batch_rows = batch_rows or BATCH_ROWS
     batcher = Batcher(header)
     try:
         with open_text(source) as handle:
@@ -554,127 +572,3 @@ def record_lines(
                 if len(found) == len(ordinals):
                     break
     return found
-
-
-# --- the DuckDB fast path ---------------------------------------------------------------------
-
-
-# DuckDB's reader reads an empty field as NULL by default, and then drops extra fields that
-# are NULL (``1,2,3,,`` reads as 3 fields when 3 are declared). With no text reading as NULL,
-# every record with another field count than the header's is set aside, as our policy wants.
-NULL_TEXT = "\x01moneylion: never a field\x01"
-
-
-def read_csv_sql(header: Header) -> str:
-    """A DuckDB ``read_csv`` over ``$path`` with an explicit dialect and all-VARCHAR columns.
-
-    The path is always a plain CSV (the Source decompressed it), whatever its name says.
-    Explicit columns skip the sniffer (most of a small file's read time); ``store_rejects`` turns
-    rows with a wrong field count or invalid UTF-8 into ``reject_errors`` instead of an error;
-    empty fields read as ``''`` (NULL_TEXT).
-    """
-    columns = ", ".join(f"'c{i}': 'VARCHAR'" for i in range(header.field_count))
-    return (
-        "read_csv($path, header = false, skip = $skip, delim = ',', quote = '\"', escape = '\"', "
-        "compression = 'none', "
-        f"auto_detect = false, strict_mode = true, null_padding = false, "
-        f"max_line_size = {LINE_MAX_BYTES}, "
-        f"nullstr = '{NULL_TEXT}', allow_quoted_nulls = false, "
-        "all_varchar = true, store_rejects = true, rejects_table = 'ingest_csv_errors', "
-        f"rejects_scan = 'ingest_csv_scans', columns = {{{columns}}})"
-    )
-
-
-def _fill(template: str, **values: str) -> str:
-    """A rule's SQL template with its ``{name}`` slots filled (the patterns' own braces stay)."""
-    for name, value in values.items():
-        template = template.replace("{" + name + "}", value)
-    return template
-
-
-def _typed(name: str, raw: str) -> str:
-    """SQL for the typed value of a raw field (meaningful only where ``_check`` holds)."""
-    domain = DOMAINS[name]
-    return _fill(RULES[domain.rule].typed, raw=raw, type=domain.duckdb)
-
-
-def _check(name: str, raw: str) -> str:
-    """SQL that is true only when the raw field passes the same rule as ``parse_field``."""
-    test = _fill(RULES[DOMAINS[name].rule].check, raw=raw, typed=_typed(name, raw))
-    return f"coalesce({test}, false)"
-
-
-def _typed_items(header: Header) -> str:
-    """The typed canonical columns and ``ok`` (every field passes its check), as select items
-    over ``read_csv``'s raw columns."""
-    parts = []
-    checks = []
-    for name in COLUMNS[header.kind]:
-        raw = f"c{header.positions[name]}"
-        checks.append(_check(name, raw))
-        parts.append(f"{_typed(name, raw)} AS {name}")
-    return f"{', '.join(parts)}, ({' AND '.join(checks)}) AS ok"
-
-
-def typed_select_sql(header: Header) -> str:
-    """Typed canonical columns plus ``ok`` (every field passes its check) from ``read_csv``."""
-    return f"SELECT {_typed_items(header)} FROM {read_csv_sql(header)}"
-
-
-def located_select_sql(header: Header) -> str:
-    """Like typed_select_sql, plus each record's ordinal in the file and its raw fields.
-
-    DuckDB keeps a file's order through the scan (preserve_insertion_order), so
-    ``row_number() OVER ()`` numbers the records as they stand in the file.
-    """
-    raw = ", ".join(f"c{i}" for i in range(header.field_count))
-    return (
-        f"SELECT row_number() OVER () AS ordinal, {_typed_items(header)}, [{raw}] AS raw_fields "
-        f"FROM {read_csv_sql(header)}"
-    )
-
-
-def marked_select_sql(header: Header, wanted: str) -> str:
-    """Every record of the file as ``wanted`` (a condition on the typed columns and ``ok``)
-    and, for the records it holds for alone, the raw fields (NULL for the others: a table of
-    this costs a flag and an empty list per record, not a copy of the file; typed columns,
-    even NULL, would take their full width). ``located_of_marked_sql`` reads it back.
-
-    Made a table (in parallel; preserve_insertion_order keeps the file's order), its records
-    are then numbered by ``row_number() OVER ()`` over the table, as located_select_sql numbers
-    the file's: over the file, that window makes the scan and the checks run on one thread.
-    ``wanted`` must not hold a join (``IN (SELECT ...)``, a long IN list): a join in the read
-    does not keep the file's order, and the ordinals would be wrong (tests/test_ingest.py
-    holds every reject of a large file to its line).
-    """
-    raw = ", ".join(f"c{i}" for i in range(header.field_count))
-    return (
-        f"SELECT wanted, CASE WHEN wanted THEN [{raw}] END AS raw_fields "
-        f"FROM (SELECT coalesce({wanted}, false) AS wanted, {raw} "
-        f"FROM (SELECT {_typed_items(header)}, {raw} FROM {read_csv_sql(header)}))"
-    )
-
-
-def located_of_marked_sql(header: Header, marked: str) -> str:
-    """The records ``wanted`` in the table ``marked`` (marked_select_sql) as located_select_sql
-    gives them: ordinal, typed columns and ``ok`` (the same rules, over the same text), raw
-    fields."""
-    fields = ", ".join(f"raw_fields[{i + 1}] AS c{i}" for i in range(header.field_count))
-    numbered = f"SELECT row_number() OVER () AS ordinal, * FROM {marked}"
-    return (
-        f"SELECT ordinal, {_typed_items(header)}, raw_fields "
-        f"FROM (SELECT ordinal, raw_fields, {fields} FROM ({numbered}) WHERE wanted)"
-    )
-
-
-def field_check_sql(column: str) -> str:
-    """For tests: the fast path's verdict and typed value for one bound raw field ``$v``."""
-    return f"SELECT {_check(column, '$v')}, {_typed(column, '$v')}"
-
-
-def stored_check_sql(column: str, value: str) -> str:
-    """SQL true only where ``value``, a typed value of ``column`` read from elsewhere (a lake
-    row), is one these rules give: not NULL, and what they make of its own text (the same
-    check and typed value as a CSV field's, over ``CAST(value AS VARCHAR)``)."""
-    raw = f"CAST({value} AS VARCHAR)"
-    return f"coalesce({_check(column, raw)} AND {_typed(column, raw)} = {value}, false)"

@@ -33,6 +33,8 @@ from moneylion.config import Config
 from moneylion.db import one_row
 from moneylion.errors import DiskLow, FileChanged, FileRefused, is_transient
 from moneylion.ingest import FileOutcome, ingest_file, ingest_staged, record_unread
+from moneylion.ladder import goes_alone
+from moneylion.ledger import FileStatus
 from moneylion.priority import lower_thread_priority
 from moneylion.readiness import Arrival
 from moneylion.source import (
@@ -112,7 +114,7 @@ class IngestWorker(threading.Thread):
         log.info("worker_started", extra={"fields": {"inbox": str(self.config.inbox)}})
         while taken := self.queue.take_batch(self.limits):
             try:
-                if self.batch is None or taken[0].size > self.limits.alone_bytes:
+                if self.batch is None or goes_alone(taken[0].size, self.config):
                     for one in taken:
                         self._handle(one)
                 else:
@@ -151,7 +153,7 @@ class IngestWorker(threading.Thread):
             if isinstance(item, StagedFile):
                 item.discard()
         self._committed([outcome])
-        self._settle(taken, outcome, item)
+        self._put_away(taken, outcome, item)
 
     def _stage(self, taken: TakenFile, memory_bytes: int) -> Item | None:
         """The bytes to ingest for ``taken``: a tailed file's new part, or an inbox file read
@@ -288,7 +290,7 @@ class IngestWorker(threading.Thread):
             (
                 at
                 for at, item in enumerate(items)
-                if isinstance(item, StagedFile) and item.csv_size > self.limits.alone_bytes
+                if isinstance(item, StagedFile) and goes_alone(item.csv_size, self.config)
             ),
             None,
         )
@@ -333,7 +335,7 @@ class IngestWorker(threading.Thread):
             )
             staged = {item.origin: item for item in items}
             for outcome in outcomes:
-                self._settle(of[outcome.path], outcome, staged[outcome.path])
+                self._put_away(of[outcome.path], outcome, staged[outcome.path])
             self.queue.untake([of[item.origin] for item in left])
         finally:
             for item in items:
@@ -350,7 +352,7 @@ class IngestWorker(threading.Thread):
                 self._failed(of[item.origin], exc)
                 continue
             self._committed(outcomes)
-            self._settle(of[item.origin], outcomes[0], item)
+            self._put_away(of[item.origin], outcomes[0], item)
 
     # -- after a commit -----------------------------------------------------------------------
 
@@ -366,7 +368,7 @@ class IngestWorker(threading.Thread):
         if self.on_commit is not None:
             self.on_commit()  # there is something to export
 
-    def _settle(self, taken: TakenFile, outcome: FileOutcome, item: Item | None) -> None:
+    def _put_away(self, taken: TakenFile, outcome: FileOutcome, item: Item | None) -> None:
         """After the commit: a part's bytes are loaded; an inbox file is moved out, unless it
         was replaced or rewritten meanwhile (then it is taken again as a new file)."""
         path = taken.path
@@ -417,14 +419,14 @@ class IngestWorker(threading.Thread):
         tailed = (
             self.tails is not None
             and outcome.committed
-            and outcome.status == "loaded"
+            and outcome.status is FileStatus.LOADED
             and not compression_suffix(outcome.name)
         )
         if (now.st_dev, now.st_ino) != (dev, ino):
             return False
         if now.st_size < size or (now.st_size == size and now.st_mtime_ns != mtime_ns):
             return False
-        if now.st_size > size and not tailed and outcome.status != "failed":
+        if now.st_size > size and not tailed and outcome.status is not FileStatus.FAILED:
             return False  # grown, and not a file that is tailed: taken again, whole
         target = self._move(outcome)
         if tailed:
@@ -438,7 +440,7 @@ class IngestWorker(threading.Thread):
     def _move(self, outcome: FileOutcome) -> Path:
         """Loaded and duplicate files go to done/<day>/, failed ones to failed/<day>/ with their
         reason; where it went."""
-        if outcome.status == "failed":
+        if outcome.status is FileStatus.FAILED:
             target = inbox.move_without_overwrite(
                 outcome.path,
                 inbox.day_folder(self.config.failed_dir),

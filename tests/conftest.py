@@ -27,22 +27,6 @@ SEED_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 CASES_DIR = Path(__file__).resolve().parent / "cases"
 
 
-@contextmanager
-def reference_only() -> Iterator[None]:
-    """Inside: every path through DuckDB's reader gives up, so ingest takes the reference path
-    (validate_rows reads every line): what the other paths are held to."""
-    from moneylion import ingest
-    from moneylion.append import Fallback
-
-    def forced(*args: object) -> Fallback:
-        return Fallback("forced by the test")
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("append_checked", "append_fast", "append_located"):
-            patch.setattr(ingest, name, forced)
-        yield
-
-
 # The seed's CSV columns and types, spelled here rather than taken from moneylion.model, so that
 # a change of the model that would refuse the seed's files fails the tests.
 TX_COLUMNS = ("transaction_id", "user_id", "transaction_date", "amount", "transaction_type")

@@ -17,6 +17,7 @@ from moneylion.aggregates import verify
 from moneylion.batch import Item, ingest_batch, item_of
 from moneylion.config import Config
 from moneylion.ingest import FileOutcome, ingest_file
+from moneylion.ladder import from_each_rung
 from tests.conftest import TX_HEADER, USERS_HEADER
 from tests.test_properties import file_sets, fresh
 
@@ -25,6 +26,9 @@ WHOLE_FILE_FAILURES = [
     b"transaction_id,user_id,transaction_date,amount,transaction_type\n1,2,\xff\xfe,1,deposit\n",
     b"",  # empty
 ]
+
+
+LADDERS_TRIED = from_each_rung()  # every declared ladder, from each of its rungs
 
 
 @st.composite
@@ -93,10 +97,11 @@ def items_of(paths: list[Path], config: Config) -> list[Item]:
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(stream=streams())
+@given(stream=streams(), ladder=st.sampled_from(sorted(LADDERS_TRIED)))
 def test_any_files_split_into_any_batches_equal_the_files_one_by_one(
-    stream: tuple[list[bytes], list[int]],
+    stream: tuple[list[bytes], list[int]], ladder: str
 ) -> None:
+    """Batches against files one by one on every declared ladder (from each of its rungs)."""
     contents, cuts = stream
     with TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -108,7 +113,8 @@ def test_any_files_split_into_any_batches_equal_the_files_one_by_one(
 
         (folder / "one").mkdir()
         config, conn = fresh(folder / "one")
-        one_by_one = [ingest_file(conn, path, config) for path in paths]
+        ladders = LADDERS_TRIED[ladder]
+        one_by_one = [ingest_file(conn, path, config, ladders=ladders) for path in paths]
         expected = state(conn)
         assert verify(conn) == []
         conn.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ import pytest
 from moneylion.aggregates import verify
 from moneylion.config import Config, ConfigError, load_config
 from moneylion.ingest import ingest_file
-from moneylion.lake import apply, tailer
+from moneylion.ladder import from_each_rung
+from moneylion.lake import apply
 from moneylion.lake.publish import LakePublisher
 from moneylion.lake.store import Lake
 from moneylion.lake.tailer import LakeTailer, lake_for
@@ -125,15 +126,27 @@ def files_of(folder: Path, seed: int) -> list[Path]:
     return [*paths, paths[0], paths[-1], folder / "broken.csv"]
 
 
+# Each declared way of applying a lake chunk (lake/paths.py LAKE_APPLY), paired with a local ladder
+# started at one of its rungs: (the local ladders' name, the tuning that leads chunks there).
+LAKE_WAYS = {
+    "lake_gathered": ("from_0", {}),
+    "lake_resolved": ("from_1", {"gathered_rows": 0}),
+    "lake_alone": ("from_2", {"gathered_rows": 0, "alone_rows": 1, "lake_chunk_files": 1}),
+}
+
+
+@pytest.mark.parametrize("way", sorted(LAKE_WAYS))
 def test_a_replica_holds_what_local_mode_holds_for_the_same_files(
-    lake_config: Config, tmp_path: Path
+    lake_config: Config, tmp_path: Path, way: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    rung, tuned = LAKE_WAYS[way]
+    lake_config = lake_config.with_overrides(tuning=replace(lake_config.tuning, **tuned))
     paths = files_of(tmp_path / "src", seed=5)
     local = lake_config.with_overrides(lake_uri="", warehouse=tmp_path / "local")
     local.warehouse.mkdir()
     local_conn = open_warehouse(local)
     for path in paths:
-        ingest_file(local_conn, path, local)
+        ingest_file(local_conn, path, local, ladders=from_each_rung()[rung])
     publisher = LakePublisher(lake_for(lake_config), lake_config)
     half = len(paths) // 2  # one file at a time, then the rest as one batch (a file twice)
     outcomes = [publisher.ingest_file(local_conn, path, lake_config) for path in paths[:half]]
@@ -141,8 +154,16 @@ def test_a_replica_holds_what_local_mode_holds_for_the_same_files(
     distinct = len({p.read_bytes() for p in paths})
     assert [o.status for o in outcomes].count("duplicate_file") == len(paths) - distinct
     conn = open_warehouse(lake_config)
-    tailer = catch_up(conn, lake_config)
+    with caplog.at_level("INFO", logger="moneylion.lake.apply"):
+        tailer = catch_up(conn, lake_config)
     assert tailer.lag().files == 0
+    taken = [
+        path
+        for r in caplog.records
+        if r.getMessage() == "lake_applied"
+        for path in r.fields["paths"]  # type: ignore[attr-defined]
+    ]
+    assert way in taken
     assert state(conn) == state(local_conn)
     assert verify(conn) == []
     assert verify(local_conn) == []
@@ -154,14 +175,15 @@ def test_large_files_stream_from_the_reader_and_hold_what_local_mode_holds(
     lake_config: Config,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Past batch_file_max_bytes a clean file's rows stream from DuckDB's reader; a file with
     anything the reference rules must decide falls back to them (and says why). The replica
     appends a large file alone straight from the lake unless some of its ids are stored."""
-    monkeypatch.setattr(apply, "ALONE_ROWS", 1)
-    monkeypatch.setattr(apply, "GATHERED_ROWS", 0)  # the SQL rules, as for large chunks
-    large = lake_config.with_overrides(batch_file_max_bytes=40)
+    # Alone from one row on; the SQL rules for any other chunk, as for large ones.
+    large = lake_config.with_overrides(
+        batch_file_max_bytes=40,
+        tuning=replace(lake_config.tuning, alone_rows=1, gathered_rows=0),
+    )
     paths = files_of(tmp_path / "src", seed=8)
     (tmp_path / "src" / "quoted.csv").write_text(
         'user_id,signup_date,country\n7,2021-01-01,"Korea, Republic of"\n'
@@ -185,19 +207,19 @@ def test_large_files_stream_from_the_reader_and_hold_what_local_mode_holds(
     assert any("fails its check or holds a quote" in reason for reason in reasons)
     assert len(reasons) < len(paths)  # the others took the reader's path
     conn = open_warehouse(large)
-    monkeypatch.setattr(tailer, "CHUNK_FILES", 1)  # a file per transaction, as a large one
-    alone: list[bool] = []
-    append_alone = apply._append_alone
-
-    def spy(*args: Any) -> Any:
-        found = append_alone(*args)
-        alone.append(found is not None)
-        return found
-
-    monkeypatch.setattr(apply, "_append_alone", spy)
-    catch_up(conn, large)
-    assert True in alone  # straight from the lake
-    assert False in alone  # ids already stored, or users: resolve decided
+    # A file per transaction, as a large one.
+    large = large.with_overrides(tuning=replace(large.tuning, lake_chunk_files=1))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="moneylion.lake.apply"):
+        catch_up(conn, large)
+    taken = {
+        way
+        for r in caplog.records
+        if r.getMessage() == "lake_applied"
+        for way in r.fields["paths"]  # type: ignore[attr-defined]
+    }
+    assert "lake_alone" in taken  # straight from the lake
+    assert "lake_resolved" in taken  # ids already stored, or users: resolve decided
     assert state(conn) == state(local_conn)
     assert verify(conn) == []
     conn.close()

@@ -24,8 +24,12 @@ from hypothesis import strategies as st
 from moneylion.aggregates import verify
 from moneylion.config import Config, load_config
 from moneylion.ingest import ingest_file
+from moneylion.ladder import from_each_rung
 from moneylion.schema import open_warehouse
 from tests.conftest import TX_HEADER, TYPES, USERS_HEADER, write_csv
+
+# Every declared ladder, started at each of its rungs: each path is held to the others.
+LADDERS_TRIED = from_each_rung()
 
 BAD_TX_ROWS = [
     "{id},7,2022-01-01,,deposit",  # missing_field
@@ -183,16 +187,24 @@ def aggregates_of(conn: duckdb.DuckDBPyConnection) -> list[list[tuple[object, ..
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(files=file_sets(), order=st.randoms(use_true_random=False))
+@given(
+    files=file_sets(),
+    order=st.randoms(use_true_random=False),
+    ladder=st.sampled_from(sorted(LADDERS_TRIED)),
+)
 def test_any_files_in_any_order_keep_aggregates_exact(
-    files: list[tuple[str, list[str]]], order: random.Random
+    files: list[tuple[str, list[str]]], order: random.Random, ladder: str
 ) -> None:
+    """Whichever path each file takes (every declared ladder, from each of its rungs)."""
     order.shuffle(files)
     expected_tx, expected_users = model(files)
+    ladders = LADDERS_TRIED[ladder]
     with TemporaryDirectory() as tmp:
         folder = Path(tmp)
         config, conn = fresh(folder)
-        outcomes = [ingest_file(conn, path, config) for path in write_files(folder, files)]
+        outcomes = [
+            ingest_file(conn, path, config, ladders=ladders) for path in write_files(folder, files)
+        ]
 
         stored = {
             row[0]: (row[1], row[2], row[3], row[4])
@@ -214,8 +226,14 @@ def test_any_files_in_any_order_keep_aggregates_exact(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(files=file_sets())
-def test_files_one_by_one_equal_their_union_at_once(files: list[tuple[str, list[str]]]) -> None:
+@given(
+    files=file_sets(),
+    one=st.sampled_from(sorted(LADDERS_TRIED)),
+    union=st.sampled_from(sorted(LADDERS_TRIED)),
+)
+def test_files_one_by_one_equal_their_union_at_once(
+    files: list[tuple[str, list[str]]], one: str, union: str
+) -> None:
     # Keep only rows that agree with each other across files, so order cannot matter.
     tx_lines: list[str] = []
     first_seen: dict[int, str] = {}
@@ -235,10 +253,10 @@ def test_files_one_by_one_equal_their_union_at_once(files: list[tuple[str, list[
         (folder / "all").mkdir()
         config, conn = fresh(folder / "one")
         for path in write_files(folder / "one", [("transactions", c) for c in chunks]):
-            ingest_file(conn, path, config)
+            ingest_file(conn, path, config, ladders=LADDERS_TRIED[one])
         config_all, conn_all = fresh(folder / "all")
         for path in write_files(folder / "all", [("transactions", tx_lines)]):
-            ingest_file(conn_all, path, config_all)
+            ingest_file(conn_all, path, config_all, ladders=LADDERS_TRIED[union])
 
         assert aggregates_of(conn) == aggregates_of(conn_all)
         assert verify(conn) == []

@@ -6,8 +6,8 @@ line 3 and a good row on line 4.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
@@ -17,13 +17,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moneylion.aggregates import verify
+from moneylion.append import Checked, Reference
 from moneylion.config import Config, load_config
 from moneylion.ingest import ingest_file
+from moneylion.ladder import LADDERS, REFERENCE_ONLY, Ladders
 from moneylion.model import COLUMNS, FileKind
+from moneylion.reader import field_check_sql
 from moneylion.rules import RejectReason
-from moneylion.validate import field_check_sql, parse_field
+from moneylion.validate import parse_field
 
-from .conftest import CASES_DIR, TX_HEADER, reference_only
+from .conftest import CASES_DIR, TX_HEADER
 
 ROW_REASONS = [
     "missing_field",
@@ -38,9 +41,13 @@ ROW_REASONS = [
 ]
 
 
-def not_taken(*args: object) -> object:
-    """Stands in for an append path a test says is not taken."""
-    raise AssertionError("an append path the test rules out was taken")
+def without(*left_out: type) -> Ladders:
+    """The declared ladders without the paths a test says are not taken: the file must be
+    appended by the others (else LadderExhausted)."""
+    return {
+        kind: tuple(path for path in ladder if not isinstance(path, left_out))
+        for kind, ladder in LADDERS.items()
+    }
 
 
 def rejects_of(conn: duckdb.DuckDBPyConnection, file_id: int) -> list[tuple[int, str]]:
@@ -264,15 +271,18 @@ def test_copy_of_cases_under_a_new_name_is_the_same_file(
     assert verify(warehouse) == []
 
 
+@pytest.mark.parametrize("ladder", ["readers", "reference"])
 def test_small_batches_give_the_same_rejects_and_rows(
-    warehouse: duckdb.DuckDBPyConnection, config: Config, monkeypatch: pytest.MonkeyPatch
+    warehouse: duckdb.DuckDBPyConnection, config: Config, ladder: str
 ) -> None:
-    """validate_rows streams a file in batches; copies and lines must not depend on the cut."""
-    from moneylion import validate
-
-    monkeypatch.setattr(validate, "BATCH_ROWS", 2)
-    outcome = ingest_file(warehouse, CASES_DIR / "row_duplicate_in_file.csv", config)
-    bad = ingest_file(warehouse, CASES_DIR / "row_unknown_type.csv", config)
+    """The reference rules read a file in batches (validate_rows), the reader paths page the
+    rows failing a check through them: copies and lines must not depend on the cut."""
+    config = config.with_overrides(tuning=replace(config.tuning, reference_batch_rows=2))
+    ladders = on_path(ladder)
+    outcome = ingest_file(
+        warehouse, CASES_DIR / "row_duplicate_in_file.csv", config, ladders=ladders
+    )
+    bad = ingest_file(warehouse, CASES_DIR / "row_unknown_type.csv", config, ladders=ladders)
 
     assert outcome.file_id is not None
     assert bad.file_id is not None
@@ -302,9 +312,11 @@ def test_located_and_reference_paths_agree_line_for_line(
     path reads every line itself. Both must store the same rows and the same rejects."""
     from moneylion import ingest, schema
 
-    def load(folder: str) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    def load(
+        folder: str, ladders: Ladders = LADDERS
+    ) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
         conn = schema.connect(tmp_path / folder / "w.duckdb")
-        ingest.ingest_file(conn, CASES_DIR / case, config)
+        ingest.ingest_file(conn, CASES_DIR / case, config, ladders=ladders)
         assert verify(conn) == []
         stored = conn.execute("SELECT * EXCLUDE (file_id) FROM transactions ORDER BY 1").fetchall()
         rejects = conn.execute(
@@ -314,8 +326,7 @@ def test_located_and_reference_paths_agree_line_for_line(
         return stored, rejects
 
     located = load("located")
-    with reference_only():
-        reference = load("reference")
+    reference = load("reference", REFERENCE_ONLY)
 
     assert located == reference
     assert located[1], "the case must hold rows to reject"
@@ -325,15 +336,13 @@ def test_located_and_reference_paths_agree_line_for_line(
 def test_wrong_field_counts_in_a_file_of_plain_lines_do_not_need_the_reference_path(
     warehouse: duckdb.DuckDBPyConnection,
     config: Config,
-    monkeypatch: pytest.MonkeyPatch,
     case: str,
 ) -> None:
     """DuckDB's reader sets such records aside with their line; when every line is one record
     (no quotes, carriage returns or empty lines) the located path places them itself."""
     from moneylion import ingest
 
-    monkeypatch.setattr(ingest, "append_reference", not_taken)
-    outcome = ingest.ingest_file(warehouse, CASES_DIR / case, config)
+    outcome = ingest.ingest_file(warehouse, CASES_DIR / case, config, ladders=without(Reference))
     assert outcome.file_id is not None
     assert outcome.rejected_by_reason.get("wrong_field_count")
     assert verify(warehouse) == []
@@ -344,14 +353,12 @@ def test_quoted_fields_on_one_line_leave_the_lines_to_records(
     warehouse: duckdb.DuckDBPyConnection,
     config: Config,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     note: str,
 ) -> None:
     """Quotes alone do not stop the located path from placing records by their line: every
     line is still one record (the lines counted equal the records read plus those set aside)."""
     from moneylion import ingest
 
-    monkeypatch.setattr(ingest, "append_reference", not_taken)
     path = tmp_path / "quoted.csv"
     path.write_text(
         "transaction_id,user_id,transaction_date,amount,transaction_type,note\n"
@@ -360,7 +367,7 @@ def test_quoted_fields_on_one_line_leave_the_lines_to_records(
         f"3,1,2022-01-03,3.00,deposit,{note},extra\n"
         f"4,1,2022-01-04,4.00,deposit,{note}\n"
     )
-    outcome = ingest.ingest_file(warehouse, path, config)
+    outcome = ingest.ingest_file(warehouse, path, config, ladders=without(Reference))
     assert outcome.file_id is not None
     assert rejects_of(warehouse, outcome.file_id) == [
         (2, "bad_amount"),
@@ -445,7 +452,6 @@ def test_a_file_after_one_with_a_wrong_field_count_takes_the_fast_path_again(
     warehouse: duckdb.DuckDBPyConnection,
     config: Config,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     spans_lines: bool,
 ) -> None:
     """The reader's reject table is emptied once used, or rolled back with the path that
@@ -459,14 +465,12 @@ def test_a_file_after_one_with_a_wrong_field_count_takes_the_fast_path_again(
     first = ingest.ingest_file(warehouse, first_path, config)
     assert first.rejected_by_reason == {"wrong_field_count": 1}
 
-    monkeypatch.setattr(ingest, "append_located", not_taken)
-    monkeypatch.setattr(ingest, "append_reference", not_taken)
     path = tmp_path / "clean.csv"
     path.write_text(
         "transaction_id,user_id,transaction_date,amount,transaction_type\n"
         "50,1,2022-01-01,1.00,deposit\n"
     )
-    clean = ingest.ingest_file(warehouse, path, config)
+    clean = ingest.ingest_file(warehouse, path, config, ladders=without(Checked, Reference))
     assert (clean.rows_loaded, clean.rows_rejected) == (1, 0)
     assert verify(warehouse) == []
 
@@ -528,8 +532,8 @@ def test_located_and_reference_paths_agree_on_any_mix_of_lines(
             prior = Path(folder) / "prior.csv"
             prior.write_text("\n".join([TX_HEADER, *PRIOR_LINES, ""]))
             ingest.ingest_file(conn, prior, config)
-            with contextlib.nullcontext() if located else reference_only():
-                ingest.ingest_file(conn, path, config)
+            ladders = LADDERS if located else REFERENCE_ONLY
+            ingest.ingest_file(conn, path, config, ladders=ladders)
             assert verify(conn) == []
             stored = conn.execute(
                 "SELECT * EXCLUDE (file_id) FROM transactions ORDER BY 1"
@@ -581,9 +585,9 @@ def test_a_line_over_the_limit_is_one_reject_whichever_path_reads_it(
     header = "transaction_id,user_id,transaction_date,amount,transaction_type"
     path.write_text("\n".join([header, *lines]) + "\n", encoding="utf-8")
 
-    def load(folder: str) -> tuple[object, ...]:
+    def load(folder: str, ladders: Ladders = LADDERS) -> tuple[object, ...]:
         conn = schema.connect(tmp_path / folder / "w.duckdb")
-        outcome = ingest.ingest_file(conn, path, config)
+        outcome = ingest.ingest_file(conn, path, config, ladders=ladders)
         assert verify(conn) == []
         stored = conn.execute("SELECT transaction_id FROM transactions ORDER BY 1").fetchall()
         rejects = conn.execute(
@@ -593,8 +597,7 @@ def test_a_line_over_the_limit_is_one_reject_whichever_path_reads_it(
         return outcome.status, stored, rejects
 
     first = load("first")
-    with reference_only():
-        reference = load("reference")
+    reference = load("reference", REFERENCE_ONLY)
     assert first == reference
     status, _stored, rejects = first
     assert status == "loaded"
@@ -660,8 +663,8 @@ def file_with(tmp_path: Path, kind: FileKind, middle: str) -> Path:
     return path
 
 
-def on_path(path: str) -> contextlib.AbstractContextManager[None]:
-    return reference_only() if path == "reference" else contextlib.nullcontext()
+def on_path(path: str) -> Ladders:
+    return REFERENCE_ONLY if path == "reference" else LADDERS
 
 
 NUMERIC_FIELDS = [
@@ -688,8 +691,7 @@ def test_a_number_of_5000_digits_rejects_its_row_and_the_good_rows_load(
     if column != "transaction_id" and kind is FileKind.TRANSACTIONS:
         bad["transaction_id"] = "50"
     source = file_with(tmp_path, kind, row_text(kind, bad))
-    with on_path(path):
-        outcome = ingest_file(warehouse, source)
+    outcome = ingest_file(warehouse, source, ladders=on_path(path))
 
     assert (outcome.status, outcome.rows_loaded) == ("loaded", 3)
     assert outcome.rejected_by_reason == {reason: 1}
@@ -740,8 +742,7 @@ def test_a_400_kb_field_is_rejected_with_a_short_message_and_a_bounded_raw_line(
     line = "50,7,2024-01-02," + "é" * 200_000 + ",deposit"  # 400 KB of two-byte characters
     short = "51,7,2024-01-02,1.00,refund"
     source = file_with(tmp_path, FileKind.TRANSACTIONS, f"{line}\n{short}")
-    with on_path(path):
-        outcome = ingest_file(warehouse, source, config)
+    outcome = ingest_file(warehouse, source, config, ladders=on_path(path))
 
     assert outcome.rows_loaded == 3
     assert outcome.rejected_by_reason == {"bad_amount": 1, "unknown_type": 1}

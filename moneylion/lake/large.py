@@ -21,15 +21,15 @@ from dataclasses import dataclass
 import duckdb
 import pyarrow as pa
 
-from moneylion.append import Fallback, abort_unless, distinct_ids
+from moneylion.append import abort_unless, distinct_ids
 from moneylion.config import Config
 from moneylion.db import one_row
 from moneylion.lake.tables import SHA256, WRITE_ID, row_schema
+from moneylion.load import Fallback
 from moneylion.model import COLUMNS, TABLES, Rule
+from moneylion.reader import located_select_sql
 from moneylion.source import StagedFile
-from moneylion.validate import Header, data_lines, located_select_sql
-
-BATCH_ROWS = 1_000_000  # rows per Arrow batch handed to delta-rs
+from moneylion.validate import Header, data_lines
 
 
 def _special(header: Header) -> str:
@@ -101,11 +101,16 @@ def check_clean(
 
 
 def clean_rows(
-    conn: duckdb.DuckDBPyConnection, clean: CleanFile, header: Header, sha256: str, write_id: int
+    conn: duckdb.DuckDBPyConnection,
+    clean: CleanFile,
+    header: Header,
+    sha256: str,
+    write_id: int,
+    batch_rows: int,
 ) -> pa.RecordBatchReader:
-    """The file's rows as the lake's row table takes them, in batches."""
+    """The file's rows as the lake's row table takes them, in batches of ``batch_rows``."""
     params = {**clean.params, "sha": sha256, "write_id": write_id}
-    reader: pa.RecordBatchReader = conn.sql(clean.sql, params=params).to_arrow_reader(BATCH_ROWS)
+    reader: pa.RecordBatchReader = conn.sql(clean.sql, params=params).to_arrow_reader(batch_rows)
     schema = row_schema(header.kind)
     batches = (batch.cast(schema) for batch in reader)
     return pa.RecordBatchReader.from_batches(schema, batches)

@@ -39,12 +39,14 @@ from moneylion.batch import Item, Unread, item_of
 from moneylion.config import Config
 from moneylion.db import utc_now
 from moneylion.errors import FileRefused
+from moneylion.ladder import goes_alone
 from moneylion.lake.large import CleanFile, check_clean, clean_rows, scratch
 from moneylion.lake.store import Candidate, Lake, LakeUnavailable
 from moneylion.lake.tables import REJECTS_SCHEMA, ROW_TABLES, SHA256, WRITE_ID, row_schema
-from moneylion.ledger import FileOutcome
+from moneylion.ledger import FileOutcome, FileStatus
 from moneylion.model import COLUMNS, DOMAINS, FileKind
-from moneylion.rules import RejectReason
+from moneylion.rules import VERDICTS, Verdict, copies_in_file, latest_date
+from moneylion.rules import message as rule_message
 from moneylion.source import StagedFile
 from moneylion.validate import Header, Reject, read_header, validate_rows
 
@@ -86,7 +88,7 @@ class Prepared:
     clean: CleanFile | None = None  # a large clean file: its rows stream from DuckDB's reader
 
     @property
-    def kept(self) -> int:
+    def to_lake(self) -> int:
         """Rows that go to the lake (the file's own rules passed)."""
         return self.clean.rows if self.clean is not None else len(self.lines)
 
@@ -96,19 +98,22 @@ class Prepared:
 
     @property
     def rows_total(self) -> int:
-        return self.kept + self.copies + len(self.rejects)
+        return self.to_lake + self.copies + len(self.rejects)
 
 
-def prepare(item: Item, scratch: duckdb.DuckDBPyConnection | None = None) -> Prepared:
+def prepare(
+    item: Item, config: Config, scratch: duckdb.DuckDBPyConnection | None = None
+) -> Prepared:
     """Read ``item`` and apply the rules on its own rows (fields, copies within the file).
     With ``scratch`` (a large file) DuckDB's reader checks it first: a clean file's rows are
     then streamed from it (``large.py``), any other goes through the reference rules."""
-    plan = Prepared(item, utc_now())
+    received_at = utc_now()
+    plan = Prepared(item, received_at)
     if isinstance(item, Unread) or item.refused is not None:
         plan.refused = item.refused
         return plan
     try:
-        plan.header = read_header(item)
+        plan.header = read_header(item, latest_date(received_at, config.max_future_days))
         kind = plan.header.kind
         if scratch is not None:
             clean = check_clean(scratch, item, plan.header)
@@ -123,7 +128,7 @@ def prepare(item: Item, scratch: duckdb.DuckDBPyConnection | None = None) -> Pre
         columns: dict[str, list[object]] = {name: [] for name in COLUMNS[kind]}
         lines: list[int] = []
         raw_lines: list[str] = []
-        for batch in validate_rows(item, plan.header):
+        for batch in validate_rows(item, plan.header, config.tuning.reference_batch_rows):
             for name, values in batch.columns.items():
                 columns[name].extend(values)
             lines.extend(batch.lines)
@@ -133,27 +138,18 @@ def prepare(item: Item, scratch: duckdb.DuckDBPyConnection | None = None) -> Pre
         plan.refused = refused
         plan.rejects = []
         return plan
-    # Copies within the file: the same rule as resolve.resolve_gathered for one file.
+    # Copies within the file: the rule book's, as local mode decides them.
     ids = columns[key]
     contents = list(zip(*(columns[name] for name in rest), strict=True))
-    first: dict[object, int] = {}
-    variants: dict[object, set[tuple[object, ...]]] = {}
-    for i, row_id in enumerate(ids):
-        at = first.setdefault(row_id, i)
-        if at != i:
-            variants.setdefault(row_id, {contents[at]}).add(contents[i])
-    differing = {row_id for row_id, seen in variants.items() if len(seen) > 1}
     keep: list[int] = []
-    for i, row_id in enumerate(ids):
-        if row_id in differing:
-            message = f"{key} {row_id} appears in this file with different content"
-            plan.rejects.append(
-                Reject(lines[i], RejectReason.DUPLICATE_IN_FILE, message, raw_lines[i])
-            )
-        elif first[row_id] != i:
+    for i, verdict in enumerate(copies_in_file(ids, contents)):
+        if verdict is None:
+            keep.append(i)
+        elif verdict is Verdict.COPY:
             plan.copies += 1
         else:
-            keep.append(i)
+            message = rule_message(verdict, key, ids[i])
+            plan.rejects.append(Reject(lines[i], VERDICTS[verdict].reason, message, raw_lines[i]))
     plan.columns = {name: [values[i] for i in keep] for name, values in columns.items()}
     plan.lines = [lines[i] for i in keep]
     plan.raw_lines = [raw_lines[i] for i in keep]
@@ -184,7 +180,7 @@ class LakePublisher:
 
     def _scratch_for(self, item: Item) -> duckdb.DuckDBPyConnection | None:
         """The scratch DuckDB for a file past ``batch_file_max_bytes`` (None: a small one)."""
-        if not isinstance(item, StagedFile) or item.csv_size <= self.config.batch_file_max_bytes:
+        if not isinstance(item, StagedFile) or not goes_alone(item.csv_size, self.config):
             return None
         if self._scratch is None:
             self._scratch = scratch(self.config)
@@ -264,10 +260,10 @@ class LakePublisher:
             else:
                 if sha is not None:
                     first_of[sha] = at
-                plans[at] = prepare(item, self._scratch_for(item))
+                plans[at] = prepare(item, self.config, self._scratch_for(item))
         for at, plan in plans.items():
             if plan.clean is not None and not self._stream(plan):
-                plans[at] = prepare(plan.item)  # the reference rules decide it
+                plans[at] = prepare(plan.item, self.config)  # the reference rules decide it
         self._write_rows([plan for plan in plans.values() if plan.clean is None])
         candidates = [self._candidate(plan, started) for plan in plans.values()]
         placed = self.lake.commit_ledger(candidates)
@@ -304,7 +300,7 @@ class LakePublisher:
         for plan in plans:
             if plan.header is None or plan.refused is not None or plan.sha256 is None:
                 continue
-            needed = [ROW_TABLES[plan.header.kind]] if plan.kept else []
+            needed = [ROW_TABLES[plan.header.kind]] if plan.to_lake else []
             if plan.rejects:
                 needed.append("rejects")
             if not needed:
@@ -349,7 +345,14 @@ class LakePublisher:
             return True
         plan.write_id = new_write_id()
         try:
-            rows = clean_rows(self._scratch, plan.clean, plan.header, plan.sha256, plan.write_id)
+            rows = clean_rows(
+                self._scratch,
+                plan.clean,
+                plan.header,
+                plan.sha256,
+                plan.write_id,
+                self.config.tuning.lake_stream_batch_rows,
+            )
             self.lake.append_rows(name, rows, [(plan.sha256, plan.write_id)])
         except Exception as exc:
             if not not_clean(exc):
@@ -375,9 +378,9 @@ class LakePublisher:
             "name": item.name,
             "sha256": plan.sha256,
             "kind": str(plan.header.kind) if plan.header else None,
-            "status": "failed" if refused else "loaded",
+            "status": str(FileStatus.FAILED if refused else FileStatus.LOADED),
             "rows_total": 0 if refused else plan.rows_total,
-            "rows_loaded": 0 if refused else plan.kept,
+            "rows_loaded": 0 if refused else plan.to_lake,
             "rows_duplicate": 0 if refused else plan.copies,
             "rows_rejected": 0 if refused else len(plan.rejects),
             "size_bytes": size,
@@ -394,7 +397,7 @@ class LakePublisher:
             name=plan.item.name,
             path=plan.item.origin,
             sha256=plan.sha256,
-            status=str(row["status"]),
+            status=FileStatus(row["status"]),
             file_id=file_id,
             kind=row["kind"],
             rows_total=int(row["rows_total"]),

@@ -6,7 +6,7 @@ its content shows.
   in their domains), come after the last file applied (``file_id`` increasing in the ledger's
   order) and name bytes the ledger does not hold yet;
 * ``screen_rows``: a file's rows must pass the rules a CSV row passes at ingest, the one
-  declaration of them (``validate.stored_check_sql``), name each id once, and its rejects give
+  declaration of them (``reader.stored_check_sql``), name each id once, and its rejects give
   a known reason and a line.
 
 A row failing one quarantines its whole ledger entry: nothing of the file is applied, the
@@ -35,8 +35,8 @@ from moneylion.lake.store import Lake
 from moneylion.lake.tables import FILE_ID_MAX, LAKE_VERSION, ROW_TABLES, SHA256, WRITE_ID
 from moneylion.ledger import LEDGER_COLUMNS
 from moneylion.model import COLUMNS, FileKind
+from moneylion.reader import stored_check_sql
 from moneylion.rules import RejectReason
-from moneylion.validate import stored_check_sql
 
 log = logging.getLogger(__name__)
 
