@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-bench run test test-fast lint format bench bench-compare screenshots clean
+.PHONY: help install install-bench run test test-fast lint format docs bench bench-compare screenshots clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ lint: $(STAMP) ## ruff format check, ruff check and mypy --strict
 format: $(STAMP) ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format moneylion tests bench
 	$(BIN)/ruff check --fix moneylion tests bench
+
+docs: $(STAMP) ## rewrite README.md's tables from their declarations (config keys, reasons, commands)
+	$(BIN)/python -m moneylion.docs_tables
 
 bench: $(STAMP) ## run the benchmarks and print their figures (takes minutes)
 	$(BIN)/python bench/ingest.py

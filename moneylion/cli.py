@@ -1,8 +1,10 @@
-"""``moneylion serve / ingest / verify / export / generate / status``: thin, over the library."""
+"""``moneylion serve / ingest / verify / status / export / lake status / generate``: thin, over
+the library."""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import sys
@@ -28,13 +30,31 @@ def _config(args: argparse.Namespace) -> Config:
     return config
 
 
+def _received_at(text: str) -> dt.datetime:
+    """``--received-at``: an ISO 8601 date-time, as the ledger stores it (UTC, without a zone,
+    like ``db.utc_now``). One with a zone is converted to UTC; one without is taken as UTC."""
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 date-time (e.g. 2024-05-01T09:30:00+02:00)"
+        ) from None
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.UTC).replace(tzinfo=None)
+    return when
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
-    """Ingest files by hand (the daemon does the same for files dropped in the inbox)."""
+    """Local mode: each file in its own transaction (``ingest.ingest_file``); lake mode:
+    published to the lake, which stamps each file's arrival itself."""
     from moneylion.ingest import ingest_file
     from moneylion.schema import open_warehouse
 
     config = _config(args)
     if config.lake_uri:
+        if args.received_at is not None:
+            print("moneylion: --received-at is not available in lake mode", file=sys.stderr)
+            return 2
         return _publish_to_lake(config, [Path(name) for name in args.files])
     failed = 0
     with open_warehouse(config) as conn:
@@ -44,7 +64,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         for name in args.files:
             path = Path(name)
             progress = _progress_printer(path) if not args.quiet else None
-            outcome = ingest_file(conn, path, config, progress=progress)
+            outcome = ingest_file(
+                conn, path, config, progress=progress, received_at=args.received_at
+            )
             print(outcome.summary())
             failed += outcome.status == "failed"
     return 1 if failed else 0
@@ -76,7 +98,7 @@ def _progress_printer(path: Path) -> Callable[[str], None]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Recompute every aggregate from the base tables and diff against the maintained ones."""
+    """``aggregates.verify``: exit 1 on any difference."""
     from moneylion.aggregates import verify
     from moneylion.schema import open_warehouse
 
@@ -93,7 +115,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Counts and the last files, as text or JSON."""
+    """``ingest.warehouse_status``, as text or JSON."""
     from moneylion.ingest import warehouse_status
     from moneylion.schema import open_warehouse
 
@@ -117,7 +139,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Write deterministic synthetic users.csv and transactions.csv shaped like the seed's."""
+    """``generate.generate``: prints the paths written."""
     from moneylion.generate import generate
 
     written = generate(
@@ -133,14 +155,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Bring warehouse/moneylion.sqlite up to date (or rebuild it with --full)."""
+    """``export.run_export``."""
     from moneylion.export import run_export
 
     return run_export(_config(args), full=args.full)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the daemon: watcher, ingest worker, exporter and API in one process."""
+    """``daemon.serve``, once the config's exposure is checked (exit 2 if refused)."""
     from moneylion.api.access import exposure_refusal, host_note
     from moneylion.daemon import serve
 
@@ -156,7 +178,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_lake_status(args: argparse.Namespace) -> int:
-    """The lake's tables (versions, files, size) and this replica's lag behind each."""
+    """``lake.status``, as text or JSON; exit 2 in local mode."""
     from moneylion.lake.status import format_status, lake_status
 
     config = _config(args)
@@ -172,44 +194,92 @@ def cmd_lake_status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line, built without running anything: its help is the README's table of
+    commands (``make docs``)."""
     parser = argparse.ArgumentParser(prog="moneylion", description=__doc__)
-    parser.add_argument("--config", help="config file (default: config.toml of the project)")
-    parser.add_argument("--warehouse", help="warehouse directory (overrides the config)")
-    parser.add_argument("--inbox", help="inbox directory (overrides the config)")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--config", metavar="FILE", help="config file (default: config.toml of the project)"
+    )
+    parser.add_argument(
+        "--warehouse", metavar="DIR", help="warehouse directory (overrides the config)"
+    )
+    parser.add_argument("--inbox", metavar="DIR", help="inbox directory (overrides the config)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help=cmd_serve.__doc__)
+    serve = commands.add_parser(
+        "serve",
+        help="the daemon: watcher, ingest worker, SQLite exporter and API in one process",
+    )
     serve.set_defaults(func=cmd_serve)
 
-    ingest = commands.add_parser("ingest", help=cmd_ingest.__doc__)
-    ingest.add_argument("files", nargs="+", help="CSV files of users or transactions")
+    ingest = commands.add_parser(
+        "ingest",
+        help="ingest files by hand; prints per file its kind, rows loaded, duplicate, rejected "
+        "by reason, seconds",
+    )
+    ingest.add_argument(
+        "files", nargs="+", metavar="FILE", help="CSV files of users or transactions"
+    )
     ingest.add_argument("--quiet", action="store_true", help="no progress lines")
+    ingest.add_argument(
+        "--received-at",
+        type=_received_at,
+        metavar="TIME",
+        help="when the files arrived (default: now), ISO 8601: with a zone it is converted to "
+        "UTC, without one it is taken as UTC. The ledger's `received_at` and the day "
+        "`future_date` counts from: a replay of `done/` decides as the first run did. "
+        "Local mode only",
+    )
     ingest.set_defaults(func=cmd_ingest)
 
-    verify = commands.add_parser("verify", help=cmd_verify.__doc__)
+    verify = commands.add_parser(
+        "verify",
+        help="recomputes every aggregate from the base tables, prints any difference, exits 1 "
+        "on a mismatch",
+    )
     verify.set_defaults(func=cmd_verify)
 
-    status = commands.add_parser("status", help=cmd_status.__doc__)
-    status.add_argument("--last", type=int, default=10, help="how many recent files to list")
+    status = commands.add_parser("status", help="row counts and the last files of the ledger")
+    status.add_argument(
+        "--last", type=int, default=10, metavar="N", help="how many recent files to list"
+    )
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(func=cmd_status)
 
-    export = commands.add_parser("export", help=cmd_export.__doc__)
-    export.add_argument("--full", action="store_true", help="rebuild the SQLite file atomically")
+    export = commands.add_parser(
+        "export", help="brings `warehouse/moneylion.sqlite` up to date with the warehouse"
+    )
+    export.add_argument("--full", action="store_true", help="rebuild it, atomically")
     export.set_defaults(func=cmd_export)
 
     lake = commands.add_parser("lake", help="lake mode: the shared Delta Lake")
-    lake_commands = lake.add_subparsers(dest="lake_command", required=True)
-    lake_status = lake_commands.add_parser("status", help=cmd_lake_status.__doc__)
+    lake_commands = lake.add_subparsers(dest="lake_command", required=True, metavar="COMMAND")
+    lake_status = lake_commands.add_parser(
+        "status",
+        help="lake mode: each Delta table's version, data files, bytes, rows, and this "
+        "replica's lag behind it",
+    )
     lake_status.add_argument("--json", action="store_true", help="print JSON")
     lake_status.set_defaults(func=cmd_lake_status)
 
-    generate = commands.add_parser("generate", help=cmd_generate.__doc__)
-    generate.add_argument("out", help="output directory")
-    generate.add_argument("--users", type=int, default=10_000)
-    generate.add_argument("--transactions", type=int, default=100_000)
-    generate.add_argument("--bad-rate", type=float, default=0.0, help="share of bad rows, 0..1")
-    generate.add_argument("--seed", type=int, default=0)
+    generate = commands.add_parser(
+        "generate",
+        help="deterministic synthetic data shaped like the seed's, optionally with bad rows of "
+        "every reason",
+    )
+    generate.add_argument(
+        "out", metavar="OUT", help="the folder users.csv and transactions.csv are written in"
+    )
+    generate.add_argument("--users", type=int, default=10_000, metavar="N", help="how many users")
+    generate.add_argument(
+        "--transactions", type=int, default=100_000, metavar="M", help="how many transactions"
+    )
+    generate.add_argument(
+        "--bad-rate", type=float, default=0.0, metavar="R", help="share of bad rows, 0..1"
+    )
+    generate.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="the same seed writes the same files"
+    )
     generate.set_defaults(func=cmd_generate)
     return parser
 

@@ -12,7 +12,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 from moneylion.errors import MoneylionError
 from moneylion.tuning import Tuning
@@ -46,61 +46,185 @@ class _Below:
         return folder / self.name
 
 
+_T = TypeVar("_T")
+
+
+def _key(default: _T, doc: str, *, secret: bool = False) -> _T:
+    """A config key's field: its default and its meaning, ``doc`` (README's table of keys is
+    made from these: ``make docs``); a ``secret`` one is kept out of the repr (logs,
+    tracebacks). The keys without a default, or with a list or dict one, declare their
+    ``doc`` in ``dataclasses.field`` themselves."""
+    return dataclasses.field(default=default, metadata={"doc": doc}, repr=not secret)
+
+
 @dataclass(frozen=True)
 class Config:
     """Resolved settings; paths are absolute."""
 
-    inbox: Path
-    warehouse: Path
-    host: str = "127.0.0.1"
-    port: int = 8000
-    duckdb_memory_limit: str = "1GB"
-    duckdb_threads: int = 2
-    ingest_nice: int = 19
-    log_level: str = "INFO"
-    log_max_bytes: int = 10 * 1024 * 1024
-    log_backups: int = 5
-    settle_seconds: float = 0.5  # a file not known complete must be quiet this long, at two looks
-    writer_timeout_seconds: float = 60.0  # the longest a file held open for writing is waited for
-    empty_file_seconds: float = 60.0  # a file still empty this long is refused as empty
-    continuation_seconds: float = 300.0  # a taken file is tailed this long after it goes quiet
-    rescan_seconds: float = 10.0  # how often the inbox and the tailed files are looked at anyway
-    top_users_kept: int = 1000
-    sqlite_export: bool = True
-    max_file_bytes: int = 0  # larger inbox files are refused unread (too_large); 0: no limit
-    # A compressed file inflating past this is refused while it is read (too_large); 0: no limit.
-    max_decompressed_bytes: int = 16 * 1024**3
-    # Past 1 GiB inflated, more than this many bytes out per byte in is refused (compression_ratio).
-    max_compression_ratio: int = 1000
-    min_free_disk_bytes: int = 1024**3  # staging never leaves the warehouse's disk with less free
-    reject_line_bytes: int = 4096  # a refused row's raw_line is kept up to this many bytes
-    # A transaction dated more than this many days after its file's arrival day is refused.
-    max_future_days: int = 1
-    batch_max_files: int = 1000  # files committed together in one transaction, at most
-    batch_max_rows: int = 200_000  # records of a batch, at most (past it the rest waits)
-    batch_max_bytes: int = 64 * 1024 * 1024  # bytes of a batch, at most
-    batch_file_max_bytes: int = 1024 * 1024  # larger files are ingested alone (fast paths)
-    order_wait_seconds: float = 2.0  # how long an unfinished file holds back later ones
-    done_retention_days: int = 0  # loaded files kept in done/<day>/ this many days; 0: always
-    # Bearer token every route but liveness requires; "" (unset) is allowed on loopback only.
-    api_token: str = dataclasses.field(default="", repr=False)
-    max_upload_bytes: int = 64 * 1024 * 1024  # larger bodies of POST /v1/files answer 413
-    # Host header values answered besides the loopback names and ``host``. Others: 421.
-    allowed_hosts: list[str] = dataclasses.field(default_factory=list)
-    # Addresses (or networks) whose X-Forwarded-For names the client; empty: trust none.
-    trusted_proxies: list[str] = dataclasses.field(default_factory=list)
-    session_max_age_seconds: int = 12 * 3600  # a dashboard login lasts this long (logout ends it)
-    auth_failures_per_minute: int = 10  # past this, a client's failed logins/tokens answer 429
-    request_head_seconds: float = 10.0  # a request's line and headers must arrive within this
-    request_body_min_rate: int = 1024  # bytes per second a body must keep up (over 10 s windows)
-    max_connections: int = 256  # open HTTP connections; past it only liveness is answered
-    umask: str = "027"  # the daemon's file mode mask: warehouse files unreadable to other users
-    # Lake mode (moneylion/lake/): a shared Delta Lake's URI; "" (unset): local mode.
-    lake_uri: str = ""
-    # delta-rs storage options (s3://...: credentials, endpoint, locking), passed through as is.
-    lake_storage_options: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
-    lake_poll_seconds: float = 0.2  # how often a replica looks for other daemons' commits
-    lake_maintenance_seconds: float = 60.0  # how often a daemon compacts and checkpoints
+    inbox: Path = dataclasses.field(
+        metadata={"doc": "where CSV files are dropped; `done/` and `failed/` are made inside it"}
+    )
+    warehouse: Path = dataclasses.field(
+        metadata={"doc": "holds `moneylion.duckdb`, `moneylion.sqlite` and `logs/`"}
+    )
+    host: str = _key(
+        "127.0.0.1", "the address the API listens on (loopback unless you front it with a proxy)"
+    )
+    port: int = _key(8000, "the port the API listens on")
+    duckdb_memory_limit: str = _key("1GB", "DuckDB's memory limit")
+    duckdb_threads: int = _key(2, "DuckDB's threads")
+    ingest_nice: int = _key(
+        19,
+        "how many nice steps the daemon's ingest and export threads (DuckDB's workers included) "
+        "run below the API, so that queries stay fast during a large ingest (figures in "
+        "docs/performance.md). An idle machine gives the ingest all of its CPU anyway; on a "
+        "machine busy with other work, a large value slows the ingest down. Linux; ignored "
+        "elsewhere",
+    )
+    log_level: str = _key("INFO", "console and file log level")
+    log_max_bytes: int = _key(
+        10 * 1024 * 1024, "`warehouse/logs/moneylion.log` is rotated when it reaches this size"
+    )
+    log_backups: int = _key(5, "how many rotated files of the log are kept")
+    settle_seconds: float = _key(
+        0.5,
+        "a file not known complete (no close or rename seen) must be quiet this long and "
+        "unchanged at two looks this far apart",
+    )
+    writer_timeout_seconds: float = _key(
+        60.0,
+        "the longest a file still open for writing is waited for; then the settle rule decides "
+        "(later bytes are tailed)",
+    )
+    empty_file_seconds: float = _key(
+        60.0, "a file still empty this long after its last event is refused as `empty`"
+    )
+    continuation_seconds: float = _key(
+        300.0,
+        "how long a taken file is tailed after it goes quiet: bytes written into it later load "
+        "as its next part (`0`: off)",
+    )
+    rescan_seconds: float = _key(
+        10.0,
+        "how often the inbox and the recently taken files are looked at without an event",
+    )
+    top_users_kept: int = _key(
+        1000, "how many ranked users are maintained (the largest `/v1/users/top?limit=`)"
+    )
+    sqlite_export: bool = _key(
+        True, "keep `warehouse/moneylion.sqlite` up to date after every file"
+    )
+    max_file_bytes: int = _key(
+        0, "inbox files larger than this are refused unread (`too_large`); `0`: no limit"
+    )
+    max_decompressed_bytes: int = _key(
+        16 * 1024**3,
+        "a compressed file whose CSV passes this (16 GiB) is refused while it inflates "
+        "(`too_large`); `0`: no limit",
+    )
+    max_compression_ratio: int = _key(
+        1000,
+        "past 1 GiB inflated, more bytes out per compressed byte than this is refused "
+        "(`compression_ratio`); `0`: no limit",
+    )
+    min_free_disk_bytes: int = _key(
+        1024**3,
+        "staging never leaves the warehouse's disk with less free (1 GiB): a file that would "
+        "waits in the inbox (`disk_low`); `0`: no check",
+    )
+    reject_line_bytes: int = _key(
+        4096,
+        "a refused row's raw line is kept up to this many bytes (`raw_line_truncated`, "
+        "`raw_line_bytes`)",
+    )
+    max_future_days: int = _key(
+        1,
+        "a transaction dated more than this many days after its file's arrival day (UTC) is "
+        "refused as `future_date`",
+    )
+    batch_max_files: int = _key(
+        1000, "files of one micro-batch (they commit in one transaction), at most"
+    )
+    batch_max_rows: int = _key(
+        200_000, "records of one micro-batch, at most (past it the rest waits)"
+    )
+    batch_max_bytes: int = _key(64 * 1024 * 1024, "bytes of one micro-batch, at most")
+    batch_file_max_bytes: int = _key(
+        1024 * 1024, "larger files are ingested alone, by the fast paths"
+    )
+    order_wait_seconds: float = _key(
+        2.0, "the longest a file that is not ready holds back the files behind it"
+    )
+    done_retention_days: int = _key(
+        0, "`done/`'s day folders older than this are removed (checked hourly); `0`: keep"
+    )
+    api_token: str = _key(
+        "",
+        "bearer token every route but liveness requires (see [Security](#security)); unset: "
+        "loopback only. Prefer `MONEYLION_API_TOKEN` to writing it in the file",
+        secret=True,
+    )
+    max_upload_bytes: int = _key(
+        64 * 1024 * 1024, "`POST /v1/files` bodies over this many bytes (64 MiB) answer 413"
+    )
+    allowed_hosts: list[str] = dataclasses.field(
+        default_factory=list,
+        metadata={
+            "doc": "`Host` names answered besides `localhost`, `127.0.0.1`, `[::1]` and `host` "
+            "(`name`: any port, `name:port`: that port); others 421"
+        },
+    )
+    trusted_proxies: list[str] = dataclasses.field(
+        default_factory=list,
+        metadata={
+            "doc": "proxies (addresses or networks) whose `X-Forwarded-For` / `-Proto` are "
+            "believed; empty: nobody's"
+        },
+    )
+    session_max_age_seconds: int = _key(
+        12 * 3600, "how long a dashboard login lasts; `/logout` ends it at once"
+    )
+    auth_failures_per_minute: int = _key(
+        10,
+        "failed tokens per client address in any minute before further failures answer 429; "
+        "`0`: no limit",
+    )
+    request_head_seconds: float = _key(
+        10.0, "a request's line and headers must arrive within this (then 408); `0`: no limit"
+    )
+    request_body_min_rate: int = _key(
+        1024,
+        "bytes per second a request body must keep up, over 10 s windows (then 408); `0`: no limit",
+    )
+    max_connections: int = _key(
+        256,
+        "open HTTP connections served; past it only `/v1/health/live` is answered (503 "
+        "otherwise); `0`: no limit",
+    )
+    umask: str = _key(
+        "027",
+        "mode mask of every file the daemon creates (`027`: no access for other users; `022`: "
+        "readable by all)",
+    )
+    lake_uri: str = _key(
+        "",
+        "lake mode: the shared Delta Lake (a path, relative to the config file, or `s3://…`); "
+        "unset: local mode. See [Several daemons on one lake](#several-daemons-on-one-lake)",
+    )
+    lake_storage_options: dict[str, str] = dataclasses.field(
+        default_factory=dict,
+        repr=False,
+        metadata={
+            "doc": "delta-rs storage options for an object store (`s3://…`: credentials, "
+            "endpoint, locking), passed through as they are (TOML table; JSON in the environment)"
+        },
+    )
+    lake_poll_seconds: float = _key(
+        0.2, "how often a replica looks for other daemons' ledger commits"
+    )
+    lake_maintenance_seconds: float = _key(
+        60.0, "how often a daemon compacts the lake's small files and checkpoints its log"
+    )
     # Not a key: how the work is done, never what it gives (moneylion/tuning.py).
     tuning: Tuning = dataclasses.field(default_factory=Tuning, repr=False)
 
@@ -192,6 +316,11 @@ def load_config(
     lake = typed.get("lake_uri", "")
     if lake and "://" not in lake:  # a path: relative to this file, like the others
         typed["lake_uri"] = str((base / lake).resolve())
+    if typed.get("max_future_days", 0) < 0:
+        raise ConfigError(
+            f"config key 'max_future_days': {typed['max_future_days']} is negative "
+            "(0: no transaction dated after its file's arrival day)"
+        )
     if not 0 <= typed.get("ingest_nice", 0) <= NICEST:
         raise ConfigError(f"config key 'ingest_nice': {typed['ingest_nice']} is not in 0..{NICEST}")
     try:

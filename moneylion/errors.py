@@ -51,10 +51,33 @@ class FileFailure(enum.StrEnum):
     DUPLICATE_COLUMN = "duplicate_column"
     HEADER_TOO_LONG = "header_too_long"
     NOT_A_REGULAR_FILE = "not_a_regular_file"
-    TOO_LARGE = "too_large"  # the file, or the CSV a compressed one holds, past its limit
+    TOO_LARGE = "too_large"
     BAD_COMPRESSION = "bad_compression"
-    # Past 1 GiB inflated, more bytes out per compressed byte than max_compression_ratio.
     COMPRESSION_RATIO = "compression_ratio"
+
+
+# What each reason means, for people (the README's table is made from it: ``make docs``).
+FILE_FAILURES: dict[FileFailure, str] = {
+    FileFailure.EMPTY: "the file has no line but blank ones",
+    FileFailure.BINARY: "the file's start holds a NUL byte: not CSV text",
+    FileFailure.NOT_UTF8: "the file is not UTF-8 (a BOM is allowed)",
+    FileFailure.UNKNOWN_HEADER: "the header names neither a users file nor a transactions file",
+    FileFailure.MISSING_COLUMN: "the header lacks a column of its kind",
+    FileFailure.DUPLICATE_COLUMN: "the header names a column of its kind twice",
+    FileFailure.HEADER_TOO_LONG: "the header line is over the line limit (2 MiB)",
+    FileFailure.NOT_A_REGULAR_FILE: (
+        "the entry is a symbolic link, a named pipe, a socket or a device: never opened, never "
+        "followed; its ledger row has no sha256"
+    ),
+    FileFailure.TOO_LARGE: (
+        "the file is larger than `max_file_bytes` when that is set (not read either), or the CSV "
+        "of a `.gz` / `.zst` file would pass `max_decompressed_bytes`"
+    ),
+    FileFailure.BAD_COMPRESSION: "a `.gz` / `.zst` file's archive is broken or truncated",
+    FileFailure.COMPRESSION_RATIO: (
+        "a `.gz` / `.zst` file inflates more than `max_compression_ratio` times past 1 GiB"
+    ),
+}
 
 
 class FileRefused(MoneylionError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ from moneylion.config import Config
 from moneylion.schema import open_warehouse
 
 from .conftest import CASES_DIR
-from .daemon_process import run_cli_on
+from .daemon_process import run_cli, run_cli_on
 
 
 def test_ingest_prints_each_outcome_and_the_rows_land(config: Config) -> None:
@@ -37,6 +38,56 @@ def test_ingest_prints_each_outcome_and_the_rows_land(config: Config) -> None:
     assert conn.execute("SELECT count(*) FROM transactions").fetchall() == [(2,)]
     assert verify(conn) == []
     conn.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "stored"),
+    [
+        ("2023-03-01T01:30:00+02:00", dt.datetime(2023, 2, 28, 23, 30)),  # a zone: to UTC
+        ("2023-03-01T01:30:00", dt.datetime(2023, 3, 1, 1, 30)),  # none: already UTC
+        ("2023-03-01T01:30:00Z", dt.datetime(2023, 3, 1, 1, 30)),
+    ],
+)
+def test_ingest_received_at_is_the_ledgers(config: Config, value: str, stored: dt.datetime) -> None:
+    result = run_cli_on(
+        config, "ingest", "--quiet", "--received-at", value, str(CASES_DIR / "row_bad_amount.csv")
+    )
+
+    assert result.returncode == 0, result.stderr
+    conn = open_warehouse(config)
+    assert conn.execute("SELECT received_at FROM files").fetchall() == [(stored,)]
+    conn.close()
+
+
+def test_ingest_refuses_a_bad_received_at_before_anything(config: Config) -> None:
+    result = run_cli_on(
+        config, "ingest", "--received-at", "yesterday", str(CASES_DIR / "row_bad_amount.csv")
+    )
+
+    assert result.returncode == 2
+    assert "argument --received-at: 'yesterday' is not an ISO 8601 date-time" in result.stderr
+    assert not config.duckdb_path.exists()
+
+
+def test_ingest_refuses_received_at_in_lake_mode(config: Config) -> None:
+    env = {
+        **os.environ,
+        "MONEYLION_WAREHOUSE": str(config.warehouse),
+        "MONEYLION_INBOX": str(config.inbox),
+        "MONEYLION_LAKE_URI": str(config.warehouse.parent / "lake"),
+    }
+    args = (
+        "ingest",
+        "--received-at",
+        "2023-03-01T01:30:00Z",
+        str(CASES_DIR / "row_bad_amount.csv"),
+    )
+
+    result = run_cli(*args, env=env)
+
+    assert result.returncode == 2
+    assert "--received-at is not available in lake mode" in result.stderr
+    assert not (config.warehouse.parent / "lake").exists()
 
 
 def test_verify_exits_1_and_names_the_difference_when_an_aggregate_is_wrong(

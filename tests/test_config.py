@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import pytest
 
 from moneylion.config import ConfigError, load_config
+from moneylion.rules import latest_date
 from moneylion.schema import migrate, migrations, open_warehouse, schema_version
 
 
@@ -53,6 +55,11 @@ def test_unknown_keys_and_bad_values_are_refused(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="'ingest_nice'"):
             load_config(environ={"MONEYLION_INGEST_NICE": nice})
     assert load_config(environ={"MONEYLION_INGEST_NICE": "0"}).ingest_nice == 0
+    with pytest.raises(ConfigError, match="'max_future_days'"):
+        load_config(environ={"MONEYLION_MAX_FUTURE_DAYS": "-1"})
+    # Past the last date there is, the bound is that date (no overflow).
+    far = load_config(environ={"MONEYLION_MAX_FUTURE_DAYS": "3000000"})
+    assert latest_date(dt.datetime(2026, 3, 10), far.max_future_days) == dt.date.max
 
 
 def test_migrations_apply_once_and_record_the_version(tmp_path: Path) -> None:
