@@ -16,7 +16,7 @@ visible. Prints:
    is ``open(path, "a")``, --log-rows-per-append complete lines, close): 10 rows every 200 ms, so
    50 rows/s (--log-rows-per-second), for --log-seconds; the header is written once, in a log's
    first append; the logs' appends are staggered evenly. Each append's rows have a user id and a
-   transaction date of their own (new users, days in the 2300s) and new transaction ids.
+   transaction date of their own (new users, days in the 1800s) and new transaction ids.
    "append -> visible" is the time from an append's close to the first answer of
    ``/v1/daily?from=&to=`` (one request a round, every --log-poll-ms, over the days of the
    appends not yet visible) whose count for the append's day reaches its rows: one cheap
@@ -81,7 +81,7 @@ ROWS = 10
 # The event logs' rows: ids above any the files cases use, a new user and a new day per append.
 LOG_IDS_FROM = IDS_FROM + 10**10
 LOG_USERS_FROM = 10**9
-LOG_FIRST_DAY = dt.date(2300, 1, 1)
+LOG_FIRST_DAY = dt.date(1800, 1, 1)  # days no other file has (past: never future_date)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

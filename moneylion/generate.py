@@ -23,7 +23,7 @@ TRANSACTIONS_HEADER = "transaction_id,user_id,transaction_date,amount,transactio
 COUNTRIES = ("Canada", "Japan", "France", "India", "UK", "Germany", "Australia", "USA")
 FIRST_TRANSACTION_ID = 1001  # as in the seed
 ORPHANS_PER_MILLE = 1  # transactions whose user is above the users file's ids
-FORMAT_VERSION = 2  # bump when the bytes for given arguments change (bench caches key on it)
+FORMAT_VERSION = 3  # bump when the bytes for given arguments change (bench caches key on it)
 
 # The seed's shape: dates 2022-01-01..2023-01-01, amounts 10.00-4999.99 written as Python floats
 # print them ("3982.0", "1444.7", "788.95"), three types in about equal parts.
@@ -78,6 +78,8 @@ SPECIAL_ROWS: SpecialRows = (
     ("bad_integer", "{id} || '.0,' || {user} || ',' || {day} || ',' || {amount} || ',' || {type}"),
     ("non_positive_id", "{id} || ',0,' || {day} || ',' || {amount} || ',' || {type}"),
     ("bad_date", "{id} || ',' || {user} || ',2022-02-30,' || {amount} || ',' || {type}"),
+    # The last date there is: later than any real arrival day plus max_future_days.
+    ("future_date", "{id} || ',' || {user} || ',9999-12-31,' || {amount} || ',' || {type}"),
     ("bad_amount", "{id} || ',' || {user} || ',' || {day} || ',\"1,000\",' || {type}"),
     (
         "non_positive_amount",

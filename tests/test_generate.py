@@ -28,8 +28,10 @@ from moneylion.rules import RejectReason
 
 # conflicts_with_stored needs stored rows; line_too_long a 2 MiB line (tests/test_validate.py).
 ROW_REASONS = {r.value for r in RejectReason} - {"conflicts_with_stored", "line_too_long"}
-# Reasons about amounts and types cannot happen in a users file.
+# Reasons about amounts and types cannot happen in a users file, nor future_date (a signup
+# date is not bounded by the arrival).
 USER_ROW_REASONS = ROW_REASONS - {
+    "future_date",
     "bad_amount",
     "non_positive_amount",
     "too_many_decimals",
@@ -45,14 +47,20 @@ def _id_fault(text: str) -> str | None:
     return "non_positive_id" if int(text) <= 0 else None
 
 
-def _date_fault(text: str) -> str | None:
+def latest_loaded_date() -> dt.date:
+    """The last transaction_date a file arriving now loads: today (UTC) plus the default
+    max_future_days, 1 (written out, not taken from moneylion.rules)."""
+    return dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)
+
+
+def _date_fault(text: str, latest: dt.date | None) -> str | None:
     if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", text):
         return "bad_date"
     try:
-        dt.date.fromisoformat(text)
+        day = dt.date.fromisoformat(text)
     except ValueError:
         return "bad_date"
-    return None
+    return "future_date" if latest is not None and day > latest else None
 
 
 def _amount_fault(text: str) -> str | None:
@@ -64,13 +72,15 @@ def _amount_fault(text: str) -> str | None:
     return "non_positive_amount" if Decimal(text) <= 0 else None
 
 
-def _field_fault(column: str, text: str) -> str | None:
+def _field_fault(column: str, text: str, latest: dt.date) -> str | None:
     if not text:
         return "missing_field"
     if column in ("transaction_id", "user_id"):
         return _id_fault(text)
-    if column in ("transaction_date", "signup_date"):
-        return _date_fault(text)
+    if column == "transaction_date":  # bounded by the arrival; a signup date is not
+        return _date_fault(text, latest)
+    if column == "signup_date":
+        return _date_fault(text, None)
     if column == "country":
         return None
     if column == "amount":
@@ -78,8 +88,10 @@ def _field_fault(column: str, text: str) -> str | None:
     return None if text.lower() in ("deposit", "withdrawal", "purchase") else "unknown_type"
 
 
-def classify(path: Path) -> ExpectedOutcome:
-    """DESIGN.md's row policies, read with the csv module, independently of the generator."""
+def classify(path: Path, latest: dt.date | None = None) -> ExpectedOutcome:
+    """DESIGN.md's row policies, read with the csv module, independently of the generator,
+    for a file arriving now (``latest``: the last transaction_date that loads)."""
+    latest = latest_loaded_date() if latest is None else latest
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle)
         columns = next(reader)
@@ -92,7 +104,8 @@ def classify(path: Path) -> ExpectedOutcome:
             if len(fields) != len(columns):
                 rejected["wrong_field_count"] += 1
                 continue
-            faults = [_field_fault(c, f) for c, f in zip(columns, fields, strict=True)]
+            # The first fault in canonical column order wins: the generator writes that order.
+            faults = [_field_fault(c, f, latest) for c, f in zip(columns, fields, strict=True)]
             fault = next((f for f in faults if f), None)
             if fault:
                 rejected[fault] += 1
