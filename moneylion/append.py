@@ -83,34 +83,30 @@ class Fast:
     uses_reader = True
 
     def run(self, load: Load) -> Applied | Fallback:
-        return _append_fast(load)
-
-
-def _append_fast(load: Load) -> Applied | Fallback:
-    conn, source, header, file_id = load.conn, load.source, load.header, load.file_id
-    key, *rest = COLUMNS[header.kind]
-    guarded = ", ".join([abort_unless("ok", key), *rest])
-    users = header.kind is FileKind.USERS
-    params = {**_read_params(source, header), "file_id": file_id}
-    if users:
-        params["now"] = utc_now()
-    try:
-        inserted = conn.execute(
-            f"INSERT INTO {TABLES[header.kind].name} SELECT {guarded}, $file_id"
-            f"{', $now' if users else ''} FROM ({typed_select_sql(header)})",
-            params,
-        ).fetchall()[0][0]
-    except duckdb.ConstraintException:
-        return Fallback("a user id is repeated in the file or already stored")
-    except duckdb.InvalidInputException as exc:
-        if not_clean(exc):
-            return Fallback("a field fails its check")
-        raise
-    if not users:
-        return _reconcile(load, int(inserted), failing=False)
-    if aside := _reader_errors(conn, header.file_name):
-        return Fallback(f"the reader set {aside} line(s) aside (field count or length)")
-    return Applied(loaded=int(inserted))
+        conn, source, header, file_id = load.conn, load.source, load.header, load.file_id
+        key, *rest = COLUMNS[header.kind]
+        guarded = ", ".join([abort_unless("ok", key), *rest])
+        users = header.kind is FileKind.USERS
+        params = {**_read_params(source, header), "file_id": file_id}
+        if users:
+            params["now"] = utc_now()
+        try:
+            inserted = conn.execute(
+                f"INSERT INTO {TABLES[header.kind].name} SELECT {guarded}, $file_id"
+                f"{', $now' if users else ''} FROM ({typed_select_sql(header)})",
+                params,
+            ).fetchall()[0][0]
+        except duckdb.ConstraintException:
+            return Fallback("a user id is repeated in the file or already stored")
+        except duckdb.InvalidInputException as exc:
+            if not_clean(exc):
+                return Fallback("a field fails its check")
+            raise
+        if not users:
+            return _reconcile(load, int(inserted), failing=False)
+        if aside := _reader_errors(conn, header.file_name):
+            return Fallback(f"the reader set {aside} line(s) aside (field count or length)")
+        return Applied(loaded=int(inserted))
 
 
 def _read_params(source: Source, header: Header) -> dict[str, object]:
@@ -126,19 +122,15 @@ class Checked:
     uses_reader = True
 
     def run(self, load: Load) -> Applied | Fallback:
-        return _append_checked(load)
-
-
-def _append_checked(load: Load) -> Applied | Fallback:
-    conn, source, header, file_id = load.conn, load.source, load.header, load.file_id
-    kind = header.kind
-    with _without_filter_pushdown(conn):
-        inserted = conn.execute(
-            f"INSERT INTO {TABLES[kind].name} SELECT {', '.join(COLUMNS[kind])}, $file_id "
-            f"FROM ({typed_select_sql(header)}) WHERE ok",
-            {**_read_params(source, header), "file_id": file_id},
-        ).fetchall()[0][0]
-    return _reconcile(load, int(inserted), failing=True)
+        conn, source, header, file_id = load.conn, load.source, load.header, load.file_id
+        kind = header.kind
+        with _without_filter_pushdown(conn):
+            inserted = conn.execute(
+                f"INSERT INTO {TABLES[kind].name} SELECT {', '.join(COLUMNS[kind])}, $file_id "
+                f"FROM ({typed_select_sql(header)}) WHERE ok",
+                {**_read_params(source, header), "file_id": file_id},
+            ).fetchall()[0][0]
+        return _reconcile(load, int(inserted), failing=True)
 
 
 @contextlib.contextmanager
@@ -202,7 +194,7 @@ def _reconcile(load: Load, inserted: int, *, failing: bool) -> Applied | Fallbac
         reader_rejects = found_aside
     create_pending(conn, kind)
     moved = _unappend(conn, file_id)
-    _stage_failing(conn, header, file_id, load.tuning.reference_batch_rows)
+    _recheck_failing(conn, header, file_id, load.tuning.reference_batch_rows)
     # A row that failed a fast check but passes the reference rules may share its id with a row
     # appended: those ids are contested too.
     conn.execute(
@@ -423,40 +415,39 @@ class Located:
     uses_reader = True
 
     def run(self, load: Load) -> Applied | Fallback:
-        return _append_located(load)
+        conn, source, header, file_id = load.conn, load.source, load.header, load.file_id
+        conn.execute(
+            "CREATE OR REPLACE TEMP TABLE pending_raw AS " + located_select_sql(header),
+            _read_params(source, header),
+        )
+        aside = _aside_lines(conn, header.file_name)
+        reader_rows = int(one_row(conn, "SELECT count(*) FROM pending_raw")[0])
+        reader_rejects: list[Reject] = []
+        if aside:
+            if reader_rows + len(aside) != data_lines(source) - header.line_number:
+                return Fallback("records span lines and the reader set some aside")
+            found_aside = _reader_rejects(conn, header, aside)
+            if isinstance(found_aside, Fallback):
+                return found_aside
+            reader_rejects = found_aside
+        kind = header.kind
+        columns = ", ".join(COLUMNS[kind])
+        create_pending(conn, kind)
+        conn.execute(
+            f"INSERT INTO pending SELECT $file_id, {columns}, ordinal, NULL "
+            "FROM pending_raw WHERE ok",
+            {"file_id": file_id},
+        )
+        _recheck_failing(conn, header, file_id, load.tuning.reference_batch_rows)
+        applied = resolve(conn, kind).get(file_id, Applied())
+        _place_rejects(
+            conn, source, header, file_id, aside, reader_rejects, reader_rows=reader_rows
+        )
+        applied.rejected_by_reason = store_rejects(conn, load.line_bytes).get(file_id, {})
+        return applied
 
 
-def _append_located(load: Load) -> Applied | Fallback:
-    conn, source, header, file_id = load.conn, load.source, load.header, load.file_id
-    conn.execute(
-        "CREATE OR REPLACE TEMP TABLE pending_raw AS " + located_select_sql(header),
-        _read_params(source, header),
-    )
-    aside = _aside_lines(conn, header.file_name)
-    reader_rows = int(one_row(conn, "SELECT count(*) FROM pending_raw")[0])
-    reader_rejects: list[Reject] = []
-    if aside:
-        if reader_rows + len(aside) != data_lines(source) - header.line_number:
-            return Fallback("records span lines and the reader set some aside")
-        found_aside = _reader_rejects(conn, header, aside)
-        if isinstance(found_aside, Fallback):
-            return found_aside
-        reader_rejects = found_aside
-    kind = header.kind
-    columns = ", ".join(COLUMNS[kind])
-    create_pending(conn, kind)
-    conn.execute(
-        f"INSERT INTO pending SELECT $file_id, {columns}, ordinal, NULL FROM pending_raw WHERE ok",
-        {"file_id": file_id},
-    )
-    _stage_failing(conn, header, file_id, load.tuning.reference_batch_rows)
-    applied = resolve(conn, kind).get(file_id, Applied())
-    _place_rejects(conn, source, header, file_id, aside, reader_rejects, reader_rows=reader_rows)
-    applied.rejected_by_reason = store_rejects(conn, load.line_bytes).get(file_id, {})
-    return applied
-
-
-def _stage_failing(
+def _recheck_failing(
     conn: duckdb.DuckDBPyConnection, header: Header, file_id: int, page_rows: int
 ) -> None:
     """The rows of ``pending_raw`` failing a fast check through the reference rules, into the

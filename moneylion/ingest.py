@@ -172,6 +172,23 @@ class _Arrival:
     file_id: int
     part: Part | None = None  # a continuation of a file loaded before (tail.py)
 
+    def outcome(self, status: FileStatus, header: Header | None, **found: Any) -> FileOutcome:
+        """Its ledger row, with what was ``found`` (counts, or why it was refused)."""
+        return FileOutcome(
+            name=self.name,
+            path=self.path,
+            sha256=self.sha256,
+            status=status,
+            file_id=self.file_id,
+            kind=str(header.kind) if header else None,
+            seconds=time.perf_counter() - self.started,
+            size_bytes=self.size,
+            finished_at=utc_now(),
+            received_at=self.received_at,
+            part=self.part,
+            **found,
+        )
+
 
 def _load(
     conn: duckdb.DuckDBPyConnection,
@@ -202,23 +219,14 @@ def _load(
                 top_users_kept=config.top_users_kept if config else DEFAULT_TOP_USERS_KEPT,
                 tuning=tuning,
             )
-        outcome = FileOutcome(
-            name=arrival.name,
-            path=arrival.path,
-            sha256=arrival.sha256,
-            status=FileStatus.LOADED,
-            file_id=file_id,
-            kind=str(header.kind),
+        outcome = arrival.outcome(
+            FileStatus.LOADED,
+            header,
             rows_total=applied.loaded + applied.duplicate + applied.rejected,
             rows_loaded=applied.loaded,
             rows_duplicate=applied.duplicate,
             rows_rejected=applied.rejected,
             rejected_by_reason=applied.rejected_by_reason,
-            seconds=time.perf_counter() - arrival.started,
-            size_bytes=arrival.size,
-            finished_at=utc_now(),
-            received_at=arrival.received_at,
-            part=source.part,
             extra_columns=header.extra_columns,
         )
         ledger.insert(conn, [outcome])
@@ -236,22 +244,9 @@ def _record_failure(
     refused: FileRefused,
 ) -> FileOutcome:
     """A file-level failure: only its ledger row is written."""
-    file_id = arrival.file_id
     with transaction(conn):
-        outcome = FileOutcome(
-            name=arrival.name,
-            path=arrival.path,
-            sha256=arrival.sha256,
-            status=FileStatus.FAILED,
-            file_id=file_id,
-            kind=str(header.kind) if header else None,
-            seconds=time.perf_counter() - arrival.started,
-            error_reason=str(refused.reason),
-            error=refused.message,
-            size_bytes=arrival.size,
-            finished_at=utc_now(),
-            received_at=arrival.received_at,
-            part=arrival.part,
+        outcome = arrival.outcome(
+            FileStatus.FAILED, header, error_reason=str(refused.reason), error=refused.message
         )
         ledger.insert(conn, [outcome])
     ledger.log_committed(outcome)

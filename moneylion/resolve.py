@@ -69,14 +69,14 @@ WHERE p.variants = 1 AND s.line = p.first_line
 _VERDICTS = """
 CREATE OR REPLACE TEMP TABLE pending_verdicts AS
 WITH survivors AS ({survivors})
-SELECT s.*, CASE {unique} ELSE '{load}' END AS verdict, t.file_id AS against
+SELECT s.*, CASE {unique} END AS verdict, t.file_id AS against
 FROM pending s LEFT JOIN pending_stored t ON t.id = s.{key}
 WHERE s.{key} NOT IN (SELECT id FROM pending_repeated)
 UNION ALL
 SELECT s.*,
        CASE WHEN c.variants > 1 THEN '{in_file}'
             WHEN s.line <> c.first_line THEN '{copy}'
-            {repeated} ELSE '{load}' END AS verdict,
+            {repeated} END AS verdict,
        {against} AS against
 FROM pending s
 JOIN pending_copies c ON c.file_id = s.file_id AND c.id = s.{key}

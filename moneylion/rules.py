@@ -159,13 +159,15 @@ def versus(kind: FileKind, content: object, held: object | None) -> Verdict:
 
 
 def versus_sql(kind: FileKind, content: str, held: str, has_held: str) -> str:
-    """``versus`` as SQL ``WHEN`` branches, over a row's ``content``, the ``held`` content and
-    whether there is one (``has_held``); no branch matches where the id has none yet."""
-    same = (
-        f"WHEN {has_held} AND ({content}) IS NOT DISTINCT FROM ({held}) THEN '{Verdict.DUPLICATE}'"
-    )
+    """``versus`` as the ``WHEN`` branches of a SQL ``CASE``, over a row's ``content``, the
+    ``held`` content and whether there is one (``has_held``). The id without a row is decided
+    first: nearly every row, and the contents are then compared only for the others."""
     other = Verdict.CONFLICTS_WITH_STORED if IMMUTABLE[kind] else Verdict.LOAD
-    return f"{same} WHEN {has_held} THEN '{other}'"
+    return (
+        f"WHEN NOT ({has_held}) THEN '{Verdict.LOAD}' "
+        f"WHEN ({content}) IS NOT DISTINCT FROM ({held}) THEN '{Verdict.DUPLICATE}' "
+        f"ELSE '{other}'"
+    )
 
 
 def copies_in_file(ids: Sequence[Hashable], contents: Sequence[object]) -> list[Verdict | None]:
