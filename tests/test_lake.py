@@ -339,6 +339,29 @@ class Race:
     metrics: list[str]
 
 
+# Run in each racing daemon before it serves: its first ledger commit waits (30 s at most) until
+# the other daemon has come to its own, so both commit the files they share at the same time
+# and the race the tests below are about happens every time, not when the scheduler allows it
+# (on a busy machine one daemon could otherwise commit everything before the other starts).
+MEET_AT_THE_FIRST_COMMIT = """
+import time
+from pathlib import Path
+from moneylion.lake import store
+_commit = store.Lake.commit_ledger
+def _meet(self, candidates):
+    here = Path({base!r}) / "at-first-commit-{me}"
+    if not here.exists():
+        here.touch()
+        others = [p for p in Path({base!r}).glob("at-first-commit-*") if p != here]
+        deadline = time.monotonic() + 30
+        while not others and time.monotonic() < deadline:
+            time.sleep(0.01)
+            others = [p for p in Path({base!r}).glob("at-first-commit-*") if p != here]
+    return _commit(self, candidates)
+store.Lake.commit_ledger = _meet
+"""
+
+
 @pytest.fixture(scope="module")
 def race(tmp_path_factory: pytest.TempPathFactory) -> Race:
     """Two daemons, the same files dropped into both inboxes at once plus files only one sees;
@@ -346,7 +369,12 @@ def race(tmp_path_factory: pytest.TempPathFactory) -> Race:
     base = tmp_path_factory.mktemp("race")
     lake = base / "lake"
     scenario = make_scenario(base / "src", seed=11, files=30, rows=80)
-    daemons = [lake_daemon(base, name, lake) for name in ("a", "b")]
+    daemons = [
+        lake_daemon(
+            base, name, lake, preamble=MEET_AT_THE_FIRST_COMMIT.format(base=str(base), me=name)
+        )
+        for name in ("a", "b")
+    ]
     try:
         for daemon in daemons:
             daemon.start()
