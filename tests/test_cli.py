@@ -56,6 +56,7 @@ def test_ingest_received_at_is_the_ledgers(config: Config, value: str, stored: d
     assert result.returncode == 0, result.stderr
     conn = open_warehouse(config)
     assert conn.execute("SELECT received_at FROM files").fetchall() == [(stored,)]
+    assert verify(conn) == []
     conn.close()
 
 
