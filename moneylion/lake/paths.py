@@ -23,7 +23,7 @@ import duckdb
 import pyarrow as pa
 
 from moneylion.append import stored_ids_among
-from moneylion.db import one_row, utc_now
+from moneylion.db import one_row, registered, utc_now
 from moneylion.ladder import LadderExhausted, names
 from moneylion.lake.store import Lake
 from moneylion.lake.tables import ROW_TABLES, SHA256, WRITE_ID
@@ -87,7 +87,7 @@ class Resolved:
     def run(self, chunk: Chunk) -> Found:
         conn = chunk.conn
         create_pending(conn, chunk.kind)
-        _stage(conn, chunk.lake, chunk.kind, chunk.files)
+        _make_pending(conn, chunk.lake, chunk.kind, chunk.files)
         found = resolve(conn, chunk.kind)
         for file_id, reasons in store_rejects(conn, chunk.line_bytes).items():
             found.setdefault(file_id, Applied()).rejected_by_reason = reasons
@@ -133,8 +133,7 @@ def _append_alone(chunk: Chunk) -> Found | Fallback:
     owner = [(row["sha256"], row[WRITE_ID])]
     key = COLUMNS[kind][0]
     params: dict[str, object] = {"sha": row["sha256"], "write_id": row[WRITE_ID]}
-    conn.register("lake_rows", lake.rows_of(ROW_TABLES[kind], owner))
-    try:
+    with registered(conn, "lake_rows", lake.rows_of(ROW_TABLES[kind], owner)):
         low, high, count = one_row(conn, _ALONE_RANGE.format(key=key), params)
         if not count:
             return Fallback("no rows")
@@ -143,12 +142,9 @@ def _append_alone(chunk: Chunk) -> Found | Fallback:
             return Fallback("some ids are stored: resolve decides them")
         columns = ", ".join(COLUMNS[kind])
         conn.execute(_APPEND_ALONE.format(columns=columns), {**params, "file_id": row["file_id"]})
-    finally:
-        conn.unregister("lake_rows")
     reasons: dict[str, int] = {}
     if int(row["rows_rejected"] or 0):
-        conn.register("lake_rows", lake.rows_of("rejects", owner))
-        try:
+        with registered(conn, "lake_rows", lake.rows_of("rejects", owner)):
             insert_rejects(
                 conn, _REJECTS_ALONE, chunk.line_bytes, {**params, "file_id": row["file_id"]}
             )
@@ -156,8 +152,6 @@ def _append_alone(chunk: Chunk) -> Found | Fallback:
                 f"SELECT reason, count(*) FROM lake_rows WHERE {_ALONE_WHERE} GROUP BY ALL",
                 params,
             ).fetchall()
-        finally:
-            conn.unregister("lake_rows")
         reasons = {reason: int(n) for reason, n in found}
     return {int(row["file_id"]): Applied(loaded=int(count), rejected_by_reason=reasons)}
 
@@ -184,14 +178,10 @@ def _gather(
             (ROW_TABLES[kind], "line", f"{columns}, "),
             ("rejects", "line_number", "r.reason, r.message, "),
         ):
-            conn.register(
-                "lake_rows", lake.rows_of(table, [(r["sha256"], r[WRITE_ID]) for r in files])
-            )
-            try:
+            owned = lake.rows_of(table, [(r["sha256"], r[WRITE_ID]) for r in files])
+            with registered(conn, "lake_rows", owned):
                 sql = _GATHER.format(columns=select.rstrip(", "), line=line, **names)
                 found = conn.execute(sql, bounds).fetchall()
-            finally:
-                conn.unregister("lake_rows")
             for file_id, *values, at, raw in found:
                 batch = batches[file_id]
                 if table == "rejects":
@@ -220,14 +210,11 @@ def _owners(
             "file_id": pa.array([r["file_id"] for r in files], pa.int64()),
         }
     )
-    conn.register("lake_owners", ids)
-    try:
+    with registered(conn, "lake_owners", ids):
         yield {"low": min(r[WRITE_ID] for r in files), "high": max(r[WRITE_ID] for r in files)}
-    finally:
-        conn.unregister("lake_owners")
 
 
-def _stage(
+def _make_pending(
     conn: duckdb.DuckDBPyConnection, lake: Lake, kind: FileKind, files: list[dict[str, Any]]
 ) -> None:
     """The pending rows and rejects of ``files`` (of one kind), with their global file id."""
@@ -239,11 +226,8 @@ def _stage(
             (ROW_TABLES[kind], _STAGE_ROWS.format(columns=columns, **names)),
             ("rejects", _STAGE_REJECTS.format(**names)),
         ):
-            conn.register("lake_rows", lake.rows_of(table, owners))
-            try:
+            with registered(conn, "lake_rows", lake.rows_of(table, owners)):
                 conn.execute(sql, bounds)
-            finally:
-                conn.unregister("lake_rows")
 
 
 LAKE_APPLY: tuple[ChunkPath, ...] = (Alone(), Gathered(), Resolved())
