@@ -107,11 +107,11 @@ SELECT file_id, line, verdict, CASE verdict {messages} END, raw_line
 FROM pending_verdicts WHERE verdict IN $rejected
 """
 _APPEND_TRANSACTIONS = """
-INSERT INTO {table} SELECT {columns}, file_id FROM pending_verdicts WHERE verdict = 'load'
+INSERT INTO {table} SELECT {columns}, file_id FROM pending_verdicts WHERE verdict = '{load}'
 """
 # The latest file's profile of each user lands; earlier ones of the batch were overwritten.
 _USERS_LOADED = """
-SELECT * FROM pending_verdicts WHERE verdict = 'load'
+SELECT * FROM pending_verdicts WHERE verdict = '{load}'
 QUALIFY row_number() OVER (PARTITION BY user_id ORDER BY file_id DESC) = 1"""
 _COUNTS = "SELECT file_id, verdict, count(*) FROM pending_verdicts GROUP BY ALL"
 _TEMPORARY = ("pending", "pending_repeated", "pending_copies", "pending_stored", "pending_verdicts")
@@ -165,7 +165,7 @@ def resolve(conn: duckdb.DuckDBPyConnection, kind: FileKind) -> dict[int, Applie
     )
     conn.execute(_REJECTS.format(messages=messages), {"rejected": [str(v) for v in REJECTED]})
     if kind is FileKind.USERS:
-        upsert_users(conn, _USERS_LOADED, utc_now())
+        upsert_users(conn, _sql(_USERS_LOADED, kind), utc_now())
     else:
         conn.execute(_sql(_APPEND_TRANSACTIONS, kind))
     applied: dict[int, Applied] = defaultdict(Applied)
