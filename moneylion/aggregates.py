@@ -11,10 +11,19 @@ Money is DECIMAL: an incremental total equals a full recompute to the cent, alwa
 
 from __future__ import annotations
 
+import contextlib
+
 import duckdb
 import pyarrow as pa
 
-from moneylion.db import INDEX_LOOKUP_MAX, int_constants, transaction
+from moneylion.db import (
+    INDEX_LOOKUP_MAX,
+    append_arrow,
+    int_constants,
+    one_row,
+    registered,
+    transaction,
+)
 from moneylion.model import DAILY_TOTALS, TYPE_COLUMN, USER_TOTALS, Aggregate, Fold, Measure
 from moneylion.tuning import DEFAULT, Tuning
 
@@ -92,6 +101,13 @@ TOUCHED_COUNTS = """
 SELECT user_id, CAST(sum(tx_count) AS BIGINT) FROM user_totals_log
 WHERE user_id IN ({ids}) GROUP BY user_id
 """
+# One statement: the rows appended to the log since its last compaction, and the top list
+# (users and counts, by rank).
+TOP_USERS_AND_WAITING = """
+SELECT (SELECT count(*) FROM user_totals_log WHERE file_id > 0),
+       coalesce((SELECT list(user_id ORDER BY rank) FROM top_users), []),
+       coalesce((SELECT list(tx_count ORDER BY rank) FROM top_users), [])
+"""
 # Right after a compaction the log has one row per user: rank it whole (a top-N, one scan).
 TOP_USERS_FROM_ALL = """
 CREATE OR REPLACE TEMP TABLE top_users_next AS
@@ -117,11 +133,19 @@ FROM ({rows}) GROUP BY ALL
 _WITH_COUNTRY_FROM = """
 SELECT t.transaction_date, u.country, t.transaction_type, t.amount, 1 AS sign
 FROM transactions t LEFT JOIN ({users}) u ON u.user_id = t.user_id"""
+# The users a commit touched, registered as the Arrow relation ``user_ids`` (_user_ids).
+USER_IDS = "SELECT user_id FROM user_ids"
 _WITH_COUNTRY = _WITH_COUNTRY_FROM.format(users="SELECT user_id, country FROM users")
 # A commit that touched few users reads their profiles through the users' primary key (a list
 # of constants, written in), not by a scan of every user for the join.
 _WITH_COUNTRY_OF_FEW = _WITH_COUNTRY_FROM.format(
     users="SELECT user_id, country FROM users WHERE user_id IN ({ids})"
+)
+# More: their profiles by a join with them (USER_IDS), so that DuckDB builds its hash table of
+# those users and probes it with a scan of the profiles; a join of the commit's rows with every
+# profile built a hash table of all of them (docs/performance.md).
+_WITH_COUNTRY_OF_MANY = _WITH_COUNTRY_FROM.format(
+    users=f"SELECT user_id, country FROM users WHERE user_id IN ({USER_IDS})"
 )
 _MOVED = """
 SELECT t.transaction_date, m.{side} AS country, t.transaction_type, t.amount, {sign} AS sign
@@ -130,6 +154,7 @@ COUNTRY_ROWS = {
     "all": _WITH_COUNTRY,
     "new": _WITH_COUNTRY + " WHERE t.file_id BETWEEN $first AND $last",
     "new_of_few": _WITH_COUNTRY_OF_FEW + " WHERE t.file_id BETWEEN $first AND $last",
+    "new_of_many": _WITH_COUNTRY_OF_MANY + " WHERE t.file_id BETWEEN $first AND $last",
     "moved": _MOVED.format(side="old_country", sign=-1)
     + " UNION ALL "
     + _MOVED.format(side="new_country", sign=1),
@@ -184,14 +209,20 @@ def apply_country_deltas(
     ``touched``: the users of its new transactions, when known (then looked up by key)."""
     params = {"first": first, "last": last}
     rows = COUNTRY_ROWS["new"]
-    if touched is not None and len(touched) <= INDEX_LOOKUP_MAX:
-        rows = COUNTRY_ROWS["new_of_few"].format(ids=int_constants(touched))
-    if users_written:
-        conn.execute(_REPLACED_TABLE)
-        conn.execute(_COUNTRY_MOVES, params)
-        if conn.execute("SELECT count(*) FROM country_moves").fetchall()[0][0]:
-            rows += " UNION ALL " + COUNTRY_ROWS["moved"]
-    conn.execute(_COUNTRY_MERGE.format(delta=COUNTRY_MONTHLY_OF.format(rows=rows)), params)
+    params = {"first": first, "last": last}
+    rows = COUNTRY_ROWS["new"]
+    with contextlib.ExitStack() as relations:
+        if touched is not None and len(touched) <= INDEX_LOOKUP_MAX:
+            rows = COUNTRY_ROWS["new_of_few"].format(ids=int_constants(touched))
+        elif touched is not None:
+            rows = COUNTRY_ROWS["new_of_many"]
+            relations.enter_context(registered(conn, "user_ids", _user_ids(touched)))
+        if users_written:
+            conn.execute(_REPLACED_TABLE)
+            conn.execute(_COUNTRY_MOVES, params)
+            if conn.execute("SELECT count(*) FROM country_moves").fetchall()[0][0]:
+                rows += " UNION ALL " + COUNTRY_ROWS["moved"]
+        conn.execute(_COUNTRY_MERGE.format(delta=COUNTRY_MONTHLY_OF.format(rows=rows)), params)
     if users_written:
         conn.execute("DROP TABLE country_moves")
         conn.execute("DELETE FROM users_replaced")
@@ -278,10 +309,11 @@ def apply_transaction_deltas(
         return None
     appended = conn.execute(USER_TOTALS_APPEND + " RETURNING user_id, tx_count", params)
     touched: dict[int, int] = dict(appended.fetchall())
-    if _rows_waiting(conn) > tuning.compact_after_rows:
+    waiting, users, counts = one_row(conn, TOP_USERS_AND_WAITING)
+    if waiting > tuning.compact_after_rows:
         _compact(conn, _drop_log_indexes(conn), top_users_kept)
     else:
-        _rerank(conn, touched, top_users_kept)
+        _rerank(conn, list(zip(users, counts, strict=True)), touched, top_users_kept)
     conn.execute(DAILY_TOTALS_DELTA, params)
     return list(touched)
 
@@ -307,12 +339,14 @@ def _drop_log_indexes(conn: duckdb.DuckDBPyConnection) -> list[str]:
     return [sql for _, sql in indexes]
 
 
-def _rerank(conn: duckdb.DuckDBPyConnection, touched: dict[int, int], kept: int) -> None:
-    """The top list after a commit that added ``touched`` (user -> transactions) to counts;
-    only the ranks that changed are written (usually none: few commits touch a top user)."""
-    old: list[tuple[int, int]] = conn.execute(
-        "SELECT user_id, tx_count FROM top_users ORDER BY rank"
-    ).fetchall()
+def _rerank(
+    conn: duckdb.DuckDBPyConnection,
+    old: list[tuple[int, int]],
+    touched: dict[int, int],
+    kept: int,
+) -> None:
+    """The top list (``old``: user, count by rank) after a commit that added ``touched`` (user
+    -> transactions) to counts; only the ranks that changed are written."""
     counts = dict(old)
     outside = [user for user in touched if user not in counts]
     for user, added in touched.items():
@@ -320,8 +354,12 @@ def _rerank(conn: duckdb.DuckDBPyConnection, touched: dict[int, int], kept: int)
             counts[user] += added
     if outside:
         counts.update(_counts_of(conn, outside))
-    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:kept]
-    changed = [n for n in range(max(len(ranked), len(old))) if _at(ranked, n) != _at(old, n)]
+    # Sorted by (-count, user): a tuple's own order, no key function per item.
+    ranked = [(user, -minus) for minus, user in sorted((-c, u) for u, c in counts.items())]
+    del ranked[kept:]
+    changed = [n for n, (new, was) in enumerate(zip(ranked, old, strict=False)) if new != was]
+    if len(ranked) != len(old):  # the ranks past the shorter list changed too
+        changed += [min(len(ranked), len(old)), max(len(ranked), len(old)) - 1]
     if not changed:
         return
     first, last = changed[0], changed[-1]
@@ -338,34 +376,21 @@ def _rerank(conn: duckdb.DuckDBPyConnection, touched: dict[int, int], kept: int)
                 "tx_count": pa.array([count for _, count in rows], type=pa.int64()),
             }
         )
-        conn.register("top_users_changed", ranks)
-        try:
-            conn.execute("INSERT INTO top_users BY NAME SELECT * FROM top_users_changed")
-        finally:
-            conn.unregister("top_users_changed")
+        append_arrow(conn, "top_users", ranks)
 
 
 def _counts_of(conn: duckdb.DuckDBPyConnection, users: list[int]) -> list[tuple[int, int]]:
     """Each user's transaction count, summed from the log."""
     if len(users) <= INDEX_LOOKUP_MAX:
         return conn.execute(TOUCHED_COUNTS.format(ids=int_constants(users))).fetchall()
-    conn.register("touched_users", pa.table({"user_id": pa.array(users, type=pa.int64())}))
-    try:
-        return conn.execute(
-            TOUCHED_COUNTS.format(ids="SELECT user_id FROM touched_users")
-        ).fetchall()
-    finally:
-        conn.unregister("touched_users")
+    with registered(conn, "user_ids", _user_ids(users)):
+        return conn.execute(TOUCHED_COUNTS.format(ids=USER_IDS)).fetchall()
 
 
-def _at(ranked: list[tuple[int, int]], n: int) -> tuple[int, int] | None:
-    return ranked[n] if n < len(ranked) else None
-
-
-def _rows_waiting(conn: duckdb.DuckDBPyConnection) -> int:
-    """Rows appended to the log since its last compaction."""
-    row = conn.execute("SELECT count(*) FROM user_totals_log WHERE file_id > 0").fetchall()
-    return int(row[0][0])
+def _user_ids(users: list[int]) -> pa.Table:
+    """The relation ``user_ids`` (USER_IDS): an Arrow column, read faster than a list passed as
+    a parameter (each item converted) or written in as constants."""
+    return pa.table({"user_id": pa.array(users, type=pa.int64())})
 
 
 def recompute(conn: duckdb.DuckDBPyConnection, top_users_kept: int = 1000) -> None:

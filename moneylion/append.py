@@ -22,6 +22,7 @@ import bisect
 import contextlib
 import csv
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
@@ -90,20 +91,20 @@ class Fast:
         params = {**_read_params(source, header), "file_id": file_id}
         if users:
             params["now"] = utc_now()
+        insert = (
+            f"INSERT INTO {TABLES[header.kind].name} SELECT {guarded}, $file_id"
+            f"{', $now' if users else ''} FROM ({typed_select_sql(header)})"
+        )
         try:
-            inserted = conn.execute(
-                f"INSERT INTO {TABLES[header.kind].name} SELECT {guarded}, $file_id"
-                f"{', $now' if users else ''} FROM ({typed_select_sql(header)})",
-                params,
-            ).fetchall()[0][0]
+            if not users:
+                return _reconcile(load, _append(load, insert, params), failing=False)
+            inserted = conn.execute(insert, params).fetchall()[0][0]
         except duckdb.ConstraintException:
             return Fallback("a user id is repeated in the file or already stored")
         except duckdb.InvalidInputException as exc:
             if not_clean(exc):
                 return Fallback("a field fails its check")
             raise
-        if not users:
-            return _reconcile(load, int(inserted), failing=False)
         if aside := _reader_errors(conn, header.file_name):
             return Fallback(f"the reader set {aside} line(s) aside (field count or length)")
         return Applied(loaded=int(inserted))
@@ -125,12 +126,46 @@ class Checked:
         conn, source, header, file_id = load.conn, load.source, load.header, load.file_id
         kind = header.kind
         with _without_filter_pushdown(conn):
-            inserted = conn.execute(
+            appended = _append(
+                load,
                 f"INSERT INTO {TABLES[kind].name} SELECT {', '.join(COLUMNS[kind])}, $file_id "
                 f"FROM ({typed_select_sql(header)}) WHERE ok",
                 {**_read_params(source, header), "file_id": file_id},
-            ).fetchall()[0][0]
-        return _reconcile(load, int(inserted), failing=True)
+            )
+        return _reconcile(load, appended, failing=True)
+
+
+@dataclass(frozen=True)
+class _Appended:
+    """The rows of transactions a path appended from the reader: how many, their ids' range
+    (0, 0 when none), and whether an id is repeated among them."""
+
+    rows: int
+    low: int = 0
+    high: int = 0
+    repeated: bool = False
+
+
+def _append(load: Load, insert: str, params: dict[str, object]) -> _Appended:
+    """Run ``insert`` (rows of transactions from the reader, with ``file_id``) and describe
+    what it appended. A file up to ``Tuning.ids_back_bytes`` hands its ids back (RETURNING):
+    their range and copies are known without another statement; a larger one is asked for
+    them (a range lookup, a bitmap count)."""
+    conn, file_id = load.conn, load.file_id
+    if load.source.csv_size <= load.tuning.ids_back_bytes:
+        ids = [
+            row[0] for row in conn.execute(f"{insert} RETURNING transaction_id", params).fetchall()
+        ]
+        if not ids:
+            return _Appended(0)
+        return _Appended(len(ids), min(ids), max(ids), len(set(ids)) != len(ids))
+    inserted = int(conn.execute(insert, params).fetchall()[0][0])
+    if not inserted:
+        return _Appended(0)
+    low, high = _id_range(conn, file_id)
+    mine: dict[str, object] = {"f": file_id}
+    repeated = distinct_ids(conn, "transaction_id", _APPENDED, mine, low, high) != inserted
+    return _Appended(inserted, low, high, repeated)
 
 
 @contextlib.contextmanager
@@ -149,9 +184,9 @@ def _without_filter_pushdown(conn: duckdb.DuckDBPyConnection) -> Iterator[None]:
         )
 
 
-def _reconcile(load: Load, inserted: int, *, failing: bool) -> Applied | Fallback:
-    """After the ``inserted`` rows of a transactions file that pass the fast checks were
-    appended (``failing``: others may have failed them), the rest.
+def _reconcile(load: Load, appended: _Appended, *, failing: bool) -> Applied | Fallback:
+    """After the rows of a transactions file that pass the fast checks were ``appended``
+    (``failing``: others may have failed them), the rest.
 
     A file is done when nothing else is left: no line set aside by the reader, no id repeated
     in the file or stored (a bitmap count, a range lookup), and, if rows may have failed, the
@@ -166,14 +201,24 @@ def _reconcile(load: Load, inserted: int, *, failing: bool) -> Applied | Fallbac
     conn, source, header, file_id = load.conn, load.source, load.header, load.file_id
     kind = header.kind
     read = _read_params(source, header)
-    aside = _aside_lines(conn, header.file_name)
-    span = _contested_ids(conn, file_id, inserted)
-    (contested,) = one_row(conn, "SELECT count(*) FROM contested")
+    inserted, span = appended.rows, (appended.low, appended.high)
+    # One statement for the common case: the lines the reader set aside, the stored ids in
+    # the appended ids' range (zone maps skip the other row groups).
+    set_aside, not_utf8, stored = one_row(
+        conn,
+        f"SELECT ({_READER_ERRORS_SQL}), ({_NOT_UTF8_SQL}), "
+        f"({_STORED_IN_RANGE if inserted else 'SELECT 0'})",
+        {"low": appended.low, "high": appended.high, "before": file_id} if inserted else {},
+    )
+    if not_utf8:
+        raise FileRefused(FileFailure.NOT_UTF8, f"{header.file_name} is not UTF-8")
+    aside = _aside_lines(conn, header.file_name) if set_aside else []
     # The lines after the header, counted only when rows may have failed or lines were set
     # aside: else every record the reader read was appended.
     records = data_lines(source) - header.line_number if failing or aside else None
-    if not contested and not aside and records in (None, inserted):
+    if not appended.repeated and not stored and not aside and records in (None, inserted):
         return Applied(loaded=inserted)
+    contested = _contested_ids(conn, file_id, appended, stored=bool(stored))
     if contested and span[1] - span[0] >= BITMAP_MAX_BITS:
         return Fallback("ids repeated or stored, in a range too wide to mark them", final=True)
     spanning = Fallback("records span lines and the reader set some aside", final=True)
@@ -276,24 +321,27 @@ def _read_again(
     conn.execute("DROP TABLE marked")
 
 
-def _contested_ids(conn: duckdb.DuckDBPyConnection, file_id: int, inserted: int) -> tuple[int, int]:
-    """Fill the temp table ``contested`` with the ids of the file's appended rows that
-    ``resolve`` must decide (repeated in the file, or stored by an earlier file), and make
-    ``unappended`` (those taken out of the table again) empty; the appended ids' range."""
+def _contested_ids(
+    conn: duckdb.DuckDBPyConnection, file_id: int, appended: _Appended, *, stored: bool
+) -> int:
+    """Fill the temp table ``contested`` with the ids of the file's ``appended`` rows that
+    ``resolve`` must decide (repeated in the file, or ``stored`` by an earlier file), and make
+    ``unappended`` (those taken out of the table again) empty; how many ids are contested."""
     conn.execute("CREATE OR REPLACE TEMP TABLE contested (id BIGINT)")
     conn.execute("CREATE OR REPLACE TEMP TABLE unappended (id BIGINT)")
-    if not inserted:
-        return 0, 0
-    low, high = _id_range(conn, file_id)
     mine: dict[str, object] = {"f": file_id}
-    if distinct_ids(conn, "transaction_id", _APPENDED, mine, low, high) != inserted:
+    if appended.repeated:
         conn.execute(
             f"INSERT INTO contested SELECT transaction_id FROM ({_APPENDED}) "
             "GROUP BY ALL HAVING count(*) > 1",
             mine,
         )
-    stored_ids_among(conn, _APPENDED, mine, low, high, before_file=file_id, into="contested")
-    return low, high
+    if stored:
+        low, high = appended.low, appended.high
+        stored_ids_among(conn, _APPENDED, mine, low, high, before_file=file_id, into="contested")
+    if not (appended.repeated or stored):
+        return 0
+    return int(one_row(conn, "SELECT count(*) FROM contested")[0])
 
 
 def _unappend(conn: duckdb.DuckDBPyConnection, file_id: int) -> int:
@@ -580,13 +628,18 @@ def _aside_lines(conn: duckdb.DuckDBPyConnection, name: str) -> list[tuple[int, 
     ]
 
 
+_READER_ERRORS_SQL = "SELECT count(*) FROM ingest_csv_errors"
+_NOT_UTF8_SQL = "SELECT count(*) FROM ingest_csv_errors WHERE error_type = 'INVALID UNICODE'"
+# Rows stored by earlier files with an id in an appended range.
+_STORED_IN_RANGE = (
+    "SELECT count(*) FROM transactions t "
+    "WHERE t.transaction_id BETWEEN $low AND $high AND t.file_id < $before"
+)
+
+
 def _reader_errors(conn: duckdb.DuckDBPyConnection, name: str) -> int:
     """Rows DuckDB's reader set aside (wrong field count); invalid UTF-8 fails the file."""
-    structural, not_utf8 = one_row(
-        conn,
-        "SELECT count(*), count(*) FILTER (WHERE error_type = 'INVALID UNICODE') "
-        "FROM ingest_csv_errors",
-    )
+    structural, not_utf8 = one_row(conn, f"SELECT ({_READER_ERRORS_SQL}), ({_NOT_UTF8_SQL})")
     if not_utf8:
         raise FileRefused(FileFailure.NOT_UTF8, f"{name} is not UTF-8")
     return int(structural)

@@ -17,6 +17,9 @@ class Tuning:
     # Ingest (one file, a batch).
     wide_columns: int = 512  # past this many fields, DuckDB's reader is not used (bench/micro.py)
     reference_batch_rows: int = 100_000  # records the reference rules hold at once
+    # A file of transactions up to this many CSV bytes hands its appended ids back to Python
+    # (their range and copies then cost no statement); a larger one is asked with two.
+    ids_back_bytes: int = 4 << 20
     # Lake apply: a large file alone loads straight from the lake's scan; a chunk of at most
     # this many rows is decided in Python, more by the SQL rules.
     alone_rows: int = 100_000
