@@ -92,21 +92,14 @@ DAILY_TOTALS_DELTA = (
 )
 
 # Counts only grow: a user neither in the old top list nor touched by this commit still ranks
-# below every user of the old list, so the new list is drawn from those two sets alone. The old
-# list's counts are exact and the commit's per-user counts come back from its log append; only
-# the touched users outside the list are looked up: a few through the log's index on user_id
-# (a list of constants, which DuckDB serves from the index), many by one join (a scan of the
-# log's two columns costs less than a long list of constants).
+# below every user of the old list, so the new list is drawn from those two sets alone: the old
+# list (its counts exact) and the touched users' counts summed from the log after the commit's
+# append. The touched users are looked up by their ``ids`` (_user_ids_sql): a few through the
+# log's index on user_id (a list of constants, which DuckDB serves from the index), many by one
+# join (a scan of the log's two columns costs less than a long list of constants).
 TOUCHED_COUNTS = """
 SELECT user_id, CAST(sum(tx_count) AS BIGINT) FROM user_totals_log
 WHERE user_id IN ({ids}) GROUP BY user_id
-"""
-# One statement: the rows appended to the log since its last compaction, and the top list
-# (users and counts, by rank).
-TOP_USERS_AND_WAITING = """
-SELECT (SELECT count(*) FROM user_totals_log WHERE file_id > 0),
-       coalesce((SELECT list(user_id ORDER BY rank) FROM top_users), []),
-       coalesce((SELECT list(tx_count ORDER BY rank) FROM top_users), [])
 """
 # Right after a compaction the log has one row per user: rank it whole (a top-N, one scan).
 TOP_USERS_FROM_ALL = """
@@ -136,16 +129,13 @@ FROM transactions t LEFT JOIN ({users}) u ON u.user_id = t.user_id"""
 # The users a commit touched, registered as the Arrow relation ``user_ids`` (_user_ids).
 USER_IDS = "SELECT user_id FROM user_ids"
 _WITH_COUNTRY = _WITH_COUNTRY_FROM.format(users="SELECT user_id, country FROM users")
-# A commit that touched few users reads their profiles through the users' primary key (a list
-# of constants, written in), not by a scan of every user for the join.
-_WITH_COUNTRY_OF_FEW = _WITH_COUNTRY_FROM.format(
+# A commit's new transactions with the profiles of the users they touch (``ids``, from
+# _user_ids_sql): a few through the users' primary key (a list of constants, written in), more
+# by a join with them, so that DuckDB builds its hash table of those users and probes it with a
+# scan of the profiles. A join of the commit's rows with every profile built a hash table of all
+# of them (docs/performance.md).
+_WITH_COUNTRY_OF = _WITH_COUNTRY_FROM.format(
     users="SELECT user_id, country FROM users WHERE user_id IN ({ids})"
-)
-# More: their profiles by a join with them (USER_IDS), so that DuckDB builds its hash table of
-# those users and probes it with a scan of the profiles; a join of the commit's rows with every
-# profile built a hash table of all of them (docs/performance.md).
-_WITH_COUNTRY_OF_MANY = _WITH_COUNTRY_FROM.format(
-    users=f"SELECT user_id, country FROM users WHERE user_id IN ({USER_IDS})"
 )
 _MOVED = """
 SELECT t.transaction_date, m.{side} AS country, t.transaction_type, t.amount, {sign} AS sign
@@ -153,8 +143,7 @@ FROM transactions t JOIN country_moves m ON m.user_id = t.user_id WHERE t.file_i
 COUNTRY_ROWS = {
     "all": _WITH_COUNTRY,
     "new": _WITH_COUNTRY + " WHERE t.file_id BETWEEN $first AND $last",
-    "new_of_few": _WITH_COUNTRY_OF_FEW + " WHERE t.file_id BETWEEN $first AND $last",
-    "new_of_many": _WITH_COUNTRY_OF_MANY + " WHERE t.file_id BETWEEN $first AND $last",
+    "new_of": _WITH_COUNTRY_OF + " WHERE t.file_id BETWEEN $first AND $last",
     "moved": _MOVED.format(side="old_country", sign=-1)
     + " UNION ALL "
     + _MOVED.format(side="new_country", sign=1),
@@ -212,11 +201,8 @@ def apply_country_deltas(
     params = {"first": first, "last": last}
     rows = COUNTRY_ROWS["new"]
     with contextlib.ExitStack() as relations:
-        if touched is not None and len(touched) <= INDEX_LOOKUP_MAX:
-            rows = COUNTRY_ROWS["new_of_few"].format(ids=int_constants(touched))
-        elif touched is not None:
-            rows = COUNTRY_ROWS["new_of_many"]
-            relations.enter_context(registered(conn, "user_ids", _user_ids(touched)))
+        if touched is not None:
+            rows = COUNTRY_ROWS["new_of"].format(ids=_user_ids_sql(conn, touched, relations))
         if users_written:
             conn.execute(_REPLACED_TABLE)
             conn.execute(_COUNTRY_MOVES, params)
@@ -308,14 +294,13 @@ def apply_transaction_deltas(
         conn.execute(DAILY_TOTALS_DELTA, params)
         return None
     appended = conn.execute(USER_TOTALS_APPEND + " RETURNING user_id, tx_count", params)
-    touched: dict[int, int] = dict(appended.fetchall())
-    waiting, users, counts = one_row(conn, TOP_USERS_AND_WAITING)
-    if waiting > tuning.compact_after_rows:
+    touched = [user for user, _ in appended.fetchall()]
+    if _rows_waiting(conn) > tuning.compact_after_rows:
         _compact(conn, _drop_log_indexes(conn), top_users_kept)
     else:
-        _rerank(conn, list(zip(users, counts, strict=True)), touched, top_users_kept)
+        _rerank(conn, touched, top_users_kept)
     conn.execute(DAILY_TOTALS_DELTA, params)
-    return list(touched)
+    return touched
 
 
 def _compact(conn: duckdb.DuckDBPyConnection, indexes: list[str], kept: int) -> None:
@@ -339,21 +324,16 @@ def _drop_log_indexes(conn: duckdb.DuckDBPyConnection) -> list[str]:
     return [sql for _, sql in indexes]
 
 
-def _rerank(
-    conn: duckdb.DuckDBPyConnection,
-    old: list[tuple[int, int]],
-    touched: dict[int, int],
-    kept: int,
-) -> None:
-    """The top list (``old``: user, count by rank) after a commit that added ``touched`` (user
-    -> transactions) to counts; only the ranks that changed are written."""
+def _rerank(conn: duckdb.DuckDBPyConnection, touched: list[int], kept: int) -> None:
+    """The top list after a commit that added to the counts of the ``touched`` users; only the
+    ranks that changed are written."""
+    old: list[tuple[int, int]] = conn.execute(
+        "SELECT user_id, tx_count FROM top_users ORDER BY rank"
+    ).fetchall()
     counts = dict(old)
-    outside = [user for user in touched if user not in counts]
-    for user, added in touched.items():
-        if user in counts:
-            counts[user] += added
-    if outside:
-        counts.update(_counts_of(conn, outside))
+    with contextlib.ExitStack() as relations:
+        ids = _user_ids_sql(conn, touched, relations)
+        counts.update(conn.execute(TOUCHED_COUNTS.format(ids=ids)).fetchall())
     # Sorted by (-count, user): a tuple's own order, no key function per item.
     ranked = [(user, -minus) for minus, user in sorted((-c, u) for u, c in counts.items())]
     del ranked[kept:]
@@ -379,12 +359,20 @@ def _rerank(
         append_arrow(conn, "top_users", ranks)
 
 
-def _counts_of(conn: duckdb.DuckDBPyConnection, users: list[int]) -> list[tuple[int, int]]:
-    """Each user's transaction count, summed from the log."""
+def _rows_waiting(conn: duckdb.DuckDBPyConnection) -> int:
+    """Rows appended to the log since its last compaction."""
+    return int(one_row(conn, "SELECT count(*) FROM user_totals_log WHERE file_id > 0")[0])
+
+
+def _user_ids_sql(
+    conn: duckdb.DuckDBPyConnection, users: list[int], relations: contextlib.ExitStack
+) -> str:
+    """SQL selecting ``users``: a few as constants, more as the Arrow relation ``user_ids``
+    (registered until ``relations`` closes)."""
     if len(users) <= INDEX_LOOKUP_MAX:
-        return conn.execute(TOUCHED_COUNTS.format(ids=int_constants(users))).fetchall()
-    with registered(conn, "user_ids", _user_ids(users)):
-        return conn.execute(TOUCHED_COUNTS.format(ids=USER_IDS)).fetchall()
+        return int_constants(users)
+    relations.enter_context(registered(conn, "user_ids", _user_ids(users)))
+    return USER_IDS
 
 
 def _user_ids(users: list[int]) -> pa.Table:

@@ -59,9 +59,14 @@ class DaemonProcess:
         settle_seconds: float = 0.2,
         env: dict[str, str] | None = None,
         preamble: str | None = None,
+        tree: Path = REPO,
+        python: Path | None = None,
     ) -> None:
-        """``preamble``: Python run in the child before ``serve`` (a test hook, say)."""
+        """``preamble``: Python run in the child before ``serve`` (a test hook, say). ``tree``
+        and ``python``: another checkout's package and interpreter (a benchmark's baseline)."""
         self.preamble = preamble
+        self.tree = tree
+        self.python = str(python or sys.executable)
         self.inbox = inbox
         self.warehouse = warehouse
         self.port = port or free_port()
@@ -90,13 +95,13 @@ class DaemonProcess:
         self.warehouse.mkdir(parents=True, exist_ok=True)
         self.starts += 1
         log = (self.warehouse / f"child-{self.starts}.err").open("wb")
-        command = [sys.executable, "-m", "moneylion", "serve"]
+        command = [self.python, "-m", "moneylion", "serve"]
         if self.preamble is not None:
             main = "from moneylion.cli import main\nraise SystemExit(main(['serve']))"
-            command = [sys.executable, "-c", f"{self.preamble}\n{main}"]
+            command = [self.python, "-c", f"{self.preamble}\n{main}"]
         self.proc = subprocess.Popen(
             command,
-            cwd=REPO,
+            cwd=self.tree,
             env=self.environ(),
             stdout=subprocess.DEVNULL,
             stderr=log,
