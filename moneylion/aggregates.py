@@ -191,24 +191,20 @@ def apply_country_deltas(
     last: int,
     *,
     users_written: bool,
-    touched: list[int] | None = None,
+    touched: str | None = None,
 ) -> None:
     """Fold the commit of files ``first`` .. ``last`` into country_monthly_totals: its new
     transactions, and (``users_written``) the moves of the users whose country it changed.
-    ``touched``: the users of its new transactions, when known (then looked up by key)."""
+    ``touched``: SQL selecting the users of its new transactions, when known (_user_ids_sql:
+    then their profiles are looked up, not joined whole)."""
     params = {"first": first, "last": last}
-    rows = COUNTRY_ROWS["new"]
-    params = {"first": first, "last": last}
-    rows = COUNTRY_ROWS["new"]
-    with contextlib.ExitStack() as relations:
-        if touched is not None:
-            rows = COUNTRY_ROWS["new_of"].format(ids=_user_ids_sql(conn, touched, relations))
-        if users_written:
-            conn.execute(_REPLACED_TABLE)
-            conn.execute(_COUNTRY_MOVES, params)
-            if conn.execute("SELECT count(*) FROM country_moves").fetchall()[0][0]:
-                rows += " UNION ALL " + COUNTRY_ROWS["moved"]
-        conn.execute(_COUNTRY_MERGE.format(delta=COUNTRY_MONTHLY_OF.format(rows=rows)), params)
+    rows = COUNTRY_ROWS["new"] if touched is None else COUNTRY_ROWS["new_of"].format(ids=touched)
+    if users_written:
+        conn.execute(_REPLACED_TABLE)
+        conn.execute(_COUNTRY_MOVES, params)
+        if conn.execute("SELECT count(*) FROM country_moves").fetchall()[0][0]:
+            rows += " UNION ALL " + COUNTRY_ROWS["moved"]
+    conn.execute(_COUNTRY_MERGE.format(delta=COUNTRY_MONTHLY_OF.format(rows=rows)), params)
     if users_written:
         conn.execute("DROP TABLE country_moves")
         conn.execute("DELETE FROM users_replaced")
@@ -226,13 +222,20 @@ def apply_deltas(
 ) -> None:
     """Everything a commit of files ``first`` .. ``last`` (one file, or a batch) changes in
     the aggregates, given the transactions it appended and the profiles it wrote."""
-    touched: list[int] | None = []  # no new transactions: none of their users to look up
-    if transactions:
-        touched = apply_transaction_deltas(
-            conn, first, transactions, top_users_kept, last_file_id=last, tuning=tuning
-        )
-    if transactions or users:
-        apply_country_deltas(conn, first, last, users_written=bool(users), touched=touched)
+    with contextlib.ExitStack() as relations:  # the touched users' relation, for both
+        touched: str | None = int_constants([])  # no new transactions: no users to look up
+        if transactions:
+            touched = apply_transaction_deltas(
+                conn,
+                first,
+                transactions,
+                top_users_kept,
+                last_file_id=last,
+                tuning=tuning,
+                relations=relations,
+            )
+        if transactions or users:
+            apply_country_deltas(conn, first, last, users_written=bool(users), touched=touched)
 
 
 RECOMPUTED = {
@@ -277,10 +280,12 @@ def apply_transaction_deltas(
     *,
     last_file_id: int | None = None,
     tuning: Tuning,
-) -> list[int] | None:
+    relations: contextlib.ExitStack,
+) -> str | None:
     """Fold the ``rows`` transactions appended by files ``file_id`` .. ``last_file_id`` (one
-    file, or a batch) into every aggregate (inside the caller's transaction); the users they
-    touched, when the commit was small enough to list them.
+    file, or a batch) into every aggregate (inside the caller's transaction); SQL selecting the
+    users they touched (_user_ids_sql: valid until ``relations`` closes), when the commit was
+    small enough to list them.
 
     The log is compacted once ``tuning.compact_after_rows`` rows wait in it (a few hundred
     1,000-row files), so a user's totals stay a handful of rows and compaction (a rewrite of
@@ -294,7 +299,7 @@ def apply_transaction_deltas(
         conn.execute(DAILY_TOTALS_DELTA, params)
         return None
     appended = conn.execute(USER_TOTALS_APPEND + " RETURNING user_id, tx_count", params)
-    touched = [user for user, _ in appended.fetchall()]
+    touched = _user_ids_sql(conn, [user for user, _ in appended.fetchall()], relations)
     if _rows_waiting(conn) > tuning.compact_after_rows:
         _compact(conn, _drop_log_indexes(conn), top_users_kept)
     else:
@@ -324,16 +329,14 @@ def _drop_log_indexes(conn: duckdb.DuckDBPyConnection) -> list[str]:
     return [sql for _, sql in indexes]
 
 
-def _rerank(conn: duckdb.DuckDBPyConnection, touched: list[int], kept: int) -> None:
-    """The top list after a commit that added to the counts of the ``touched`` users; only the
-    ranks that changed are written."""
+def _rerank(conn: duckdb.DuckDBPyConnection, touched: str, kept: int) -> None:
+    """The top list after a commit that added to the counts of the users ``touched`` selects;
+    only the ranks that changed are written."""
     old: list[tuple[int, int]] = conn.execute(
         "SELECT user_id, tx_count FROM top_users ORDER BY rank"
     ).fetchall()
     counts = dict(old)
-    with contextlib.ExitStack() as relations:
-        ids = _user_ids_sql(conn, touched, relations)
-        counts.update(conn.execute(TOUCHED_COUNTS.format(ids=ids)).fetchall())
+    counts.update(conn.execute(TOUCHED_COUNTS.format(ids=touched)).fetchall())
     # Sorted by (-count, user): a tuple's own order, no key function per item.
     ranked = [(user, -minus) for minus, user in sorted((-c, u) for u, c in counts.items())]
     del ranked[kept:]
