@@ -177,18 +177,18 @@ class InboxWatcher(threading.Thread):
             time.sleep(self.poll_seconds)
 
     def wait_left(self, names: list[str], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(name in self.left for name in names):
-                return True
-            time.sleep(0.01)
-        return False
+        return wait_noted(self.left, names, timeout)
 
 
 def wait_seen(poller: LedgerPoller, names: list[str], timeout: float) -> bool:
+    return wait_noted(poller.seen, names, timeout)
+
+
+def wait_noted(noted: dict[str, float], names: list[str], timeout: float) -> bool:
+    """Until every name is in ``noted`` (filled by another thread), or ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if all(name in poller.seen for name in names):
+        if all(name in noted for name in names):
             return True
         time.sleep(0.01)
     return False
