@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-bench run test test-fast lint format docs bench bench-compare screenshots clean
+.PHONY: help install install-bench run test test-fast lint format docs bench bench-compare soak screenshots clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -47,6 +47,7 @@ bench: $(STAMP) ## run the benchmarks and print their figures (takes minutes)
 	$(BIN)/python bench/export.py
 	$(BIN)/python bench/latency.py
 	$(BIN)/python bench/micro.py
+	$(BIN)/python bench/steps.py
 	$(BIN)/python bench/stream.py
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/crash.py
@@ -54,6 +55,9 @@ bench: $(STAMP) ## run the benchmarks and print their figures (takes minutes)
 
 bench-compare: $(STAMP) ## this tree's single-file figures against bench/BASELINE's commit, interleaved, with ratios
 	$(BIN)/python bench/compare.py
+
+soak: $(STAMP) ## an hour of 50 files/s into the daemon: its memory and latency over time, then verify
+	$(BIN)/python bench/soak.py
 
 screenshots: $(STAMP) ## retake docs/dashboard-{desktop,phone}.png with the browser tests (needs chromium)
 	MONEYLION_SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/test_dashboard_browser.py -k screenshot
