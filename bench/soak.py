@@ -18,11 +18,13 @@ Targets (issue: a daemon left running for weeks): RSS growth <= 20 MB over the l
 of 60; p99 drift <= 10 %; the daemon's CPU <= 25 % of a core at 50 files/s.
 
     .venv/bin/python bench/soak.py [--minutes 60] [--rate 50] [--window 5] [--sample 10]
+    .venv/bin/python bench/soak.py --minutes 10 --where   # where the daemon's memory goes
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -52,6 +54,40 @@ from bench.stream import (  # noqa: E402
 from tests.daemon_process import DaemonProcess  # noqa: E402
 
 AHEAD = 200  # files written ahead of their drop (outside the inbox)
+
+# --where: run in the daemon before ``serve``. Every --sample seconds a thread notes the RSS,
+# DuckDB's memory by tag (``duckdb_memory()``, through a connection to the daemon's own
+# database instance), the Python heap traced by tracemalloc and its largest allocation sites.
+WHERE_PREAMBLE = """
+import json, os, threading, time, tracemalloc
+import psutil
+tracemalloc.start(1)
+def _where():
+    from moneylion.config import load_config
+    from moneylion.schema import open_warehouse
+    config = load_config()
+    every = float(os.environ["MONEYLION_SOAK_SAMPLE"])
+    with open(os.environ["MONEYLION_SOAK_WHERE"], "a") as out:
+        while True:
+            time.sleep(every)
+            try:
+                conn = open_warehouse(config)
+                duck = dict(conn.execute(
+                    "SELECT tag, memory_usage_bytes FROM duckdb_memory()").fetchall())
+                conn.close()
+            except Exception as exc:
+                duck = {"error": str(exc)}
+            sites = tracemalloc.take_snapshot().statistics("lineno")[:15]
+            out.write(json.dumps({
+                "at": time.time(),
+                "rss": psutil.Process().memory_info().rss,
+                "duckdb": duck,
+                "python": tracemalloc.get_traced_memory()[0],
+                "sites": {str(s.traceback): s.size for s in sites},
+            }) + "\n")
+            out.flush()
+threading.Thread(target=_where, daemon=True, name="soak-where").start()
+"""
 
 
 class Producer(threading.Thread):
@@ -94,6 +130,11 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=5.0, help="minutes per printed row")
     parser.add_argument("--sample", type=float, default=10.0, help="seconds between samples")
     parser.add_argument("--warm-up", type=float, default=5.0, help="minutes left out of p99s")
+    parser.add_argument(
+        "--where",
+        action="store_true",
+        help="where the daemon's memory goes: DuckDB's by tag, Python's by site (slower)",
+    )
     args = parser.parse_args()
 
     side = this_tree()
@@ -112,7 +153,14 @@ def main() -> None:
     count = int(args.minutes * 60 * args.rate)
     producer = Producer(run / "staging", count)
     producer.start()
-    daemon = DaemonProcess(run / "inbox", run / "warehouse", settle_seconds=0.5)
+    where = run / "where.jsonl"
+    daemon = DaemonProcess(
+        run / "inbox",
+        run / "warehouse",
+        settle_seconds=0.5,
+        env={"MONEYLION_SOAK_WHERE": str(where), "MONEYLION_SOAK_SAMPLE": str(args.sample)},
+        preamble=WHERE_PREAMBLE if args.where else None,
+    )
     samples: list[tuple[float, float, float]] = []  # seconds since start, RSS MB, CPU seconds
     dropped: dict[str, float] = {}
     try:
@@ -202,7 +250,43 @@ def main() -> None:
         + ("" if complete else " (NOT all)")
         + f"; daemon exit code {code}"
     )
+    if args.where:
+        print_where(where)
     check(run / "warehouse", len(dropped))
+
+
+def print_where(where: Path) -> None:
+    """The daemon's memory over the run: RSS, DuckDB's (its largest tags), Python's traced
+    heap, the rest (the allocator's own, Arrow buffers, thread stacks); then the Python sites
+    that grew most from the first sample to the last."""
+    samples = [json.loads(line) for line in where.read_text().splitlines()]
+    if not samples:
+        print("where: no samples")
+        return
+    start = samples[0]["at"]
+    mb = 2**20
+    rows = []
+    for sample in [*samples[:: max(1, len(samples) // 12)], samples[-1]]:
+        duck = {k: v for k, v in sample["duckdb"].items() if isinstance(v, int)}
+        top = sorted(duck.items(), key=lambda item: -item[1])[:3]
+        rest = sample["rss"] - sum(duck.values()) - sample["python"]
+        rows.append(
+            [
+                f"{(sample['at'] - start) / 60:.0f}",
+                f"{sample['rss'] / mb:.0f}",
+                f"{sum(duck.values()) / mb:.0f} ("
+                + ", ".join(f"{k} {v / mb:.0f}" for k, v in top)
+                + ")",
+                f"{sample['python'] / mb:.0f}",
+                f"{rest / mb:.0f}",
+            ]
+        )
+    print_table(["minute", "RSS MB", "DuckDB MB (largest tags)", "Python MB", "rest MB"], rows)
+    first, last = samples[0]["sites"], samples[-1]["sites"]
+    grew = sorted(last, key=lambda site: -(last[site] - first.get(site, 0)))[:5]
+    print("Python allocation sites that grew most, first -> last sample:")
+    for site in grew:
+        print(f"  {first.get(site, 0) / mb:7.1f} -> {last[site] / mb:7.1f} MB  {site}")
 
 
 def check(warehouse: Path, files: int) -> None:
