@@ -58,7 +58,7 @@ AHEAD = 200  # files written ahead of their drop (outside the inbox)
 # --where: run in the daemon before ``serve``. Every --sample seconds a thread notes the RSS,
 # DuckDB's memory by tag (``duckdb_memory()``, through a connection to the daemon's own
 # database instance), the Python heap traced by tracemalloc and its largest allocation sites.
-WHERE_PREAMBLE = """
+WHERE_PREAMBLE = r"""
 import json, os, threading, time, tracemalloc
 import psutil
 tracemalloc.start(1)
@@ -230,7 +230,7 @@ def main() -> None:
     late = [s for s in samples if s[0] >= half]
     growth = late[-1][1] - late[0][1]
     rise = max(s[1] for s in late) - late[0][1]
-    warm = args.warm_up * 60
+    warm = min(args.warm_up * 60, half / 2)  # a short run keeps half its first half
     first_half = [v for n, v in latency.items() if warm <= dropped[n] - started < half]
     second_half = [v for n, v in latency.items() if dropped[n] - started >= half]
     drift = percentile(second_half, 0.99) / percentile(first_half, 0.99) - 1
