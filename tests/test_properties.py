@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -191,17 +191,22 @@ def aggregates_of(conn: duckdb.DuckDBPyConnection) -> list[list[tuple[object, ..
     files=file_sets(),
     order=st.randoms(use_true_random=False),
     ladder=st.sampled_from(sorted(LADDERS_TRIED)),
+    ids_back=st.booleans(),
 )
 def test_any_files_in_any_order_keep_aggregates_exact(
-    files: list[tuple[str, list[str]]], order: random.Random, ladder: str
+    files: list[tuple[str, list[str]]], order: random.Random, ladder: str, ids_back: bool
 ) -> None:
-    """Whichever path each file takes (every declared ladder, from each of its rungs)."""
+    """Whichever path each file takes (every declared ladder, from each of its rungs), and
+    whether its appended ids come back to Python or are asked for (``Tuning.ids_back_bytes``:
+    the small files here take the way of a large one when it is 0)."""
     order.shuffle(files)
     expected_tx, expected_users = model(files)
     ladders = LADDERS_TRIED[ladder]
     with TemporaryDirectory() as tmp:
         folder = Path(tmp)
         config, conn = fresh(folder)
+        if not ids_back:
+            config = config.with_overrides(tuning=replace(config.tuning, ids_back_bytes=0))
         outcomes = [
             ingest_file(conn, path, config, ladders=ladders) for path in write_files(folder, files)
         ]
