@@ -207,12 +207,11 @@ def _reconcile(load: Load, appended: _Appended, *, failing: bool) -> Applied | F
     set_aside, not_utf8, stored = one_row(
         conn,
         f"SELECT ({_READER_ERRORS_SQL}), ({_NOT_UTF8_SQL}), "
-        f"({_STORED_IN_RANGE if inserted else 'SELECT 0'})",
+        f"({f'SELECT count(*) {_IN_RANGE}{_BEFORE}' if inserted else 'SELECT 0'})",
         {"low": appended.low, "high": appended.high, "before": file_id} if inserted else {},
     )
-    if not_utf8:
-        raise FileRefused(FileFailure.NOT_UTF8, f"{header.file_name} is not UTF-8")
-    aside = _aside_lines(conn, header.file_name) if set_aside else []
+    _refuse_not_utf8(not_utf8, header.file_name)
+    aside = _lines_set_aside(conn) if set_aside else []
     # The lines after the header, counted only when rows may have failed or lines were set
     # aside: else every record the reader read was appended.
     records = data_lines(source) - header.line_number if failing or aside else None
@@ -388,6 +387,12 @@ def distinct_ids(
     return int(one_row(conn, query, params)[0])
 
 
+# Stored rows with an id in $low..$high (zone maps skip the other row groups); _BEFORE: stored
+# by files before $before.
+_IN_RANGE = "FROM transactions t WHERE t.transaction_id BETWEEN $low AND $high"
+_BEFORE = " AND t.file_id < $before"
+
+
 def stored_ids_among(
     conn: duckdb.DuckDBPyConnection,
     ids_sql: str,
@@ -404,9 +409,9 @@ def stored_ids_among(
     The id range (and file bound) let zone maps skip the other row groups; only when stored
     rows fall in the range are the ids matched against them."""
     bounds: dict[str, object] = {"low": low, "high": high}
-    in_range = "FROM transactions t WHERE t.transaction_id BETWEEN $low AND $high"
+    in_range = _IN_RANGE
     if before_file is not None:
-        in_range += " AND t.file_id < $before"
+        in_range += _BEFORE
         bounds["before"] = before_file
     if not one_row(conn, "SELECT count(*) " + in_range, bounds)[0]:
         return 0
@@ -616,8 +621,11 @@ def _lines_around(header: Header, ordinals: set[int], aside: list[int]) -> dict[
 def _aside_lines(conn: duckdb.DuckDBPyConnection, name: str) -> list[tuple[int, str, str]]:
     """The lines the reader set aside, one per line (it may report one error per column): its
     line number, text (a too-long line's first) and error type, in line order."""
-    if not _reader_errors(conn, name):
-        return []
+    return _lines_set_aside(conn) if _reader_errors(conn, name) else []
+
+
+def _lines_set_aside(conn: duckdb.DuckDBPyConnection) -> list[tuple[int, str, str]]:
+    """``_aside_lines``, the reader's errors known to be there (and none of invalid UTF-8)."""
     return [
         (int(line), text, kind)
         for line, text, kind in conn.execute(
@@ -630,16 +638,16 @@ def _aside_lines(conn: duckdb.DuckDBPyConnection, name: str) -> list[tuple[int, 
 
 _READER_ERRORS_SQL = "SELECT count(*) FROM ingest_csv_errors"
 _NOT_UTF8_SQL = "SELECT count(*) FROM ingest_csv_errors WHERE error_type = 'INVALID UNICODE'"
-# Rows stored by earlier files with an id in an appended range.
-_STORED_IN_RANGE = (
-    "SELECT count(*) FROM transactions t "
-    "WHERE t.transaction_id BETWEEN $low AND $high AND t.file_id < $before"
-)
 
 
 def _reader_errors(conn: duckdb.DuckDBPyConnection, name: str) -> int:
     """Rows DuckDB's reader set aside (wrong field count); invalid UTF-8 fails the file."""
     structural, not_utf8 = one_row(conn, f"SELECT ({_READER_ERRORS_SQL}), ({_NOT_UTF8_SQL})")
+    _refuse_not_utf8(not_utf8, name)
+    return int(structural)
+
+
+def _refuse_not_utf8(not_utf8: int, name: str) -> None:
+    """A file the reader found invalid UTF-8 in is refused whole."""
     if not_utf8:
         raise FileRefused(FileFailure.NOT_UTF8, f"{name} is not UTF-8")
-    return int(structural)
