@@ -57,6 +57,15 @@ class FileStatus(enum.StrEnum):
     LOADED = "loaded"  # its rows went in (some may be duplicates or refused)
     FAILED = "failed"  # refused whole: nothing of it loaded
     DUPLICATE_FILE = "duplicate_file"  # bytes the ledger had: nothing written (never stored)
+    # Corrections (corrections.py): the file's rows are out of the warehouse, its row stays.
+    RETRACTED = "retracted"  # taken out (`moneylion retract`); `restore` puts it back
+    REPLACED = "replaced"  # another file took its place (`moneylion replace`)
+    HELD = "held"  # loaded nothing: too many of its rows were refused (max_reject_share)
+
+
+# The statuses of a file whose rows are not in the warehouse although it was read whole: the
+# cross-file rules skip its rows, and the same bytes dropped again load nothing.
+OUT_OF_ORDER = (FileStatus.RETRACTED, FileStatus.REPLACED, FileStatus.HELD)
 
 
 @dataclass(frozen=True)
@@ -94,7 +103,8 @@ class FileOutcome:
         if self.status is FileStatus.FAILED:
             return f"{self.name}: failed ({self.error_reason}): {self.error}"
         if self.status is FileStatus.DUPLICATE_FILE:
-            return f"{self.name}: duplicate of file #{self.file_id}, nothing loaded"
+            why = f" ({self.error})" if self.error else ""
+            return f"{self.name}: duplicate of file #{self.file_id}{why}, nothing loaded"
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected_by_reason.items()))
         return (
             f"{self.name}: {self.kind} file #{self.file_id}: loaded {self.rows_loaded}, "
@@ -218,11 +228,13 @@ def seen_before(
         "file_seen_before",
         extra={"fields": {"file": name, "file_id": file_id, "status": status}},
     )
+    if status in OUT_OF_ORDER:  # kept out on purpose: seen, not a failure (goes to done/)
+        error_reason, error = status, f"which is {status}"
     return FileOutcome(
         name=name,
         path=path,
         sha256=sha256,
-        status=FileStatus.DUPLICATE_FILE if status == FileStatus.LOADED else FileStatus.FAILED,
+        status=FileStatus.FAILED if status == FileStatus.FAILED else FileStatus.DUPLICATE_FILE,
         file_id=file_id,
         error_reason=error_reason,
         error=None if error is None else f"same bytes as file #{file_id}: {error}",

@@ -15,7 +15,7 @@ from collections import defaultdict
 import duckdb
 import pyarrow as pa
 
-from moneylion import aggregates
+from moneylion import aggregates, candidates
 from moneylion.db import append_arrow
 from moneylion.model import COLUMNS, DOMAINS, TABLES, FileKind
 from moneylion.rules import RejectReason
@@ -158,4 +158,5 @@ def upsert_users(conn: duckdb.DuckDBPyConnection, rows: str, now: dt.datetime) -
     """Upsert the profiles of the relation ``rows``; the countries they replace are noted
     first (the country totals move those users' transactions)."""
     aggregates.note_replaced_users(conn, rows)
+    conn.execute(candidates.KEEP_REPLACED.format(rows=rows))
     conn.execute(_USERS_UPSERT.format(rows=rows), {"now": now})

@@ -18,6 +18,7 @@ from collections import defaultdict
 import duckdb
 import pyarrow as pa
 
+from moneylion import candidates
 from moneylion.db import INDEX_LOOKUP_MAX, append_arrow, int_constants, registered, utc_now
 from moneylion.load import Applied
 from moneylion.model import COLUMNS, DOMAINS, TABLES, FileKind
@@ -160,6 +161,7 @@ def resolve(conn: duckdb.DuckDBPyConnection, kind: FileKind) -> dict[int, Applie
     conn.execute(_sql(_COPIES, kind))
     conn.execute(_sql(_STORED, kind))
     conn.execute(_verdicts_sql(kind))
+    candidates.keep_pending(conn, kind)
     messages = " ".join(
         f"WHEN '{verdict}' THEN {message_sql(verdict, key, 'against')}" for verdict in REJECTED
     )
@@ -199,6 +201,7 @@ def resolve_gathered(
     earlier: dict[object, tuple[tuple[object, ...], int]] = {}  # id -> the batch's row for it
     applied: dict[int, Applied] = defaultdict(Applied)
     loaded: list[int] = []
+    kept: list[int] = []  # candidates that do not load (candidates.py)
     rejects = list(rows_in.rejects)
     for i, (file_id, row_id) in enumerate(zip(rows_in.file_ids, ids, strict=True)):
         verdict, against = in_file[i], None
@@ -211,6 +214,8 @@ def resolve_gathered(
             if verdict is Verdict.LOAD or (verdict is Verdict.DUPLICATE and not immutable):
                 earlier[row_id] = (contents[i], file_id)
         applied[file_id].count(verdict)
+        if verdict in candidates.KEPT:
+            kept.append(i)
         if verdict is Verdict.LOAD:
             loaded.append(i)
         elif verdict in REJECTED:
@@ -223,7 +228,17 @@ def resolve_gathered(
             rejects.append((file_id, reject))
     if kind is FileKind.USERS:  # the latest file's profile of each user lands
         latest = {ids[i]: i for i in loaded}
+        kept += set(loaded) - set(latest.values())
         loaded = sorted(latest.values())
+    candidates.keep_gathered(
+        conn,
+        kind,
+        rows_in.columns,
+        rows_in.file_ids,
+        sorted(kept),
+        rows_in.lines,
+        rows_in.raw_lines,
+    )
     if loaded:
         _append_loaded(conn, rows_in, loaded, now)
     if rejects:
