@@ -178,6 +178,12 @@ WHEN NOT MATCHED THEN INSERT VALUES
 """
 
 
+def merge_country(conn: duckdb.DuckDBPyConnection, delta: str, stamp: int) -> None:
+    """Fold ``delta`` (COUNTRY_MONTHLY_OF's rows, signed) into country_monthly_totals, the rows
+    it changes stamped with ``stamp`` (the export copies the rows changed since its mark)."""
+    conn.execute(_COUNTRY_MERGE.format(delta=delta), {"last": stamp})
+
+
 def note_replaced_users(conn: duckdb.DuckDBPyConnection, rows: str) -> None:
     """Before profiles are upserted from the relation ``rows``: note the countries of those
     they replace (inside the caller's transaction), for ``apply_country_deltas``."""
@@ -303,7 +309,7 @@ def apply_transaction_deltas(
     if _rows_waiting(conn) > tuning.compact_after_rows:
         _compact(conn, _drop_log_indexes(conn), top_users_kept)
     else:
-        _rerank(conn, touched, top_users_kept)
+        rerank(conn, touched, top_users_kept)
     conn.execute(DAILY_TOTALS_DELTA, params)
     return touched
 
@@ -329,7 +335,7 @@ def _drop_log_indexes(conn: duckdb.DuckDBPyConnection) -> list[str]:
     return [sql for _, sql in indexes]
 
 
-def _rerank(conn: duckdb.DuckDBPyConnection, touched: str, kept: int) -> None:
+def rerank(conn: duckdb.DuckDBPyConnection, touched: str, kept: int) -> None:
     """The top list after a commit that added to the counts of the users ``touched`` selects;
     only the ranks that changed are written."""
     old: list[tuple[int, int]] = conn.execute(

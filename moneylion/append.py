@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import duckdb
 import pyarrow as pa
 
+from moneylion import candidates
 from moneylion.db import append_arrow, one_row, utc_now
 from moneylion.errors import FileFailure, FileRefused
 from moneylion.load import Applied, Fallback, Load
@@ -537,9 +538,15 @@ def _place_rejects(
     line. ``reader_rows``: the reader's records (when every line after the header is one of them,
     lines follow from ordinals; else records are counted as validate_rows counts them);
     ``records``: the lines after the header, if the caller counted them."""
+    # The file's kept candidates (candidates.py) were pending by ordinal too: they get their
+    # lines and raw text the same way, for the rejects a correction may make of them.
+    kept = candidates.TABLE[header.kind] if candidates.WITH_LINE[header.kind] else None
+    of_kept = f" UNION SELECT line_number FROM {kept} WHERE file_id = $f" if kept else ""
     found = conn.execute(
-        """SELECT s.line_number, r.raw_fields FROM pending_rejects s
-           JOIN pending_raw r ON r.ordinal = s.line_number"""
+        f"""SELECT s.line_number, r.raw_fields
+            FROM (SELECT line_number FROM pending_rejects{of_kept}) s
+            JOIN pending_raw r ON r.ordinal = s.line_number""",
+        {"f": file_id} if kept else {},
     ).fetchall()
     ordinals = {ordinal for ordinal, _ in found}
     if aside:  # lines are records (the caller checked)
@@ -563,6 +570,14 @@ def _place_rejects(
                    raw_line = coalesce(pending_rejects.raw_line, m.raw), line_number = m.line
                FROM reject_lines m WHERE m.ordinal = pending_rejects.line_number"""
         )
+        if kept:
+            conn.execute(
+                f"""UPDATE {kept} SET raw_line = coalesce({kept}.raw_line, m.raw),
+                       line_number = m.line
+                    FROM reject_lines m
+                    WHERE {kept}.file_id = $f AND m.ordinal = {kept}.line_number""",
+                {"f": file_id},
+            )
     finally:
         conn.unregister("reject_lines")
     conn.execute("DROP TABLE pending_raw")

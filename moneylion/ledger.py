@@ -228,8 +228,14 @@ def seen_before(
         "file_seen_before",
         extra={"fields": {"file": name, "file_id": file_id, "status": status}},
     )
+    if error is not None:
+        error = f"same bytes as file #{file_id}: {error}"
     if status in OUT_OF_ORDER:  # kept out on purpose: seen, not a failure (goes to done/)
-        error_reason, error = status, f"which is {status}"
+        error_reason, error = status, f"same bytes as file #{file_id}, which is {status}"
+        log.warning(
+            "file_seen_out_of_order",
+            extra={"fields": {"file": name, "file_id": file_id, "status": status}},
+        )
     return FileOutcome(
         name=name,
         path=path,
@@ -237,7 +243,7 @@ def seen_before(
         status=FileStatus.FAILED if status == FileStatus.FAILED else FileStatus.DUPLICATE_FILE,
         file_id=file_id,
         error_reason=error_reason,
-        error=None if error is None else f"same bytes as file #{file_id}: {error}",
+        error=error,
         size_bytes=size,
         seconds=seconds,
         finished_at=finished_at,

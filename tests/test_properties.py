@@ -67,12 +67,13 @@ def tx_content(draw: st.DrawFn) -> TxContent:
 
 
 @st.composite
-def tx_file(draw: st.DrawFn, truth: dict[int, TxContent]) -> list[str]:
-    """Rows drawn around a shared truth (id -> content); some rows disagree with it."""
+def tx_file(draw: st.DrawFn, truth: dict[int, TxContent], ids: int = 40) -> list[str]:
+    """Rows drawn around a shared truth (id -> content) of ids 1..``ids``; some rows disagree
+    with it."""
     lines = []
     for _ in range(draw(st.integers(0, 12))):
         choice = draw(st.integers(0, 9))
-        ident = draw(st.integers(1, 40))
+        ident = draw(st.integers(1, ids))
         if choice <= 5:
             lines.append(TxRow(ident, truth[ident]).line())  # agrees with the truth
         elif choice == 6:
@@ -99,14 +100,16 @@ def users_file(draw: st.DrawFn) -> list[str]:
 
 
 @st.composite
-def file_sets(draw: st.DrawFn) -> list[tuple[str, list[str]]]:
-    truth = {i: draw(tx_content()) for i in range(1, 41)}
+def file_sets(draw: st.DrawFn, ids: int = 40) -> list[tuple[str, list[str]]]:
+    """Up to 6 files, a quarter of them users files; transactions of ids 1..``ids`` (fewer ids:
+    more of them shared between files)."""
+    truth = {i: draw(tx_content()) for i in range(1, ids + 1)}
     files: list[tuple[str, list[str]]] = []
     for _ in range(draw(st.integers(1, 6))):
         if draw(st.integers(0, 3)) == 0:
             files.append(("users", draw(users_file())))
         else:
-            files.append(("transactions", draw(tx_file(truth))))
+            files.append(("transactions", draw(tx_file(truth, ids))))
     return files
 
 
