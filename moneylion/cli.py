@@ -1,5 +1,5 @@
-"""``moneylion serve / ingest / verify / status / export / lake status / generate``: thin, over
-the library."""
+"""``moneylion serve / ingest / verify / status / export / retract / restore / lake status /
+generate``: thin, over the library."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from moneylion.config import Config, ConfigError, load_config
 from moneylion.errors import DiskLow
+from moneylion.remote import DaemonUnreachable
 from moneylion.schema import WarehouseLocked
 
 
@@ -177,6 +178,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(config)
 
 
+def cmd_correct(args: argparse.Namespace) -> int:
+    """``retract`` / ``restore``: on the warehouse itself when no daemon holds it, else through
+    the daemon's API (``remote``). Exit 1 when the correction is refused."""
+    from moneylion import corrections, remote
+    from moneylion.schema import open_warehouse
+
+    config = _config(args)
+    action = args.command
+    reason = getattr(args, "reason", None)
+    try:
+        conn = open_warehouse(config)
+    except WarehouseLocked:
+        body = json.dumps({"reason": reason}).encode()
+        status, answer = remote.call(config, f"/v1/files/{args.file}/{action}", body=body)
+        if status != 200:
+            print(f"moneylion {action}: {answer.get('detail', answer)}", file=sys.stderr)
+            return 1
+        print(
+            f"file #{answer['file_id']} ({answer['kind']}): {action} done by the daemon, now "
+            f"{answer['status']}; {answer['rows_out']} rows out, {answer['rows_in']} rows in, "
+            f"{answer['files_changed']} other files' verdicts changed"
+        )
+        return 0
+    with conn:
+        what = corrections.RETRACT if action == "retract" else corrections.RESTORE
+        try:
+            done = corrections.correct(
+                conn, what, args.file, reason, config.top_users_kept, config.reject_line_bytes
+            )
+        except corrections.CorrectionRefused as refused:
+            print(f"moneylion {action}: {refused}", file=sys.stderr)
+            return 1
+    print(done.summary())
+    return 0
+
+
 def cmd_lake_status(args: argparse.Namespace) -> int:
     """``lake.status``, as text or JSON; exit 2 in local mode."""
     from moneylion.lake.status import format_status, lake_status
@@ -252,6 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--full", action="store_true", help="rebuild it, atomically")
     export.set_defaults(func=cmd_export)
 
+    retract = commands.add_parser(
+        "retract",
+        help="take a loaded file out of the warehouse, as if it had never arrived (through the "
+        "daemon's API when it runs)",
+    )
+    retract.add_argument("file", metavar="ID|SHA256", help="the file's ledger id or sha256")
+    retract.add_argument("--reason", required=True, help="why (kept in the ledger)")
+    retract.set_defaults(func=cmd_correct)
+    restore = commands.add_parser(
+        "restore", help="undo a retraction: the file is back in its place in the order"
+    )
+    restore.add_argument("file", metavar="ID|SHA256", help="the file's ledger id or sha256")
+    restore.add_argument("--reason", help="why (kept in the ledger)")
+    restore.set_defaults(func=cmd_correct)
+
     lake = commands.add_parser("lake", help="lake mode: the shared Delta Lake")
     lake_commands = lake.add_subparsers(dest="lake_command", required=True, metavar="COMMAND")
     lake_status = lake_commands.add_parser(
@@ -292,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"moneylion: {exc}", file=sys.stderr)
         return 2
     except WarehouseLocked as exc:
+        print(f"moneylion: {exc}", file=sys.stderr)
+        return 3
+    except DaemonUnreachable as exc:
         print(f"moneylion: {exc}", file=sys.stderr)
         return 3
     except DiskLow as exc:  # the file is left as it is: run again once there is room

@@ -14,14 +14,15 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import duckdb
 
 from moneylion import inbox
 from moneylion.config import Config
+from moneylion.corrections import CorrectionRefused
 from moneylion.export.exporter import SqliteExporter
 from moneylion.priority import lower_thread_priority
 from moneylion.schema import WarehouseLocked, open_warehouse
@@ -30,6 +31,8 @@ from moneylion.stream import StreamStats
 from moneylion.tail import Tails, put_back_continuing
 from moneylion.watcher import InboxQueue, InboxWatcher
 from moneylion.worker import IngestWorker
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from moneylion.lake.lag import LakeLag
@@ -162,6 +165,13 @@ class Daemon:
         if self.lake is not None:
             return self.lake.tailer.applied_file_id
         return self.worker.committed_file_id
+
+    def between_batches(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """``work`` (a correction, a check) on the warehouse between two of the worker's
+        batches. Lake mode: refused (a correction there is a ledger commit of the lake)."""
+        if self.lake is not None:
+            raise CorrectionRefused("corrections and checks are not available in lake mode yet")
+        return self.worker.between_batches(work)
 
     def lake_lag(self) -> LakeLag | None:
         """How far this replica is behind the lake (None: local mode)."""

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 
@@ -57,6 +57,7 @@ BACKOFF_SECONDS = (0.5, 1.0, 2.0, 4.0)
 # Let the current batch finish this long; after that it is interrupted and rolled back.
 STOP_GRACE_SECONDS = 2.0
 
+T = TypeVar("T")
 IngestOne = Callable[[duckdb.DuckDBPyConnection, Path, Config], FileOutcome]
 IngestBatch = Callable[..., tuple[list[FileOutcome], list[Item]]]
 
@@ -101,24 +102,29 @@ class IngestWorker(threading.Thread):
         self.on_commit = on_commit
         self.tails = tails  # None: taken files are not tailed (lake mode, stand-in ingests)
         self.stopping = threading.Event()
+        # Held while a batch is handled: work that writes the warehouse outside the worker (a
+        # correction, a check) takes it and so runs between two batches, never beside one
+        # (DuckDB's optimistic concurrency would fail one of two writers of the same rows).
+        self.exclusive = threading.Lock()
         self.stats = IngestStats()
         self.files_done = 0
         self.last_file_at: float | None = None
         self.waiting_for_disk: set[Path] = set()  # inbox files that wait for room (DiskLow)
-        # The id of the last file committed in DuckDB: the API's change token and the mark the
-        # SQLite export must reach before user summaries are read from it.
-        self.committed_file_id = last_file_id(conn)
+        # The id of the last file or correction committed in DuckDB: the API's change token and
+        # the mark the SQLite export must reach before user summaries are read from it.
+        self.committed_file_id = last_change_id(conn)
 
     def run(self) -> None:
         lower_thread_priority(self.config.ingest_nice)
         log.info("worker_started", extra={"fields": {"inbox": str(self.config.inbox)}})
         while taken := self.queue.take_batch(self.limits):
             try:
-                if self.batch is None or goes_alone(taken[0].size, self.config):
-                    for one in taken:
-                        self._handle(one)
-                else:
-                    self._handle_batch(taken)
+                with self.exclusive:
+                    if self.batch is None or goes_alone(taken[0].size, self.config):
+                        for one in taken:
+                            self._handle(one)
+                    else:
+                        self._handle_batch(taken)
             except Exception:  # a bug: log it with context, keep the daemon up
                 log.exception(
                     "worker_error", extra={"fields": {"files": [t.path.name for t in taken]}}
@@ -368,6 +374,23 @@ class IngestWorker(threading.Thread):
         if self.on_commit is not None:
             self.on_commit()  # there is something to export
 
+    def between_batches(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """``work`` on a cursor of the warehouse, between two batches (``exclusive``); then
+        the change token moves to what it committed (a correction's change id) and the
+        exporter is poked."""
+        with self.exclusive:
+            cursor = self.conn.cursor()
+            try:
+                result = work(cursor)
+                changed = last_change_id(cursor)
+            finally:
+                cursor.close()
+        if changed > self.committed_file_id:
+            self.committed_file_id = changed
+            if self.on_commit is not None:
+                self.on_commit()
+        return result
+
     def _put_away(self, taken: TakenFile, outcome: FileOutcome, item: Item | None) -> None:
         """After the commit: a part's bytes are loaded; an inbox file is moved out, unless it
         was replaced or rewritten meanwhile (then it is taken again as a new file)."""
@@ -543,11 +566,18 @@ def environment_failure(path: Path, reason: str, exc: BaseException) -> dict[str
     }
 
 
-def last_file_id(conn: duckdb.DuckDBPyConnection) -> int:
-    """The highest file id in the ledger (0 for an empty one)."""
+def last_change_id(conn: duckdb.DuckDBPyConnection) -> int:
+    """The last change committed: the highest file id in the ledger or correction id (they
+    share one sequence; 0 for an empty warehouse)."""
     cursor = conn.cursor()
     try:
-        return int(one_row(cursor, "SELECT coalesce(max(file_id), 0) FROM files")[0])
+        return int(
+            one_row(
+                cursor,
+                "SELECT greatest((SELECT coalesce(max(file_id), 0) FROM files), "
+                "(SELECT coalesce(max(change_id), 0) FROM corrections))",
+            )[0]
+        )
     finally:
         cursor.close()
 

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import TypeVar
 
 import duckdb
 import pytest
@@ -23,6 +24,7 @@ from moneylion.schema import open_warehouse
 from moneylion.stream import StreamStats
 from tests.expected import Expected
 
+T = TypeVar("T")
 SEED_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 CASES_DIR = Path(__file__).resolve().parent / "cases"
 
@@ -214,6 +216,9 @@ class IngestStandIn:
 
     def lake_lag(self) -> None:
         return None
+
+    def between_batches(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        raise AssertionError("this stand-in has no worker to run work between batches")
 
 
 def parse_metrics(text: str) -> dict[str, float]:

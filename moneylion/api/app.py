@@ -33,6 +33,7 @@ from litestar.types import Middleware
 
 from moneylion import health
 from moneylion.api.access import LIVENESS_PATH, Access, RequestGuard, TokenMiddleware
+from moneylion.api.corrections import corrections_router
 from moneylion.api.dashboard import dashboard_router, static_router
 from moneylion.api.errors import PROBLEM_MEDIA_TYPE, log_api_error, problem_details_plugin
 from moneylion.api.metrics import MetricsController, metrics_registry, prometheus_config
@@ -103,7 +104,14 @@ def create_app(
             ),
         )
     app = Litestar(
-        route_handlers=[seed_router, v1_router, MetricsController, dashboard_router, static_router],
+        route_handlers=[
+            seed_router,
+            v1_router,
+            corrections_router,
+            MetricsController,
+            dashboard_router,
+            static_router,
+        ],
         state=State(
             {"moneylion": ctx, "metrics_registry": metrics_registry(ctx), "access": access}
         ),

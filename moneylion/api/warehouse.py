@@ -48,6 +48,10 @@ class IngestView(Protocol):
     def lake_lag(self) -> LakeLag | None:
         """Lake mode: how far the local replica is behind the lake; None in local mode."""
 
+    def between_batches(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """``work`` on the warehouse between two of the worker's batches (a correction, a
+        check); the change token then covers what it committed."""
+
 
 class WarehouseView(Protocol):
     """How this process sees the warehouse the API reads: its connection, and what it knows of
@@ -88,6 +92,11 @@ class WarehouseView(Protocol):
 
     def lake_lag(self) -> LakeLag | None:
         """Lake mode: the writer's replica's lag behind the lake; None otherwise."""
+
+    def between_batches(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """``work`` that writes the warehouse (a correction, a check), where no ingest runs
+        beside it: between two of the daemon's batches, or on a cursor when nobody here
+        writes."""
 
 
 @dataclass
@@ -133,6 +142,9 @@ class DaemonView:
     def answer_cache(self) -> SnapshotCache:
         return SnapshotCache(self.ingest.committed_file_id, max_age=None)
 
+    def between_batches(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        return self.ingest.between_batches(work)
+
 
 @dataclass
 class Standalone:
@@ -176,6 +188,15 @@ class Standalone:
 
     def lake_lag(self) -> None:
         return None
+
+    def between_batches(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        if self.db is None:
+            raise WarehouseUnavailable("the warehouse is not open")
+        cursor = self.db.cursor()
+        try:
+            return work(cursor)
+        finally:
+            cursor.close()
 
     def answer_cache(self) -> SnapshotCache:
         path = self.config.duckdb_path

@@ -1,0 +1,129 @@
+"""``POST /v1/files/{id}/retract`` and ``/restore``: corrections over HTTP.
+
+The daemon holds the warehouse, so a correction runs in its process, between two of the
+worker's batches (``WarehouseView.between_batches``). These routes change data: the access,
+Host and Origin rules of every unsafe method apply (``access.py``), as for uploads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import anyio.to_thread
+import duckdb
+import msgspec
+from litestar import Router, post
+from litestar.datastructures import State
+from litestar.params import Body
+
+from moneylion import corrections
+from moneylion.api.errors import problem, problem_spec
+from moneylion.api.v1 import Id, context
+from moneylion.corrections import CorrectionRefused
+
+REASON_MAX_CHARS = 1000  # a reason is a sentence for the ledger, not a document
+
+
+class CorrectionRequest(msgspec.Struct):
+    """Why (kept in the ledger's ``corrections`` row and the log event)."""
+
+    reason: Annotated[str, msgspec.Meta(max_length=REASON_MAX_CHARS)] | None = None
+
+
+class CorrectionAnswer(msgspec.Struct):
+    """What the correction did: the file's new status, the base rows it took out and put in,
+    and how many other files' rows changed verdict."""
+
+    change_id: int
+    action: str
+    file_id: int
+    kind: str
+    status: str
+    files: list[int]
+    rows_out: int
+    rows_in: int
+    files_changed: int
+    seconds: float
+    file: str
+
+
+def _answer(done: corrections.Correction) -> CorrectionAnswer:
+    return CorrectionAnswer(
+        change_id=done.change_id,
+        action=done.action,
+        file_id=done.file_id,
+        kind=done.kind,
+        status=str(done.status),
+        files=list(done.files),
+        rows_out=done.rows_out,
+        rows_in=done.rows_in,
+        files_changed=done.files_changed,
+        seconds=round(done.seconds, 6),
+        file=f"/v1/files/{done.file_id}",
+    )
+
+
+_RESPONSES: dict[int, Any] = {
+    400: problem_spec("The body is malformed"),
+    404: problem_spec("No such file in the ledger"),
+    409: problem_spec("The file is not in a state this correction applies to"),
+}
+
+
+async def _run(
+    state: State, work: Callable[[duckdb.DuckDBPyConnection], corrections.Correction]
+) -> CorrectionAnswer:
+    """``work`` between the worker's batches; a refusal as 404 (no such file) or 409."""
+    ctx = context(state)
+    try:
+        done = await anyio.to_thread.run_sync(lambda: ctx.view.between_batches(work))
+    except CorrectionRefused as refused:
+        status = 404 if str(refused).startswith("no file") else 409
+        raise problem(status, str(refused)) from None
+    return _answer(done)
+
+
+@post("/files/{file_id:str}/retract", status_code=200, responses=_RESPONSES)
+async def retract_v1(
+    state: State, file_id: Id, data: Annotated[CorrectionRequest, Body()]
+) -> CorrectionAnswer:
+    """Take a file out of the warehouse, as if it had never arrived: its rows leave, later
+    files' rows it held back take their place, every aggregate follows exactly. The ledger
+    keeps it (status ``retracted``, when and why); the same bytes dropped again load nothing
+    until it is restored. A reason is required."""
+    if not (data.reason or "").strip():
+        raise problem(400, "a reason is required to retract a file")
+    config = context(state).config
+    return await _run(
+        state,
+        lambda conn: corrections.retract(
+            conn,
+            int(file_id),
+            data.reason or "",
+            top_users_kept=config.top_users_kept,
+            line_bytes=config.reject_line_bytes,
+        ),
+    )
+
+
+@post("/files/{file_id:str}/restore", status_code=200, responses=_RESPONSES)
+async def restore_v1(
+    state: State, file_id: Id, data: Annotated[CorrectionRequest | None, Body()] = None
+) -> CorrectionAnswer:
+    """Undo a retraction: the file is back in its place in the order."""
+    config = context(state).config
+    reason = data.reason if data is not None else None
+    return await _run(
+        state,
+        lambda conn: corrections.restore(
+            conn,
+            int(file_id),
+            reason,
+            top_users_kept=config.top_users_kept,
+            line_bytes=config.reject_line_bytes,
+        ),
+    )
+
+
+corrections_router = Router(path="/v1", route_handlers=[retract_v1, restore_v1])
