@@ -17,10 +17,12 @@ import duckdb
 import psutil
 
 from moneylion.config import Config
-from moneylion.watcher import regular_bytes, scan_inbox
+from moneylion.ledger import FileStatus
+from moneylion.watcher import is_candidate, is_inbox_file, regular_bytes, scan_inbox
 
 # The ledger stores finished_at as a naive UTC timestamp, so its epoch is UTC.
 _LAST_FILE_EPOCH_MS = "SELECT epoch_ms(max(finished_at)) FROM files"
+_HELD_FILES = f"SELECT count(*) FROM files WHERE status = '{FileStatus.HELD}'"
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,34 @@ def inbox_waiting(inbox: Path) -> tuple[int, int]:
 def inbox_backlog(inbox: Path) -> int:
     """How many entries wait in the inbox folder (see ``inbox_waiting``)."""
     return inbox_waiting(inbox)[0]
+
+
+def inbox_backlog_age(inbox: Path) -> float:
+    """Seconds the oldest entry waiting in the inbox has been there, 0 when none waits.
+
+    Its ctime says when it came: a rename or a hard link into the inbox sets it, and so does
+    every write, so a file still being written is young. Lists the inbox alone."""
+    oldest: float | None = None
+    try:
+        entries = list(os.scandir(inbox))
+    except FileNotFoundError:
+        return 0.0
+    for entry in entries:
+        if not is_inbox_file(Path(entry.path), inbox):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if is_candidate(st.st_mode) and (oldest is None or st.st_ctime < oldest):
+            oldest = st.st_ctime
+    return 0.0 if oldest is None else max(0.0, time.time() - oldest)
+
+
+def held_files(cursor: duckdb.DuckDBPyConnection) -> int:
+    """Files held back whole (too many rows refused, ``max_reject_share``) until released."""
+    row = cursor.execute(_HELD_FILES).fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def last_file_finished(cursor: duckdb.DuckDBPyConnection) -> float | None:

@@ -5,6 +5,14 @@ ledger and the rejects table at scrape time, so they survive restarts and always
 ``/v1/files``. Each app gets its own registry holding that collector and forwarding the
 process-wide default registry (where the plugin's middleware keeps its HTTP metrics), so several
 apps in one process (as in the tests) never collide.
+
+A file's reject share is a histogram over the ledger's files, not the last file's share: a scrape
+every 15 s sees one file of hundreds while a backlog drains, and an alert on a sample misses a
+bad run between two scrapes or fires on one bad file among good ones. Buckets count every file,
+so ``rate()`` over a window gives the share of recent files past a bound. A correction decides
+other files' rows again (a conflict with a retracted row ends), so a bucket can fall by one:
+Prometheus reads that as a reset, which can only make the alert on high shares quieter for one
+window (``docs/prometheus/moneylion.rules.yml``), never fire it; ``_count`` never falls.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
+import duckdb
 from litestar import MediaType, get
 from litestar.datastructures import State
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
@@ -29,6 +38,7 @@ from prometheus_client.core import (
 from moneylion import health
 from moneylion.api.queries import failed_files_by_reason, rejects_by_reason
 from moneylion.api.warehouse import ApiContext
+from moneylion.ledger import FileStatus
 
 if TYPE_CHECKING:
     from moneylion.api.server import ConnectionGate
@@ -49,6 +59,11 @@ STREAM_COUNTERS = {
     "files_set_aside": "Files set aside for errors of the environment since the daemon started",
 }
 INGEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# A file's rejected rows over its rows (exact: the bounds are DECIMAL literals in the SQL).
+REJECT_SHARE_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+# The corrections table's actions (sql/008_corrections.sql), each reported from zero so that
+# ``increase()`` sees the first one.
+CORRECTION_ACTIONS = ("retract", "restore", "replace", "hold", "release")
 
 _FILES_BY_STATUS = "SELECT status, count(*) FROM files GROUP BY status ORDER BY status"
 _ROWS_BY_OUTCOME = """
@@ -61,6 +76,24 @@ _INGEST_SECONDS = (
     + ", ".join(f"count(*) FILTER (WHERE seconds <= {bound})" for bound in INGEST_BUCKETS)
     + ", count(*), coalesce(sum(seconds), 0) FROM files WHERE status = 'loaded'"
 )
+_REJECT_SHARE = (
+    "SELECT "
+    + ", ".join(
+        f"count(*) FILTER (WHERE rows_rejected <= {bound} * rows_total)"
+        for bound in REJECT_SHARE_BUCKETS
+    )
+    + ", count(*), coalesce(sum(rows_rejected / rows_total), 0) FROM files WHERE rows_total > 0"
+)
+_CORRECTIONS_BY_ACTION = "SELECT action, count(*) FROM corrections GROUP BY action ORDER BY action"
+# The changes (files, corrections) committed after the export's watermark: how many, and the
+# epoch (ms, UTC) of the oldest one's commit.
+_EXPORT_BEHIND = """
+SELECT count(*), epoch_ms(min(committed_at)) FROM (
+    SELECT finished_at AS committed_at FROM files WHERE file_id > $exported
+    UNION ALL
+    SELECT made_at FROM corrections WHERE change_id > $exported
+)
+"""
 
 
 def prometheus_config() -> PrometheusConfig:
@@ -91,6 +124,11 @@ class WarehouseCollector:
         )
         yield GaugeMetricFamily(
             "moneylion_inbox_backlog_bytes", "Bytes of the files waiting in the inbox", value=size
+        )
+        yield GaugeMetricFamily(
+            "moneylion_inbox_backlog_age_seconds",
+            "Seconds the oldest file waiting in the inbox has been there (0: none waits)",
+            value=health.inbox_backlog_age(self.ctx.config.inbox) if files else 0.0,
         )
         yield from self._stream_metrics()
         yield from self._lake_metrics()
@@ -161,13 +199,35 @@ class WarehouseCollector:
                 rows = cursor.execute(_ROWS_BY_OUTCOME).fetchone()
                 rejects = rejects_by_reason(cursor)
                 seconds = cursor.execute(_INGEST_SECONDS).fetchone()
+                shares = cursor.execute(_REJECT_SHARE).fetchone()
+                corrections = dict(cursor.execute(_CORRECTIONS_BY_ACTION).fetchall())
                 age = health.seconds_since_last_file(cursor)
+                behind = self._export_behind(cursor)
             finally:
                 cursor.execute("ROLLBACK")
 
         loaded, duplicate, rejected = rows if rows is not None else (0, 0, 0)
         rows_by = [("loaded", loaded), ("duplicate", duplicate), ("rejected", rejected)]
-        yield _labelled("moneylion_files", "Files in the ledger by status", "status", files)
+        yield _labelled(
+            "moneylion_files",
+            "Files in the ledger by status (kept as a counter; moneylion_files_by_status is "
+            "the gauge, which falls when a correction moves a file)",
+            "status",
+            files,
+        )
+        by_status = dict.fromkeys(map(str, FileStatus), 0) | dict(files)
+        yield _gauges(
+            "moneylion_files_by_status",
+            "Files in the ledger now in each status (a correction moves a file between them)",
+            "status",
+            by_status.items(),
+        )
+        yield _labelled(
+            "moneylion_corrections",
+            "Corrections made, by action (the corrections table)",
+            "action",
+            (dict.fromkeys(CORRECTION_ACTIONS, 0) | corrections).items(),
+        )
         yield _labelled(
             "moneylion_failed_files", "Failed files by file-level reason", "reason", failed
         )
@@ -184,6 +244,20 @@ class WarehouseCollector:
                 buckets=buckets,
                 sum_value=float(seconds[-1]),
             )
+        if shares is not None:
+            yield HistogramMetricFamily(
+                "moneylion_file_reject_share",
+                "Each file's rejected rows over its rows (files with rows)",
+                buckets=[
+                    *(
+                        (str(b), float(n))
+                        for b, n in zip(REJECT_SHARE_BUCKETS, shares, strict=False)
+                    ),
+                    ("+Inf", float(shares[len(REJECT_SHARE_BUCKETS)])),
+                ],
+                sum_value=float(shares[-1]),
+            )
+        yield from _export_lag(behind)
 
         last = GaugeMetricFamily(
             "moneylion_seconds_since_last_file", "Seconds since the newest file finished"
@@ -191,6 +265,35 @@ class WarehouseCollector:
         if age is not None:
             last.add_metric([], age)
             yield last
+
+    def _export_behind(self, cursor: duckdb.DuckDBPyConnection) -> tuple[int, float | None] | None:
+        """(changes the SQLite export does not hold yet, epoch of the oldest one's commit), or
+        None when there is no export. An export not written or not readable holds nothing."""
+        replica = self.ctx.replica
+        if replica is None:
+            return None
+        exported = replica.exported_file_id() or 0
+        count, oldest_ms = cursor.execute(_EXPORT_BEHIND, {"exported": exported}).fetchone() or (
+            0,
+            None,
+        )
+        return int(count), None if oldest_ms is None else float(oldest_ms) / 1000.0
+
+
+def _export_lag(behind: tuple[int, float | None] | None) -> Iterator[Metric]:
+    if behind is None:
+        return
+    changes, oldest = behind
+    yield GaugeMetricFamily(
+        "moneylion_sqlite_export_lag_changes",
+        "Files and corrections committed to DuckDB that the SQLite export does not hold yet",
+        value=changes,
+    )
+    yield GaugeMetricFamily(
+        "moneylion_sqlite_export_lag_seconds",
+        "Seconds since the oldest commit the SQLite export does not hold yet (0: caught up)",
+        value=health.seconds_since(oldest) or 0.0,
+    )
 
 
 class ConnectionsCollector:
@@ -242,6 +345,16 @@ class MetricsController(PrometheusController):
             status_code=200,
             headers={"Content-Type": CONTENT_TYPE_LATEST},
         )
+
+
+def _gauges(
+    name: str, documentation: str, label: str, values: Iterable[tuple[str, float]]
+) -> GaugeMetricFamily:
+    """A gauge with one label, a sample per (label value, value)."""
+    family = GaugeMetricFamily(name, documentation, labels=[label])
+    for value, count in values:
+        family.add_metric([value], count)
+    return family
 
 
 def _labelled(

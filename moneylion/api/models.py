@@ -288,6 +288,9 @@ class Readiness(msgspec.Struct):
     warehouse_open: bool
     lake: LakeReplica | None = None
     disk_low: DiskLowAnswer | None = None
+    # Files held back whole (too many rows refused, max_reject_share) until released: still
+    # ready, but someone should look (/v1/files/{id}, POST /v1/files/{id}/release).
+    held_files: int = 0
 
 
 class LogStats(msgspec.Struct):

@@ -33,7 +33,7 @@ from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import PathParameter, QueryParameter
 
-from moneylion import logs
+from moneylion import health, logs
 from moneylion.api.errors import problem, problem_spec
 from moneylion.api.models import (
     CountryMonth,
@@ -400,12 +400,14 @@ async def live() -> Liveness:
 )
 async def ready(state: State) -> Readiness:
     """200 once the warehouse is open and answers and the daemon's workers run, else 503.
-    ``disk_low`` (else null): files wait in the inbox for room on the warehouse's disk."""
+    ``disk_low`` (else null): files wait in the inbox for room on the warehouse's disk.
+    ``held_files``: files held back whole until released (still ready: they wait for a
+    person)."""
     ctx = context(state)
     if ctx.db is None:
         raise problem(503, "not ready: the warehouse is not open")
     try:
-        await anyio.to_thread.run_sync(ctx.run, _ping)
+        held = await anyio.to_thread.run_sync(ctx.run, health.held_files)
     except Exception as exc:
         log.warning("warehouse_unusable", extra={"fields": {"error": str(exc)}})
         raise problem(503, "not ready: the warehouse does not answer") from None
@@ -414,7 +416,7 @@ async def ready(state: State) -> Readiness:
     disk = _disk_low(ctx)
     lag = ctx.lake_lag()
     if lag is None:
-        return Readiness(status="ready", warehouse_open=True, disk_low=disk)
+        return Readiness(status="ready", warehouse_open=True, disk_low=disk, held_files=held)
     replica = LakeReplica(
         lag.lake_version,
         lag.applied_version,
@@ -427,7 +429,9 @@ async def ready(state: State) -> Readiness:
         lag.apply_errors,
         lag.apply_error,
     )
-    return Readiness(status="ready", warehouse_open=True, lake=replica, disk_low=disk)
+    return Readiness(
+        status="ready", warehouse_open=True, lake=replica, disk_low=disk, held_files=held
+    )
 
 
 def _disk_low(ctx: ApiContext) -> DiskLowAnswer | None:
@@ -439,10 +443,6 @@ def _disk_low(ctx: ApiContext) -> DiskLowAnswer | None:
     if not waiting and free >= floor:
         return None
     return DiskLowAnswer(free_bytes=free, min_free_disk_bytes=floor, files_waiting=waiting)
-
-
-def _ping(cursor: duckdb.DuckDBPyConnection) -> None:
-    cursor.execute("SELECT 1").fetchall()
 
 
 @get("/logs/stats", sync_to_thread=True)
