@@ -3,7 +3,9 @@
 The SQLite file is what older tools read. It holds the seed's tables with the seed's columns and
 types (``users``, ``transactions``: dates as TEXT ``YYYY-MM-DD``, ``amount`` REAL), the file ledger
 (``files``), the aggregates (``user_totals``, ``daily_totals``, ``top_users``) with exact TEXT
-totals, and ``export_state`` (``last_file_id``, its sha256, the format).
+totals, and ``export_state`` (``last_file_id``: the last change exported, a file's id or a
+correction's change id; the sha256 of the last file; the format). A correction since the last
+export is exported by a full rebuild (``increment``).
 
 | module | owns |
 |---|---|

@@ -23,14 +23,15 @@ from moneylion.export import bulk, writer
 from moneylion.export.outcome import ExportResult, log_result, reached
 from moneylion.export.schema import write_state
 from moneylion.export.snapshot import (
-    high_file,
+    high_mark,
     select_as_sqlite,
     snapshot,
 )
 from moneylion.tuning import DEFAULT, Tuning
 
-# Each table whole as of file $hi, in primary-key order (appending to SQLite's b-tree is
-# cheapest). Every file up to $hi is committed in the snapshot, and none after it.
+# Each table whole as of change $hi (a file or a correction), in primary-key order (appending
+# to SQLite's b-tree is cheapest). Every file up to $hi is committed in the snapshot, and none
+# after it.
 _TRANSACTIONS = (
     "transactions",
     f"{select_as_sqlite('transactions')} WHERE file_id <= $hi ORDER BY transaction_id",
@@ -71,13 +72,13 @@ def rebuild(
     try:
         bulk.create(aside)
         with snapshot(conn) as cur:
-            high, high_sha = high_file(cur)
+            high, high_sha = high_mark(cur)
             (count,) = cur.execute(_TRANSACTION_COUNT, {"hi": high}).fetchall()[0]
             if count < tuning.parallel_min_transactions:
                 written = bulk.append(aside, cur, (_TRANSACTIONS, *_OTHER_TABLES), {"hi": high})
                 copied_in = None
             else:
-                written = _write_in_two_threads(conn, cur, aside, side, high)
+                written = _write_in_two_threads(conn, cur, aside, side, (high, high_sha))
                 copied_in = side
         reached("rows_written")
         _finish(aside, copied_in, high, high_sha)
@@ -112,23 +113,27 @@ def _write_in_two_threads(
     cur: duckdb.DuckDBPyConnection,
     aside: Path,
     side: Path,
-    high: int,
+    mark: tuple[int, str | None],
 ) -> dict[str, int]:
     """The transactions into ``aside`` on a thread of their own, the other tables into ``side``
     on this one (``_finish`` copies them in); the rows written per table.
 
     The bulk writer holds no GIL, so the two use both cores (the transactions are most of the
-    work; the copy is cheap: SQLite moves records into empty tables undecoded). The
-    thread's cursor reads outside the export's snapshot, which is the same for these rows:
-    transactions are only appended, and every file up to ``high`` is committed.
+    work; the copy is cheap: SQLite moves records into empty tables undecoded). The thread reads
+    in a snapshot of its own, the export's if it holds the same last change (``mark``: every
+    commit brings a new file or change id). A commit between the two (a correction deletes
+    transactions) leaves the thread nothing to write: this one writes them after the others.
     """
     transactions: dict[str, int] = {}
     failed: list[BaseException] = []
     reader = conn.cursor()
+    params = {"hi": mark[0]}
 
     def write_transactions() -> None:
         try:
-            transactions.update(bulk.append(aside, reader, (_TRANSACTIONS,), {"hi": high}))
+            reader.execute("BEGIN TRANSACTION")
+            if high_mark(reader) == mark:
+                transactions.update(bulk.append(aside, reader, (_TRANSACTIONS,), params))
         except BaseException as exc:  # raised again by the export's thread
             failed.append(exc)
 
@@ -136,15 +141,17 @@ def _write_in_two_threads(
     thread.start()
     try:
         bulk.create(side)
-        written = bulk.append(side, cur, _OTHER_TABLES, {"hi": high})
+        written = bulk.append(side, cur, _OTHER_TABLES, params)
     except BaseException:
         reader.interrupt()  # the thread's DuckDB read fails, its write rolls back
         raise
     finally:
         thread.join()
-        reader.close()
+        reader.close()  # ends its read transaction
     if failed:
         raise failed[0]
+    if not transactions:
+        transactions = bulk.append(aside, cur, (_TRANSACTIONS,), params)
     return written | transactions
 
 

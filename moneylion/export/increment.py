@@ -8,7 +8,13 @@ nothing to redo. Readers (WAL) never see half a file and are not blocked. This r
 ids committing in increasing order, which holds with the one ingest writer. Transactions are
 appended with plain INSERT: a row exported twice fails loudly (the SQLite transaction rolls
 back), it can never be counted twice. A SQLite file that is missing, not ours, or of another
-warehouse (the sha256 of file ``last_file_id`` differs) is rebuilt in full.
+warehouse (the sha256 of the last file at or before the watermark differs) is rebuilt in full.
+
+Corrections (``corrections.py``) take their change ids from the files' sequence, so the
+watermark is the last change exported, a file or a correction. A range holding a correction is
+exported by a full rebuild (``full.py``: written aside, renamed over, as crash-safe), which then
+stores the correction's change id: its rows out, its totals, the ledger rows it changed are
+what a full export of the same snapshot holds.
 
 Two ways, by the rows the range loaded:
 
@@ -25,8 +31,9 @@ Two ways, by the rows the range loaded:
   runs). Python binding a large file's rows would hold the GIL for seconds, and the API (same
   process) with it.
 
-Transactions are immutable and only appended, so adding the sums of the new rows gives DuckDB's
-maintained totals; the tests compare every kind of increment with a full export, which copies.
+Between two corrections transactions are immutable and only appended, so adding the sums of
+the new rows gives DuckDB's maintained totals; the tests compare every kind of increment with a
+full export, which copies.
 """
 
 from __future__ import annotations
@@ -71,10 +78,19 @@ ROWS_PER_STATEMENT = 100  # multi-row VALUES: fewer statements, each of fixed co
 
 _FILE_COLUMNS = ", ".join(LEDGER_COLUMNS)
 _ID, _SHA256 = AT["file_id"], AT["sha256"]
-# The ledger from the last exported file on: its sha256 tells whether the SQLite file belongs
-# to this warehouse; the others are the range. No ORDER BY: a DuckDB sort has a fixed cost even
-# for a few rows, Python sorts them.
-_LEDGER = f"{select_as_sqlite('files')} WHERE file_id >= $lo"
+# The ledger from the watermark on: the file at it (its sha256 tells whether the SQLite file
+# belongs to this warehouse), then the range. Each row also brings the last correction's change
+# id (in the same statement: each DuckDB statement has a fixed cost). No ORDER BY: a DuckDB sort
+# has a fixed cost even for a few rows, Python sorts them.
+_LEDGER_WITH_LAST_CHANGE = (
+    f"SELECT {AS_SQLITE['files']}, (SELECT coalesce(max(change_id), 0) FROM corrections) "
+    "FROM files WHERE {where}"
+)
+_LEDGER = _LEDGER_WITH_LAST_CHANGE.format(where="file_id >= $lo")
+# A watermark that is a correction's change id: the last file before it is the one checked.
+_FILE_BEFORE = _LEDGER_WITH_LAST_CHANGE.format(
+    where="file_id = (SELECT max(file_id) FROM files WHERE file_id < $lo)"
+)
 
 # Small increments: tuples in the order of the SQLite columns. Users are updated in place by
 # later files (latest file wins, file_id follows), so the users the range wrote are exactly
@@ -146,7 +162,7 @@ def export_new(
     """Copy what files committed since the last export added, in one SQLite transaction.
 
     Cheap when nothing is new (a watermark comparison). Rebuilds with a full export when the
-    SQLite file is missing or belongs to another warehouse.
+    SQLite file is missing or belongs to another warehouse, and after a correction.
     """
     started = time.perf_counter()
     sqlite_path = Path(sqlite_path)
@@ -171,14 +187,7 @@ def _export_increment(
     side: Path | None = None
     try:
         with snapshot(conn) as cur:
-            last = watermark(lite)
-            ledger = sorted(cur.execute(_LEDGER, {"lo": last}).fetchall())
-            if last > 0:
-                if not ledger or ledger[0][_ID] != last:
-                    raise RebuildNeeded(f"the warehouse has no file #{last}")
-                if (ledger[0][_SHA256] or "") != state(lite, "last_file_sha256"):
-                    raise RebuildNeeded(f"file #{last} differs from the warehouse's")
-                ledger = ledger[1:]
+            last, ledger = _files_after(cur, lite)
             if not ledger:
                 return ExportResult(
                     sqlite_path, False, 0, 0, 0, last, last, time.perf_counter() - started
@@ -234,6 +243,34 @@ def _export_increment(
     log_result(result)
     _compact_user_totals(opened, tuning)
     return result
+
+
+def _files_after(
+    cur: duckdb.DuckDBPyConnection, lite: sqlite3.Connection
+) -> tuple[int, list[tuple[Any, ...]]]:
+    """The watermark and the ledger rows of the files after it, in order.
+
+    RebuildNeeded when the SQLite file is not this warehouse's export (no file at or before the
+    watermark, or not the same bytes), and when a correction came after it: the files of the
+    range do not say what it changed (rows out of the base tables, totals, other files' ledger
+    rows); a full export does.
+    """
+    last = watermark(lite)
+    rows = cur.execute(_LEDGER, {"lo": last}).fetchall()
+    a_file = any(row[_ID] == last for row in rows)
+    if last > 0 and not a_file:  # a correction's change id, or not this warehouse's
+        rows += cur.execute(_FILE_BEFORE, {"lo": last}).fetchall()
+    last_change = max((int(row[-1]) for row in rows), default=0)
+    ledger = sorted(row[:-1] for row in rows)
+    if last > 0:
+        if not ledger or ledger[0][_ID] > last or (not a_file and last_change < last):
+            raise RebuildNeeded(f"the warehouse has no file or correction #{last}")
+        if (ledger[0][_SHA256] or "") != state(lite, "last_file_sha256"):
+            raise RebuildNeeded(f"file #{ledger[0][_ID]} differs from the warehouse's")
+        ledger = ledger[1:]
+    if last_change > last:
+        raise RebuildNeeded("corrections since the last export")
+    return last, ledger
 
 
 def _rows_loaded(ledger: list[tuple[Any, ...]]) -> dict[str, int]:

@@ -210,21 +210,27 @@ def state(lite: sqlite3.Connection, key: str) -> str | None:
 
 
 def watermark(lite: sqlite3.Connection) -> int:
-    """The last exported file id; raises RebuildNeeded for a file of another format."""
+    """The last change exported (a file id or a correction's change id: one sequence); raises
+    RebuildNeeded for a file of another format."""
     fmt = state(lite, "format")
     if fmt != EXPORT_FORMAT:
         raise RebuildNeeded(f"export format {fmt!r}, expected {EXPORT_FORMAT!r}")
     return int(state(lite, "last_file_id") or 0)
 
 
-def write_state(lite: sqlite3.Connection, last_file_id: int, last_sha: str | None) -> None:
-    """Store the watermark, in the open transaction that wrote what it describes."""
+def write_state(lite: sqlite3.Connection, high: int, last_file_sha: str | None) -> None:
+    """Store the watermark ``high`` and the sha256 of the last file at or below it (this file
+    belongs to the warehouse that has it), in the open transaction that wrote what they describe.
+
+    The key stays ``last_file_id`` (the API's replica and older readers know it): after a
+    correction it holds the correction's change id.
+    """
     lite.executemany(
         "INSERT OR REPLACE INTO export_state (key, value) VALUES (?, ?)",
         [
             ("format", EXPORT_FORMAT),
-            ("last_file_id", str(last_file_id)),
-            ("last_file_sha256", last_sha or ""),
+            ("last_file_id", str(high)),
+            ("last_file_sha256", last_file_sha or ""),
             ("exported_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
         ],
     )

@@ -29,11 +29,18 @@ def snapshot(conn: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnect
         cur.close()
 
 
-def high_file(cur: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:
-    """The highest file id in the snapshot (0 when empty) and its sha256."""
-    rows = cur.execute(
-        "SELECT coalesce(max(file_id), 0), arg_max(sha256, file_id) FROM files"
-    ).fetchall()
+# Files and corrections take their ids from one sequence (sql/008), so the greatest of both is
+# the last change the snapshot holds; the last file's sha256 ties an export to its warehouse.
+_HIGH_MARK = """
+SELECT greatest(coalesce(max(file_id), 0), (SELECT coalesce(max(change_id), 0) FROM corrections)),
+       arg_max(sha256, file_id)
+FROM files"""
+
+
+def high_mark(cur: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:
+    """The last change in the snapshot, a file's id or a correction's (0 when empty), and the
+    sha256 of its last file."""
+    rows = cur.execute(_HIGH_MARK).fetchall()
     return int(rows[0][0]), rows[0][1]
 
 

@@ -1,0 +1,320 @@
+"""SQLite export after corrections: a retraction or a restore since the last export brings the
+SQLite file to what a full export of the same warehouse holds (rows out, totals, ledger rows),
+its watermark reaches the correction's change id, and a crash on the way leaves the old file
+whole.
+
+Every test that ingests ends with ``verify``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from moneylion import corrections
+from moneylion.aggregates import verify
+from moneylion.api.queries import user_summary
+from moneylion.api.replica import SqliteReplica
+from moneylion.config import Config
+from moneylion.export import export_full, export_new, full
+from moneylion.ingest import ingest_file
+from moneylion.schema import open_warehouse
+from moneylion.tuning import DEFAULT
+from tests.conftest import TX_HEADER, USERS_HEADER, write_csv
+from tests.test_export import (  # noqa: F401 (close_exporter: an autouse fixture)
+    assert_equals_full_export,
+    close_exporter,
+    dump_sqlite,
+    random_files,
+)
+from tests.test_export_crash import catch_up_and_compare, load_and_export, watermark
+
+
+def loaded_transaction_files(conn: duckdb.DuckDBPyConnection) -> list[int]:
+    """The transactions files whose rows are in the warehouse, in order."""
+    rows = conn.execute(
+        "SELECT file_id FROM files WHERE kind = 'transactions' AND status = 'loaded' "
+        "AND rows_loaded > 0 ORDER BY file_id"
+    ).fetchall()
+    return [int(row[0]) for row in rows]
+
+
+def sqlite_rows(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    lite = sqlite3.connect(path)
+    try:
+        return lite.execute(sql, params).fetchall()
+    finally:
+        lite.close()
+
+
+def exported_rows_of(
+    conn: duckdb.DuckDBPyConnection, path: Path, file_id: int
+) -> set[tuple[Any, ...]]:
+    """The SQLite file's transactions that file ``file_id`` loaded (the export has no file_id)."""
+    ids = [
+        row[0]
+        for row in conn.execute(
+            "SELECT transaction_id FROM transactions WHERE file_id = ?", [file_id]
+        ).fetchall()
+    ]
+    return {row for row in dump_sqlite(path)["transactions"] if row[0] in set(ids)}
+
+
+def test_a_retraction_and_a_restore_since_the_last_export_are_exported_whole(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    for path in random_files(tmp_path / "files", 9, seed=21):
+        ingest_file(warehouse, path)
+    export_new(warehouse, config.sqlite_path)
+    retracted = loaded_transaction_files(warehouse)[1]
+    rows = exported_rows_of(warehouse, config.sqlite_path, retracted)
+    assert rows
+
+    done = corrections.retract(warehouse, retracted, "sent by mistake")
+    result = export_new(warehouse, config.sqlite_path)
+    assert (result.full, result.last_file_id) == (True, done.change_id)
+    assert watermark(config.sqlite_path) == done.change_id
+    assert_equals_full_export(warehouse, config.sqlite_path)
+    assert sqlite_rows(
+        config.sqlite_path, "SELECT status, rows_loaded FROM files WHERE file_id = ?", (retracted,)
+    ) == [("retracted", 0)]
+    assert not rows & set(dump_sqlite(config.sqlite_path)["transactions"])
+
+    again = corrections.restore(warehouse, retracted)
+    result = export_new(warehouse, config.sqlite_path)
+    assert (result.full, result.last_file_id) == (True, again.change_id)
+    assert_equals_full_export(warehouse, config.sqlite_path)
+    assert rows <= set(dump_sqlite(config.sqlite_path)["transactions"])
+    assert verify(warehouse) == []
+
+
+def test_an_export_after_a_correction_is_up_to_date_and_files_after_it_are_increments(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    files = random_files(tmp_path / "files", 8, seed=22)
+    for path in files[:5]:
+        ingest_file(warehouse, path)
+    export_new(warehouse, config.sqlite_path)
+    done = corrections.retract(warehouse, loaded_transaction_files(warehouse)[0], "wrong day")
+    assert export_new(warehouse, config.sqlite_path).full
+
+    # The watermark is the correction's change id: the file checked is the last one before it.
+    result = export_new(warehouse, config.sqlite_path)
+    assert not result.full
+    assert not result.exported_anything
+    assert result.last_file_id == done.change_id
+    for path in files[5:]:
+        ingest_file(warehouse, path)
+    result = export_new(warehouse, config.sqlite_path)
+    assert not result.full
+    assert (result.first_file_id, result.last_file_id) == (done.change_id, done.change_id + 3)
+    assert_equals_full_export(warehouse, config.sqlite_path)
+    assert verify(warehouse) == []
+
+
+def test_files_and_corrections_in_one_range_are_exported_together(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    files = random_files(tmp_path / "files", 9, seed=23)
+    for path in files[:4]:
+        ingest_file(warehouse, path)
+    export_new(warehouse, config.sqlite_path)
+    ingest_file(warehouse, files[4])
+    first, second = loaded_transaction_files(warehouse)[:2]
+    corrections.retract(warehouse, first, "duplicate upload")
+    ingest_file(warehouse, files[5])
+    corrections.retract(warehouse, second, "duplicate upload")
+    corrections.restore(warehouse, first)
+    for path in files[6:]:
+        ingest_file(warehouse, path)
+
+    result = export_new(warehouse, config.sqlite_path)
+    assert result.full
+    assert_equals_full_export(warehouse, config.sqlite_path)
+    assert verify(warehouse) == []
+
+
+def test_a_retracted_users_file_leaves_the_exported_users_and_country_totals(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    ingest_file(warehouse, write_csv(tmp_path / "u1.csv", USERS_HEADER, ["1,2022-01-02,Japan"]))
+    moved = ingest_file(
+        warehouse,
+        write_csv(tmp_path / "u2.csv", USERS_HEADER, ["1,2022-01-02,France", "2,2022-02-03,Kenya"]),
+    )
+    ingest_file(
+        warehouse,
+        write_csv(
+            tmp_path / "t.csv",
+            TX_HEADER,
+            ["1,1,2022-03-01,10.50,deposit", "2,2,2022-03-02,4.25,purchase"],
+        ),
+    )
+    export_new(warehouse, config.sqlite_path)
+    assert moved.file_id is not None
+
+    corrections.retract(warehouse, moved.file_id, "wrong countries")
+    assert export_new(warehouse, config.sqlite_path).full
+    assert_equals_full_export(warehouse, config.sqlite_path)
+    assert dump_sqlite(config.sqlite_path)["users"] == [(1, "2022-01-02", "Japan")]
+    assert sorted(
+        sqlite_rows(
+            config.sqlite_path,
+            "SELECT country, tx_count, total_amount FROM country_monthly_totals",
+        ),
+        key=repr,
+    ) == [("Japan", 1, "10.50"), (None, 1, "4.25")]
+
+    corrections.restore(warehouse, moved.file_id)
+    export_new(warehouse, config.sqlite_path)
+    assert_equals_full_export(warehouse, config.sqlite_path)
+    assert dump_sqlite(config.sqlite_path)["users"] == [
+        (1, "2022-01-02", "France"),
+        (2, "2022-02-03", "Kenya"),
+    ]
+    assert verify(warehouse) == []
+
+
+def test_the_replica_answers_from_the_export_once_it_holds_the_correction(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    a = ingest_file(
+        warehouse, write_csv(tmp_path / "a.csv", TX_HEADER, ["1,7,2022-01-01,5,deposit"])
+    )
+    ingest_file(warehouse, write_csv(tmp_path / "b.csv", TX_HEADER, ["2,7,2022-01-02,3,purchase"]))
+    export_new(warehouse, config.sqlite_path)
+    assert a.file_id is not None
+    done = corrections.retract(warehouse, a.file_id, "test file")
+    replica = SqliteReplica(config.sqlite_path)
+    try:
+        assert replica.user_summary(7, done.change_id) == (False, None)  # not exported yet
+        export_new(warehouse, config.sqlite_path)
+        answered, summary = replica.user_summary(7, done.change_id)
+        assert answered
+        assert summary == user_summary(warehouse.cursor(), 7)
+        assert summary is not None
+        assert summary.tx_count == 1
+    finally:
+        replica.close()
+    assert verify(warehouse) == []
+
+
+def test_an_export_holding_a_correction_is_rebuilt_for_a_warehouse_without_it(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path
+) -> None:
+    files = random_files(tmp_path / "files", 5, seed=24)
+    for path in files:
+        ingest_file(warehouse, path)
+    corrections.retract(warehouse, loaded_transaction_files(warehouse)[0], "test")
+    export_new(warehouse, config.sqlite_path)
+
+    # The same files (the file before the watermark has the same bytes), not the correction.
+    other_config = config.with_overrides(warehouse=tmp_path / "other")
+    other_config.warehouse.mkdir()
+    other = open_warehouse(other_config)
+    try:
+        for path in files:
+            ingest_file(other, path)
+        result = export_new(other, config.sqlite_path)
+        assert result.full
+        assert_equals_full_export(other, config.sqlite_path)
+        assert verify(other) == []
+    finally:
+        other.close()
+    assert verify(warehouse) == []
+
+
+def test_a_full_export_in_two_threads_is_one_snapshot_when_a_correction_commits_between(
+    warehouse: duckdb.DuckDBPyConnection,
+    config: Config,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for path in random_files(tmp_path / "files", 6, seed=26):
+        ingest_file(warehouse, path)
+    before = tmp_path / "before.sqlite"
+    export_full(warehouse, before)
+    retracted = loaded_transaction_files(warehouse)[0]
+    marks: list[tuple[int, str | None]] = []
+    high_mark = full.high_mark
+
+    def correction_between(cur: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:
+        if marks:  # the thread's snapshot: a correction commits before it reads
+            corrections.retract(warehouse.cursor(), retracted, "between the snapshots")
+        marks.append(high_mark(cur))
+        return marks[-1]
+
+    monkeypatch.setattr(full, "high_mark", correction_between)
+    two_threads = dataclasses.replace(DEFAULT, parallel_min_transactions=1)
+    export_full(warehouse, config.sqlite_path, tuning=two_threads)
+    monkeypatch.undo()
+
+    assert len(marks) == 2
+    assert marks[0] != marks[1]
+    assert dump_sqlite(config.sqlite_path) == dump_sqlite(before)
+    assert export_new(warehouse, config.sqlite_path).full
+    assert_equals_full_export(warehouse, config.sqlite_path)
+    assert verify(warehouse) == []
+
+
+# A child process: apply a correction (its DuckDB commit), then export; SIGKILL itself when the
+# exporter reaches the named step.
+CHILD = r"""
+import os, signal, sys
+from moneylion import corrections, export
+from moneylion.export import outcome
+from moneylion.config import load_config
+from moneylion.schema import open_warehouse
+
+warehouse, inbox, action, file_id, point = sys.argv[1:]
+config = load_config(environ={}).with_overrides(warehouse=warehouse, inbox=inbox)
+
+def die(reached):
+    if reached == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+conn = open_warehouse(config)
+getattr(corrections, action)(conn, int(file_id), "crash test")
+outcome.fault_hook = die
+export.export_new(conn, config.sqlite_path, tuning=config.tuning)
+conn.close()
+"""
+
+
+def correct_in_child(config: Config, action: str, file_id: int, point: str) -> None:
+    args = [str(config.warehouse), str(config.inbox), action, str(file_id), point]
+    process = subprocess.run(
+        [sys.executable, "-c", CHILD, *args], capture_output=True, timeout=120, check=False
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr.decode()
+
+
+@pytest.mark.parametrize("point", ["rows_written", "aside_written", "before_rename"])
+@pytest.mark.parametrize("action", ["retract", "restore"])
+def test_an_export_killed_after_a_correction_leaves_the_old_file_whole_then_catches_up(
+    config: Config, tmp_path: Path, action: str, point: str
+) -> None:
+    load_and_export(config, random_files(tmp_path / "files", 7, seed=27))
+    conn = open_warehouse(config)
+    try:
+        file_id = loaded_transaction_files(conn)[1]
+        if action == "restore":
+            corrections.retract(conn, file_id, "to be restored")
+            export_new(conn, config.sqlite_path)
+    finally:
+        conn.close()
+    before = dump_sqlite(config.sqlite_path)
+
+    correct_in_child(config, action, file_id, point)
+
+    assert dump_sqlite(config.sqlite_path) == before  # the old file, whole
+    catch_up_and_compare(config)
+    assert sorted(path.name for path in config.warehouse.glob("moneylion.sqlite.*")) == []
