@@ -9,6 +9,10 @@ rules that need other rows in file order (the first wins, a differing later copy
 latest users file wins). A file refused as a whole (bad header, not UTF-8, not a regular file)
 fails alone: it gets its ledger row, the others load. The aggregate deltas run once, over the
 batch's file ids.
+A file whose refused rows pass ``max_reject_share`` is held (``ingest.py``): alone in its batch,
+its rejects and ledger row commit and nothing else; beside other files, its rows took part in
+deciding theirs, so the batch is rolled back and its files go one at a time (what a batch must
+equal anyway).
 Large files do not come here: they take ``ingest_file``'s fast paths, one at a time.
 """
 
@@ -28,6 +32,7 @@ from moneylion import aggregates, ledger
 from moneylion.config import Config
 from moneylion.db import transaction, utc_now
 from moneylion.errors import FileRefused
+from moneylion.ingest import keep_rejects_only
 from moneylion.ledger import FileOutcome, FileStatus
 from moneylion.load import Applied
 from moneylion.model import FileKind
@@ -129,8 +134,26 @@ def ingest_batch(
             if plan.header is not None:
                 for validated in plan.batches:
                     gathered[plan.header.kind].add(plan.file_id, validated)
-    outcomes = _commit(conn, plans, gathered, config, started, received_at)
+    try:
+        outcomes = _commit(conn, plans, gathered, config, started, received_at)
+    except _OneByOne as held:
+        log.info(
+            "batch_file_by_file",
+            extra={"fields": {"files": taken, "held": held.names, "reason": "reject_share"}},
+        )
+        outcomes = []
+        for item in items[:taken]:
+            outcomes += ingest_batch(conn, [item], config)[0]
     return outcomes, list(items[taken:])
+
+
+class _OneByOne(Exception):
+    """A file of a batch of several is held: the batch is rolled back, its files go one by
+    one."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(names)
+        self.names = names
 
 
 def _read(plan: _New, config: Config, received_at: dt.datetime) -> None:
@@ -165,11 +188,19 @@ def _commit(
             if rows_in.lines or rows_in.rejects:
                 found = resolve_gathered(conn, rows_in, utc_now(), config.reject_line_bytes)
                 applied.update(found)
+        held = _held(new, applied, config)
+        if held:
+            if sum(p.header is not None for p in new) > 1:
+                raise _OneByOne([p.item.name for p in new if p.file_id in held])
+            keep_rejects_only(conn, list(held))  # the one file read: nothing of it loads
         loaded = {
             kind: sum(
                 applied[p.file_id].loaded
                 for p in new
-                if p.header is not None and p.header.kind is kind and p.file_id in applied
+                if p.header is not None
+                and p.header.kind is kind
+                and p.file_id in applied
+                and p.file_id not in held
             )
             for kind in FileKind
         }
@@ -186,7 +217,10 @@ def _commit(
             )
         finished_at = utc_now()
         seconds = time.perf_counter() - started
-        done = {p.file_id: _outcome(p, applied, seconds, finished_at, received_at) for p in new}
+        done = {
+            p.file_id: _outcome(p, applied, seconds, finished_at, received_at, held.get(p.file_id))
+            for p in new
+        }
         ledger.insert(conn, list(done.values()))
     outcomes: list[FileOutcome] = []
     for plan in plans:
@@ -212,12 +246,28 @@ def _commit(
     return outcomes
 
 
+def _held(new: list[_New], applied: dict[int, Applied], config: Config) -> dict[int, str]:
+    """The files of the batch to hold (max_reject_share), with why; a continuation of a loaded
+    file (tail.py) is never held."""
+    held: dict[int, str] = {}
+    for plan in new:
+        found = applied.get(plan.file_id)
+        if found is None or not isinstance(plan.item, StagedFile) or plan.item.part is not None:
+            continue
+        total = found.loaded + found.duplicate + found.rejected
+        message = ledger.hold_message(found.rejected, total, config.max_reject_share)
+        if message is not None:
+            held[plan.file_id] = message
+    return held
+
+
 def _outcome(
     plan: _New,
     applied: dict[int, Applied],
     seconds: float,
     finished_at: dt.datetime,
     received_at: dt.datetime,
+    held: str | None = None,
 ) -> FileOutcome:
     item = plan.item
     read = item if isinstance(item, StagedFile) else None
@@ -245,6 +295,9 @@ def _outcome(
     found = applied.get(plan.file_id, Applied())
     return dataclasses.replace(
         outcome,
+        status=FileStatus.LOADED if held is None else FileStatus.HELD,
+        error_reason=None if held is None else ledger.HOLD_REASON,
+        error=held,
         rows_total=found.loaded + found.duplicate + found.rejected,
         rows_loaded=found.loaded,
         rows_duplicate=found.duplicate,

@@ -62,7 +62,9 @@ class Config:
     """Resolved settings; paths are absolute."""
 
     inbox: Path = dataclasses.field(
-        metadata={"doc": "where CSV files are dropped; `done/` and `failed/` are made inside it"}
+        metadata={
+            "doc": "where CSV files are dropped; `done/`, `failed/` and `held/` are made inside it"
+        }
     )
     warehouse: Path = dataclasses.field(
         metadata={"doc": "holds `moneylion.duckdb`, `moneylion.sqlite` and `logs/`"}
@@ -152,11 +154,19 @@ class Config:
     batch_file_max_bytes: int = _key(
         1024 * 1024, "larger files are ingested alone, by the fast paths"
     )
+    max_reject_share: float = _key(
+        0.0,
+        "a file whose refused rows pass this share of its rows (`0.5`: more than half) loads "
+        "nothing: it is `held` (its rejects are kept, the file goes to `held/`) until "
+        "`moneylion release` loads it; `0`: off",
+    )
     order_wait_seconds: float = _key(
         2.0, "the longest a file that is not ready holds back the files behind it"
     )
     done_retention_days: int = _key(
-        0, "`done/`'s day folders older than this are removed (checked hourly); `0`: keep"
+        0,
+        "`done/`'s day folders older than this are removed (checked hourly; `held/` never); "
+        "`0`: keep",
     )
     api_token: str = _key(
         "",
@@ -238,6 +248,8 @@ class Config:
     log_dir = _Below("warehouse", "logs")
     done_dir = _Below("inbox", "done")
     failed_dir = _Below("inbox", "failed")
+    # Files held by max_reject_share, kept for `moneylion release` (never pruned).
+    held_dir = _Below("inbox", "held")
 
     @property
     def umask_bits(self) -> int:
@@ -320,6 +332,12 @@ def load_config(
         raise ConfigError(
             f"config key 'max_future_days': {typed['max_future_days']} is negative "
             "(0: no transaction dated after its file's arrival day)"
+        )
+    share = typed.get("max_reject_share", 0.0)
+    if not 0 <= share <= 1:  # NaN included
+        raise ConfigError(
+            f"config key 'max_reject_share': {share} is not a share in (0, 1] "
+            "(0.5: hold a file when more than half of its rows are refused; 0: off)"
         )
     if not 0 <= typed.get("ingest_nice", 0) <= NICEST:
         raise ConfigError(f"config key 'ingest_nice': {typed['ingest_nice']} is not in 0..{NICEST}")

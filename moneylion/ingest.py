@@ -4,6 +4,11 @@ Exactly once: a file is its sha256. Bytes already in the ledger change nothing. 
 file writes (rows, rejects, aggregate deltas, its ledger row) commits together or not at all.
 This module never moves the file: the caller does, after the commit (see daemon.py).
 
+A file whose refused rows pass ``max_reject_share`` loads nothing: it is ``held`` (its ledger row
+and rejects commit, nothing else) until ``release.py`` loads it. A caller may also end the
+transaction otherwise than by a commit (``Finish``): ``check.py`` rolls it back after reading
+what the file did, ``release.py`` loads a held file again under its ledger id.
+
 The rows themselves go in by the first path of the kind's ladder that takes them
 (``ladder.climb``; ``ladder.LADDERS`` declares the paths).
 """
@@ -15,7 +20,7 @@ import datetime as dt
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +29,9 @@ import duckdb
 
 from moneylion import aggregates, ledger
 from moneylion.config import Config
-from moneylion.db import transaction, utc_now
+from moneylion.db import append_arrow, int_constants, restart, transaction, utc_now
 from moneylion.errors import FileRefused
-from moneylion.ladder import LADDERS, Ladders, climb
+from moneylion.ladder import LADDERS, REFERENCE_ONLY, Ladders, climb
 from moneylion.ledger import FileOutcome, FileStatus
 from moneylion.load import Load
 from moneylion.model import FileKind
@@ -35,12 +40,60 @@ from moneylion.source import Bounds, Part, StagedFile, stage
 from moneylion.tuning import DEFAULT as DEFAULT_TUNING
 from moneylion.validate import Header, read_header
 
-__all__ = ["FileOutcome", "ingest_file", "ingest_staged", "record_unread", "warehouse_status"]
+__all__ = [
+    "COMMIT",
+    "FileOutcome",
+    "Finish",
+    "Reload",
+    "ingest_file",
+    "ingest_staged",
+    "keep_rejects_only",
+    "record_unread",
+    "warehouse_status",
+]
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 DEFAULT_TOP_USERS_KEPT = 1000
+
+
+@dataclass(frozen=True)
+class Reload:
+    """A file the ledger has (a held one: ``release.py``) loaded again under its own id, as the
+    latest file in the order. Its transaction begins with ``clear`` (its old ledger row and
+    rejects go), and it takes the reference rules: they decide against every stored row, where
+    the fast paths count only the rows of files before its id (later files have larger ids);
+    and they never give up, so the transaction is never begun again without ``clear``'s writes.
+    It is never held."""
+
+    file_id: int
+    clear: Callable[[duckdb.DuckDBPyConnection], None]
+
+
+@dataclass(frozen=True)
+class Finish:
+    """How a new file's transaction ends, for the callers that do more than commit it.
+
+    ``inspect`` runs last inside it, with the file's outcome: a check (``check.py``) reads what
+    the file did; a release writes its correction row, or refuses (an exception rolls all back).
+    ``commit=False`` rolls everything back after ``inspect``: nothing stays, nothing is logged as
+    committed. ``reload``: the file is one the ledger has (``Reload``)."""
+
+    inspect: Callable[[duckdb.DuckDBPyConnection, FileOutcome], None] | None = None
+    commit: bool = True
+    reload: Reload | None = None
+
+    def end(self, conn: duckdb.DuckDBPyConnection, outcome: FileOutcome) -> None:
+        """Last inside the transaction: ``inspect``, then the rollback of a trial (the block's
+        COMMIT then ends an empty transaction)."""
+        if self.inspect is not None:
+            self.inspect(conn, outcome)
+        if not self.commit:
+            restart(conn)
+
+
+COMMIT = Finish()  # the usual end: commit
 
 
 def ingest_file(
@@ -112,50 +165,50 @@ def ingest_staged(
     received_at: dt.datetime | None = None,
     progress: Progress | None = None,
     ladders: Ladders = LADDERS,
+    finish: Finish = COMMIT,
 ) -> FileOutcome:
-    """``ingest_file`` of a file already read (``source.stage``): every reader reads ``staged``."""
+    """``ingest_file`` of a file already read (``source.stage``): every reader reads ``staged``.
+    ``finish``: how its transaction ends, when not by a plain commit (``Finish``)."""
     started = time.perf_counter() if started is None else started
     received_at = utc_now() if received_at is None else received_at
     report = progress or (lambda stage: None)
     sha256, size = staged.sha256, staged.size
-    found = ledger.known(conn, [sha256]).get(sha256)
-    if found is not None:
-        return ledger.seen_before(
-            staged.name,
-            staged.origin,
-            sha256,
-            found,
-            size,
-            time.perf_counter() - started,
-            utc_now(),
-        )
-
-    # One id per new file, taken outside the transaction: DuckDB sequences do not roll back, and
-    # a file that falls back from the fast path must keep the number it started with.
+    if finish.reload is None:
+        found = ledger.known(conn, [sha256]).get(sha256)
+        if found is not None:
+            return ledger.seen_before(
+                staged.name,
+                staged.origin,
+                sha256,
+                found,
+                size,
+                time.perf_counter() - started,
+                utc_now(),
+            )
+        # One id per new file, taken outside the transaction: DuckDB sequences do not roll
+        # back, and a file that falls back from the fast path must keep the number it started
+        # with.
+        file_id = _next_file_id(conn)
+    else:
+        file_id, ladders = finish.reload.file_id, REFERENCE_ONLY
     arrival = _Arrival(
-        staged.origin,
-        staged.name,
-        sha256,
-        size,
-        received_at,
-        started,
-        _next_file_id(conn),
-        staged.part,
+        staged.origin, staged.name, sha256, size, received_at, started, file_id, staged.part
     )
     if staged.refused is not None:  # read and hashed, refused whole (a broken archive)
-        return _record_failure(conn, arrival, None, staged.refused)
+        return _record_failure(conn, arrival, None, staged.refused, finish)
     max_future_days = (config or Config).max_future_days
     try:
         header = read_header(staged, latest_date(received_at, max_future_days))
     except FileRefused as refused:
-        return _record_failure(conn, arrival, None, refused)
+        return _record_failure(conn, arrival, None, refused, finish)
 
     report(f"{header.kind} file, {size} bytes")
     try:
-        outcome = _load(conn, arrival, staged, header, config, ladders, report)
+        outcome = _load(conn, arrival, staged, header, config, ladders, report, finish)
     except FileRefused as refused:
-        return _record_failure(conn, arrival, header, refused)
-    ledger.log_committed(outcome)
+        return _record_failure(conn, arrival, header, refused, finish)
+    if finish.commit:
+        ledger.log_committed(outcome)
     return outcome
 
 
@@ -198,16 +251,29 @@ def _load(
     config: Config | None,
     ladders: Ladders,
     report: Progress,
+    finish: Finish,
 ) -> FileOutcome:
     """Apply the file (read from ``source``, its bytes as read once) and write its ledger row,
-    in one transaction."""
+    in one transaction; or, past ``max_reject_share``, only its rejects and its ledger row
+    (held)."""
     file_id = arrival.file_id
     tuning = config.tuning if config else DEFAULT_TUNING
     line_bytes = (config or Config).reject_line_bytes
     load = Load(conn, source, header, file_id, line_bytes, tuning)
     with transaction(conn):
+        if finish.reload is not None:
+            finish.reload.clear(conn)
         applied = climb(load, ladders[header.kind], report)
-        if applied.loaded:
+        total = applied.loaded + applied.duplicate + applied.rejected
+        # Decided on the counts the ledger keeps, before any aggregate. A continuation of a
+        # loaded file (tail.py) loads as its file did; a release is not held again.
+        held = None
+        if config is not None and arrival.part is None and finish.reload is None:
+            held = ledger.hold_message(applied.rejected, total, config.max_reject_share)
+        if held is not None:
+            report(held)
+            keep_rejects_only(conn, [file_id])
+        elif applied.loaded:
             report(f"appended {applied.loaded} rows: updating aggregates")
             transactions = header.kind is FileKind.TRANSACTIONS
             aggregates.apply_deltas(
@@ -220,17 +286,32 @@ def _load(
                 tuning=tuning,
             )
         outcome = arrival.outcome(
-            FileStatus.LOADED,
+            FileStatus.LOADED if held is None else FileStatus.HELD,
             header,
-            rows_total=applied.loaded + applied.duplicate + applied.rejected,
+            rows_total=total,
             rows_loaded=applied.loaded,
             rows_duplicate=applied.duplicate,
             rows_rejected=applied.rejected,
             rejected_by_reason=applied.rejected_by_reason,
             extra_columns=header.extra_columns,
+            error_reason=None if held is None else ledger.HOLD_REASON,
+            error=held,
         )
         ledger.insert(conn, [outcome])
+        finish.end(conn, outcome)
     return outcome
+
+
+def keep_rejects_only(conn: duckdb.DuckDBPyConnection, file_ids: Sequence[int]) -> None:
+    """Undo what the open transaction wrote, but the rejects of ``file_ids`` (files held: their
+    rejects stay browsable). DuckDB has no savepoints: the rejects are read out, the transaction
+    is begun again, and they are written back."""
+    kept = conn.sql(
+        f"SELECT * FROM rejects WHERE file_id IN ({int_constants(file_ids)})"
+    ).to_arrow_table()
+    restart(conn)
+    if kept.num_rows:
+        append_arrow(conn, "rejects", kept)
 
 
 def _next_file_id(conn: duckdb.DuckDBPyConnection) -> int:
@@ -242,14 +323,19 @@ def _record_failure(
     arrival: _Arrival,
     header: Header | None,
     refused: FileRefused,
+    finish: Finish = COMMIT,
 ) -> FileOutcome:
     """A file-level failure: only its ledger row is written."""
     with transaction(conn):
+        if finish.reload is not None:
+            finish.reload.clear(conn)
         outcome = arrival.outcome(
             FileStatus.FAILED, header, error_reason=str(refused.reason), error=refused.message
         )
         ledger.insert(conn, [outcome])
-    ledger.log_committed(outcome)
+        finish.end(conn, outcome)
+    if finish.commit:
+        ledger.log_committed(outcome)
     return outcome
 
 

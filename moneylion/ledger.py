@@ -14,6 +14,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import duckdb
@@ -67,6 +68,23 @@ class FileStatus(enum.StrEnum):
 # cross-file rules skip its rows, and the same bytes dropped again load nothing.
 OUT_OF_ORDER = (FileStatus.RETRACTED, FileStatus.REPLACED, FileStatus.HELD)
 
+HOLD_REASON = "reject_share"  # the error_reason of a held file
+
+
+def hold_message(rows_rejected: int, rows_total: int, max_share: float) -> str | None:
+    """Why a file is held: its refused rows are more than ``max_share`` (max_reject_share; 0:
+    off) of its rows, as the ledger counts them (a duplicate is not refused); None if not. The
+    share is compared exactly, with the limit as written (0.1 is a tenth, not its float)."""
+    if max_share <= 0 or rows_total == 0:
+        return None
+    if Fraction(rows_rejected, rows_total) <= Fraction(str(max_share)):
+        return None
+    return (
+        f"{rows_rejected} of {rows_total} rows refused ({rows_rejected / rows_total:.1%}), "
+        f"more than max_reject_share ({max_share:g}): held, nothing loaded; its rejects are "
+        "kept, and `moneylion release` loads it"
+    )
+
 
 @dataclass(frozen=True)
 class FileOutcome:
@@ -102,6 +120,8 @@ class FileOutcome:
         """One line for the CLI."""
         if self.status is FileStatus.FAILED:
             return f"{self.name}: failed ({self.error_reason}): {self.error}"
+        if self.status is FileStatus.HELD:
+            return f"{self.name}: {self.kind} file #{self.file_id}: held: {self.error}"
         if self.status is FileStatus.DUPLICATE_FILE:
             why = f" ({self.error})" if self.error else ""
             return f"{self.name}: duplicate of file #{self.file_id}{why}, nothing loaded"
@@ -260,6 +280,22 @@ def log_committed(outcome: FileOutcome) -> None:
                 "fields": {
                     "file": outcome.name,
                     "file_id": outcome.file_id,
+                    "reason": outcome.error_reason,
+                    "message": outcome.error,
+                }
+            },
+        )
+        return
+    if outcome.status is FileStatus.HELD:
+        log.warning(
+            "file_held",
+            extra={
+                "fields": {
+                    "file": outcome.name,
+                    "file_id": outcome.file_id,
+                    "kind": outcome.kind,
+                    "total": outcome.rows_total,
+                    "rejected": outcome.rows_rejected,
                     "reason": outcome.error_reason,
                     "message": outcome.error,
                 }

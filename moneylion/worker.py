@@ -462,8 +462,13 @@ class IngestWorker(threading.Thread):
 
     def _move(self, outcome: FileOutcome) -> Path:
         """Loaded and duplicate files go to done/<day>/, failed ones to failed/<day>/ with their
-        reason; where it went."""
-        if outcome.status is FileStatus.FAILED:
+        reason, held ones to held/<day>/ (their bytes wait there for a release: release.py);
+        where it went."""
+        if outcome.status is FileStatus.HELD:
+            target = inbox.move_without_overwrite(
+                outcome.path, inbox.day_folder(self.config.held_dir)
+            )
+        elif outcome.status is FileStatus.FAILED:
             target = inbox.move_without_overwrite(
                 outcome.path,
                 inbox.day_folder(self.config.failed_dir),
