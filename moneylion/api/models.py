@@ -217,10 +217,27 @@ class FilePart(msgspec.Struct):
     finished_at: dt.datetime
 
 
+class FileCorrection(msgspec.Struct):
+    """A correction of the file (``file_id``, its first part's), or one that put this file in
+    another's place (``by_file_id``): what, when (UTC), why, and the base rows it moved."""
+
+    change_id: int
+    action: str
+    file_id: int
+    by_file_id: int | None
+    reason: str | None
+    made_at: dt.datetime
+    rows_out: int
+    rows_in: int
+
+
 class FileDetail(FileEntry):
     rejected_by_reason: dict[str, int] = msgspec.field(default_factory=dict)
     bytes_loaded: int = 0  # of the whole file, through its last part
     parts: list[FilePart] = msgspec.field(default_factory=list)  # every part, the first included
+    # Its corrections, oldest first: the last says when and why it has its status (retracted,
+    # replaced, held, released).
+    corrections: list[FileCorrection] = msgspec.field(default_factory=list)
 
 
 class FilesPage(msgspec.Struct):

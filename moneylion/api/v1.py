@@ -41,6 +41,7 @@ from moneylion.api.models import (
     DailyTotal,
     DailyTotals,
     DiskLowAnswer,
+    FileCorrection,
     FileDetail,
     FileEntry,
     FilePart,
@@ -305,7 +306,34 @@ def file_detail_of(cursor: duckdb.DuckDBPyConnection, file_id: int) -> FileDetai
         return None
     row, reasons = found
     parts = [FilePart(**utc(part)) for part in row.pop("parts")]
-    return FileDetail(**utc(row), rejected_by_reason=reasons, parts=parts)
+    fixes = file_corrections(cursor, row["part_of"] or file_id)
+    return FileDetail(**utc(row), rejected_by_reason=reasons, parts=parts, corrections=fixes)
+
+
+# A correction acts on a file's first part (corrections.find_file); a replace also names the
+# file that took the place (by_file_id).
+_FILE_CORRECTIONS = """
+SELECT change_id, action, file_id, by_file_id, reason, made_at, rows_out, rows_in
+FROM corrections WHERE file_id = $id OR by_file_id = $id ORDER BY change_id
+"""
+
+
+def file_corrections(cursor: duckdb.DuckDBPyConnection, file_id: int) -> list[FileCorrection]:
+    """The corrections of file ``file_id`` (its first part's id), oldest first."""
+    rows = cursor.execute(_FILE_CORRECTIONS, {"id": file_id}).fetchall()
+    return [
+        FileCorrection(
+            change_id=int(change),
+            action=action,
+            file_id=int(target),
+            by_file_id=None if by is None else int(by),
+            reason=reason,
+            made_at=made_at.replace(tzinfo=dt.UTC),
+            rows_out=int(out),
+            rows_in=int(into),
+        )
+        for change, action, target, by, reason, made_at, out, into in rows
+    ]
 
 
 @get(
