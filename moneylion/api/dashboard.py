@@ -7,13 +7,19 @@ Every view is a URL: the page's query parameters (``from``, ``to``, ``top``, ``f
 ``user_id``) are carried into the forms and the polling URLs, and a file's page is
 ``/files/{id}`` (``offset``: its rejects 50 a page). The figures come from the same query
 functions as the JSON API (``queries.py``), through the same commit-keyed cache, so a page costs
-no DuckDB statement while nothing commits. htmx is vendored in ``static/``."""
+no DuckDB statement while nothing commits. htmx is vendored in ``static/``.
+
+What changes data goes through the JSON API, from ``static/dashboard.js`` (same-origin
+``fetch()``: the session cookie with the browser's Origin): a file's page offers the correction
+its status allows (retract, restore, release; a dialog asks why), and the upload form's "Check
+first" sends the chosen file to ``POST /v1/checks`` and shows what ingesting it would do."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
@@ -51,7 +57,9 @@ from moneylion.api.queries import (
     top_of,
 )
 from moneylion.api.uploads import receive_upload
+from moneylion.api.v1 import file_corrections
 from moneylion.api.warehouse import ApiContext
+from moneylion.ledger import FileStatus
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +74,43 @@ ONE_DAY = dt.timedelta(days=1)
 LOGIN_BODY_MAX_BYTES = 4096  # the login form: a token, a path to go back to
 LOGIN_FIELDS_MAX = 8
 Text = Annotated[str | None, QueryParameter(required=False)]
+
+
+@dataclass(frozen=True)
+class Correction:
+    """A correction a file's page offers: its route's last segment, its button, what it does."""
+
+    action: str
+    label: str
+    reason_required: bool
+    explains: str
+
+
+# The correction a file's status allows (corrections.py's Actions, release.py).
+CORRECTIONS = {
+    FileStatus.LOADED: Correction(
+        "retract",
+        "Retract",
+        True,
+        "Take the file's rows out of every figure, as if it had never arrived: rows of later "
+        "files it held back take their place. The ledger keeps the file, retracted, with your "
+        "reason; it can be restored.",
+    ),
+    FileStatus.RETRACTED: Correction(
+        "restore",
+        "Restore",
+        False,
+        "Put the file back in its place in the order: its rows come back, and later rows that "
+        "conflict with them are refused again.",
+    ),
+    FileStatus.HELD: Correction(
+        "release",
+        "Release",
+        False,
+        "Load the held file now, as the latest file: its good rows load, the rows refused stay "
+        "rejects.",
+    ),
+}
 
 
 def context(state: State) -> ApiContext:
@@ -116,8 +161,10 @@ async def state_section(ctx: ApiContext, view: View) -> dict[str, Any]:
     committed = ctx.view.committed_file_id()
     exported = ctx.replica.exported_file_id() if ctx.replica is not None else None
     lag = None if committed is None or exported is None else max(committed - exported, 0)
+    held = await ctx.cached(health.held_files) if ctx.db is not None else 0
     return {
         "ready": ctx.ready(),
+        "held_files": held,
         "reading": reading,
         "stream": stream,
         "sqlite_export": ctx.config.sqlite_export,
@@ -273,11 +320,19 @@ async def file_page(
     start = int(offset) if offset is not None and _digits(offset, 15) else 0
     found = await ctx.cached(file_detail, file_id)
     rejects = await ctx.cached(rejects_page, file_id, REJECTS_PAGE, start)
+    row = found[0] if found else None
+    first = (row["part_of"] or file_id) if row else file_id  # corrections act on the first part
+    fixes = await ctx.cached(file_corrections, first) if row else []
     page = _base(ctx, view)
     page.update(
         {
             "file_id": file_id,
-            "file": found[0] if found else None,
+            "file": row,
+            "first_id": first,
+            "corrections": fixes,
+            # The correction that gave the file its status (the last one acting on it).
+            "since": next((c for c in reversed(fixes) if c.file_id == first), None),
+            "correction": CORRECTIONS.get(row["status"]) if row and row["kind"] else None,
             "reasons": found[1] if found else {},
             "rejects_total": rejects[0] if rejects else 0,
             "rejects": rejects[1] if rejects else [],
