@@ -1,4 +1,4 @@
-"""``moneylion serve / ingest / verify / status / export / retract / restore / lake status /
+"""``moneylion serve / ingest / check / verify / status / export / retract / restore / lake status /
 generate``: thin, over the library."""
 
 from __future__ import annotations
@@ -214,6 +214,47 @@ def cmd_correct(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """``check.check_file``: on the warehouse itself when no daemon holds it, else through the
+    daemon's API (``POST /v1/checks``). Exit 1 when the file would be held or fail."""
+    import urllib.parse
+
+    import msgspec
+
+    from moneylion import remote
+    from moneylion.check import check_file, summary_lines
+    from moneylion.schema import open_warehouse
+
+    config = _config(args)
+    path = Path(args.file)
+    try:
+        conn = open_warehouse(config)
+    except WarehouseLocked:
+        size = path.stat().st_size
+        if size > config.max_check_bytes:
+            print(
+                f"moneylion check: {path.name} holds {size} bytes, more than the daemon's "
+                f"max_check_bytes ({config.max_check_bytes})",
+                file=sys.stderr,
+            )
+            return 1
+        query = urllib.parse.urlencode({"name": path.name})
+        status, report = remote.call(
+            config, f"/v1/checks?{query}", body=path.read_bytes(), content_type="text/csv"
+        )
+        if status != 200:
+            print(f"moneylion check: {report.get('detail', report)}", file=sys.stderr)
+            return 1
+    else:
+        with conn:
+            report = msgspec.to_builtins(check_file(conn, path, config))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print("\n".join(summary_lines(report)))
+    return 1 if report["outcome"] in ("would_hold", "would_fail") else 0
+
+
 def cmd_lake_status(args: argparse.Namespace) -> int:
     """``lake.status``, as text or JSON; exit 2 in local mode."""
     from moneylion.lake.status import format_status, lake_status
@@ -268,6 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
         "Local mode only",
     )
     ingest.set_defaults(func=cmd_ingest)
+
+    check = commands.add_parser(
+        "check",
+        help="what ingesting a file now would do (outcome, rows, rejects by reason, the totals "
+        "it changes), keeping nothing; exit 1 if it would be held or fail (through the daemon's "
+        "API when it runs)",
+    )
+    check.add_argument("file", metavar="FILE", help="a CSV file of users or transactions")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.set_defaults(func=cmd_check)
 
     verify = commands.add_parser(
         "verify",

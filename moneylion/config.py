@@ -177,6 +177,9 @@ class Config:
     max_upload_bytes: int = _key(
         64 * 1024 * 1024, "`POST /v1/files` bodies over this many bytes (64 MiB) answer 413"
     )
+    max_check_bytes: int = _key(
+        64 * 1024 * 1024, "`POST /v1/checks` bodies over this many bytes (64 MiB) answer 413"
+    )
     allowed_hosts: list[str] = dataclasses.field(
         default_factory=list,
         metadata={
@@ -338,6 +341,10 @@ def load_config(
         raise ConfigError(
             f"config key 'max_reject_share': {share} is not a share in (0, 1] "
             "(0.5: hold a file when more than half of its rows are refused; 0: off)"
+        )
+    if typed.get("max_check_bytes", 1) < 1:
+        raise ConfigError(
+            f"config key 'max_check_bytes': {typed['max_check_bytes']} is not a positive size"
         )
     if not 0 <= typed.get("ingest_nice", 0) <= NICEST:
         raise ConfigError(f"config key 'ingest_nice': {typed['ingest_nice']} is not in 0..{NICEST}")

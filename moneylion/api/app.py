@@ -33,6 +33,7 @@ from litestar.types import Middleware
 
 from moneylion import health
 from moneylion.api.access import LIVENESS_PATH, Access, RequestGuard, TokenMiddleware
+from moneylion.api.checks import checks_router
 from moneylion.api.corrections import corrections_router
 from moneylion.api.dashboard import dashboard_router, static_router
 from moneylion.api.errors import PROBLEM_MEDIA_TYPE, log_api_error, problem_details_plugin
@@ -108,6 +109,7 @@ def create_app(
             seed_router,
             v1_router,
             corrections_router,
+            checks_router,
             MetricsController,
             dashboard_router,
             static_router,
