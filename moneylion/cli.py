@@ -1,5 +1,5 @@
-"""``moneylion serve / ingest / check / verify / status / export / retract / restore / lake status /
-generate``: thin, over the library."""
+"""``moneylion serve / ingest / check / verify / status / export / retract / restore / release /
+lake status / generate``: thin, over the library."""
 
 from __future__ import annotations
 
@@ -255,6 +255,37 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if report["outcome"] in ("would_hold", "would_fail") else 0
 
 
+def cmd_release(args: argparse.Namespace) -> int:
+    """``release.release``: on the warehouse itself when no daemon holds it, else through the
+    daemon's API. Exit 1 when the release is refused."""
+    from moneylion import corrections, remote
+    from moneylion.release import release
+    from moneylion.schema import open_warehouse
+
+    config = _config(args)
+    try:
+        conn = open_warehouse(config)
+    except WarehouseLocked:
+        body = json.dumps({"reason": args.reason}).encode()
+        status, answer = remote.call(config, f"/v1/files/{args.file}/release", body=body)
+        if status != 200:
+            print(f"moneylion release: {answer.get('detail', answer)}", file=sys.stderr)
+            return 1
+        print(
+            f"file #{answer['file_id']} ({answer['kind']}): released by the daemon, now "
+            f"{answer['status']}; {answer['rows_in']} rows in"
+        )
+        return 0
+    with conn:
+        try:
+            done = release(conn, args.file, config, args.reason)
+        except corrections.CorrectionRefused as refused:
+            print(f"moneylion release: {refused}", file=sys.stderr)
+            return 1
+    print(done.summary())
+    return 0
+
+
 def cmd_lake_status(args: argparse.Namespace) -> int:
     """``lake.status``, as text or JSON; exit 2 in local mode."""
     from moneylion.lake.status import format_status, lake_status
@@ -354,6 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("file", metavar="ID|SHA256", help="the file's ledger id or sha256")
     restore.add_argument("--reason", help="why (kept in the ledger)")
     restore.set_defaults(func=cmd_correct)
+    release = commands.add_parser(
+        "release",
+        help="load a file held by max_reject_share, as if it arrived now, from its bytes in "
+        "`held/` (through the daemon's API when it runs)",
+    )
+    release.add_argument("file", metavar="ID|SHA256", help="the file's ledger id or sha256")
+    release.add_argument("--reason", help="why (kept in the ledger)")
+    release.set_defaults(func=cmd_release)
 
     lake = commands.add_parser("lake", help="lake mode: the shared Delta Lake")
     lake_commands = lake.add_subparsers(dest="lake_command", required=True, metavar="COMMAND")

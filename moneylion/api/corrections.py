@@ -1,4 +1,4 @@
-"""``POST /v1/files/{id}/retract`` and ``/restore``: corrections over HTTP.
+"""``POST /v1/files/{id}/retract``, ``/restore`` and ``/release``: corrections over HTTP.
 
 The daemon holds the warehouse, so a correction runs in its process, between two of the
 worker's batches (``WarehouseView.between_batches``). These routes change data: the access,
@@ -17,7 +17,7 @@ from litestar import Router, post
 from litestar.datastructures import State
 from litestar.params import Body
 
-from moneylion import corrections
+from moneylion import corrections, release
 from moneylion.api.errors import problem, problem_spec
 from moneylion.api.v1 import Id, context
 from moneylion.corrections import CorrectionRefused
@@ -126,4 +126,17 @@ async def restore_v1(
     )
 
 
-corrections_router = Router(path="/v1", route_handlers=[retract_v1, restore_v1])
+@post("/files/{file_id:str}/release", status_code=200, responses=_RESPONSES)
+async def release_v1(
+    state: State, file_id: Id, data: Annotated[CorrectionRequest | None, Body()] = None
+) -> CorrectionAnswer:
+    """Load a file held by ``max_reject_share`` as if it arrived now: the latest file in the
+    order, from its bytes in ``held/`` (they must be the ledger's), without the hold check. It
+    becomes ``loaded`` with this load's counts and rejects, and moves to ``done/``. 409 when the
+    file is not held or its bytes are not in ``held/``."""
+    config = context(state).config
+    reason = data.reason if data is not None else None
+    return await _run(state, lambda conn: release.release(conn, int(file_id), config, reason))
+
+
+corrections_router = Router(path="/v1", route_handlers=[retract_v1, restore_v1, release_v1])
