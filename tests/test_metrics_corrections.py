@@ -108,15 +108,16 @@ def test_each_files_reject_share_is_in_the_histogram(
 
 
 def test_readiness_and_the_metrics_count_held_files(
-    client: TestClient[Litestar], warehouse: duckdb.DuckDBPyConnection, files: list[int]
+    client: TestClient[Litestar],
+    config: Config,
+    warehouse: duckdb.DuckDBPyConnection,
+    files: list[int],
+    tmp_path: Path,
 ) -> None:
     assert client.get("/v1/health/ready").json()["held_files"] == 0
-    # A held file as the ledger keeps it (max_reject_share: nothing of it loaded).
-    warehouse.execute(
-        "UPDATE files SET status = 'held', rows_loaded = 0, error_reason = 'reject_share' "
-        "WHERE file_id = ?",
-        [files[2]],
-    )
+    strict = config.with_overrides(max_reject_share=0.5)
+    bad = write_csv(tmp_path / "held.csv", TX_HEADER, [f"9{line}" for line in MOSTLY_BAD])
+    assert ingest_file(warehouse, bad, strict).status == FileStatus.HELD
     ready = client.get("/v1/health/ready")
     assert ready.status_code == 200  # held files wait for a person: still ready
     assert ready.json()["held_files"] == 1
