@@ -26,22 +26,36 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import duckdb
 
 from moneylion import aggregates, candidates, ledger
+from moneylion.config import Config
 from moneylion.db import int_constants, one_row, transaction, utc_now
-from moneylion.errors import MoneylionError
-from moneylion.ledger import OUT_OF_ORDER, FileStatus
+from moneylion.errors import FileRefused, MoneylionError
+from moneylion.ingest import DEFAULT_TOP_USERS_KEPT
+from moneylion.ladder import LADDERS, climb
+from moneylion.ledger import OUT_OF_ORDER, FileOutcome, FileStatus
+from moneylion.load import Load
 from moneylion.model import COLUMNS, DAILY_TOTALS, TABLES, FileKind
 from moneylion.pending import insert_rejects
-from moneylion.rules import IMMUTABLE, VERDICTS, Verdict, message_sql, versus_sql
+from moneylion.rules import (
+    IMMUTABLE,
+    VERDICTS,
+    Verdict,
+    latest_date,
+    message_sql,
+    versus_sql,
+)
+from moneylion.source import StagedFile
+from moneylion.tuning import DEFAULT as DEFAULT_TUNING
+from moneylion.validate import read_header
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOP_USERS_KEPT = 1000
-DEFAULT_LINE_BYTES = 4096
+DEFAULT_LINE_BYTES = Config.reject_line_bytes
 
 
 class CorrectionRefused(MoneylionError, ValueError):
@@ -59,6 +73,7 @@ class Action:
 
 RETRACT = Action("retract", (FileStatus.LOADED,), FileStatus.RETRACTED)
 RESTORE = Action("restore", (FileStatus.RETRACTED,), FileStatus.LOADED)
+REPLACE = Action("replace", (FileStatus.LOADED,), FileStatus.REPLACED)
 
 
 @dataclass(frozen=True)
@@ -75,6 +90,7 @@ class Correction:
     rows_in: int
     files_changed: int  # other files whose rows changed verdict
     seconds: float
+    by_file_id: int | None = None  # replace: the new bytes' file
 
     def summary(self) -> str:
         return (
@@ -127,6 +143,91 @@ def find_file(conn: duckdb.DuckDBPyConnection, file: int | str) -> tuple[int, st
     return first, kind, status
 
 
+def replace(
+    conn: duckdb.DuckDBPyConnection,
+    file: int | str,
+    staged: StagedFile,
+    config: Config | None = None,
+    reason: str | None = None,
+) -> Correction:
+    """Put the bytes ``staged`` in the place of ``file`` (its id or sha256): the warehouse then
+    equals the ledger with the old bytes swapped for the new ones. The new bytes get a ledger
+    row of their own (a new file id) whose place in the order is the old file's (``file_order``);
+    the old row is ``replaced``, and its ``corrections`` row names the new one (``by_file_id``).
+    Refused: bytes the ledger has, a file of another kind, one that would be refused whole."""
+    tuning = config.tuning if config else DEFAULT_TUNING
+    line_bytes = (config or Config).reject_line_bytes
+    kept = config.top_users_kept if config else DEFAULT_TOP_USERS_KEPT
+    known = ledger.known(conn, [staged.sha256]).get(staged.sha256)
+    if known is not None:
+        raise CorrectionRefused(f"these bytes are already file #{known[0]} ({known[1]})")
+    received_at = utc_now()
+    if staged.refused is not None:
+        raise CorrectionRefused(f"the new file is refused: {staged.refused.message}")
+    try:
+        header = read_header(staged, latest_date(received_at, (config or Config).max_future_days))
+    except FileRefused as refused:
+        raise CorrectionRefused(f"the new file is refused: {refused.message}") from None
+    new_id = ledger.next_file_ids(conn, 1)[0]
+
+    def load_first(conn: duckdb.DuckDBPyConnection, file_id: int, kind: str) -> int:
+        """The new bytes appended as the last file (before anything else of the transaction:
+        a load path that gives up rolls it back whole), then given the old file's place."""
+        if header.kind != kind:
+            raise CorrectionRefused(
+                f"file #{file_id} holds {kind}: its replacement holds {header.kind}"
+            )
+        load = Load(conn, staged, header, new_id, line_bytes, tuning)
+        applied = climb(load, LADDERS[header.kind], lambda stage: None)
+        if applied.loaded:
+            transactions = header.kind is FileKind.TRANSACTIONS
+            aggregates.apply_deltas(
+                conn,
+                new_id,
+                new_id,
+                transactions=applied.loaded if transactions else 0,
+                users=0 if transactions else applied.loaded,
+                top_users_kept=kept,
+                tuning=tuning,
+            )
+        ledger.insert(
+            conn,
+            [
+                FileOutcome(
+                    name=staged.name,
+                    path=staged.origin,
+                    sha256=staged.sha256,
+                    status=FileStatus.LOADED,
+                    file_id=new_id,
+                    kind=str(header.kind),
+                    rows_total=applied.loaded + applied.duplicate + applied.rejected,
+                    rows_loaded=applied.loaded,
+                    rows_duplicate=applied.duplicate,
+                    rows_rejected=applied.rejected,
+                    size_bytes=staged.size,
+                    received_at=received_at,
+                    finished_at=utc_now(),
+                )
+            ],
+        )
+        conn.execute(
+            "INSERT INTO file_order SELECT ?, coalesce("
+            "(SELECT order_key FROM file_order WHERE file_id = ?), ?)",
+            [new_id, file_id, file_id],
+        )
+        return new_id
+
+    return correct(
+        conn,
+        REPLACE,
+        file,
+        reason,
+        kept,
+        line_bytes,
+        first=load_first,
+    )
+
+
 def correct(
     conn: duckdb.DuckDBPyConnection,
     action: Action,
@@ -134,8 +235,12 @@ def correct(
     reason: str | None,
     top_users_kept: int = DEFAULT_TOP_USERS_KEPT,
     line_bytes: int = DEFAULT_LINE_BYTES,
+    *,
+    first: Callable[[duckdb.DuckDBPyConnection, int, str], int] | None = None,
 ) -> Correction:
-    """Apply ``action`` to ``file`` and everything it changes, in one transaction."""
+    """Apply ``action`` to ``file`` and everything it changes, in one transaction. ``first``:
+    what a replacement does before the rest (its new file, given the old one's place): the id
+    of the file it moved there."""
     started = dt.datetime.now(dt.UTC)
     change_id = ledger.next_file_ids(conn, 1)[0]  # outside the transaction (sequences)
     with transaction(conn):
@@ -145,6 +250,7 @@ def correct(
                 f"file #{file_id} is {status}: {action.name} applies to a file that is "
                 + " or ".join(action.applies_to)
             )
+        moved = None if first is None else first(conn, file_id, kind)
         members = [
             int(row[0])
             for row in conn.execute(
@@ -165,14 +271,16 @@ def correct(
             change_id=change_id,
             top_users_kept=top_users_kept,
             line_bytes=line_bytes,
+            moved=moved,
         )
         conn.execute(
-            "INSERT INTO corrections (change_id, action, file_id, reason, made_at, rows_out, "
-            "rows_in) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO corrections (change_id, action, file_id, by_file_id, reason, made_at, "
+            "rows_out, rows_in) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 change_id,
                 action.name,
                 file_id,
+                moved,
                 reason,
                 utc_now(),
                 redecided.rows_out,
@@ -188,7 +296,8 @@ def correct(
         files=tuple(members),
         rows_out=redecided.rows_out,
         rows_in=redecided.rows_in,
-        files_changed=len(redecided.files_changed - set(members)),
+        files_changed=len(redecided.files_changed - {*members, moved}),
+        by_file_id=moved,
         seconds=(dt.datetime.now(dt.UTC) - started).total_seconds(),
     )
     log.info(
@@ -203,6 +312,7 @@ def correct(
                 "rows_out": done.rows_out,
                 "rows_in": done.rows_in,
                 "files_changed": done.files_changed,
+                "by_file_id": done.by_file_id,
                 "seconds": round(done.seconds, 4),
             }
         },
@@ -227,7 +337,8 @@ UNION SELECT {key} FROM {kept} WHERE file_id IN ({files})
 """
 # Every candidate of the touched ids (candidates.py: the kept ones, and the base rows not among
 # them), with its file's place in the order and whether its file is active after the correction
-# (new_active: the statuses are already written) and before it (the corrected files: was_active).
+# (new_active: the statuses are already written) and before it (the corrected files: was_active);
+# a replacement (``$moved``) was last in the order before it and takes its place after.
 _CANDIDATES = """
 CREATE OR REPLACE TEMP TABLE fix_candidates AS
 WITH c AS (
@@ -239,6 +350,8 @@ WITH c AS (
       AND NOT EXISTS (SELECT 1 FROM {kept} x WHERE x.{key} = b.{key} AND x.file_id = b.file_id)
 )
 SELECT c.*, coalesce(o.order_key, c.file_id) AS order_key,
+       CASE WHEN c.file_id = $moved THEN c.file_id
+            ELSE coalesce(o.order_key, c.file_id) END AS old_order,
        f.status NOT IN ({inactive}) AS new_active,
        CASE WHEN c.file_id IN ({files}) THEN $was_active
             ELSE f.status NOT IN ({inactive}) END AS old_active
@@ -254,12 +367,14 @@ SELECT *,
     CASE WHEN NOT new_active THEN NULL {new_versus} END AS new_verdict
 FROM (
     SELECT *,
-        {pick}(CASE WHEN old_active THEN row({content}) END IGNORE NULLS) OVER w AS old_held,
-        {pick}(CASE WHEN old_active THEN file_id END IGNORE NULLS) OVER w AS old_against,
-        {pick}(CASE WHEN new_active THEN row({content}) END IGNORE NULLS) OVER w AS new_held,
-        {pick}(CASE WHEN new_active THEN file_id END IGNORE NULLS) OVER w AS new_against
+        {pick}(CASE WHEN old_active THEN row({content}) END IGNORE NULLS) OVER o AS old_held,
+        {pick}(CASE WHEN old_active THEN file_id END IGNORE NULLS) OVER o AS old_against,
+        {pick}(CASE WHEN new_active THEN row({content}) END IGNORE NULLS) OVER n AS new_held,
+        {pick}(CASE WHEN new_active THEN file_id END IGNORE NULLS) OVER n AS new_against
     FROM fix_candidates
-    WINDOW w AS (PARTITION BY {key} ORDER BY order_key, file_id
+    WINDOW o AS (PARTITION BY {key} ORDER BY old_order, file_id
+                 ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),
+           n AS (PARTITION BY {key} ORDER BY order_key, file_id
                  ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
 )
 """
@@ -312,11 +427,14 @@ def redecide(
     change_id: int,
     top_users_kept: int,
     line_bytes: int,
+    moved: int | None = None,
 ) -> Redecided:
     """Decide again every candidate of the ids that ``files`` (whose status just changed; active
-    before the change if ``was_active``) have candidates of, and apply what changed."""
-    conn.execute(_sql(_IDS, kind, files))
-    conn.execute(_sql(_CANDIDATES, kind, files), {"was_active": was_active})
+    before the change if ``was_active``) and ``moved`` (a file given an earlier place in the
+    order: ``file_order``) have candidates of, and apply what changed."""
+    touched = [*files, *([] if moved is None else [moved])]
+    conn.execute(_sql(_IDS, kind, touched))
+    conn.execute(_sql(_CANDIDATES, kind, files), {"was_active": was_active, "moved": moved or -1})
     conn.execute(_sql(_VERDICTS, kind, files))
     done = Redecided(files_changed=_count_in_ledger(conn))
     if kind is FileKind.TRANSACTIONS:

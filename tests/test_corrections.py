@@ -19,12 +19,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moneylion import corrections
+from moneylion import corrections, ledger
 from moneylion.aggregates import MAINTAINED, verify
 from moneylion.batch import ingest_batch, item_of
 from moneylion.corrections import CorrectionRefused
 from moneylion.ingest import ingest_file
 from moneylion.ledger import FileStatus
+from moneylion.source import stage
 from tests.conftest import TX_HEADER, USERS_HEADER, write_csv
 from tests.test_properties import LADDERS_TRIED, file_sets, fresh, write_files
 
@@ -103,8 +104,7 @@ def assert_equals_reference(
     order = active_order(conn)
     found = snapshot(conn, order)
     config, ref = fresh(folder)
-    remaining = sorted(order)
-    for file_id in remaining:
+    for file_id in order:  # in their order
         ingest_file(ref, paths[file_id], config)
     reference = snapshot(ref, active_order(ref))
     assert verify(ref) == []
@@ -122,8 +122,12 @@ def assert_equals_reference(
 )
 @given(
     files=file_sets(ids=8),  # few ids: most are shared, the cross-file rules decide them
+    spares=file_sets(ids=8),  # the replacements
     steps=st.lists(
-        st.tuples(st.sampled_from(["ingest", "batch", "retract", "restore"]), st.integers(0, 20)),
+        st.tuples(
+            st.sampled_from(["ingest", "batch", "retract", "restore", "replace"]),
+            st.integers(0, 20),
+        ),
         max_size=14,
     ),
     ladder=st.sampled_from(sorted(LADDERS_TRIED)),
@@ -131,6 +135,7 @@ def assert_equals_reference(
 )
 def test_retractions_and_restores_equal_the_remaining_files_from_scratch(
     files: list[tuple[str, list[str]]],
+    spares: list[tuple[str, list[str]]],
     steps: list[tuple[str, int]],
     ladder: str,
     seed: random.Random,
@@ -140,7 +145,30 @@ def test_retractions_and_restores_equal_the_remaining_files_from_scratch(
         folder = Path(tmp)
         config, conn = fresh(folder / "corrected")
         waiting = write_files(folder, files)
+        (folder / "spares").mkdir()
+        replacements = dict(zip(write_files(folder / "spares", spares), spares, strict=True))
         paths: dict[int, Path] = {}
+
+        def replace_with_a_spare(pick: int) -> None:
+            """A loaded file replaced by a spare of its kind (bytes the ledger does not have)."""
+            loaded = conn.execute(
+                "SELECT file_id, kind FROM files WHERE status = 'loaded' ORDER BY file_id"
+            ).fetchall()
+            if not loaded:
+                return
+            file_id, kind = loaded[pick % len(loaded)]
+            spare = next((p for p, (k, _) in replacements.items() if k == kind), None)
+            if spare is None:
+                return
+            del replacements[spare]
+            staged = stage(spare, folder)
+            if ledger.known(conn, [staged.sha256]):  # the same bytes as a file in the ledger
+                with pytest.raises(CorrectionRefused, match="already file"):
+                    corrections.replace(conn, file_id, staged, config)
+                return
+            done = corrections.replace(conn, file_id, staged, config)
+            assert done.by_file_id is not None
+            paths[done.by_file_id] = spare
 
         def ingest_next() -> None:
             path = waiting.pop(0)
@@ -166,6 +194,10 @@ def test_retractions_and_restores_equal_the_remaining_files_from_scratch(
             if action == "batch":
                 if waiting:
                     ingest_batch_of(1 + pick % 3)
+                continue
+            if action == "replace":
+                replace_with_a_spare(pick)
+                assert verify(conn) == []
                 continue
             wanted = FileStatus.LOADED if action == "retract" else FileStatus.RETRACTED
             candidates = [
