@@ -237,12 +237,17 @@ def correct(
     line_bytes: int = DEFAULT_LINE_BYTES,
     *,
     first: Callable[[duckdb.DuckDBPyConnection, int, str], int] | None = None,
+    also: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
+    change_id: int | None = None,
 ) -> Correction:
     """Apply ``action`` to ``file`` and everything it changes, in one transaction. ``first``:
     what a replacement does before the rest (its new file, given the old one's place): the id
-    of the file it moved there."""
+    of the file it moved there. ``also``: more to write in the same transaction (a lake
+    replica's mark of what it applied). ``change_id``: the correction's place in the order when
+    it was given one elsewhere (a lake's ledger); by default the next of the file id sequence."""
     started = dt.datetime.now(dt.UTC)
-    change_id = ledger.next_file_ids(conn, 1)[0]  # outside the transaction (sequences)
+    if change_id is None:
+        change_id = ledger.next_file_ids(conn, 1)[0]  # outside the transaction (sequences)
     with transaction(conn):
         file_id, kind, status = find_file(conn, file)
         if kind is None or status not in action.applies_to:
@@ -287,6 +292,8 @@ def correct(
                 redecided.rows_in,
             ],
         )
+        if also is not None:
+            also(conn)
     done = Correction(
         change_id=change_id,
         action=action.name,
