@@ -4,13 +4,13 @@ The SQLite file is what older tools read. It holds the seed's tables with the se
 types (``users``, ``transactions``: dates as TEXT ``YYYY-MM-DD``, ``amount`` REAL), the file ledger
 (``files``), the aggregates (``user_totals``, ``daily_totals``, ``top_users``) with exact TEXT
 totals, and ``export_state`` (``last_file_id``: the last change exported, a file's id or a
-correction's change id; the sha256 of the last file; the format). A correction since the last
-export is exported by a full rebuild (``increment``).
+correction's change id; the sha256 of the last file; the format).
 
 | module | owns |
 |---|---|
 | ``schema`` | the SQLite tables and views, the SQL adding cents to TEXT totals, the watermark |
 | ``increment`` | ``export_new``: one SQLite transaction per export, small or large (side file) |
+| ``corrected`` | an increment holding corrections: the rows and totals they touched, copied |
 | ``full`` | ``export_full``: a new file written aside and renamed over the old one |
 | ``bulk`` | private SQLite files written from DuckDB's Arrow streams by ADBC's SQLite driver |
 | ``writer`` | the exporter's long-lived connection to the live file, its WAL checkpoints |

@@ -11,10 +11,11 @@ back), it can never be counted twice. A SQLite file that is missing, not ours, o
 warehouse (the sha256 of the last file at or before the watermark differs) is rebuilt in full.
 
 Corrections (``corrections.py``) take their change ids from the files' sequence, so the
-watermark is the last change exported, a file or a correction. A range holding a correction is
-exported by a full rebuild (``full.py``: written aside, renamed over, as crash-safe), which then
-stores the correction's change id: its rows out, its totals, the ledger rows it changed are
-what a full export of the same snapshot holds.
+watermark is the last change exported, a file or a correction. A range holding retractions or
+restores is a third way (``corrected.py``): the rows of the ids they decided again and of the
+new files, the totals those touch and the ledger rows they changed, copied from DuckDB in the
+same one transaction. Other corrections, and corrections of many rows, go to a full rebuild
+(``full.py``: written aside, renamed over, as crash-safe).
 
 Two ways, by the rows the range loaded:
 
@@ -47,7 +48,7 @@ from typing import Any
 
 import duckdb
 
-from moneylion.export import bulk, writer
+from moneylion.export import bulk, corrected, writer
 from moneylion.export.full import rebuild
 from moneylion.export.outcome import ExportResult, log_result, reached
 from moneylion.export.schema import (
@@ -187,14 +188,13 @@ def _export_increment(
     side: Path | None = None
     try:
         with snapshot(conn) as cur:
-            last, ledger = _files_after(cur, lite)
-            if not ledger:
+            last, ledger, (high, high_sha), corrections = _range(cur, lite, tuning)
+            if high == last:
                 return ExportResult(
                     sqlite_path, False, 0, 0, 0, last, last, time.perf_counter() - started
                 )
-            high, high_sha = int(ledger[-1][_ID]), ledger[-1][_SHA256]
             loaded = _rows_loaded(ledger)
-            if sum(loaded.values()) > tuning.large_increment_rows:
+            if corrections is None and sum(loaded.values()) > tuning.large_increment_rows:
                 side = bulk.side_path(sqlite_path)
                 written = _write_side(cur, side, last, high, loaded)
                 lite.execute("ATTACH DATABASE ? AS side", (str(side),))  # not in a transaction
@@ -212,14 +212,18 @@ def _export_increment(
                 "INSERT OR REPLACE",
             )
             new_users: list[tuple[int]] = []
-            if side is None:
+            if corrections is not None:
+                users, transactions = corrected.copy(
+                    cur, lite, corrections, last, opened.base_users
+                )
+            elif side is None:
                 users, transactions = _copy_small(
                     cur, lite, last, high, loaded, opened.base_users, tuning
                 )
             else:
                 users, transactions = written.get("users", 0), written.get("transactions", 0)
                 new_users = _copy_side(lite, transactions)
-            if any(loaded.values()):
+            if corrections is not None or any(loaded.values()):
                 _copy_country_monthly(cur, lite, last, high)
             reached("rows_written")
             write_state(lite, high, high_sha)
@@ -245,15 +249,15 @@ def _export_increment(
     return result
 
 
-def _files_after(
-    cur: duckdb.DuckDBPyConnection, lite: sqlite3.Connection
-) -> tuple[int, list[tuple[Any, ...]]]:
-    """The watermark and the ledger rows of the files after it, in order.
+def _range(
+    cur: duckdb.DuckDBPyConnection, lite: sqlite3.Connection, tuning: Tuning
+) -> tuple[int, list[tuple[Any, ...]], tuple[int, str | None], corrected.Touched | None]:
+    """The watermark, the ledger rows of the files after it (in order), the high mark with the
+    sha256 of its last file, and what the corrections after the watermark touched (None: none).
 
-    RebuildNeeded when the SQLite file is not this warehouse's export (no file at or before the
-    watermark, or not the same bytes), and when a correction came after it: the files of the
-    range do not say what it changed (rows out of the base tables, totals, other files' ledger
-    rows); a full export does.
+    RebuildNeeded when the SQLite file is not this warehouse's export (no file or correction at
+    the watermark, or the file at or before it has other bytes), and for corrections that
+    ``corrected`` leaves to a full export.
     """
     last = watermark(lite)
     rows = cur.execute(_LEDGER, {"lo": last}).fetchall()
@@ -262,15 +266,20 @@ def _files_after(
         rows += cur.execute(_FILE_BEFORE, {"lo": last}).fetchall()
     last_change = max((int(row[-1]) for row in rows), default=0)
     ledger = sorted(row[:-1] for row in rows)
+    checked: str | None = None
     if last > 0:
         if not ledger or ledger[0][_ID] > last or (not a_file and last_change < last):
             raise RebuildNeeded(f"the warehouse has no file or correction #{last}")
-        if (ledger[0][_SHA256] or "") != state(lite, "last_file_sha256"):
-            raise RebuildNeeded(f"file #{ledger[0][_ID]} differs from the warehouse's")
-        ledger = ledger[1:]
-    if last_change > last:
-        raise RebuildNeeded("corrections since the last export")
-    return last, ledger
+        checked = ledger.pop(0)[_SHA256]
+        if (checked or "") != state(lite, "last_file_sha256"):
+            raise RebuildNeeded(f"the file at or before #{last} differs from the warehouse's")
+    high, high_sha = (int(ledger[-1][_ID]), ledger[-1][_SHA256]) if ledger else (last, checked)
+    if last_change <= last:
+        return last, ledger, (high, high_sha), None
+    rows_loaded = sum(_rows_loaded(ledger).values())
+    limit = max(0, tuning.large_increment_rows - rows_loaded)
+    touched = corrected.touched(cur, last, limit)
+    return last, ledger, (max(high, last_change), high_sha), touched
 
 
 def _rows_loaded(ledger: list[tuple[Any, ...]]) -> dict[str, int]:

@@ -56,6 +56,14 @@ class BaseUsers:
                     bits.extend(bytes(byte + 1 - len(bits)))
                 bits[byte] |= 1 << (user_id & 7)
 
+    def discard_all(self, user_ids: Iterable[int]) -> None:
+        """Forget these users (their base rows may go): unknown is always right."""
+        bits = self._bits
+        for user_id in user_ids:
+            byte = user_id >> 3
+            if 0 <= byte < len(bits):
+                bits[byte] &= ~(1 << (user_id & 7)) & 0xFF
+
     def split(self, rows: list[Any]) -> tuple[list[Any], list[Any]]:
         """Rows whose first value is a known user id, and the others (a hot loop: inlined)."""
         bits, size = self._bits, len(self._bits)
