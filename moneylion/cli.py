@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from moneylion.config import Config, ConfigError, load_config
 from moneylion.errors import DiskLow
@@ -179,19 +180,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_correct(args: argparse.Namespace) -> int:
-    """``retract`` / ``restore``: on the warehouse itself when no daemon holds it, else through
-    the daemon's API (``remote``). Exit 1 when the correction is refused."""
-    from moneylion import corrections, remote
+    """``retract`` / ``restore`` / ``replace`` / ``release``: on the warehouse itself when no
+    daemon holds it, else through the daemon's API (``remote``). Exit 1 when refused."""
+    from moneylion import remote
+    from moneylion.corrections import CorrectionRefused
     from moneylion.schema import open_warehouse
 
     config = _config(args)
     action = args.command
-    reason = getattr(args, "reason", None)
     try:
         conn = open_warehouse(config)
     except WarehouseLocked:
-        body = json.dumps({"reason": reason}).encode()
-        status, answer = remote.call(config, f"/v1/files/{args.file}/{action}", body=body)
+        status, answer = _correct_through_daemon(config, args, remote)
         if status != 200:
             print(f"moneylion {action}: {answer.get('detail', answer)}", file=sys.stderr)
             return 1
@@ -202,16 +202,53 @@ def cmd_correct(args: argparse.Namespace) -> int:
         )
         return 0
     with conn:
-        what = corrections.RETRACT if action == "retract" else corrections.RESTORE
         try:
-            done = corrections.correct(
-                conn, what, args.file, reason, config.top_users_kept, config.reject_line_bytes
-            )
-        except corrections.CorrectionRefused as refused:
+            done = _correct_here(conn, config, args)
+        except CorrectionRefused as refused:
             print(f"moneylion {action}: {refused}", file=sys.stderr)
             return 1
     print(done.summary())
     return 0
+
+
+def _correct_here(conn: Any, config: Config, args: argparse.Namespace) -> Any:
+    """The correction ``args`` name, on the warehouse ``conn``."""
+    from moneylion import corrections
+    from moneylion.release import release
+    from moneylion.source import Bounds, stage
+
+    if args.command == "release":
+        return release(conn, args.file, config, args.reason)
+    if args.command == "replace":
+        staged = stage(Path(args.new_file), config.staging_dir, bounds=Bounds.of(config))
+        try:
+            return corrections.replace(conn, args.file, staged, config, args.reason)
+        finally:
+            staged.discard()
+    what = corrections.RETRACT if args.command == "retract" else corrections.RESTORE
+    return corrections.correct(
+        conn, what, args.file, args.reason, config.top_users_kept, config.reject_line_bytes
+    )
+
+
+def _correct_through_daemon(
+    config: Config, args: argparse.Namespace, remote: Any
+) -> tuple[int, dict[str, Any]]:
+    """The correction ``args`` name, asked of the daemon that holds the warehouse."""
+    import urllib.parse
+
+    path = f"/v1/files/{urllib.parse.quote(args.file)}/{args.command}"
+    if args.command != "replace":
+        body = json.dumps({"reason": args.reason}).encode()
+        return remote.call(config, path, body=body)  # type: ignore[no-any-return]
+    new_file = Path(args.new_file)
+    query = {"name": new_file.name, **({"reason": args.reason} if args.reason else {})}
+    return remote.call(  # type: ignore[no-any-return]
+        config,
+        f"{path}?{urllib.parse.urlencode(query)}",
+        body=new_file.read_bytes(),
+        content_type="text/csv",
+    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -253,37 +290,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print("\n".join(summary_lines(report)))
     return 1 if report["outcome"] in ("would_hold", "would_fail") else 0
-
-
-def cmd_release(args: argparse.Namespace) -> int:
-    """``release.release``: on the warehouse itself when no daemon holds it, else through the
-    daemon's API. Exit 1 when the release is refused."""
-    from moneylion import corrections, remote
-    from moneylion.release import release
-    from moneylion.schema import open_warehouse
-
-    config = _config(args)
-    try:
-        conn = open_warehouse(config)
-    except WarehouseLocked:
-        body = json.dumps({"reason": args.reason}).encode()
-        status, answer = remote.call(config, f"/v1/files/{args.file}/release", body=body)
-        if status != 200:
-            print(f"moneylion release: {answer.get('detail', answer)}", file=sys.stderr)
-            return 1
-        print(
-            f"file #{answer['file_id']} ({answer['kind']}): released by the daemon, now "
-            f"{answer['status']}; {answer['rows_in']} rows in"
-        )
-        return 0
-    with conn:
-        try:
-            done = release(conn, args.file, config, args.reason)
-        except corrections.CorrectionRefused as refused:
-            print(f"moneylion release: {refused}", file=sys.stderr)
-            return 1
-    print(done.summary())
-    return 0
 
 
 def cmd_lake_status(args: argparse.Namespace) -> int:
@@ -392,7 +398,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     release.add_argument("file", metavar="ID|SHA256", help="the file's ledger id or sha256")
     release.add_argument("--reason", help="why (kept in the ledger)")
-    release.set_defaults(func=cmd_release)
+    release.set_defaults(func=cmd_correct)
+    replace = commands.add_parser(
+        "replace",
+        help="put NEW_FILE in the place of a loaded file: the warehouse becomes the ledger with "
+        "the old bytes swapped for the new ones (through the daemon's API when it runs)",
+    )
+    replace.add_argument("file", metavar="ID|SHA256", help="the file's ledger id or sha256")
+    replace.add_argument("new_file", metavar="NEW_FILE", help="the CSV file that replaces it")
+    replace.add_argument("--reason", help="why (kept in the ledger)")
+    replace.set_defaults(func=cmd_correct)
 
     lake = commands.add_parser("lake", help="lake mode: the shared Delta Lake")
     lake_commands = lake.add_subparsers(dest="lake_command", required=True, metavar="COMMAND")

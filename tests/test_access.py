@@ -76,8 +76,10 @@ def test_every_route_but_liveness_answers_401_without_the_token(
     http: httpx.Client, loaded: Loaded
 ) -> None:
     found = operations(http)
-    assert len(found) == 18  # 17 GETs and the upload
+    # 17 GETs, the upload, the check, and the corrections (retract, restore, release, replace)
+    assert len(found) == 23
     assert ("POST", "/v1/files") in found
+    assert ("POST", "/v1/files/1/retract") in found
     for method, path in found:
         if path == "/v1/health/live":
             continue

@@ -18,15 +18,19 @@ import duckdb
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from litestar.testing import TestClient
 
 from moneylion import corrections, ledger
 from moneylion.aggregates import MAINTAINED, verify
+from moneylion.api import create_app
 from moneylion.batch import ingest_batch, item_of
+from moneylion.config import Config
 from moneylion.corrections import CorrectionRefused
 from moneylion.ingest import ingest_file
 from moneylion.ledger import FileStatus
 from moneylion.source import stage
-from tests.conftest import TX_HEADER, USERS_HEADER, write_csv
+from tests.conftest import TEST_CLIENT_HOST, TX_HEADER, USERS_HEADER, write_csv
+from tests.daemon_process import run_cli_on
 from tests.test_properties import LADDERS_TRIED, file_sets, fresh, write_files
 
 Rows = list[tuple[object, ...]]
@@ -321,3 +325,62 @@ def test_a_correction_is_refused_for_a_file_not_in_that_state(
     corrections.retract(warehouse, first.file_id, "x")
     with pytest.raises(CorrectionRefused, match="is retracted"):
         corrections.retract(warehouse, first.file_id, "x")
+
+
+def test_replace_over_http_and_the_command_line(
+    config: Config, warehouse: duckdb.DuckDBPyConnection, tmp_path: Path
+) -> None:
+    """``POST /v1/files/{id}/replace`` takes the CSV as its body, keeps the new bytes in done/;
+    ``moneylion replace`` does the same on the warehouse; refusals answer 409."""
+    first = ingest_file(warehouse, write_csv(tmp_path / "a.csv", TX_HEADER, TX), config)
+    later = ingest_file(warehouse, write_csv(tmp_path / "b.csv", TX_HEADER, TX_LATER), config)
+    fixed = "\n".join([TX_HEADER, "1,1,2024-01-01,10.00,deposit", "2,2,2024-01-02,7.00,purchase"])
+    with TestClient(app=create_app(config, warehouse)) as client:
+        answer = client.post(
+            f"/v1/files/{first.file_id}/replace?name=a-fixed.csv&reason=amount%20of%202",
+            content=fixed.encode(),
+            headers={"Host": TEST_CLIENT_HOST},
+        )
+        assert answer.status_code == 200, answer.text
+        done = answer.json()
+        again = client.post(
+            f"/v1/files/{first.file_id}/replace",
+            content=f"{TX_HEADER}\n9,1,2024-01-01,1.00,deposit\n".encode(),
+            headers={"Host": TEST_CLIENT_HOST},
+        )
+        assert again.status_code == 409
+        assert "is replaced" in again.json()["detail"]
+        broken = client.post(
+            f"/v1/files/{later.file_id}/replace", content=b"x", headers={"Host": TEST_CLIENT_HOST}
+        )
+        assert broken.status_code == 409
+        assert "the new file is refused" in broken.json()["detail"]
+    assert done["status"] == "replaced"
+    assert done["action"] == "replace"
+    new_id = warehouse.execute(
+        "SELECT by_file_id FROM corrections WHERE file_id = ?", [first.file_id]
+    ).fetchall()[0][0]
+    rows = warehouse.execute(
+        "SELECT transaction_id, CAST(amount AS VARCHAR), file_id FROM transactions ORDER BY 1"
+    ).fetchall()
+    # The new bytes hold id 2 with the later file's content: the later file's copy is a duplicate.
+    assert rows == [(1, "10.00", new_id), (2, "7.00", new_id), (4, "2.50", later.file_id)]
+    ledger_rows = warehouse.execute(
+        "SELECT file_id, status, rows_loaded, rows_duplicate, rows_rejected FROM files ORDER BY 1"
+    ).fetchall()
+    assert ledger_rows == [
+        (first.file_id, "replaced", 0, 0, 0),
+        (later.file_id, "loaded", 1, 2, 0),
+        (new_id, "loaded", 2, 0, 0),
+    ]
+    assert [p.name for p in config.done_dir.glob("*/*")] == ["a-fixed.csv"]
+    assert verify(warehouse) == []
+    warehouse.close()
+
+    newer = write_csv(tmp_path / "newer.csv", TX_HEADER, ["1,1,2024-01-01,10.00,deposit"])
+    shown = run_cli_on(config, "replace", str(new_id), str(newer), "--reason", "one row only")
+    assert shown.returncode == 0, shown.stderr
+    assert "replace done, now replaced" in shown.stdout
+    refused = run_cli_on(config, "replace", str(new_id), str(newer))
+    assert refused.returncode == 1
+    assert "these bytes are already file" in refused.stderr

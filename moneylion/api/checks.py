@@ -49,7 +49,9 @@ async def check_v1(request: Request[Any, Any, Any], state: State) -> CheckReport
     ctx = context(state)
     config = ctx.config
     requested = request.query_params.get("name")
-    folder, path = await _receive(request, config, requested)
+    folder, path = await receive_file(
+        request, config, requested, config.max_check_bytes, "max_check_bytes"
+    )
     try:
         report = await anyio.to_thread.run_sync(
             lambda: ctx.view.between_batches(
@@ -65,15 +67,19 @@ async def check_v1(request: Request[Any, Any, Any], state: State) -> CheckReport
     return report
 
 
-async def _receive(
-    request: Request[Any, Any, Any], config: Config, requested: str | None
+async def receive_file(
+    request: Request[Any, Any, Any],
+    config: Config,
+    requested: str | None,
+    limit: int,
+    bound: str,
 ) -> tuple[Path, Path]:
-    """The body into a file of its own folder under the staging folder: (folder, file). Its
-    name keeps the requested one's suffix (a compressed file is read as one)."""
-    limit = config.max_check_bytes
+    """The body, at most ``limit`` bytes (the config key ``bound``: 413 past it), into a file of
+    its own folder under the staging folder: (folder, file). Its name keeps the requested one's
+    suffix (a compressed file is read as one)."""
     declared = request.content_length
     if declared is not None and declared > limit:
-        raise _too_large(limit)
+        raise _too_large(limit, bound)
     config.staging_dir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="check-", dir=config.staging_dir))
     path = folder / inbox_name(requested, "check")
@@ -84,7 +90,7 @@ async def _receive(
                 async for chunk in request.stream():
                     size += len(chunk)
                     if size > limit:
-                        raise _too_large(limit)
+                        raise _too_large(limit, bound)
                     out.write(chunk)
             except InternalServerException as exc:
                 if exc.detail != CLIENT_GONE:
@@ -96,8 +102,8 @@ async def _receive(
     return folder, path
 
 
-def _too_large(limit: int) -> Exception:
-    return problem(413, f"the file to check is larger than max_check_bytes ({limit})")
+def _too_large(limit: int, bound: str) -> Exception:
+    return problem(413, f"the file is larger than {bound} ({limit})")
 
 
 checks_router = Router(path="/v1", route_handlers=[check_v1])

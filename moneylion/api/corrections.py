@@ -7,20 +7,24 @@ Host and Origin rules of every unsafe method apply (``access.py``), as for uploa
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from typing import Annotated, Any
 
 import anyio.to_thread
 import duckdb
 import msgspec
-from litestar import Router, post
+from litestar import Request, Router, post
 from litestar.datastructures import State
-from litestar.params import Body
+from litestar.params import Body, QueryParameter
 
-from moneylion import corrections, release
+from moneylion import corrections, inbox, release
+from moneylion.api.checks import receive_file
 from moneylion.api.errors import problem, problem_spec
 from moneylion.api.v1 import Id, context
 from moneylion.corrections import CorrectionRefused
+from moneylion.errors import FileRefused
+from moneylion.source import Bounds, stage
 
 REASON_MAX_CHARS = 1000  # a reason is a sentence for the ledger, not a document
 
@@ -139,4 +143,51 @@ async def release_v1(
     return await _run(state, lambda conn: release.release(conn, int(file_id), config, reason))
 
 
-corrections_router = Router(path="/v1", route_handlers=[retract_v1, restore_v1, release_v1])
+@post(
+    "/files/{file_id:str}/replace",
+    request_max_body_size=None,  # counted against max_upload_bytes while it arrives
+    status_code=200,
+    responses={**_RESPONSES, 413: problem_spec("Larger than max_upload_bytes")},
+)
+async def replace_v1(
+    request: Request[Any, Any, Any],
+    state: State,
+    file_id: Id,
+    reason: Annotated[
+        str | None, QueryParameter(max_length=REASON_MAX_CHARS, description="why")
+    ] = None,
+) -> CorrectionAnswer:
+    """Replace a file by the CSV in the body (``?name=`` names it, ``?reason=`` says why): the
+    new bytes take the old file's place in the order, and the warehouse becomes the ledger
+    with the old bytes swapped for the new ones. The old file's row is ``replaced`` and says
+    which file replaced it; the new bytes are kept in ``done/``. Refused (409): bytes the
+    ledger has, another kind of file, a file that would be refused whole."""
+    ctx = context(state)
+    config = ctx.config
+    requested = request.query_params.get("name")
+    folder, path = await receive_file(
+        request, config, requested, config.max_upload_bytes, "max_upload_bytes"
+    )
+    try:
+
+        def work(conn: duckdb.DuckDBPyConnection) -> corrections.Correction:
+            staged = stage(path, config.staging_dir, bounds=Bounds.of(config))
+            try:
+                return corrections.replace(conn, int(file_id), staged, config, reason or None)
+            finally:
+                staged.discard()
+
+        answer = await _run(state, work)
+        await anyio.to_thread.run_sync(
+            lambda: inbox.move_without_overwrite(path, inbox.day_folder(config.done_dir))
+        )
+    except FileRefused as refused:
+        raise problem(409, f"the new file is refused: {refused.message}") from None
+    finally:
+        await anyio.to_thread.run_sync(lambda: shutil.rmtree(folder, ignore_errors=True))
+    return answer
+
+
+corrections_router = Router(
+    path="/v1", route_handlers=[retract_v1, restore_v1, release_v1, replace_v1]
+)
