@@ -31,6 +31,7 @@ from moneylion.db import utc_now
 from moneylion.export import close_sqlite, export_full, export_new, full
 from moneylion.ingest import ingest_file
 from moneylion.schema import open_warehouse
+from moneylion.source import stage
 from moneylion.tuning import DEFAULT, Tuning
 from tests.conftest import TX_HEADER, USERS_HEADER, write_csv
 from tests.test_export import (  # noqa: F401 (close_exporter: an autouse fixture)
@@ -61,6 +62,24 @@ def sqlite_rows(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tupl
         return lite.execute(sql, params).fetchall()
     finally:
         lite.close()
+
+
+def replace_with(
+    conn: duckdb.DuckDBPyConnection,
+    file_id: int,
+    spares: list[Path],
+    tmp_path: Path,
+    config: Config,
+) -> int | None:
+    """Replace ``file_id`` by the first spare file of its kind (taken from ``spares``)."""
+    (kind,) = conn.execute("SELECT kind FROM files WHERE file_id = ?", [file_id]).fetchall()[0]
+    header = USERS_HEADER if kind == "users" else TX_HEADER
+    spare = next((path for path in spares if path.read_text().startswith(header)), None)
+    if spare is None:
+        return None
+    spares.remove(spare)
+    done = corrections.replace(conn, file_id, stage(spare, tmp_path), config, "new bytes")
+    return done.change_id
 
 
 def exported_rows_of(
@@ -202,12 +221,35 @@ def test_a_retracted_users_file_leaves_the_exported_users_and_country_totals(
     assert verify(warehouse) == []
 
 
+@WAYS
+def test_a_replacement_since_the_last_export_is_exported_whole(
+    warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path, tuning: Tuning
+) -> None:
+    for path in random_files(tmp_path / "files", 7, seed=29):
+        ingest_file(warehouse, path)
+    export_new(warehouse, config.sqlite_path)
+    old = loaded_transaction_files(warehouse)[1]
+    rows = exported_rows_of(warehouse, config.sqlite_path, old)
+    spares = random_files(tmp_path / "spares", 3, seed=30)  # ids from 1 again: conflicts
+
+    change_id = replace_with(warehouse, old, spares, tmp_path, config)
+    result = export_new(warehouse, config.sqlite_path, tuning=tuning)
+    assert (result.full, result.last_file_id) == (tuning is REBUILD, change_id)
+    assert_equals_full_export(warehouse, config.sqlite_path)
+    assert sqlite_rows(
+        config.sqlite_path, "SELECT status FROM files WHERE file_id = ?", (old,)
+    ) == [("replaced",)]
+    assert not rows & set(dump_sqlite(config.sqlite_path)["transactions"])
+    assert verify(warehouse) == []
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_any_mix_of_files_corrections_and_exports_equals_a_full_export(
     warehouse: duckdb.DuckDBPyConnection, config: Config, tmp_path: Path, seed: int
 ) -> None:
     rng = random.Random(seed)
     waiting = random_files(tmp_path / "files", 18, seed=seed)
+    spares = random_files(tmp_path / "spares", 6, seed=seed + 100)
     exports = 0
     for _ in range(40):
         draw = rng.random()
@@ -225,10 +267,12 @@ def test_any_mix_of_files_corrections_and_exports_equals_a_full_export(
         ]
         if waiting and draw < 0.35:
             ingest_file(warehouse, waiting.pop(0))
-        elif loaded and draw < 0.55:
+        elif loaded and draw < 0.5:
             corrections.retract(warehouse, rng.choice(loaded), "drawn")
-        elif retracted and draw < 0.7:
+        elif retracted and draw < 0.62:
             corrections.restore(warehouse, rng.choice(retracted))
+        elif loaded and spares and draw < 0.7:
+            replace_with(warehouse, rng.choice(loaded), spares, tmp_path, config)
         else:  # every way: the targeted increment, the rebuild, the side file of new rows
             rows = rng.choice([0, 60, DEFAULT.large_increment_rows])
             tuning = dataclasses.replace(DEFAULT, large_increment_rows=rows)

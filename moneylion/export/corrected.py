@@ -1,15 +1,16 @@
-"""An export range holding corrections (retract, restore): what they decided again, copied.
+"""An export range holding corrections (retract, restore, replace): what they decided again.
 
-A correction decides again the ids its file has candidates of (``corrections.py``), and only
-those: their base rows, the totals of the users and days of those rows before and after, the top
-list, the ledger rows of the files with a candidate among them, and the country totals it
-changed (stamped with its change id, copied as the range's). So the SQLite rows of the touched
-ids are deleted and DuckDB's rows of those ids and of the range's new files copied; the totals
-of every user and day they touch, before and after, are DuckDB's, not sums added. All of it in
-the export's one SQLite transaction, with the watermark.
+A correction decides again the ids its files (the file, and a replacement's new one) have
+candidates of (``corrections.py``), and only those: their base rows, the totals of the users
+and days of those rows before and after, the top list, the ledger rows of the files with a
+candidate among them, and the country totals it changed (stamped with its change id, copied as
+the range's). So the SQLite rows of the touched ids are deleted and DuckDB's rows of those ids
+and of the range's new files copied; the totals of every user and day they touch, before and
+after, are DuckDB's, not sums added. All of it in the export's one SQLite transaction, with the
+watermark.
 
-Other actions (replace, release bring a file's rows of their own) and corrections touching more
-rows than an increment takes (``Tuning.large_increment_rows``) go to a full rebuild.
+Other actions (a release) and corrections touching more rows than an increment takes
+(``Tuning.large_increment_rows``) go to a full rebuild.
 """
 
 from __future__ import annotations
@@ -29,16 +30,19 @@ from moneylion.export.writer import BaseUsers
 from moneylion.ledger import LEDGER_COLUMNS
 from moneylion.model import DAILY_TOTALS, TABLES, USER_TOTALS, FileKind
 
-TARGETED = ("retract", "restore")
+TARGETED = ("retract", "restore", "replace")
 
-# The files each correction of the range acted on, with their parts.
+# The files each correction of the range acted on (a replacement: the old and the new), with
+# their parts.
 _CORRECTED = """
-SELECT c.action, f.file_id, f.kind FROM corrections c JOIN files f USING (file_id)
-WHERE c.change_id > $lo
+WITH named AS (
+    SELECT action, file_id FROM corrections WHERE change_id > $lo
+    UNION ALL
+    SELECT action, by_file_id FROM corrections WHERE change_id > $lo AND by_file_id IS NOT NULL)
+SELECT n.action, f.file_id, f.kind FROM named n JOIN files f USING (file_id)
 UNION ALL
-SELECT c.action, p.file_id, f.kind FROM corrections c
-JOIN file_parts p ON p.first_file_id = c.file_id JOIN files f ON f.file_id = p.file_id
-WHERE c.change_id > $lo
+SELECT n.action, p.file_id, f.kind FROM named n
+JOIN file_parts p ON p.first_file_id = n.file_id JOIN files f ON f.file_id = p.file_id
 """
 # Every candidate (id, file) of the ids those files have candidates of, at most $limit + 1.
 _TOUCHED = """

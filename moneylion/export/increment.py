@@ -11,11 +11,11 @@ back), it can never be counted twice. A SQLite file that is missing, not ours, o
 warehouse (the sha256 of the last file at or before the watermark differs) is rebuilt in full.
 
 Corrections (``corrections.py``) take their change ids from the files' sequence, so the
-watermark is the last change exported, a file or a correction. A range holding retractions or
-restores is a third way (``corrected.py``): the rows of the ids they decided again and of the
-new files, the totals those touch and the ledger rows they changed, copied from DuckDB in the
-same one transaction. Other corrections, and corrections of many rows, go to a full rebuild
-(``full.py``: written aside, renamed over, as crash-safe).
+watermark is the last change exported, a file or a correction. A range holding retractions,
+restores or replacements is a third way (``corrected.py``): the rows of the ids they decided
+again and of the new files, the totals those touch and the ledger rows they changed, copied from
+DuckDB in the same one transaction. Other corrections, and corrections of many rows, go to a
+full rebuild (``full.py``: written aside, renamed over, as crash-safe).
 
 Two ways, by the rows the range loaded:
 
