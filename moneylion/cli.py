@@ -377,37 +377,33 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--full", action="store_true", help="rebuild it, atomically")
     export.set_defaults(func=cmd_export)
 
-    retract = commands.add_parser(
-        "retract",
-        help="take a loaded file out of the warehouse, as if it had never arrived (through the "
-        "daemon's API when it runs)",
-    )
-    retract.add_argument("file", metavar="ID|SHA256", help="the file's ledger id or sha256")
-    retract.add_argument("--reason", required=True, help="why (kept in the ledger)")
-    retract.set_defaults(func=cmd_correct)
-    restore = commands.add_parser(
-        "restore", help="undo a retraction: the file is back in its place in the order"
-    )
-    restore.add_argument("file", metavar="ID|SHA256", help="the file's ledger id or sha256")
-    restore.add_argument("--reason", help="why (kept in the ledger)")
-    restore.set_defaults(func=cmd_correct)
-    release = commands.add_parser(
-        "release",
-        help="load a file held by max_reject_share, as if it arrived now, from its bytes in "
-        "`held/` (through the daemon's API when it runs)",
-    )
-    release.add_argument("file", metavar="ID|SHA256", help="the file's ledger id or sha256")
-    release.add_argument("--reason", help="why (kept in the ledger)")
-    release.set_defaults(func=cmd_correct)
-    replace = commands.add_parser(
-        "replace",
-        help="put NEW_FILE in the place of a loaded file: the warehouse becomes the ledger with "
-        "the old bytes swapped for the new ones (through the daemon's API when it runs)",
-    )
-    replace.add_argument("file", metavar="ID|SHA256", help="the file's ledger id or sha256")
-    replace.add_argument("new_file", metavar="NEW_FILE", help="the CSV file that replaces it")
-    replace.add_argument("--reason", help="why (kept in the ledger)")
-    replace.set_defaults(func=cmd_correct)
+    # The corrections (cmd_correct): each names a file of the ledger and may say why.
+    through = " (through the daemon's API when it runs)"
+    for name, text, reason_required in (
+        ("retract", "take a loaded file out of the warehouse, as if it had never arrived", True),
+        ("restore", "undo a retraction: the file is back in its place in the order", False),
+        (
+            "release",
+            "load a file held by max_reject_share, as if it arrived now, from its bytes in `held/`",
+            False,
+        ),
+        (
+            "replace",
+            "put NEW_FILE in the place of a loaded file: the warehouse becomes the ledger with "
+            "the old bytes swapped for the new ones",
+            False,
+        ),
+    ):
+        correction = commands.add_parser(name, help=text + through)
+        correction.add_argument("file", metavar="ID|SHA256", help="the file's ledger id or sha256")
+        if name == "replace":
+            correction.add_argument(
+                "new_file", metavar="NEW_FILE", help="the CSV file that replaces it"
+            )
+        correction.add_argument(
+            "--reason", required=reason_required, help="why (kept in the ledger)"
+        )
+        correction.set_defaults(func=cmd_correct)
 
     lake = commands.add_parser("lake", help="lake mode: the shared Delta Lake")
     lake_commands = lake.add_subparsers(dest="lake_command", required=True, metavar="COMMAND")
