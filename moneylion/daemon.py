@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import duckdb
 
@@ -24,6 +24,7 @@ from moneylion import inbox
 from moneylion.config import Config
 from moneylion.corrections import CorrectionRefused
 from moneylion.export.exporter import SqliteExporter
+from moneylion.lake.request import LakeCorrection
 from moneylion.priority import lower_thread_priority
 from moneylion.schema import WarehouseLocked, open_warehouse
 from moneylion.source import clear_staging
@@ -168,9 +169,13 @@ class Daemon:
 
     def between_batches(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """``work`` (a correction, a check) on the warehouse between two of the worker's
-        batches. Lake mode: refused (a correction there is a ledger commit of the lake)."""
+        batches. Lake mode: a correction is a ledger entry of the lake, not a change of this
+        warehouse: a ``LakeCorrection`` is published and answered once this replica applied it
+        (``lake/correct.py``); anything else is refused."""
         if self.lake is not None:
-            raise CorrectionRefused("corrections and checks are not available in lake mode yet")
+            if isinstance(work, LakeCorrection):
+                return cast(T, self.lake.correct(work))
+            raise CorrectionRefused("checks and releases are not available in lake mode yet")
         return self.worker.between_batches(work)
 
     def lake_lag(self) -> LakeLag | None:
@@ -205,6 +210,8 @@ class Daemon:
         cursors = [] if self.worker.is_alive() else [self.worker_conn]
         if self.lake is not None and not self.lake.tailer.is_alive():
             cursors.append(self.lake.tailer.conn)
+        if self.lake is not None:
+            cursors.append(self.lake.corrector.reader)  # the API, its one user, has stopped
         if self.exporter is not None and self.exporter_stopped:
             cursors.append(self.exporter.conn)
         for cursor in cursors:

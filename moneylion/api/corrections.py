@@ -1,21 +1,25 @@
 """``POST /v1/files/{id}/retract``, ``/restore`` and ``/release``: corrections over HTTP.
 
 The daemon holds the warehouse, so a correction runs in its process, between two of the
-worker's batches (``WarehouseView.between_batches``). These routes change data: the access,
-Host and Origin rules of every unsafe method apply (``access.py``), as for uploads.
+worker's batches (``WarehouseView.between_batches``). In lake mode a retraction or a restore is
+a ledger entry of the lake instead: the daemon publishes it and answers once its own replica has
+applied it, or 202 with where to look if that takes longer than its wait (docs/lake.md). These
+routes change data: the access, Host and Origin rules of every unsafe method apply
+(``access.py``), as for uploads.
 """
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeAlias
 
 import anyio.to_thread
 import duckdb
 import msgspec
-from litestar import Request, Router, post
+from litestar import Request, Response, Router, post
 from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body, QueryParameter
 
 from moneylion import corrections, inbox, release
@@ -24,6 +28,7 @@ from moneylion.api.errors import problem, problem_spec
 from moneylion.api.v1 import Id, context
 from moneylion.corrections import CorrectionRefused
 from moneylion.errors import FileRefused
+from moneylion.lake.request import CorrectionPending, LakeCorrection
 from moneylion.source import Bounds, stage
 
 REASON_MAX_CHARS = 1000  # a reason is a sentence for the ledger, not a document
@@ -52,6 +57,18 @@ class CorrectionAnswer(msgspec.Struct):
     file: str
 
 
+class PendingAnswer(msgspec.Struct):
+    """Lake mode: the correction is in the lake's ledger (``change_id``, its place in the
+    order) and every replica will apply it; this daemon's had not yet when it answered. The
+    file's page (``file``, also the ``Location``) lists it among its corrections once applied."""
+
+    change_id: int
+    file_id: int
+    status: str
+    detail: str
+    file: str
+
+
 def _answer(done: corrections.Correction) -> CorrectionAnswer:
     return CorrectionAnswer(
         change_id=done.change_id,
@@ -73,6 +90,15 @@ _RESPONSES: dict[int, Any] = {
     404: problem_spec("No such file in the ledger"),
     409: problem_spec("The file is not in a state this correction applies to"),
 }
+_LAKE_RESPONSES: dict[int, Any] = {
+    **_RESPONSES,
+    # The annotation's union (``Answer``) would say "anything" for 200: it is a correction.
+    200: ResponseSpec(data_container=CorrectionAnswer, description="What the correction did"),
+    202: ResponseSpec(
+        data_container=PendingAnswer,
+        description="Lake mode: published to the lake, not applied by this daemon's replica yet",
+    ),
+}
 
 
 async def _run(
@@ -88,10 +114,34 @@ async def _run(
     return _answer(done)
 
 
-@post("/files/{file_id:str}/retract", status_code=200, responses=_RESPONSES)
+Answer: TypeAlias = CorrectionAnswer | Response[PendingAnswer]
+
+
+async def _run_or_publish(
+    state: State,
+    work: Callable[[duckdb.DuckDBPyConnection], corrections.Correction],
+    lake: LakeCorrection,
+) -> Answer:
+    """Local mode: ``_run(work)``. Lake mode: ``lake`` (the same correction) is published to
+    the lake's ledger by the daemon, and answered once its replica applied it; 202 with where
+    to look when that took longer than the daemon's wait."""
+    if context(state).lake_lag() is None:
+        return await _run(state, work)
+    try:
+        return await _run(state, lake)
+    except CorrectionPending as pending:
+        where = f"/v1/files/{pending.file_id}"
+        return Response(
+            PendingAnswer(pending.change_id, pending.file_id, "pending", str(pending), where),
+            status_code=202,
+            headers={"Location": where},
+        )
+
+
+@post("/files/{file_id:str}/retract", status_code=200, responses=_LAKE_RESPONSES)
 async def retract_v1(
     state: State, file_id: Id, data: Annotated[CorrectionRequest, Body()]
-) -> CorrectionAnswer:
+) -> Answer:
     """Take a file out of the warehouse, as if it had never arrived: its rows leave, later
     files' rows it held back take their place, every aggregate follows exactly. The ledger
     keeps it (status ``retracted``, when and why); the same bytes dropped again load nothing
@@ -99,7 +149,7 @@ async def retract_v1(
     if not (data.reason or "").strip():
         raise problem(400, "a reason is required to retract a file")
     config = context(state).config
-    return await _run(
+    return await _run_or_publish(
         state,
         lambda conn: corrections.retract(
             conn,
@@ -108,17 +158,20 @@ async def retract_v1(
             top_users_kept=config.top_users_kept,
             line_bytes=config.reject_line_bytes,
         ),
+        LakeCorrection(
+            "retract", int(file_id), data.reason, config.top_users_kept, config.reject_line_bytes
+        ),
     )
 
 
-@post("/files/{file_id:str}/restore", status_code=200, responses=_RESPONSES)
+@post("/files/{file_id:str}/restore", status_code=200, responses=_LAKE_RESPONSES)
 async def restore_v1(
     state: State, file_id: Id, data: Annotated[CorrectionRequest | None, Body()] = None
-) -> CorrectionAnswer:
+) -> Answer:
     """Undo a retraction: the file is back in its place in the order."""
     config = context(state).config
     reason = data.reason if data is not None else None
-    return await _run(
+    return await _run_or_publish(
         state,
         lambda conn: corrections.restore(
             conn,
@@ -126,6 +179,9 @@ async def restore_v1(
             reason,
             top_users_kept=config.top_users_kept,
             line_bytes=config.reject_line_bytes,
+        ),
+        LakeCorrection(
+            "restore", int(file_id), reason, config.top_users_kept, config.reject_line_bytes
         ),
     )
 

@@ -12,6 +12,12 @@ split the ledger into commits, derives the same state.
 The mark (``lake_applied``: the lake version and the last file applied) is written in the same
 DuckDB transaction as the rows: a crash loses neither, and nothing is applied twice.
 
+A correction's entry (retract, restore) is applied alone, in its place, by local mode's
+``corrections.correct``: its change id is its file id in the lake (so every replica gives it the
+same), the mark written in its transaction. One that does not apply there (no such file, or not
+in a status it applies to) is refused alike by every replica (they hold the same prefix): it is
+recorded as a quarantined entry and the replica goes on.
+
 Nothing read from the lake is believed for more than its content shows (``screen.py``): a
 ledger entry whose ledger row or rows break a rule is skipped whole, and recorded as such in
 the same transaction as the mark.
@@ -31,13 +37,14 @@ from typing import Any
 
 import duckdb
 
-from moneylion import aggregates, ledger
+from moneylion import aggregates, corrections, ledger
 from moneylion.config import ConfigError
 from moneylion.db import one_row, transaction
 from moneylion.lake.paths import Chunk, apply_chunk
-from moneylion.lake.screen import QUARANTINE_DDL, Quarantined, record, screen_rows
+from moneylion.lake.request import ACTIONS
+from moneylion.lake.screen import QUARANTINE_DDL, Quarantine, Quarantined, record, screen_rows
 from moneylion.lake.store import Lake
-from moneylion.lake.tables import WRITE_ID
+from moneylion.lake.tables import CORRECTION, CORRECTS, REASON, WRITE_ID
 from moneylion.ledger import FileOutcome, FileStatus
 from moneylion.load import Applied
 from moneylion.model import FileKind
@@ -141,11 +148,7 @@ def apply_files(
         outcomes = [_outcome(row, applied) for row in ledger_rows]
         ledger.insert(conn, outcomes)
         record(conn, skipped)
-        conn.execute("DELETE FROM lake_applied")
-        conn.execute(
-            "INSERT INTO lake_applied VALUES ($version, $file_id, $now)",
-            {"version": mark.version, "file_id": mark.file_id, "now": dt.datetime.now(dt.UTC)},
-        )
+        write_mark(conn, mark)
     log.info(
         "lake_applied",
         extra={
@@ -162,6 +165,45 @@ def apply_files(
         },
     )
     return outcomes, skipped
+
+
+def write_mark(conn: duckdb.DuckDBPyConnection, mark: Mark) -> None:
+    """The replica's mark is ``mark`` (in the open transaction)."""
+    conn.execute("DELETE FROM lake_applied")
+    conn.execute(
+        "INSERT INTO lake_applied VALUES ($version, $file_id, $now)",
+        {"version": mark.version, "file_id": mark.file_id, "now": dt.datetime.now(dt.UTC)},
+    )
+
+
+def apply_correction(
+    conn: duckdb.DuckDBPyConnection,
+    row: dict[str, Any],
+    mark: Mark,
+    *,
+    top_users_kept: int,
+    line_bytes: int,
+) -> corrections.Correction | Quarantined:
+    """Apply the correction's entry ``row`` (screened) with the mark moved to ``mark`` in the
+    same transaction: what it did, or, when it does not apply here, the entry as skipped (then
+    recorded, and the mark moved past it)."""
+    try:
+        return corrections.correct(
+            conn,
+            ACTIONS[row[CORRECTION]],
+            int(row[CORRECTS]),
+            row[REASON],
+            top_users_kept,
+            line_bytes,
+            also=lambda c: write_mark(c, mark),
+            change_id=int(row["file_id"]),
+        )
+    except corrections.CorrectionRefused as refused:
+        skipped = Quarantined(row, Quarantine.CORRECTION_REFUSED, str(refused))
+    with transaction(conn):
+        record(conn, [skipped])
+        write_mark(conn, mark)
+    return skipped
 
 
 def move_mark(conn: duckdb.DuckDBPyConnection, mark: Mark) -> None:

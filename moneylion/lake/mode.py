@@ -1,13 +1,17 @@
 """A daemon's parts in lake mode, wired for ``daemon.Daemon``: the publisher the worker ingests
-through, the tailer that applies the ledger to the local warehouse, and maintenance."""
+through, the tailer that applies the ledger to the local warehouse, maintenance, and the
+corrections the API asks for (published to the ledger, ``correct.py``)."""
 
 from __future__ import annotations
 
 import duckdb
 
 from moneylion.config import Config
+from moneylion.corrections import Correction
 from moneylion.export.exporter import SqliteExporter
+from moneylion.lake.correct import LakeCorrector
 from moneylion.lake.publish import LakePublisher
+from moneylion.lake.request import LakeCorrection
 from moneylion.lake.tailer import LakeMaintenance, LakeTailer, lake_for
 from moneylion.watcher import InboxQueue
 from moneylion.worker import IngestWorker
@@ -30,6 +34,7 @@ class LakeMode:
         )
         self.publisher = LakePublisher(lake, config, on_commit=self.tailer.poke)
         self.maintenance = LakeMaintenance(config)
+        self.corrector = LakeCorrector(lake_for(config), self.tailer, conn.cursor())
 
     def worker(self, conn: duckdb.DuckDBPyConnection, queue: InboxQueue) -> IngestWorker:
         """The ingest worker, publishing to the lake instead of writing ``conn``."""
@@ -40,6 +45,10 @@ class LakeMode:
             ingest=self.publisher.ingest_file,
             batch=self.publisher.ingest_batch,
         )
+
+    def correct(self, request: LakeCorrection) -> Correction:
+        """A retraction or restore: published to the lake, answered once applied here."""
+        return self.corrector.correct(request)
 
     def start(self) -> None:
         self.tailer.start()

@@ -3,14 +3,15 @@ credentials writes it (docs/lake.md, "Trust boundary"), so a lake row is believe
 its content shows.
 
 * ``screen_ledger``: each ledger row must be one a daemon writes (``ledger_fault``: its columns
-  in their domains), come after the last file applied (``file_id`` increasing in the ledger's
-  order) and name bytes the ledger does not hold yet;
+  in their domains; a correction's, ``correction_fault``), come after the last file applied
+  (``file_id`` increasing in the ledger's order) and name bytes the ledger does not hold yet;
 * ``screen_rows``: a file's rows must pass the rules a CSV row passes at ingest, the one
   declaration of them (``reader.stored_check_sql``), name each id once, and its rejects give
   a known reason and a line.
 
 A row failing one quarantines its whole ledger entry: nothing of the file is applied, the
-replica records why (``lake_quarantine``) and moves on. The verdict depends on the lake's
+replica records why (``lake_quarantine``) and moves on; so does a correction that does not
+apply where it stands in the order (``apply.apply_correction``). The verdict depends on the lake's
 content alone (and on the earlier verdicts, themselves content), so every replica skips the
 same entries and holds the same prefix of the ledger. A local error (a full disk, a lock, a
 lake that cannot be read) is never a verdict: it raises, and the tailer retries.
@@ -31,8 +32,18 @@ import duckdb
 import pyarrow as pa
 
 from moneylion.db import one_row
+from moneylion.lake.request import ACTIONS
 from moneylion.lake.store import Lake
-from moneylion.lake.tables import FILE_ID_MAX, LAKE_VERSION, ROW_TABLES, SHA256, WRITE_ID
+from moneylion.lake.tables import (
+    CORRECTION,
+    CORRECTS,
+    FILE_ID_MAX,
+    LAKE_VERSION,
+    REASON,
+    ROW_TABLES,
+    SHA256,
+    WRITE_ID,
+)
 from moneylion.ledger import LEDGER_COLUMNS
 from moneylion.model import COLUMNS, FileKind
 from moneylion.reader import stored_check_sql
@@ -41,6 +52,7 @@ from moneylion.rules import RejectReason
 log = logging.getLogger(__name__)
 
 NAME_MAX_CHARS = 4096  # a ledger row's file name (a path component is at most 255 bytes)
+REASON_MAX_CHARS = 4096  # a correction's reason (the API takes at most 1,000 characters)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _STATUSES = ("loaded", "failed")
 _COUNTS = ("rows_total", "rows_loaded", "rows_duplicate", "rows_rejected", "size_bytes")
@@ -55,6 +67,9 @@ class Quarantine(enum.StrEnum):
     BAD_ROW = "bad_row"  # a row of the file breaks a column's rule
     BAD_REJECT = "bad_reject"  # a reject of the file without a known reason or a line
     ID_TWICE = "id_twice"  # the file's rows hold an id twice
+    # A correction that does not apply where it stands in the order: no such file, or one not
+    # in a status it applies to (two daemons retracted the same file: the second).
+    CORRECTION_REFUSED = "correction_refused"
 
 
 @dataclass(frozen=True)
@@ -193,6 +208,34 @@ def ledger_fault(row: dict[str, Any]) -> str | None:
     return None
 
 
+def is_correction(row: dict[str, Any]) -> bool:
+    """Whether a ledger row is a correction's entry (not a file's)."""
+    return row.get(CORRECTION) is not None
+
+
+def correction_fault(row: dict[str, Any]) -> str | None:
+    """What makes ``row`` other than a correction's entry a daemon writes (None: nothing)."""
+    file_id, action, target, reason = (
+        row["file_id"],
+        row[CORRECTION],
+        row.get(CORRECTS),
+        row.get(REASON),
+    )
+    if not isinstance(file_id, int) or not 0 < file_id <= FILE_ID_MAX:
+        return f"file_id {file_id!r} is not a file id (1..{FILE_ID_MAX})"
+    if action not in ACTIONS:
+        return f"correction {action!r} is not one of {', '.join(ACTIONS)}"
+    if not (isinstance(target, int) and 0 < target < file_id):
+        return f"corrects {target!r} is not a file id before its own ({file_id})"
+    if reason is not None and not (isinstance(reason, str) and len(reason) <= REASON_MAX_CHARS):
+        return f"reason is longer than {REASON_MAX_CHARS} characters"
+    if not isinstance(row["name"], str) or not 0 < len(row["name"]) <= NAME_MAX_CHARS:
+        return f"name is empty or longer than {NAME_MAX_CHARS} characters"
+    if row["sha256"] is not None or row.get(WRITE_ID) is not None or row["status"] is not None:
+        return "a correction with a sha256, a write id or a status of its own"
+    return None
+
+
 @dataclass(frozen=True)
 class Screened:
     """The ledger rows after the mark, in the ledger's order: each to apply, or skipped."""
@@ -220,7 +263,10 @@ def screen_ledger(
         r["file_id"] for r in rows if _is_id(r["file_id"]) and r["file_id"] <= applied_file_id
     ]
     applied = _applied(conn, earlier)
-    faults = {id(row): ledger_fault(row) for row in rows}
+    corrected = _corrected(conn, earlier)
+    faults = {
+        id(row): correction_fault(row) if is_correction(row) else ledger_fault(row) for row in rows
+    }
     seen = _seen_shas(conn, [r["sha256"] for r in rows if isinstance(r["sha256"], str)])
     entries: list[tuple[dict[str, Any], Quarantined | None]] = []
     last = applied_file_id
@@ -228,8 +274,11 @@ def screen_ledger(
         if key_of(row) in done:
             continue
         file_id, sha = row["file_id"], row["sha256"]
-        if _is_id(file_id) and file_id <= applied_file_id and applied.get(file_id) == sha:
-            continue  # applied by an earlier chunk of a version applied in part
+        if _is_id(file_id) and file_id <= applied_file_id:
+            # Applied by an earlier chunk of a version applied in part.
+            done_here = file_id in corrected if is_correction(row) else applied.get(file_id) == sha
+            if done_here:
+                continue
         fault = faults[id(row)]
         skipped: Quarantined | None = None
         if fault is not None:
@@ -263,6 +312,17 @@ def _applied(conn: duckdb.DuckDBPyConnection, file_ids: list[int]) -> dict[int, 
         {"ids": file_ids},
     ).fetchall()
     return {int(file_id): sha for file_id, sha in found}
+
+
+def _corrected(conn: duckdb.DuckDBPyConnection, file_ids: list[int]) -> set[int]:
+    """Those of ``file_ids`` that are corrections this replica applied (their change ids)."""
+    if not file_ids:
+        return set()
+    found = conn.execute(
+        "SELECT change_id FROM corrections WHERE change_id IN (SELECT unnest($ids))",
+        {"ids": file_ids},
+    ).fetchall()
+    return {int(change_id) for (change_id,) in found}
 
 
 def _seen_shas(conn: duckdb.DuckDBPyConnection, shas: list[str]) -> dict[str, object]:

@@ -7,7 +7,8 @@ say ``lake_version = v + 1`` and ``file_id`` = the next places in the global ord
 commit may only land as version v + 1 (``max_commit_retries=0``: delta-rs's put-if-absent of
 the log entry). A daemon that loses that race reads the winner's rows and tries again. So every
 sha256 is in the ledger once, file ids are consecutive in commit order, and a row's
-``lake_version`` is its commit's.
+``lake_version`` is its commit's. A correction's entry is committed the same way
+(``commit_correction``), once per request: its application transaction names it.
 
 One ``Lake`` per thread: DeltaTable objects are not shared between threads.
 """
@@ -24,15 +25,18 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+from deltalake.schema import Field
 
 from moneylion.errors import Transient
 from moneylion.lake.tables import (
+    CORRECTION_FIELDS,
     FILE_ID_MAX,
     FILES_SCHEMA,
     LAKE_VERSION,
     SCHEMAS,
     WRITE_ID,
     app_id,
+    correction_app_id,
 )
 from moneylion.ledger import Known
 
@@ -118,6 +122,21 @@ class Lake:
             except (CommitFailedError, DeltaError):
                 if not DeltaTable.is_deltatable(self.path(name), self.storage_options):
                     raise
+        self._add_correction_columns()
+
+    def _add_correction_columns(self) -> None:
+        """A ledger made before corrections gets their columns (NULL on every row before)."""
+        files = self.table("files")
+        have = {field.name for field in files.schema().fields}
+        missing = [f for f in CORRECTION_FIELDS if f.name not in have]
+        if not missing:
+            return
+        try:
+            files.alter.add_columns([Field.from_arrow(f) for f in missing])
+        except (CommitFailedError, DeltaError):  # another daemon added them first
+            files = self.table("files")
+            if not {f.name for f in missing} <= {f.name for f in files.schema().fields}:
+                raise
 
     def table(self, name: str) -> DeltaTable:
         """The table, brought up to its latest version."""
@@ -235,26 +254,8 @@ class Lake:
                     seen[sha] = placed[-1]
             if not rows:
                 return placed
-            table = pa.Table.from_pylist(rows, schema=FILES_SCHEMA)
-            try:
-                write_deltalake(
-                    files,
-                    table,
-                    mode="append",
-                    commit_properties=CommitProperties(max_commit_retries=0),
-                )
-            except CommitFailedError as exc:
-                log.info(
-                    "lake_commit_conflict",
-                    extra={
-                        "fields": {"version": version, "attempt": attempt, "error": str(exc)[:200]}
-                    },
-                )
-                time.sleep(min(0.001 * attempt, 0.05))
+            if not _commit_at(files, rows, version, attempt):
                 continue
-            # Landed as ``version`` (no retry could move it): the rows' lake_version is exact.
-            if files.version() != version:
-                raise RuntimeError(f"ledger commit landed as {files.version()}, not {version}")
             for row in rows:
                 if row["sha256"] is not None:
                     self.index.files[row["sha256"]] = (
@@ -266,6 +267,28 @@ class Lake:
             self.index.last_file_id = next_id
             self.index.version = version
             return placed
+        raise LedgerContention(f"no ledger commit after {LEDGER_ATTEMPTS} attempts")
+
+    def commit_correction(self, row: dict[str, Any], key: str) -> int:
+        """Commit a correction's ledger entry (``row``: its columns but ``file_id`` and
+        ``lake_version``) at an exact version, as ``commit_ledger`` commits files: its file id
+        is the next place in the order. Once per ``key`` (the request): its application
+        transaction records the file id, so a retry finds the entry instead of adding another.
+        The entry's file id."""
+        app = correction_app_id(key)
+        for attempt in range(1, LEDGER_ATTEMPTS + 1):
+            files = self.refresh_index()
+            found = files.transaction_version(app)
+            if found is not None:
+                return int(found)
+            version = files.version() + 1
+            file_id = self.index.last_file_id + 1
+            entry = {**row, "file_id": file_id, WRITE_ID: None, LAKE_VERSION: version}
+            if not _commit_at(files, [entry], version, attempt, Transaction(app, file_id)):
+                continue
+            self.index.last_file_id = file_id
+            self.index.version = version
+            return file_id
         raise LedgerContention(f"no ledger commit after {LEDGER_ATTEMPTS} attempts")
 
     # --- maintenance and status ------------------------------------------------------------------
@@ -311,3 +334,31 @@ class Lake:
                 "rows": sum(r or 0 for r in records),
             }
         return found
+
+
+def _commit_at(
+    files: DeltaTable,
+    rows: list[dict[str, Any]],
+    version: int,
+    attempt: int,
+    transaction: Transaction | None = None,
+) -> bool:
+    """Append ledger ``rows`` to ``files`` as exactly ``version`` (no retry onto another); False
+    when another commit took that version first (after a short pause: read it and try again)."""
+    properties = CommitProperties(
+        max_commit_retries=0, app_transactions=[transaction] if transaction else None
+    )
+    table = pa.Table.from_pylist(rows, schema=FILES_SCHEMA)
+    try:
+        write_deltalake(files, table, mode="append", commit_properties=properties)
+    except CommitFailedError as exc:
+        log.info(
+            "lake_commit_conflict",
+            extra={"fields": {"version": version, "attempt": attempt, "error": str(exc)[:200]}},
+        )
+        time.sleep(min(0.001 * attempt, 0.05))
+        return False
+    # Landed as ``version`` (no retry could move it): the rows' lake_version is exact.
+    if files.version() != version:
+        raise RuntimeError(f"ledger commit landed as {files.version()}, not {version}")
+    return True

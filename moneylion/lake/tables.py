@@ -9,7 +9,9 @@ that those declare.
 * ``files``: the ledger. ``lake_version`` is the Delta version the row was committed in, and
   ``file_id`` the file's place in the global order (both exact: ledger commits never retry onto
   another version, see ``store.Lake.commit_ledger``). A file's rows count only through its
-  ledger row: rows whose (sha256, write_id) no ledger row names are invisible.
+  ledger row: rows whose (sha256, write_id) no ledger row names are invisible. A correction
+  (retract, restore) is a ledger row too, with a file id of its own (its place in the order)
+  and no bytes: ``correction`` says which, ``corrects`` names the file, ``reason`` says why.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from moneylion.model import TABLES, FileKind
 WRITE_ID = "write_id"
 SHA256 = "file_sha256"
 LAKE_VERSION = "lake_version"
+CORRECTION = "correction"  # a correction's action (retract, restore); NULL on a file's row
+CORRECTS = "corrects"  # the file id a correction acts on
+REASON = "reason"  # why, as the one who asked for it said
 # File ids any JSON reader holds exactly; past it, a ledger row is not one a daemon writes
 # (and the ids after it would soon leave BIGINT).
 FILE_ID_MAX = 2**53 - 1
@@ -45,11 +50,19 @@ REJECTS_SCHEMA = pa.schema(
         pa.field("raw_line", pa.string()),
     ]
 )
+# Added to ``files`` after its first columns: a lake made before them gets them at a daemon's
+# start (``store.Lake.create``).
+CORRECTION_FIELDS = [
+    pa.field(CORRECTION, pa.string()),
+    pa.field(CORRECTS, pa.int64()),
+    pa.field(REASON, pa.string()),
+]
 FILES_SCHEMA = pa.schema(
     [
         *(pa.field(name, kind) for name, kind in LEDGER.items()),
         pa.field(WRITE_ID, pa.int64()),
         pa.field(LAKE_VERSION, pa.int64(), False),
+        *CORRECTION_FIELDS,
     ]
 )
 ROW_TABLES: dict[FileKind, str] = {kind: table.name for kind, table in TABLES.items()}
@@ -64,3 +77,9 @@ def app_id(sha256: str) -> str:
     """The Delta application transaction id of a file's rows (``Transaction.app_id``): its
     committed version is the ``write_id`` of the rows, so a retry reuses them."""
     return f"moneylion:{sha256}"
+
+
+def correction_app_id(key: str) -> str:
+    """The application transaction id of a correction's ledger entry: its committed version is
+    the entry's file id, so a retry of the same request finds it instead of adding another."""
+    return f"moneylion:correction:{key}"

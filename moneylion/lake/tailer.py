@@ -6,9 +6,11 @@ version every ``lake_poll_seconds``; new ledger rows are applied in chunks of bo
 each one local transaction with its mark (``apply.py``). A new replica, or one whose warehouse
 was deleted, starts from mark (-1, 0): it rebuilds itself from the whole ledger.
 
-A ledger entry that breaks a rule (``screen.py``) is skipped, and counted; an error of this
-side (a full disk, a lock, the lake out of reach) is retried after a pause, and counted too:
-both show in health and metrics.
+A correction's entry is applied alone, in its place (``apply.apply_correction``); what it did
+(or why it was refused) is kept a while for the request that published it, which waits here
+(``settled``). A ledger entry that breaks a rule (``screen.py``) is skipped, and counted; an
+error of this side (a full disk, a lock, the lake out of reach) is retried after a pause, and
+counted too: both show in health and metrics.
 
 A second thread runs the lake's maintenance (compaction, checkpoints) every
 ``lake_maintenance_seconds``, on its own ``Lake`` (DeltaTable objects are not shared).
@@ -19,15 +21,30 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import duckdb
 
 from moneylion.config import Config
+from moneylion.corrections import Correction
 from moneylion.db import rollback, transaction
-from moneylion.lake.apply import Entry, Mark, apply_files, move_mark, open_mark
+from moneylion.lake.apply import (
+    Entry,
+    Mark,
+    apply_correction,
+    apply_files,
+    move_mark,
+    open_mark,
+)
 from moneylion.lake.lag import LakeLag
-from moneylion.lake.screen import log_quarantined, quarantined_count, screen_ledger
+from moneylion.lake.screen import (
+    Quarantined,
+    is_correction,
+    log_quarantined,
+    quarantined_count,
+    screen_ledger,
+)
 from moneylion.lake.store import Lake
 from moneylion.priority import lower_thread_priority
 from moneylion.tuning import Tuning
@@ -35,6 +52,9 @@ from moneylion.tuning import Tuning
 log = logging.getLogger(__name__)
 
 ERROR_BACKOFF_SECONDS = 1.0
+SETTLED_KEPT = 1024  # corrections whose outcome is kept for a request waiting on it
+
+Settled = Correction | Quarantined  # a correction's entry: applied, or skipped (and why)
 
 
 def lake_for(config: Config) -> Lake:
@@ -64,6 +84,8 @@ class LakeTailer(threading.Thread):
         self.checked_at = time.monotonic()
         self.stopping = threading.Event()
         self._poked = threading.Event()
+        self._settled: OrderedDict[int, Settled] = OrderedDict()
+        self._settled_changed = threading.Condition()
 
     @property
     def applied_file_id(self) -> int:
@@ -72,6 +94,25 @@ class LakeTailer(threading.Thread):
     def poke(self) -> None:
         """This daemon committed a ledger row: look now."""
         self._poked.set()
+
+    def settled(self, change_id: int, timeout: float) -> Settled | None:
+        """What became of the correction whose entry is ``change_id`` (its file id in the lake),
+        once this replica has applied or skipped it; None if not within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._settled_changed:
+            while (found := self._settled.get(change_id)) is None:
+                left = deadline - time.monotonic()
+                if left <= 0 or (not self.is_alive() and self.stopping.is_set()):
+                    return None
+                self._settled_changed.wait(min(left, 1.0))
+            return found
+
+    def _settle(self, change_id: int, outcome: Settled) -> None:
+        with self._settled_changed:
+            self._settled[change_id] = outcome
+            while len(self._settled) > SETTLED_KEPT:
+                self._settled.popitem(last=False)
+            self._settled_changed.notify_all()
 
     def lag(self) -> LakeLag:
         return LakeLag(
@@ -134,15 +175,30 @@ class LakeTailer(threading.Thread):
             through = version if not pending else self.mark.version
             passed = [int(row["file_id"]) for row, skipped in chunk if skipped is None]
             mark = Mark(through, passed[-1] if passed else self.mark.file_id)
-            _, skipped = apply_files(
-                self.conn,
-                lake,
-                chunk,
-                mark,
-                top_users_kept=self.config.top_users_kept,
-                reject_line_bytes=self.config.reject_line_bytes,
-                tuning=self.config.tuning,
-            )
+            head, head_skipped = chunk[0]
+            if head_skipped is None and is_correction(head):
+                outcome = apply_correction(
+                    self.conn,
+                    head,
+                    mark,
+                    top_users_kept=self.config.top_users_kept,
+                    line_bytes=self.config.reject_line_bytes,
+                )
+                skipped = [outcome] if isinstance(outcome, Quarantined) else []
+                self._settle(int(head["file_id"]), outcome)
+            else:
+                _, skipped = apply_files(
+                    self.conn,
+                    lake,
+                    chunk,
+                    mark,
+                    top_users_kept=self.config.top_users_kept,
+                    reject_line_bytes=self.config.reject_line_bytes,
+                    tuning=self.config.tuning,
+                )
+                for entry in skipped:
+                    if is_correction(entry.row) and isinstance(entry.row["file_id"], int):
+                        self._settle(entry.row["file_id"], entry)
             self.mark = mark
             if skipped:
                 self.quarantined = quarantined_count(self.conn)
@@ -170,9 +226,12 @@ class LakeTailer(threading.Thread):
 def _chunk(pending: list[Entry], tuning: Tuning) -> list[Entry]:
     """The files at the head of ``pending`` that one local transaction takes (at least one):
     past ``tuning.lake_chunk_rows`` rows or ``tuning.lake_chunk_files`` files, the next
-    transaction takes the rest (memory stays bounded while a replica catches up)."""
+    transaction takes the rest (memory stays bounded while a replica catches up). A correction
+    to apply goes alone (its own transaction, ``corrections.correct``'s)."""
     rows = 0
     for at, (row, skipped) in enumerate(pending):
+        if skipped is None and is_correction(row):
+            return pending[: at or 1]
         if skipped is None:
             rows += int(row["rows_loaded"])
         if at and (rows > tuning.lake_chunk_rows or at >= tuning.lake_chunk_files):
