@@ -188,6 +188,13 @@ def cmd_correct(args: argparse.Namespace) -> int:
 
     config = _config(args)
     action = args.command
+    if config.lake_uri:  # a replica changed alone would drift from the others
+        print(
+            f"moneylion {action}: in lake mode a correction is a commit of the lake's ledger: "
+            f"ask a running daemon (POST /v1/files/{{id}}/{action})",
+            file=sys.stderr,
+        )
+        return 2
     try:
         conn = open_warehouse(config)
     except WarehouseLocked:
