@@ -81,11 +81,13 @@ def snapshot(conn: duckdb.DuckDBPyConnection, order: dict[int, int]) -> dict[str
 
 
 def active_order(conn: duckdb.DuckDBPyConnection) -> dict[int, int]:
-    """The files whose rows count (status loaded), by their place in the order."""
+    """The files whose rows count (status loaded), by their place in the order (a replacement
+    takes the place of the file it replaced: file_order)."""
     ids = [
         r[0]
         for r in conn.execute(
-            "SELECT file_id FROM files WHERE status = 'loaded' ORDER BY file_id"
+            "SELECT file_id FROM files LEFT JOIN file_order USING (file_id) "
+            "WHERE status = 'loaded' ORDER BY coalesce(order_key, file_id), file_id"
         ).fetchall()
     ]
     return {file_id: place for place, file_id in enumerate(ids)}
