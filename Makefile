@@ -48,6 +48,7 @@ bench: $(STAMP) ## run the benchmarks and print their figures (takes minutes)
 	$(BIN)/python bench/latency.py
 	$(BIN)/python bench/micro.py
 	$(BIN)/python bench/steps.py
+	$(BIN)/python bench/corrections.py
 	$(BIN)/python bench/stream.py
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/crash.py
