@@ -30,10 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import duckdb
+import pyarrow as pa
 
 from moneylion import aggregates, candidates, ledger
 from moneylion.config import Config
-from moneylion.db import int_constants, one_row, transaction, utc_now
+from moneylion.db import append_arrow, int_constants, one_row, transaction, utc_now
 from moneylion.errors import FileRefused, MoneylionError
 from moneylion.ingest import DEFAULT_TOP_USERS_KEPT
 from moneylion.ladder import LADDERS, climb
@@ -367,18 +368,27 @@ FROM c JOIN files f USING (file_id) LEFT JOIN file_order o USING (file_id)
 # Each candidate's verdict before and after (NULL: its file is not active), by the rule book's
 # ``versus`` against the row its id already had: of an immutable kind the first active candidate
 # in the order, of the others the latest before it.
+# An id with one candidate (nearly every id of a large file) has no row before it: it needs no
+# window, which would sort every candidate.
 _VERDICTS = """
 CREATE OR REPLACE TEMP TABLE fix_verdicts AS
+WITH several AS (SELECT {key} AS id FROM fix_candidates GROUP BY ALL HAVING count(*) > 1)
 SELECT *,
     CASE WHEN NOT old_active THEN NULL {old_versus} END AS old_verdict,
     CASE WHEN NOT new_active THEN NULL {new_versus} END AS new_verdict
 FROM (
+    SELECT *, CASE WHEN false THEN row({content}) END AS old_held,
+           CAST(NULL AS BIGINT) AS old_against,
+           CASE WHEN false THEN row({content}) END AS new_held,
+           CAST(NULL AS BIGINT) AS new_against
+    FROM fix_candidates WHERE {key} NOT IN (SELECT id FROM several)
+    UNION ALL
     SELECT *,
         {pick}(CASE WHEN old_active THEN row({content}) END IGNORE NULLS) OVER o AS old_held,
         {pick}(CASE WHEN old_active THEN file_id END IGNORE NULLS) OVER o AS old_against,
         {pick}(CASE WHEN new_active THEN row({content}) END IGNORE NULLS) OVER n AS new_held,
         {pick}(CASE WHEN new_active THEN file_id END IGNORE NULLS) OVER n AS new_against
-    FROM fix_candidates
+    FROM fix_candidates WHERE {key} IN (SELECT id FROM several)
     WINDOW o AS (PARTITION BY {key} ORDER BY old_order, file_id
                  ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),
            n AS (PARTITION BY {key} ORDER BY order_key, file_id
@@ -445,11 +455,18 @@ def redecide(
     conn.execute(_sql(_VERDICTS, kind, files))
     done = Redecided(files_changed=_count_in_ledger(conn))
     if kind is FileKind.TRANSACTIONS:
-        _apply_transactions(conn, done, change_id, top_users_kept, line_bytes)
+        gone = files if was_active and not _active_now(conn, files) else []
+        _apply_transactions(conn, done, change_id, top_users_kept, line_bytes, gone)
     else:
         _apply_users(conn, done, change_id)
     conn.execute("DROP TABLE fix_verdicts; DROP TABLE fix_candidates; DROP TABLE fix_ids")
     return done
+
+
+def _active_now(conn: duckdb.DuckDBPyConnection, files: list[int]) -> bool:
+    """Whether ``files`` (whose status changed together) count now."""
+    status = one_row(conn, "SELECT status FROM files WHERE file_id = ?", [files[0]])[0]
+    return status not in OUT_OF_ORDER
 
 
 def _count_in_ledger(conn: duckdb.DuckDBPyConnection) -> set[int]:
@@ -483,10 +500,14 @@ _KEEP_LEAVING = f"""
 INSERT INTO transaction_candidates
 SELECT {_TX_COLUMNS}, file_id, NULL, NULL FROM fix_verdicts WHERE NOT kept AND {_OUT}
 """
+# The rows of files taken out go by their file id (zone maps: no join); the others that go out
+# (a later file's rows, when an earlier one comes back) by their id and file.
 _DELETE_OUT = f"""
-DELETE FROM transactions t USING (SELECT {_KEY}, file_id FROM fix_delta WHERE sign < 0) o
+DELETE FROM transactions t USING (
+    SELECT {_KEY}, file_id FROM fix_delta WHERE sign < 0 AND file_id NOT IN ({{gone}})) o
 WHERE t.{_KEY} = o.{_KEY} AND t.file_id = o.file_id AND t.file_id BETWEEN $low AND $high
 """
+_DELETE_GONE = "DELETE FROM transactions WHERE file_id IN ({gone})"
 _INSERT_IN = f"INSERT INTO transactions SELECT {_TX_COLUMNS}, file_id FROM fix_delta WHERE sign > 0"
 _CONFLICT = f"'{Verdict.CONFLICTS_WITH_STORED}'"
 # A conflict's reject ends when its verdict or the row it conflicts with changes, and begins so.
@@ -551,18 +572,26 @@ def _apply_transactions(
     change_id: int,
     top_users_kept: int,
     line_bytes: int,
+    gone: list[int],
 ) -> None:
+    """Apply the verdicts that changed; ``gone``: the files taken out (all their base rows go)."""
     conn.execute(_DELTA)
-    out, into, low, high = one_row(
+    out_of_gone = gone or [-1]
+    out, into, others, low, high = one_row(
         conn,
         "SELECT count(*) FILTER (WHERE sign < 0), count(*) FILTER (WHERE sign > 0), "
+        f"count(*) FILTER (WHERE sign < 0 AND file_id NOT IN ({int_constants(out_of_gone)})), "
         "coalesce(min(file_id) FILTER (WHERE sign < 0), 0), "
         "coalesce(max(file_id) FILTER (WHERE sign < 0), 0) FROM fix_delta",
     )
     done.rows_out, done.rows_in = int(out), int(into)
     conn.execute(_KEEP_LEAVING)
-    if out:
-        conn.execute(_DELETE_OUT, {"low": low, "high": high})
+    if gone:  # every base row of a file taken out goes
+        conn.execute(_DELETE_GONE.format(gone=int_constants(gone)))
+    if others:
+        conn.execute(
+            _DELETE_OUT.format(gone=int_constants(out_of_gone)), {"low": low, "high": high}
+        )
     if into:
         conn.execute(_INSERT_IN)
     message = {
@@ -578,13 +607,49 @@ def _apply_transactions(
         conn.execute(_FIX_USERS)
         for statement in _USER_TOTALS_AGAIN:
             conn.execute(statement)
-        if out:
+        if not out:  # counts only grew
+            aggregates.rerank(conn, "SELECT user_id FROM fix_users", top_users_kept)
+        elif not _rerank_after_out(conn, top_users_kept):
             for statement in _TOP_AGAIN:
                 conn.execute(statement, {"kept": top_users_kept} if "$kept" in statement else {})
-        else:  # counts only grew
-            aggregates.rerank(conn, "SELECT user_id FROM fix_users", top_users_kept)
         conn.execute("DROP TABLE fix_users")
     conn.execute("DROP TABLE fix_delta")
+
+
+def _rerank_after_out(conn: duckdb.DuckDBPyConnection, kept: int) -> bool:
+    """The top list after counts fell, from the old list and the touched users' new counts,
+    when that is exact: a user neither listed nor touched ranked below the old list's last entry
+    and kept its count, so the new list is exact if its last entry still ranks at least as high
+    as that (or the old list held every user). False: rank the whole table instead."""
+    old: list[tuple[int, int, int]] = conn.execute(
+        "SELECT rank, user_id, tx_count FROM top_users ORDER BY rank"
+    ).fetchall()
+    counts = {user: count for _, user, count in old}
+    touched = [u for (u,) in conn.execute("SELECT user_id FROM fix_users").fetchall()]
+    for user in touched:
+        counts.pop(user, None)
+    counts.update(
+        conn.execute(
+            aggregates.TOUCHED_COUNTS.format(ids="SELECT user_id FROM fix_users")
+        ).fetchall()
+    )
+    ranked = sorted((-count, user) for user, count in counts.items() if count > 0)[:kept]
+    if len(old) >= kept and (len(ranked) < kept or ranked[-1] > (-old[-1][2], old[-1][1])):
+        return False  # a user outside both may rank above the new last entry
+    if [(user, -minus) for minus, user in ranked] != [(u, c) for _, u, c in old]:
+        conn.execute("DELETE FROM top_users")
+        append_arrow(
+            conn,
+            "top_users",
+            pa.table(
+                {
+                    "rank": pa.array(range(1, len(ranked) + 1), type=pa.int32()),
+                    "user_id": pa.array([user for _, user in ranked], type=pa.int64()),
+                    "tx_count": pa.array([-minus for minus, _ in ranked], type=pa.int64()),
+                }
+            ),
+        )
+    return True
 
 
 def _country_merge(conn: duckdb.DuckDBPyConnection, rows: str, change_id: int) -> None:

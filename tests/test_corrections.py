@@ -105,15 +105,16 @@ def without_line_zero(found: dict[str, Rows], reference: dict[str, Rows]) -> Non
 
 
 def assert_equals_reference(
-    conn: duckdb.DuckDBPyConnection, paths: dict[int, Path], folder: Path
+    conn: duckdb.DuckDBPyConnection, paths: dict[int, Path], folder: Path, kept: int = 1000
 ) -> None:
     order = active_order(conn)
     found = snapshot(conn, order)
     config, ref = fresh(folder)
+    config = config.with_overrides(top_users_kept=kept)
     for file_id in order:  # in their order
         ingest_file(ref, paths[file_id], config)
     reference = snapshot(ref, active_order(ref))
-    assert verify(ref) == []
+    assert verify(ref, top_users_kept=kept) == []
     ref.close()
     without_line_zero(found, reference)
     for table in found:
@@ -138,6 +139,7 @@ def assert_equals_reference(
     ),
     ladder=st.sampled_from(sorted(LADDERS_TRIED)),
     seed=st.randoms(use_true_random=False),
+    kept=st.sampled_from([1, 2, 3, 1000]),  # a short top list: users fall out of it and in
 )
 def test_retractions_and_restores_equal_the_remaining_files_from_scratch(
     files: list[tuple[str, list[str]]],
@@ -145,11 +147,13 @@ def test_retractions_and_restores_equal_the_remaining_files_from_scratch(
     steps: list[tuple[str, int]],
     ladder: str,
     seed: random.Random,
+    kept: int,
 ) -> None:
     seed.shuffle(files)
     with TemporaryDirectory() as tmp:
         folder = Path(tmp)
         config, conn = fresh(folder / "corrected")
+        config = config.with_overrides(top_users_kept=kept)
         waiting = write_files(folder, files)
         (folder / "spares").mkdir()
         replacements = dict(zip(write_files(folder / "spares", spares), spares, strict=True))
@@ -203,7 +207,7 @@ def test_retractions_and_restores_equal_the_remaining_files_from_scratch(
                 continue
             if action == "replace":
                 replace_with_a_spare(pick)
-                assert verify(conn) == []
+                assert verify(conn, top_users_kept=kept) == []
                 continue
             wanted = FileStatus.LOADED if action == "retract" else FileStatus.RETRACTED
             candidates = [
@@ -218,14 +222,14 @@ def test_retractions_and_restores_equal_the_remaining_files_from_scratch(
                 continue
             target = candidates[pick % len(candidates)]
             if action == "retract":
-                corrections.retract(conn, target, "drawn")
+                corrections.retract(conn, target, "drawn", top_users_kept=kept)
             else:
-                corrections.restore(conn, target)
-            assert verify(conn) == []
+                corrections.restore(conn, target, top_users_kept=kept)
+            assert verify(conn, top_users_kept=kept) == []
         while waiting:
             ingest_next()
-        assert verify(conn) == []
-        assert_equals_reference(conn, paths, folder / "reference")
+        assert verify(conn, top_users_kept=kept) == []
+        assert_equals_reference(conn, paths, folder / "reference", kept)
         conn.close()
 
 
