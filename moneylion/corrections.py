@@ -557,13 +557,15 @@ _USER_TOTALS_AGAIN = (
     + aggregates.USER_TOTALS_OF.format(where="WHERE user_id IN (SELECT user_id FROM fix_users)")
     + ")",
 )
-# Counts that fall: a user outside the list may now rank above one in it, so it is ranked whole.
-_TOP_AGAIN = (
-    "DELETE FROM top_users",
-    """INSERT INTO top_users
-    SELECT CAST(row_number() OVER (ORDER BY tx_count DESC, user_id) AS INTEGER), user_id, tx_count
-    FROM (SELECT user_id, tx_count FROM user_totals ORDER BY tx_count DESC, user_id LIMIT $kept)""",
-)
+# Counts that fell: the users that may now be in the top list. Every user of the new list has at
+# least $least transactions (the old list and the touched users give ``kept`` users with that
+# many): those with a log row of that many, and those with rows not compacted yet (their count is
+# a sum), are the candidates; a scan of the log's two columns, not a sum over every user.
+_TOP_CANDIDATES = """
+SELECT user_id, CAST(sum(tx_count) AS BIGINT) FROM user_totals_log
+WHERE user_id IN (SELECT user_id FROM user_totals_log WHERE tx_count >= $least OR file_id > 0)
+GROUP BY user_id HAVING sum(tx_count) >= $least
+"""
 
 
 def _apply_transactions(
@@ -609,24 +611,23 @@ def _apply_transactions(
             conn.execute(statement)
         if not out:  # counts only grew
             aggregates.rerank(conn, "SELECT user_id FROM fix_users", top_users_kept)
-        elif not _rerank_after_out(conn, top_users_kept):
-            for statement in _TOP_AGAIN:
-                conn.execute(statement, {"kept": top_users_kept} if "$kept" in statement else {})
+        else:
+            _rerank_after_out(conn, top_users_kept)
         conn.execute("DROP TABLE fix_users")
     conn.execute("DROP TABLE fix_delta")
 
 
-def _rerank_after_out(conn: duckdb.DuckDBPyConnection, kept: int) -> bool:
-    """The top list after counts fell, from the old list and the touched users' new counts,
-    when that is exact: a user neither listed nor touched ranked below the old list's last entry
-    and kept its count, so the new list is exact if its last entry still ranks at least as high
-    as that (or the old list held every user). False: rank the whole table instead."""
+def _rerank_after_out(conn: duckdb.DuckDBPyConnection, kept: int) -> None:
+    """The top list after counts fell. From the old list and the touched users' new counts when
+    that is exact: a user neither listed nor touched ranked below the old list's last entry and
+    kept its count, so the new list is exact if its last entry still ranks at least as high as
+    that (or the old list held every user). Else from the users that may be in it
+    (_TOP_CANDIDATES)."""
     old: list[tuple[int, int, int]] = conn.execute(
         "SELECT rank, user_id, tx_count FROM top_users ORDER BY rank"
     ).fetchall()
     counts = {user: count for _, user, count in old}
-    touched = [u for (u,) in conn.execute("SELECT user_id FROM fix_users").fetchall()]
-    for user in touched:
+    for (user,) in conn.execute("SELECT user_id FROM fix_users").fetchall():
         counts.pop(user, None)
     counts.update(
         conn.execute(
@@ -635,21 +636,23 @@ def _rerank_after_out(conn: duckdb.DuckDBPyConnection, kept: int) -> bool:
     )
     ranked = sorted((-count, user) for user, count in counts.items() if count > 0)[:kept]
     if len(old) >= kept and (len(ranked) < kept or ranked[-1] > (-old[-1][2], old[-1][1])):
-        return False  # a user outside both may rank above the new last entry
-    if [(user, -minus) for minus, user in ranked] != [(u, c) for _, u, c in old]:
-        conn.execute("DELETE FROM top_users")
-        append_arrow(
-            conn,
-            "top_users",
-            pa.table(
-                {
-                    "rank": pa.array(range(1, len(ranked) + 1), type=pa.int32()),
-                    "user_id": pa.array([user for _, user in ranked], type=pa.int64()),
-                    "tx_count": pa.array([-minus for minus, _ in ranked], type=pa.int64()),
-                }
-            ),
-        )
-    return True
+        least = -ranked[-1][0] if len(ranked) >= kept else 1
+        found = conn.execute(_TOP_CANDIDATES, {"least": least}).fetchall()
+        ranked = sorted((-count, user) for user, count in found)[:kept]
+    if [(user, -minus) for minus, user in ranked] == [(u, c) for _, u, c in old]:
+        return
+    conn.execute("DELETE FROM top_users")
+    append_arrow(
+        conn,
+        "top_users",
+        pa.table(
+            {
+                "rank": pa.array(range(1, len(ranked) + 1), type=pa.int32()),
+                "user_id": pa.array([user for _, user in ranked], type=pa.int64()),
+                "tx_count": pa.array([-minus for minus, _ in ranked], type=pa.int64()),
+            }
+        ),
+    )
 
 
 def _country_merge(conn: duckdb.DuckDBPyConnection, rows: str, change_id: int) -> None:
