@@ -156,7 +156,10 @@ def test_a_file_above_the_share_is_held_and_one_at_the_share_loads(
         (2,),
     ]
     assert conn.execute("SELECT count(*) FROM transaction_candidates").fetchall() == [(1,)]
-    assert [r.getMessage() for r in caplog.records] == ["file_held"]
+    # Only the warnings: INFO events of the other ingests are captured too when an earlier test
+    # in this process left moneylion's loggers at INFO.
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned == ["file_held"]
     assert verify(conn) == []
     conn.close()
 
