@@ -123,7 +123,7 @@ def assert_equals_reference(
 
 @pytest.mark.slow  # a property test: hypothesis runs it many times
 @settings(
-    max_examples=60,
+    max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
