@@ -1,4 +1,5 @@
-"""Corrections: retract a file, restore it; in one DuckDB transaction each, as signed deltas.
+"""Corrections: retract a file, restore it, replace it; in one DuckDB transaction each, as signed
+deltas.
 
 The invariant (and the tests' oracle): after any mix of files and corrections the warehouse
 equals the one built by ingesting the files that remain, in their order, into a fresh one. A
