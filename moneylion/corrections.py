@@ -37,7 +37,7 @@ from moneylion import aggregates, candidates, ledger
 from moneylion.config import Config
 from moneylion.db import append_arrow, int_constants, one_row, transaction, utc_now
 from moneylion.errors import FileRefused, MoneylionError
-from moneylion.ingest import DEFAULT_TOP_USERS_KEPT
+from moneylion.ingest import DEFAULT_TOP_USERS_KEPT, fold_into_aggregates
 from moneylion.ladder import LADDERS, climb
 from moneylion.ledger import OUT_OF_ORDER, FileOutcome, FileStatus
 from moneylion.load import Load
@@ -182,16 +182,7 @@ def replace(
         load = Load(conn, staged, header, new_id, line_bytes, tuning)
         applied = climb(load, LADDERS[header.kind], lambda stage: None)
         if applied.loaded:
-            transactions = header.kind is FileKind.TRANSACTIONS
-            aggregates.apply_deltas(
-                conn,
-                new_id,
-                new_id,
-                transactions=applied.loaded if transactions else 0,
-                users=0 if transactions else applied.loaded,
-                top_users_kept=kept,
-                tuning=tuning,
-            )
+            fold_into_aggregates(conn, new_id, header.kind, applied.loaded, config)
         ledger.insert(
             conn,
             [

@@ -275,16 +275,7 @@ def _load(
             keep_rejects_only(conn, [file_id])
         elif applied.loaded:
             report(f"appended {applied.loaded} rows: updating aggregates")
-            transactions = header.kind is FileKind.TRANSACTIONS
-            aggregates.apply_deltas(
-                conn,
-                file_id,
-                file_id,
-                transactions=applied.loaded if transactions else 0,
-                users=0 if transactions else applied.loaded,
-                top_users_kept=config.top_users_kept if config else DEFAULT_TOP_USERS_KEPT,
-                tuning=tuning,
-            )
+            fold_into_aggregates(conn, file_id, header.kind, applied.loaded, config)
         outcome = arrival.outcome(
             FileStatus.LOADED if held is None else FileStatus.HELD,
             header,
@@ -300,6 +291,27 @@ def _load(
         ledger.insert(conn, [outcome])
         finish.end(conn, outcome)
     return outcome
+
+
+def fold_into_aggregates(
+    conn: duckdb.DuckDBPyConnection,
+    file_id: int,
+    kind: FileKind,
+    loaded: int,
+    config: Config | None,
+) -> None:
+    """The ``loaded`` rows file ``file_id`` appended (of ``kind``) into every aggregate, inside
+    its transaction (an ingest, a replacement's new bytes)."""
+    transactions = kind is FileKind.TRANSACTIONS
+    aggregates.apply_deltas(
+        conn,
+        file_id,
+        file_id,
+        transactions=loaded if transactions else 0,
+        users=0 if transactions else loaded,
+        top_users_kept=config.top_users_kept if config else DEFAULT_TOP_USERS_KEPT,
+        tuning=config.tuning if config else DEFAULT_TUNING,
+    )
 
 
 def keep_rejects_only(conn: duckdb.DuckDBPyConnection, file_ids: Sequence[int]) -> None:
