@@ -18,6 +18,7 @@ from moneylion.tuning import DEFAULT, Tuning
 log = logging.getLogger(__name__)
 
 EXPORT_MIN_INTERVAL = 0.25  # seconds between two SQLite exports while commits keep coming
+INTERRUPTED_SECONDS = 5.0  # the longest an interrupted export is waited for at stop
 
 
 class SqliteExporter(threading.Thread):
@@ -106,7 +107,9 @@ class SqliteExporter(threading.Thread):
             log.warning("export_interrupting", extra={"fields": {"grace": grace}})
             self.conn.interrupt()  # a DuckDB read, or the bulk writer streaming one
             interrupt_export()  # a statement of the SQLite writer
-            self.join(0.5)
+            # An interrupted statement stops at its next check, later on a busy machine; the
+            # warehouse must not be closed under it (DuckDB aborts the process).
+            self.join(INTERRUPTED_SECONDS)
         if self.is_alive():
             log.error("export_still_running", extra={"fields": {"sqlite": str(self.sqlite_path)}})
         return not self.is_alive()
